@@ -1,0 +1,49 @@
+"""The command line: import stays light, every command has a useful --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vfsearch.cli import app
+
+HEAVY = ("torch", "ray", "mlflow", "zarr", "SimpleITK", "optuna")
+
+
+def test_import_and_help_import_nothing_heavy():
+    code = ("import sys, vfsearch, vfsearch.cli\n"
+            "from typer.testing import CliRunner\n"
+            "r = CliRunner().invoke(vfsearch.cli.app, ['--help'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = "import vfsearch, vfsearch.cli, vfsearch.config; import os; print(sorted(os.listdir('.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]"
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_python_dash_m_runs():
+    out = subprocess.run([sys.executable, "-m", "vfsearch", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "ingest" in out.stdout

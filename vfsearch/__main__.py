@@ -1,0 +1,3 @@
+from vfsearch.cli import main
+
+main()

@@ -1,0 +1,270 @@
+"""The one configuration object of a vfsearch run.
+
+`Config` is a frozen dataclass tree (``model``, ``loss``, ``data``, ``train``). The same tree
+is flattened into dotted keys (``model.temporal``, ``loss.dice_weight``) for Ray Tune's
+search space, MLflow params and the export bundle, and rebuilt from them with
+`Config.from_flat`. Pure Python: no torch, no yaml at import time.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+from vfsearch.errors import UserError
+
+Plane = Literal["axial", "sagittal", "coronal"]
+PLANES: tuple[str, ...] = ("axial", "sagittal", "coronal")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the segmenter (or the baseline classifier).
+
+    ``family`` picks a builder from `vfsearch.models.registry`. ``depth`` counts encoder
+    levels (3-5) with ``base_channels`` doubling per level. ``temporal`` is the module over
+    the bottleneck features of the window (``lstm``, ``convlstm`` or ``none``).
+    """
+
+    family: str = "attention_unet"
+    depth: int = 4
+    base_channels: int = 16
+    norm: str = "batch"
+    dropout: float = 0.0
+    attention: bool = True
+    temporal: str = "lstm"
+    bidirectional: bool = False
+    temporal_hidden: int = 0  # 0: same width as the bottleneck
+    predict_all_slices: bool = False
+    encoder: str = "unet"  # unet | resnet18 | resnet34
+    encoder_weights: str = ""  # local file path of pretrained weights; "" = random init
+    gan: bool = False
+    disc_channels: int = 32
+    disc_layers: int = 3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and options of the training loss (Dice + BCE (+ adversarial))."""
+
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    adv_weight: float = 0.0
+    batch_dice: bool = True
+    pos_weight: float = 1.0
+    extra: str = "none"  # none | focal | tversky
+    extra_weight: float = 0.0
+    focal_gamma: float = 2.0
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    gan_mode: str = "lsgan"  # vanilla | lsgan | hinge
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How 2.5D windows are cut from the store.
+
+    ``seq_len`` odd, 3-9: slices ``[t - seq_len//2 .. t + seq_len//2]`` along ``plane``.
+    ``patch_size`` is the in-plane size (pixels) every slice is padded or cropped to.
+    """
+
+    seq_len: int = 5
+    plane: str = "sagittal"
+    patch_size: int = 128
+    augment: float = 0.5  # augmentation strength 0 (off) .. 1
+    oversample_fracture: float = 0.0  # extra sampling weight for windows with fracture
+    target_all_slices: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule of one training run."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    warmup_epochs: int = 1
+    grad_clip: float = 1.0
+    gan_start_epoch: int = 0  # epochs of segmentation only before adversarial fine-tuning
+    disc_lr: float = 2e-4
+    early_stop_patience: int = 0  # 0: off
+    seed: int = 0
+    num_workers: int = 0  # DataLoader processes per training worker
+    max_windows_per_epoch: int = 0  # 0: all
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys to plain values, e.g. ``{"model.depth": 4, ...}``."""
+        return flatten(self)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], *, source: str = "config") -> Config:
+        """Rebuild from dotted keys; unknown keys and wrong types raise `UserError`."""
+        return with_overrides(cls(), flat, source=source)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def known_keys() -> dict[str, type]:
+    """Every dotted key of `Config` and the Python type of its value."""
+    out: dict[str, type] = {}
+    for section in fields(Config):
+        hints = typing.get_type_hints(section.type if isinstance(section.type, type) else
+                                      globals()[section.type])
+        for key, tp in hints.items():
+            out[f"{section.name}.{key}"] = tp
+    return out
+
+
+def _coerce(value: Any, tp: type, key: str, source: str) -> Any:
+    if isinstance(value, str) and tp is not str:
+        text = value.strip()
+        if tp is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+        try:
+            return tp(text)
+        except ValueError:
+            raise UserError(f"{source}: {key} must be {tp.__name__}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not value.is_integer()):
+            raise UserError(f"{source}: {key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def with_overrides(config: Config, flat: dict[str, Any], *, source: str = "config") -> Config:
+    """Return ``config`` with dotted-key values replaced, each coerced to the field's type."""
+    keys = known_keys()
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key not in keys:
+            hint = "" if "." in key else " (keys are dotted, e.g. model.depth)"
+            raise UserError(f"{source}: unknown key {key!r}{hint}")
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = _coerce(value, keys[key], key, source)
+    updated = {name: replace(getattr(config, name), **vals) for name, vals in sections.items()}
+    return validate(replace(config, **updated), source=source)
+
+
+def parse_overrides(items: list[str], *, source: str = "--set") -> dict[str, str]:
+    """Parse ``["model.depth=5", ...]`` into a dict of dotted keys to raw strings."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{source}: expected key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def nest(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping (as read from YAML) into dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(nest(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a YAML file (nested or dotted keys), then ``key=value`` overrides."""
+    config = Config()
+    if path:
+        import pathlib
+
+        import yaml
+
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of config keys")
+        config = with_overrides(config, nest(raw), source=str(path))
+    if overrides:
+        config = with_overrides(config, parse_overrides(overrides), source="--set")
+    return config
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": ("batch", "instance", "group"),
+    "model.temporal": ("lstm", "convlstm", "none"),
+    "model.encoder": ("unet", "resnet18", "resnet34"),
+    "loss.extra": ("none", "focal", "tversky"),
+    "loss.gan_mode": ("vanilla", "lsgan", "hinge"),
+    "data.plane": PLANES,
+    "train.optimizer": ("adam", "adamw"),
+}
+
+
+def validate(config: Config, *, source: str = "config") -> Config:
+    """Check ranges and combinations that a single field's type cannot express."""
+    flat = config.flatten()
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise UserError(f"{source}: {key} must be one of {', '.join(choices)}, "
+                            f"got {flat[key]!r}")
+    if not 3 <= config.model.depth <= 5:
+        raise UserError(f"{source}: model.depth must be 3..5, got {config.model.depth}")
+    if config.data.seq_len % 2 == 0 or not 1 <= config.data.seq_len <= 9:
+        raise UserError(f"{source}: data.seq_len must be odd and 1..9, got {config.data.seq_len}")
+    if config.data.patch_size % (2 ** config.model.depth):
+        raise UserError(f"{source}: data.patch_size {config.data.patch_size} must be divisible "
+                        f"by 2**model.depth = {2 ** config.model.depth}")
+    if config.loss.adv_weight > 0 and not config.model.gan:
+        raise UserError(f"{source}: loss.adv_weight > 0 needs model.gan=true")
+    for key in ("loss.dice_weight", "loss.bce_weight", "loss.adv_weight", "loss.extra_weight",
+                "train.lr", "data.augment", "model.dropout"):
+        if flat[key] < 0:
+            raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
+    return config
+
+
+__all__ = [
+    "Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "PLANES",
+    "load_config", "with_overrides", "parse_overrides", "validate", "flatten", "known_keys",
+]

@@ -1,0 +1,152 @@
+"""Scanner geometry that travels with every array (pure numpy).
+
+Arrays are indexed ``(z, y, x)`` like SimpleITK's ``GetArrayFromImage``; spacing and origin
+are ``(x, y, z)`` in mm like SimpleITK's ``GetSpacing``/``GetOrigin``; ``direction`` is the
+row-major 3x3 matrix whose *columns* are the physical directions of the x, y and z index
+axes (ITK / LPS convention). ``physical = origin + direction @ (spacing * (i, j, k))``.
+
+The canonical orientation of vfsearch is the identity direction: index x runs to the
+patient's left, y to posterior, z to superior (ITK's "LPS"). `to_canonical` reaches it by
+axis permutations and flips only, so no voxel is interpolated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(self, "direction", tuple(float(v) for v in np.ravel(self.direction)))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Direction as a 3x3 array (columns = axis directions)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_physical(self, ijk_xyz: np.ndarray) -> np.ndarray:
+        """Continuous index ``(..., 3)`` in **x, y, z** order to physical mm ``(..., 3)``."""
+        ijk = np.asarray(ijk_xyz, dtype=np.float64)
+        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.matrix.T
+
+    def physical_to_index(self, points: np.ndarray) -> np.ndarray:
+        """Physical mm ``(..., 3)`` to continuous index in **x, y, z** order."""
+        rel = np.asarray(points, dtype=np.float64) - np.asarray(self.origin)
+        return (rel @ np.linalg.inv(self.matrix).T) / np.asarray(self.spacing)
+
+    def zyx_to_physical(self, idx_zyx: np.ndarray) -> np.ndarray:
+        """Array index ``(..., 3)`` in **z, y, x** order to physical mm (x, y, z)."""
+        return self.index_to_physical(np.asarray(idx_zyx, dtype=np.float64)[..., ::-1])
+
+    def shifted(self, offset_zyx: tuple[int, int, int]) -> Geometry:
+        """Geometry of a sub-array that starts at ``offset_zyx`` of this one (a crop)."""
+        origin = self.zyx_to_physical(np.asarray(offset_zyx, dtype=np.float64))
+        return Geometry(self.spacing, tuple(origin), self.direction)
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+
+    def same_space(self, other: Geometry, shape: tuple[int, ...], other_shape: tuple[int, ...],
+                   tol_mm: float | None = None) -> bool:
+        """True when both grids cover the same voxels in physical space.
+
+        Compares the physical positions of all eight corner voxel centres, so the same grid
+        stored with another axis order or direction compares equal.
+        """
+        if sorted(shape) != sorted(other_shape):
+            return False
+        tol = tol_mm if tol_mm is not None else 0.5 * min(min(self.spacing), min(other.spacing))
+        a = np.sort(_corners(self, shape).round(3), axis=0)
+        b = np.sort(_corners(other, other_shape).round(3), axis=0)
+        a = a[np.lexsort(a.T[::-1])]
+        b = b[np.lexsort(b.T[::-1])]
+        return bool(np.all(np.abs(a - b) <= tol))
+
+
+def _corners(geom: Geometry, shape_zyx: tuple[int, ...]) -> np.ndarray:
+    z, y, x = (s - 1 for s in shape_zyx)
+    idx = np.array([[k, j, i] for k in (0, z) for j in (0, y) for i in (0, x)], dtype=float)
+    return geom.zyx_to_physical(idx)
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Permutation and flips (in numpy z, y, x axis order) applied by `to_canonical`."""
+
+    axes: tuple[int, int, int]  # new numpy axis n takes old numpy axis axes[n]
+    flips: tuple[bool, bool, bool]  # flip applied after the transpose, per new axis
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        out = np.transpose(array, self.axes)
+        for n, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=n)
+        return np.ascontiguousarray(out)
+
+    def undo(self, array: np.ndarray) -> np.ndarray:
+        out = array
+        for n, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis=n)
+        return np.ascontiguousarray(np.transpose(out, np.argsort(self.axes)))
+
+    def to_dict(self) -> dict:
+        return {"axes": list(self.axes), "flips": list(self.flips)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Reorientation:
+        return cls(tuple(d["axes"]), tuple(bool(f) for f in d["flips"]))
+
+
+def canonical_reorientation(geom: Geometry) -> Reorientation:
+    """The permutation/flips that bring ``geom``'s index axes closest to the identity."""
+    m = geom.matrix  # columns: itk axes x, y, z
+    # Assign each physical axis the index axis most aligned with it (greedy, largest first).
+    order = np.dstack(np.unravel_index(np.argsort(-np.abs(m), axis=None), m.shape))[0]
+    phys_of_itk: dict[int, int] = {}
+    for phys, itk in order:
+        if itk not in phys_of_itk and phys not in phys_of_itk.values():
+            phys_of_itk[int(itk)] = int(phys)
+    itk_of_phys = {p: a for a, p in phys_of_itk.items()}
+    # numpy axis n <-> itk axis 2 - n; new itk axis p takes old itk axis itk_of_phys[p].
+    axes = tuple(2 - itk_of_phys[2 - n] for n in range(3))
+    flips = tuple(bool(m[2 - n, itk_of_phys[2 - n]] < 0) for n in range(3))
+    return Reorientation(axes, flips)  # type: ignore[arg-type]
+
+
+def to_canonical(array: np.ndarray, geom: Geometry) -> tuple[np.ndarray, Geometry, Reorientation]:
+    """Reorient ``array`` (z, y, x) so its direction is as close to identity as possible.
+
+    Only permutes and flips axes: values are untouched and the physical position of every
+    voxel is preserved. Returns the new array, its geometry and the `Reorientation` to undo.
+    """
+    ro = canonical_reorientation(geom)
+    new = ro.apply(array)
+    m = geom.matrix
+    sp = np.asarray(geom.spacing)
+    new_dir = np.zeros((3, 3))
+    new_sp = np.zeros(3)
+    corner_old_zyx = np.zeros(3)
+    for n in range(3):  # new numpy axis n
+        old_n = ro.axes[n]
+        itk_new, itk_old = 2 - n, 2 - old_n
+        sign = -1.0 if ro.flips[n] else 1.0
+        new_dir[:, itk_new] = m[:, itk_old] * sign
+        new_sp[itk_new] = sp[itk_old]
+        corner_old_zyx[old_n] = array.shape[old_n] - 1 if ro.flips[n] else 0
+    origin = geom.zyx_to_physical(corner_old_zyx)
+    return new, Geometry(tuple(new_sp), tuple(origin), tuple(new_dir.ravel())), ro

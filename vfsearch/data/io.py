@@ -1,0 +1,233 @@
+"""Volume I/O and resampling: the only module that imports SimpleITK.
+
+Reads NIfTI, MHA/MHD, NRRD and DICOM series folders (JPEG2000-compressed series included,
+through GDCM) into a `Volume`: an array indexed ``(z, y, x)`` plus its `Geometry`.
+Every failure a user can cause becomes a one-line `UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from vfsearch.data.geometry import Geometry
+from vfsearch.errors import UserError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+@dataclass
+class Volume:
+    """An image array ``(z, y, x)`` with the geometry that places it in scanner space."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def _geometry(image) -> Geometry:
+    return Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def to_image(array: np.ndarray, geometry: Geometry):
+    """A SimpleITK image from an array (z, y, x) and its geometry."""
+    sitk = _sitk()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
+    """Read a 3D image file or a DICOM series folder.
+
+    Raises `UserError` for a missing path, an unreadable or truncated file, a folder with no
+    or several DICOM series, a series with a missing slice, and images that are not 3D.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: {what} not found")
+    sitk = _sitk()
+    if p.is_dir():
+        image = _read_dicom_series(p, what)
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            raise UserError(f"{p}: cannot read {what} ({_first_line(exc)})") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3:
+        raise UserError(f"{p}: {what} must be 3D, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{p}: {what} must have one value per voxel, "
+                        f"got {image.GetNumberOfComponentsPerPixel()}")
+    try:
+        array = sitk.GetArrayFromImage(image)
+    except RuntimeError as exc:  # lazily decoded pixel data can still fail here
+        raise UserError(f"{p}: cannot read {what} ({_first_line(exc)})") from None
+    return Volume(array, _geometry(image))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages end with the useful part ("... Description: ...").
+    for ln in reversed(lines):
+        if ln.lower().startswith("description"):
+            return ln.split(":", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _read_dicom_series(folder: pathlib.Path, what: str):
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise UserError(f"{folder}: no DICOM series found in folder ({what})")
+    if len(ids) > 1:
+        raise UserError(f"{folder}: folder holds {len(ids)} DICOM series "
+                        f"({', '.join(ids[:3])}{'...' if len(ids) > 3 else ''}); "
+                        f"put one series per folder")
+    files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    if len(files) < 2:
+        raise UserError(f"{folder}: DICOM series has {len(files)} slice; need a 3D series")
+    _check_dicom_spacing(folder, files)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise UserError(f"{folder}: cannot read DICOM series ({_first_line(exc)})") from None
+
+
+def _check_dicom_spacing(folder: pathlib.Path, files: tuple[str, ...]) -> None:
+    """Reject a series whose slice positions have a gap (a missing file)."""
+    sitk = _sitk()
+    positions = []
+    normal = None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as exc:
+            raise UserError(f"{f}: cannot read DICOM header ({_first_line(exc)})") from None
+        if not r.HasMetaDataKey("0020|0032"):
+            return  # no positions to compare; let the reader decide
+        pos = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
+        if normal is None:
+            if r.HasMetaDataKey("0020|0037"):
+                o = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
+                normal = np.cross(o[:3], o[3:])
+            else:
+                normal = np.array([0.0, 0.0, 1.0])
+        positions.append(float(pos @ normal))
+    steps = np.diff(np.sort(positions))
+    if len(steps) == 0:
+        return
+    step = float(np.median(steps))
+    if step <= 0:
+        raise UserError(f"{folder}: DICOM series has slices at duplicate positions")
+    gaps = np.nonzero(steps > 1.5 * step)[0]
+    if len(gaps):
+        raise UserError(f"{folder}: DICOM series is missing slice(s): gap of {steps[gaps[0]]:.2f} "
+                        f"mm after slice {gaps[0] + 1} of {len(files)} (spacing {step:.2f} mm)")
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
+                 *, compress: bool = True) -> pathlib.Path:
+    """Write atomically (temporary file in the same folder, then rename)."""
+    sitk = _sitk()
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(to_image(array, geometry), tmp, compress)
+        os.replace(tmp, p)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: Geometry,
+                       *, series_uid: str | None = None) -> list[pathlib.Path]:
+    """Write an int16 CT volume as a DICOM series, one file per z slice (tests and demos)."""
+    sitk = _sitk()
+    import time
+
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    image = to_image(array.astype(np.int16), geometry)
+    uid = series_uid or f"1.2.826.0.1.3680043.2.1125.{int(time.time() * 1e6)}"
+    direction = geometry.direction
+    tags = [
+        ("0008|0060", "CT"),
+        ("0020|000e", uid),
+        ("0020|000d", uid + ".1"),
+        ("0020|0037", "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3]))),
+        ("0028|1052", "0"),
+        ("0028|1053", "1"),
+    ]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in tags:
+            sl.SetMetaData(tag, value)
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in pos))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0018|0050", f"{geometry.spacing[2]:.6f}")
+        sl.SetMetaData("0008|0018", f"{uid}.{k + 1}")
+        path = out / f"slice_{k:04d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        paths.append(path)
+    return paths
+
+
+def resample(array: np.ndarray, geometry: Geometry, spacing: tuple[float, float, float],
+             *, nearest: bool = False, default: float = 0.0) -> Volume:
+    """Resample onto a grid of ``spacing`` (x, y, z mm) with the same origin and direction.
+
+    The new grid covers the same physical extent (size = round(extent / spacing)).
+    ``nearest`` for label maps; linear interpolation otherwise.
+    """
+    size = [max(1, int(round(n * s / t))) for n, s, t in
+            zip(array.shape[::-1], geometry.spacing, spacing)]
+    target = Geometry(tuple(spacing), geometry.origin, geometry.direction)
+    return Volume(resample_to(array, geometry, target, tuple(size[::-1]), nearest=nearest,
+                              default=default), target)
+
+
+def resample_to(array: np.ndarray, geometry: Geometry, target: Geometry,
+                shape_zyx: tuple[int, int, int], *, nearest: bool = False,
+                default: float = 0.0) -> np.ndarray:
+    """Resample ``array`` onto the grid ``target`` of ``shape_zyx`` (physical space kept)."""
+    sitk = _sitk()
+    src = to_image(array if array.dtype != np.bool_ else array.astype(np.uint8), geometry)
+    ref = sitk.Image([int(v) for v in shape_zyx[::-1]], src.GetPixelID())
+    ref.SetSpacing(target.spacing)
+    ref.SetOrigin(target.origin)
+    ref.SetDirection(target.direction)
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(src, ref, sitk.Transform(), interp, default, src.GetPixelID())
+    return sitk.GetArrayFromImage(out)
