@@ -1,0 +1,87 @@
+"""Search spaces: every shipped YAML compiles and samples valid configs; bad files fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from vfsearch.errors import UserError
+from vfsearch.search_space import load_space
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_the_four_spaces_ship():
+    assert {p.stem for p in SPACES} >= {"smoke", "default", "gan", "ablation"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_space_samples_valid_configs(path):
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=1))
+    for _ in range(15):
+        trial = study.ask()
+        fixed = space.define_by_run(trial)
+        cfg = space.config_for({**fixed, **trial.params})  # validates the combination
+        for key, value in trial.params.items():
+            assert cfg.flatten()[key] == value
+        study.tell(trial, 0.0)
+
+
+def test_conditional_parameter_only_sampled_when_enabled():
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {True: 0, False: 0}
+    for _ in range(30):
+        trial = study.ask()
+        space.define_by_run(trial)
+        gan = trial.params["model.gan"]
+        seen[gan] += 1
+        assert ("loss.adv_weight" in trial.params) == gan
+        study.tell(trial, 0.0)
+    assert seen[True] and seen[False]
+
+
+GOOD = "params:\n  train.lr: {type: float, low: 0.001, high: 0.01, log: true}\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("epochz: 3\n" + GOOD, "epochz: unknown key"),
+    ("params:\n  model.nope: {type: int, low: 1, high: 3}\n", "params.model.nope: unknown config key"),
+    ("params:\n  train.lr: {type: float, low: 0.01, high: 0.001}\n", "params.train.lr: empty range"),
+    ("params:\n  model.temporal: {type: categorical, choices: []}\n",
+     "params.model.temporal.choices: must be a non-empty list"),
+    ("params:\n  model.depth: {type: int, low: 3, high: five}\n", "params.model.depth.high: must be an integer"),
+    ("params:\n  model.attention: {type: float, low: 0, high: 1}\n", "params.model.attention.type"),
+    ("params:\n  model.temporal: {type: categorical, choices: [lstm, 3]}\n", "3 is not a str"),
+    ("params:\n  loss.adv_weight: {type: float, low: 0.01, high: 0.1}\n",
+     "params.loss.adv_weight: only exists when model.gan is True"),
+    ("params:\n  loss.tversky_alpha: {type: float, low: 0.1, high: 0.5, when: {loss.extra: focal}}\n"
+     "  loss.extra: {type: categorical, choices: [focal, tversky]}\n",
+     "params.loss.tversky_alpha.when: loss.extra must be one of"),
+    ("params:\n  loss.adv_weight: {type: float, low: 0.01, high: 0.1, when: {model.gan: true}}\n",
+     "model.gan is neither sampled nor fixed"),
+    ("fixed: {model.depht: 3}\n" + GOOD, "fixed.model.depht: unknown config key"),
+    ("fixed: {train.lr: 0.01}\n" + GOOD, "params.train.lr: is both fixed and sampled"),
+    ("epochs: 2\nscheduler: {grace_period: 5}\n" + GOOD, "scheduler.grace_period: 5 exceeds"),
+    ("params: {}\n", "params: must be a non-empty mapping"),
+    ("params:\n  train.lr: {type: float, low: 0, high: 0.1, log: true}\n", "log scale needs low > 0"),
+])
+def test_bad_space_names_file_and_key(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and needle in message and "\n" not in message
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(UserError, match="search space file not found"):
+        load_space(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("params: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_space(tmp_path / "x.yaml")
