@@ -64,17 +64,31 @@ class Geometry:
                    tol_mm: float | None = None) -> bool:
         """True when both grids cover the same voxels in physical space.
 
-        Compares the physical positions of all eight corner voxel centres, so the same grid
-        stored with another axis order or direction compares equal.
+        Every index axis of one grid must match an index axis of the other with the same
+        number of voxels and the same step vector up to sign (so the same grid stored with
+        another axis order or direction compares equal), and the corner voxel centres must
+        coincide. ``tol_mm`` defaults to half the smallest spacing.
         """
-        if sorted(shape) != sorted(other_shape):
+        if len(shape) != 3 or len(other_shape) != 3 or sorted(shape) != sorted(other_shape):
             return False
         tol = tol_mm if tol_mm is not None else 0.5 * min(min(self.spacing), min(other.spacing))
-        a = np.sort(_corners(self, shape).round(3), axis=0)
-        b = np.sort(_corners(other, other_shape).round(3), axis=0)
-        a = a[np.lexsort(a.T[::-1])]
-        b = b[np.lexsort(b.T[::-1])]
-        return bool(np.all(np.abs(a - b) <= tol))
+        # Edge vectors: from the first to the last voxel centre along each itk axis.
+        edges_a = self.matrix * np.asarray(self.spacing) * (np.asarray(shape[::-1]) - 1)
+        edges_b = other.matrix * np.asarray(other.spacing) * (np.asarray(other_shape[::-1]) - 1)
+        unused = [0, 1, 2]
+        for i in range(3):
+            for j in unused:
+                if shape[::-1][i] == other_shape[::-1][j] and min(
+                        np.abs(edges_a[:, i] - edges_b[:, j]).max(),
+                        np.abs(edges_a[:, i] + edges_b[:, j]).max()) <= tol:
+                    unused.remove(j)
+                    break
+            else:
+                return False
+        a = _corners(self, shape)
+        b = _corners(other, other_shape)
+        dist = np.abs(a[:, None, :] - b[None, :, :]).max(axis=-1)  # (8, 8) Chebyshev, mm
+        return bool(dist.min(axis=1).max() <= tol and dist.min(axis=0).max() <= tol)
 
 
 def _corners(geom: Geometry, shape_zyx: tuple[int, ...]) -> np.ndarray:

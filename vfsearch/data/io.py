@@ -39,6 +39,11 @@ def _sitk():
     return sitk
 
 
+def set_threads(n: int) -> None:
+    """Threads each SimpleITK filter may use in this process (parallel ingest workers: few)."""
+    _sitk().ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, int(n)))
+
+
 def _geometry(image) -> Geometry:
     return Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
@@ -66,8 +71,11 @@ def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
     if p.is_dir():
         image = _read_dicom_series(p, what)
     else:
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(p, what)
         try:
-            image = sitk.ReadImage(str(p))
+            with _quiet_stderr():
+                image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise UserError(f"{p}: cannot read {what} ({_first_line(exc)})") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
@@ -78,38 +86,172 @@ def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
         raise UserError(f"{p}: {what} must have one value per voxel, "
                         f"got {image.GetNumberOfComponentsPerPixel()}")
     try:
-        array = sitk.GetArrayFromImage(image)
+        with _quiet_stderr():
+            array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:  # lazily decoded pixel data can still fail here
         raise UserError(f"{p}: cannot read {what} ({_first_line(exc)})") from None
+    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and \
+            np.issubdtype(array.dtype, np.floating):
+        # NIfTI voxels are stored x fastest, as this (z, y, x) array: put NaN back.
+        nan = _nifti_nan_mask(p, what, array.size)
+        if nan is not None:
+            array = array.copy()
+            array.reshape(-1)[nan] = np.nan
     return Volume(array, _geometry(image))
 
 
+def _check_nifti_complete(p: pathlib.Path, what: str) -> None:
+    """Reject a truncated NIfTI file (ITK silently fills the missing voxels with zeros)."""
+    import struct
+    import zlib
+
+    gz = p.name.lower().endswith(".gz")
+    head = _nifti_read(p, what, 540)
+    hdr = _nifti_header(head)
+    if hdr is None:
+        return  # not a header we understand: let ITK report the problem
+    expected = hdr["offset"] + hdr["nbytes"]
+    if not gz:
+        size = p.stat().st_size
+        if size < expected:
+            raise UserError(f"{p}: {what} is truncated ({size} of {expected} bytes)")
+        return
+    # The gzip trailer holds the uncompressed size mod 2**32: a cheap check that passes for
+    # every complete single-member file; otherwise decompress to be sure.
+    with open(p, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", f.read(4))[0]
+    if isize == expected % 2**32:
+        return
+    import gzip
+
+    total = 0
+    try:
+        with gzip.open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        total = -1
+    if total < expected:
+        raise UserError(f"{p}: {what} is truncated or corrupt (compressed stream ends early)")
+
+
+def _nifti_read(p: pathlib.Path, what: str, n: int = -1) -> bytes:
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")) as f:
+            return f.read(n)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{p}: cannot read {what} ({exc})") from None
+
+
+def _nifti_header(head: bytes) -> dict | None:
+    """Dims, datatype, voxel offset and voxel bytes of a NIfTI-1/2 header (None: not NIfTI)."""
+    import struct
+
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "hh", head[70:74])
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            hsize = 348
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(endian + "hh", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            hsize = 540
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    n = 1
+    for d in dims[1:ndim + 1]:
+        n *= max(int(d), 1)
+    return {"endian": endian, "dims": dims[1:ndim + 1], "datatype": datatype, "n": n,
+            "offset": max(offset, hsize),
+            "nbytes": n * bitpix // 8}
+
+
+def _nifti_nan_mask(p: pathlib.Path, what: str, size: int) -> np.ndarray | None:
+    """Where a float NIfTI file stores NaN (ITK's reader turns NaN into 0), else None."""
+    hdr = _nifti_header(_nifti_read(p, what, 540))
+    dtypes = {16: "f4", 64: "f8"}
+    if hdr is None or hdr["datatype"] not in dtypes or hdr["n"] != size:
+        return None
+    data = _nifti_read(p, what)[hdr["offset"]:hdr["offset"] + hdr["nbytes"]]
+    values = np.frombuffer(data, dtype=hdr["endian"] + dtypes[hdr["datatype"]])
+    nan = np.isnan(values)
+    return nan if nan.any() else None
+
+
 def _first_line(exc: BaseException) -> str:
+    """The useful part of an ITK exception, in one line and without the C++ source path."""
+    import re
+
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", ln)
+             for ln in lines if not ln.startswith("Exception thrown in")]
+    lines = [ln.removeprefix("[nrrd] ").strip() for ln in lines]
     # ITK messages end with the useful part ("... Description: ...").
     for ln in reversed(lines):
         if ln.lower().startswith("description"):
             return ln.split(":", 1)[1].strip()
+    if len(lines) >= 2 and lines[-1].startswith("Reason:") and "cannot be read" in lines[-2]:
+        return "pixel data cannot be read: file truncated or corrupt"
     return lines[-1] if lines else type(exc).__name__
+
+
+class _quiet_stderr:
+    """Silence what ITK's C++ readers print straight to file descriptor 2 (MetaIO, GDCM).
+
+    Their failures reach us as exceptions turned into one-line `UserError`s; the raw
+    C++ chatter would break the CLI's one-line error contract.
+    """
+
+    def __enter__(self) -> None:
+        import sys
+
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError):
+            self._saved = None
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
 
 
 def _read_dicom_series(folder: pathlib.Path, what: str):
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
+    with _quiet_stderr():
+        ids = reader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise UserError(f"{folder}: no DICOM series found in folder ({what})")
     if len(ids) > 1:
         raise UserError(f"{folder}: folder holds {len(ids)} DICOM series "
                         f"({', '.join(ids[:3])}{'...' if len(ids) > 3 else ''}); "
                         f"put one series per folder")
-    files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    with _quiet_stderr():
+        files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
     if len(files) < 2:
         raise UserError(f"{folder}: DICOM series has {len(files)} slice; need a 3D series")
     _check_dicom_spacing(folder, files)
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with _quiet_stderr():
+            return reader.Execute()
     except RuntimeError as exc:
         raise UserError(f"{folder}: cannot read DICOM series ({_first_line(exc)})") from None
 
@@ -123,7 +265,8 @@ def _check_dicom_spacing(folder: pathlib.Path, files: tuple[str, ...]) -> None:
         r = sitk.ImageFileReader()
         r.SetFileName(f)
         try:
-            r.ReadImageInformation()
+            with _quiet_stderr():
+                r.ReadImageInformation()
         except RuntimeError as exc:
             raise UserError(f"{f}: cannot read DICOM header ({_first_line(exc)})") from None
         if not r.HasMetaDataKey("0020|0032"):
@@ -140,8 +283,9 @@ def _check_dicom_spacing(folder: pathlib.Path, files: tuple[str, ...]) -> None:
     if len(steps) == 0:
         return
     step = float(np.median(steps))
-    if step <= 0:
-        raise UserError(f"{folder}: DICOM series has slices at duplicate positions")
+    if step <= 0 or steps.min() < 0.5 * step:
+        raise UserError(f"{folder}: DICOM series has several slices at the same position "
+                        f"(several acquisitions in one series?)")
     gaps = np.nonzero(steps > 1.5 * step)[0]
     if len(gaps):
         raise UserError(f"{folder}: DICOM series is missing slice(s): gap of {steps[gaps[0]]:.2f} "
@@ -159,6 +303,10 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
     os.close(fd)
     try:
         sitk.WriteImage(to_image(array, geometry), tmp, compress)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -167,8 +315,13 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
 
 
 def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: Geometry,
-                       *, series_uid: str | None = None) -> list[pathlib.Path]:
-    """Write an int16 CT volume as a DICOM series, one file per z slice (tests and demos)."""
+                       *, series_uid: str | None = None,
+                       compressor: str | None = None) -> list[pathlib.Path]:
+    """Write an int16 CT volume as a DICOM series, one file per z slice (tests and demos).
+
+    ``compressor="JPEG2000"`` writes JPEG 2000 lossless pixel data (transfer syntax
+    1.2.840.10008.1.2.4.90) through GDCM.
+    """
     sitk = _sitk()
     import time
 
@@ -187,6 +340,9 @@ def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: G
     ]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    if compressor:
+        writer.SetUseCompression(True)
+        writer.SetCompressor(compressor)
     paths = []
     for k in range(image.GetDepth()):
         sl = image[:, :, k]

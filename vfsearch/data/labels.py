@@ -59,12 +59,17 @@ def to_verse(labels: np.ndarray, scheme: str, *, source: str = "labels") -> np.n
         if not np.all(np.isfinite(arr)):
             raise UserError(f"{source}: label map contains NaN or infinite values")
         arr = np.rint(arr)
-    arr = arr.astype(np.int64, copy=False)
-    lut_size = int(max(arr.max(initial=0), 64)) + 1
-    lut = np.zeros(lut_size, dtype=np.uint8)
-    for v in range(lut_size):
-        vid = v if scheme == "verse" else totalseg_to_verse(v)
-        if vid in TARGET_IDS:
-            lut[v] = vid
-    arr = np.where(arr < 0, 0, arr)
-    return lut[arr]
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(f"{source}: label map must hold integers, got {arr.dtype}")
+    # T4..L5 is one contiguous id range in both schemes, so two comparisons per voxel do it
+    # for any dtype (no lookup table sized by the largest id, no int64 copy of the volume).
+    if scheme == "verse":
+        lo, hi = TARGET_IDS[0], TARGET_IDS[-1]
+        return np.where((arr >= lo) & (arr <= hi), arr, 0).astype(np.uint8)
+    lo, hi = _TS_L5, _TS_L5 + len(TARGET_IDS) - 1  # 27 (L5) .. 40 (T4)
+    keep = (arr >= lo) & (arr <= hi)
+    return np.where(keep, TARGET_IDS[-1] + _TS_L5 - np.where(keep, arr, _TS_L5), 0).astype(
+        np.uint8)
+
+
+_TS_L5 = 27

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vfsearch.data.geometry import Geometry
 from vfsearch.errors import UserError
 
 FORMAT = 1
@@ -106,6 +107,15 @@ class Store:
 
     def vertebra_attrs(self, case_id: str, vid: int) -> dict[str, Any]:
         return dict(self.root[f"cases/{case_id}/{vid}"].attrs)
+
+    def ct_grid(self, case_id: str) -> tuple[Geometry, tuple[int, int, int]]:
+        """Geometry and shape (z, y, x) of the case's original CT in scanner space."""
+        attrs = self.case_attrs(case_id)
+        return Geometry.from_dict(attrs["ct_geometry"]), tuple(attrs["ct_shape"])
+
+    def crop_geometry(self, case_id: str, vid: int) -> Geometry:
+        """Geometry of a vertebra crop; ``io.resample_to(crop, this, *ct_grid)`` maps it back."""
+        return Geometry.from_dict(self.vertebra_attrs(case_id, vid)["geometry"])
 
     def array(self, case_id: str, vid: int, name: str = "image"):
         """The zarr array itself, for partial reads (``arr[a:b]``)."""
