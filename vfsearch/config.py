@@ -20,25 +20,28 @@ PLANES: tuple[str, ...] = ("axial", "sagittal", "coronal")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the segmenter (or the baseline classifier).
+    """Architecture of the segmenter (or the baseline classifier); see `vfsearch.models`.
 
-    ``family`` picks a builder from `vfsearch.models.registry`. ``depth`` counts encoder
+    ``family`` picks a builder from `vfsearch.models.list_models()`. ``depth`` counts encoder
     levels (3-5) with ``base_channels`` doubling per level. ``temporal`` is the module over
-    the bottleneck features of the window (``lstm``, ``convlstm`` or ``none``).
+    the bottleneck features of the window (``lstm``, ``convlstm`` or ``none``: centre slice
+    only). A unidirectional temporal module reads its output at the centre slice, so it sees
+    only the slices before it: ``bidirectional`` (default) sees both sides. ``gan`` adds a
+    conditional PatchGAN discriminator (``disc_*``) and needs ``loss.adv_weight > 0``.
     """
 
     family: str = "attention_unet"
     depth: int = 4
     base_channels: int = 16
-    norm: str = "batch"
-    dropout: float = 0.0
-    attention: bool = True
-    temporal: str = "lstm"
-    bidirectional: bool = False
+    norm: str = "batch"  # batch | instance | group
+    dropout: float = 0.0  # Dropout2d inside every conv block, 0 <= p < 1
+    attention: bool = True  # additive attention gates on the skips (false: ablation)
+    temporal: str = "lstm"  # lstm | convlstm | none
+    bidirectional: bool = True
     temporal_hidden: int = 0  # 0: same width as the bottleneck
-    predict_all_slices: bool = False
+    predict_all_slices: bool = False  # masks of all T slices; must equal data.target_all_slices
     encoder: str = "unet"  # unet | resnet18 | resnet34
-    encoder_weights: str = ""  # local file path of pretrained weights; "" = random init
+    encoder_weights: str = ""  # local torchvision state_dict file; "" = random init
     gan: bool = False
     disc_channels: int = 32
     disc_layers: int = 3
@@ -46,7 +49,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and options of the training loss (Dice + BCE (+ adversarial))."""
+    """Weights and options of the training loss: Dice + BCE (+ focal/Tversky) (+ adversarial).
+
+    ``total = dice_weight*Dice + bce_weight*BCE + extra_weight*extra + adv_weight*adv``.
+    ``batch_dice`` sums Dice counts over the whole batch (stable for sparse masks, where many
+    samples have no foreground). ``pos_weight`` scales the BCE of foreground pixels.
+    ``extra`` adds a focal (``focal_gamma``) or Tversky (``tversky_alpha`` weighs false
+    positives, ``tversky_beta`` false negatives) term for tiny regions. See `vfsearch.losses`.
+    """
 
     dice_weight: float = 1.0
     bce_weight: float = 1.0
@@ -67,6 +77,12 @@ class DataConfig:
 
     ``seq_len`` odd, 3-9: slices ``[t - seq_len//2 .. t + seq_len//2]`` along ``plane``.
     ``patch_size`` is the in-plane size (pixels) every slice is padded or cropped to.
+    ``augment`` is the strength (0..1) of rotation (±15°·s), scaling (1 ± 0.15·s), contrast,
+    brightness, gamma and noise where augmentation is on (training windows).
+    ``oversample_fracture``: windows whose target holds fracture get sampling weight
+    ``1 + oversample_fracture`` (others 1). ``target_all_slices``: the target is the fracture
+    mask of every slice of the window, (T, H, W), instead of slice t only, (1, H, W).
+    See `vfsearch.data.dataset.WindowDataset`.
     """
 
     seq_len: int = 5
@@ -94,6 +110,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # DataLoader processes per training worker
     max_windows_per_epoch: int = 0  # 0: all
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    val_threshold: float = 0.5  # probability above which a validation pixel is positive
+    max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
+    keep_checkpoints: int = 2  # most recent epoch checkpoints kept (each holds the best model)
 
 
 @dataclass(frozen=True)
@@ -170,8 +190,13 @@ def _coerce(value: Any, tp: type, key: str, source: str) -> Any:
     return value
 
 
-def with_overrides(config: Config, flat: dict[str, Any], *, source: str = "config") -> Config:
-    """Return ``config`` with dotted-key values replaced, each coerced to the field's type."""
+def with_overrides(config: Config, flat: dict[str, Any], *, source: str = "config",
+                   check: bool = True) -> Config:
+    """Return ``config`` with dotted-key values replaced, each coerced to the field's type.
+
+    ``check=False`` skips the cross-field `validate` (for partial configs such as a search
+    space's fixed keys, which only make sense together with the sampled ones).
+    """
     keys = known_keys()
     sections: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
@@ -181,7 +206,8 @@ def with_overrides(config: Config, flat: dict[str, Any], *, source: str = "confi
         section, name = key.split(".", 1)
         sections.setdefault(section, {})[name] = _coerce(value, keys[key], key, source)
     updated = {name: replace(getattr(config, name), **vals) for name, vals in sections.items()}
-    return validate(replace(config, **updated), source=source)
+    merged = replace(config, **updated)
+    return validate(merged, source=source) if check else merged
 
 
 def parse_overrides(items: list[str], *, source: str = "--set") -> dict[str, str]:
@@ -241,15 +267,65 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_choices(flat: dict[str, Any], prefix: str, source: str) -> None:
+    for key, choices in _CHOICES.items():
+        if key.startswith(prefix) and flat[key] not in choices:
+            raise UserError(f"{source}: {key} must be one of {', '.join(choices)}, "
+                            f"got {flat[key]!r}")
+
+
+def validate_model(model: ModelConfig, *, source: str = "config") -> ModelConfig:
+    """Ranges of `ModelConfig` alone (`vfsearch.models.build_model` calls this too)."""
+    flat = flatten(model, "model.")
+    _check_choices(flat, "model.", source)
+    if not 3 <= model.depth <= 5:
+        raise UserError(f"{source}: model.depth must be 3..5, got {model.depth}")
+    if model.base_channels < 1:
+        raise UserError(f"{source}: model.base_channels must be >= 1, got {model.base_channels}")
+    if not 0 <= model.dropout < 1:
+        raise UserError(f"{source}: model.dropout must be >= 0 and < 1, got {model.dropout}")
+    if model.temporal_hidden < 0:
+        raise UserError(f"{source}: model.temporal_hidden must be >= 0 (0: bottleneck width), "
+                        f"got {model.temporal_hidden}")
+    if model.disc_channels < 1 or model.disc_layers < 1:
+        raise UserError(f"{source}: model.disc_channels and model.disc_layers must be >= 1")
+    if model.family == "resnet18_classifier" and (model.gan or model.predict_all_slices):
+        raise UserError(f"{source}: model.family resnet18_classifier predicts one label per "
+                        "window: model.gan and model.predict_all_slices must be false")
+    return model
+
+
+def validate_loss(loss: LossConfig, *, source: str = "config") -> LossConfig:
+    """Ranges and combinations of `LossConfig` alone (`vfsearch.losses.build_loss` too)."""
+    flat = flatten(loss, "loss.")
+    _check_choices(flat, "loss.", source)
+    for key in ("loss.dice_weight", "loss.bce_weight", "loss.adv_weight", "loss.extra_weight",
+                "loss.focal_gamma"):
+        if flat[key] < 0:
+            raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
+    if loss.pos_weight <= 0:
+        raise UserError(f"{source}: loss.pos_weight must be > 0, got {loss.pos_weight}")
+    if loss.dice_weight + loss.bce_weight + loss.extra_weight == 0:
+        raise UserError(f"{source}: loss.dice_weight, loss.bce_weight and loss.extra_weight are "
+                        "all 0: nothing to train the segmentation on")
+    if loss.extra == "none" and loss.extra_weight > 0:
+        raise UserError(f"{source}: loss.extra_weight > 0 needs loss.extra focal or tversky")
+    if loss.extra != "none" and loss.extra_weight == 0:
+        raise UserError(f"{source}: loss.extra={loss.extra} needs loss.extra_weight > 0")
+    if loss.extra == "tversky":
+        a, b = loss.tversky_alpha, loss.tversky_beta
+        if not (0 <= a <= 1 and 0 <= b <= 1 and a + b > 0):
+            raise UserError(f"{source}: loss.tversky_alpha and loss.tversky_beta must lie in "
+                            f"[0, 1], not both 0; got {a}, {b}")
+    return loss
+
+
 def validate(config: Config, *, source: str = "config") -> Config:
     """Check ranges and combinations that a single field's type cannot express."""
     flat = config.flatten()
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise UserError(f"{source}: {key} must be one of {', '.join(choices)}, "
-                            f"got {flat[key]!r}")
-    if not 3 <= config.model.depth <= 5:
-        raise UserError(f"{source}: model.depth must be 3..5, got {config.model.depth}")
+    _check_choices(flat, "", source)
+    validate_model(config.model, source=source)
+    validate_loss(config.loss, source=source)
     if config.data.seq_len % 2 == 0 or not 1 <= config.data.seq_len <= 9:
         raise UserError(f"{source}: data.seq_len must be odd and 1..9, got {config.data.seq_len}")
     if config.data.patch_size % (2 ** config.model.depth):
@@ -257,14 +333,43 @@ def validate(config: Config, *, source: str = "config") -> Config:
                         f"by 2**model.depth = {2 ** config.model.depth}")
     if config.loss.adv_weight > 0 and not config.model.gan:
         raise UserError(f"{source}: loss.adv_weight > 0 needs model.gan=true")
-    for key in ("loss.dice_weight", "loss.bce_weight", "loss.adv_weight", "loss.extra_weight",
-                "train.lr", "data.augment", "model.dropout"):
+    if config.model.gan and config.loss.adv_weight == 0:
+        raise UserError(f"{source}: model.gan=true needs loss.adv_weight > 0 (else the "
+                        "discriminator trains but never reaches the segmenter)")
+    if config.model.gan and config.data.patch_size < 3 * 2 ** config.model.disc_layers:
+        raise UserError(f"{source}: data.patch_size {config.data.patch_size} is too small for "
+                        f"model.disc_layers={config.model.disc_layers} (needs >= "
+                        f"{3 * 2 ** config.model.disc_layers})")
+    if config.model.norm == "instance" and config.data.patch_size < 2 ** (config.model.depth + 1):
+        raise UserError(f"{source}: model.norm=instance needs a bottleneck of at least 2x2 "
+                        f"pixels: data.patch_size >= {2 ** (config.model.depth + 1)}")
+    if config.model.predict_all_slices != config.data.target_all_slices:
+        raise UserError(f"{source}: model.predict_all_slices and data.target_all_slices must "
+                        "be equal (the model predicts what the data provides)")
+    for key in ("train.lr", "data.augment", "data.oversample_fracture"):
         if flat[key] < 0:
             raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
+    validate_train(config.train, source=source)
     return config
+
+
+def validate_train(train: TrainConfig, *, source: str = "config") -> TrainConfig:
+    """Ranges of `TrainConfig` alone."""
+    for key in ("epochs", "batch_size", "keep_checkpoints"):
+        if getattr(train, key) < 1:
+            raise UserError(f"{source}: train.{key} must be >= 1, got {getattr(train, key)}")
+    for key in ("weight_decay", "grad_clip", "disc_lr", "warmup_epochs", "gan_start_epoch",
+                "early_stop_patience", "num_workers", "max_windows_per_epoch", "max_failures"):
+        if getattr(train, key) < 0 and not (key == "max_failures" and train.max_failures == -1):
+            raise UserError(f"{source}: train.{key} must be >= 0, got {getattr(train, key)}")
+    if not 0 < train.val_threshold < 1:
+        raise UserError(f"{source}: train.val_threshold must lie in (0, 1), "
+                        f"got {train.val_threshold}")
+    return train
 
 
 __all__ = [
     "Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "PLANES",
-    "load_config", "with_overrides", "parse_overrides", "validate", "flatten", "known_keys",
+    "load_config", "with_overrides", "parse_overrides", "validate", "validate_model",
+    "validate_loss", "validate_train", "flatten", "known_keys",
 ]

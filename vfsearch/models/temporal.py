@@ -1,0 +1,107 @@
+"""Temporal modules over the window's bottleneck features: ``(B, T, C, h, w) -> (B, T, C, h, w)``.
+
+Position ``t`` of the output is slice ``t``'s bottleneck map refined with context from the
+other slices. A unidirectional module only sees slices ``<= t``: at the centre position it
+ignores the slices after the centre; the bidirectional option sees both sides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TEMPORALS: tuple[str, ...] = ("lstm", "convlstm", "none")
+
+
+class NoTemporal(nn.Module):
+    """Identity (the ablation): every slice keeps its own bottleneck map."""
+
+    def forward(self, bottlenecks: torch.Tensor) -> torch.Tensor:
+        return bottlenecks
+
+
+class BottleneckLSTM(nn.Module):
+    """LSTM over per-slice bottleneck feature vectors, projected back onto the maps.
+
+    Each slice's map is average-pooled to a vector ``(B, T, C)``; an LSTM runs over the
+    ``T`` vectors; a linear layer turns its output at each position into a per-channel
+    scale and shift (FiLM) applied to that slice's map::
+
+        out_t = map_t * (1 + gamma_t) + beta_t,   [gamma_t, beta_t] = proj(lstm(v)_t)
+
+    The residual form keeps the map's spatial detail, which a global vector cannot carry.
+    """
+
+    def __init__(self, channels: int, hidden: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(channels, hidden, batch_first=True, bidirectional=bidirectional)
+        self.proj = nn.Linear(hidden * (2 if bidirectional else 1), 2 * channels)
+
+    def forward(self, bottlenecks: torch.Tensor) -> torch.Tensor:
+        vectors = bottlenecks.mean(dim=(3, 4))  # (B, T, C)
+        seq, _ = self.lstm(vectors)  # (B, T, hidden * dirs)
+        gamma, beta = self.proj(seq).chunk(2, dim=-1)  # (B, T, C) each
+        return bottlenecks * (1 + gamma[..., None, None]) + beta[..., None, None]
+
+
+class ConvLSTMCell(nn.Module):
+    """One ConvLSTM step (Shi et al. 2015): gates from a 3x3 conv over ``[x, h]``."""
+
+    def __init__(self, in_ch: int, hidden: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.conv = nn.Conv2d(in_ch + hidden, 4 * hidden, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        i, f, o, g = self.conv(torch.cat([x, h], dim=1)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class ConvLSTM(nn.Module):
+    """ConvLSTM over the bottleneck maps, keeping their spatial layout.
+
+    ``out_t = map_t + proj(h_t)`` with ``h_t`` the hidden map at position ``t``
+    (forward and backward concatenated when bidirectional) and ``proj`` a 1x1 conv.
+    """
+
+    def __init__(self, channels: int, hidden: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.fwd = ConvLSTMCell(channels, hidden)
+        self.bwd = ConvLSTMCell(channels, hidden) if bidirectional else None
+        self.proj = nn.Conv2d(hidden * (2 if bidirectional else 1), channels, 1)
+
+    @staticmethod
+    def _run(cell: ConvLSTMCell, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        n, _, h, w = xs[0].shape
+        state = (xs[0].new_zeros(n, cell.hidden, h, w), xs[0].new_zeros(n, cell.hidden, h, w))
+        out = []
+        for x in xs:
+            state = cell(x, state)
+            out.append(state[0])
+        return out
+
+    def forward(self, bottlenecks: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = bottlenecks.shape
+        xs = list(bottlenecks.unbind(dim=1))  # T x (B, C, h, w)
+        hs = self._run(self.fwd, xs)
+        if self.bwd is not None:
+            back = self._run(self.bwd, xs[::-1])[::-1]
+            hs = [torch.cat(pair, dim=1) for pair in zip(hs, back, strict=True)]
+        hidden = torch.stack(hs, dim=1).flatten(0, 1)  # (B*T, hidden*dirs, h, w)
+        return bottlenecks + self.proj(hidden).view(b, t, c, h, w)
+
+
+def make_temporal(kind: str, channels: int, hidden: int, bidirectional: bool) -> nn.Module:
+    """``hidden`` <= 0 means ``channels``."""
+    hidden = hidden if hidden > 0 else channels
+    if kind == "lstm":
+        return BottleneckLSTM(channels, hidden, bidirectional)
+    if kind == "convlstm":
+        return ConvLSTM(channels, hidden, bidirectional)
+    if kind == "none":
+        return NoTemporal()
+    raise ValueError(f"unknown temporal module {kind!r}; expected one of {TEMPORALS}")
