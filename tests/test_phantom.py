@@ -1,0 +1,436 @@
+"""Synthetic spine CT phantom, fracture simulation on real scans, and `vfsearch synth`.
+
+Heights and HU statistics are measured here with code of the test's own (not the generator's
+`measure_heights`), on arrays brought to canonical orientation (z superior, y posterior).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from vfsearch.cli import app
+from vfsearch.data import phantom
+from vfsearch.data.geometry import to_canonical
+from vfsearch.errors import UserError
+
+IDS = range(11, 25)
+
+
+# --------------------------------------------------------------------------------------------
+# independent measurements
+# --------------------------------------------------------------------------------------------
+
+
+def canonical(case) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    ct, geom, ro = to_canonical(case.ct, case.geometry)
+    return ct, ro.apply(case.vertebrae), ro.apply(case.fracture), tuple(geom.spacing[::-1])
+
+
+def body_of(labels: np.ndarray, vid: int) -> tuple[np.ndarray, int, int, int]:
+    """Body mask of one vertebra: the part anterior of the canal gap at the midline."""
+    m = labels == vid
+    x_mid = round(np.nonzero(m)[2].mean())
+    occupied = m[:, :, x_mid].any(axis=0)  # over y
+    y0 = int(np.argmax(occupied))
+    after = np.nonzero(~occupied[y0:])[0]
+    y1 = y0 + int(after[0]) if len(after) else len(occupied)
+    body = np.zeros_like(m)
+    body[:, y0:y1] = m[:, y0:y1]
+    return body, y0, y1, x_mid
+
+
+def heights(labels: np.ndarray, vid: int, sz: float) -> list[float]:
+    """SI height (mm) of the body at 15/50/85 % of its AP depth in the mid-sagittal slice."""
+    body, y0, y1, x_mid = body_of(labels, vid)
+    out = []
+    for f in (0.15, 0.5, 0.85):
+        y = min(y1 - 1, y0 + int(f * (y1 - y0)))
+        zs = np.nonzero(body[:, y, x_mid])[0]
+        out.append(float(zs.max() - zs.min() + 1) * sz if len(zs) else 0.0)
+    return out
+
+
+def ratio(labels: np.ndarray, vid: int, sz: float) -> float:
+    h = heights(labels, vid, sz)
+    return min(h) / max(h)
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_cases():
+    return [phantom.make_case(seed, small=True) for seed in range(10)]
+
+
+@pytest.fixture(scope="module")
+def default_case():
+    return phantom.make_case(7)
+
+
+# --------------------------------------------------------------------------------------------
+# the phantom
+# --------------------------------------------------------------------------------------------
+
+
+def test_small_case_shape_labels_and_orientation(small_cases):
+    case = small_cases[0]
+    assert case.ct.dtype == np.int16 and case.vertebrae.dtype == np.uint8
+    assert case.fracture.dtype == np.uint8
+    assert case.ct.shape == case.vertebrae.shape == case.fracture.shape
+    assert max(case.ct.shape[1:]) <= 80  # tiny in-plane
+    assert set(np.unique(case.vertebrae)) == {0, *IDS}
+    assert set(case.meta) == set(IDS)
+    # stored like dcm2niix NIfTI: x and y flipped, so ingestion must reorient
+    assert case.geometry.direction == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    _, labels, _, _ = canonical(case)
+    z_of = {v: np.nonzero(labels == v)[0].mean() for v in IDS}
+    assert all(z_of[v] > z_of[v + 1] for v in range(11, 24))  # T4 above L5: z superior
+
+
+@pytest.mark.parametrize("which", ["small", "default"])
+def test_height_ratio_separates_fractured_from_healthy(which, small_cases, default_case):
+    cases = small_cases if which == "small" else [default_case]
+    n_frac = 0
+    for case in cases:
+        _, labels, _, sp = canonical(case)
+        for vid in IDS:
+            r = ratio(labels, vid, sp[0])
+            grade = case.meta[vid]["grade"]
+            if grade:
+                n_frac += 1
+                assert r < 0.8, (vid, grade, case.meta[vid])
+            else:
+                assert r > 0.85, (vid, case.meta[vid])
+            assert abs(r - case.meta[vid]["height_ratio"]) < 0.03
+            # Genant grade agrees with the measured height loss
+            loss = 1 - r
+            expected = 3 if loss >= 0.4 else 2 if loss >= 0.25 else 1 if loss >= 0.2 else 0
+            assert grade == expected, (vid, r, case.meta[vid])
+    assert n_frac >= len(cases)
+
+
+def test_fracture_rate_grades_and_morphologies(small_cases):
+    grades = np.array([[c.meta[v]["grade"] for v in IDS] for c in small_cases])
+    assert (grades > 0).any(axis=1).all()  # every case has a fracture
+    assert 0.15 <= (grades > 0).mean() <= 0.30
+    assert {1, 2, 3} <= set(grades.ravel())
+    morph = {c.meta[v]["morphology"] for c in small_cases for v in IDS if c.meta[v]["grade"]}
+    assert morph == {"wedge", "biconcave", "crush"}
+    healthy = {c.meta[v]["morphology"] for c in small_cases for v in IDS if not c.meta[v]["grade"]}
+    assert healthy == {"none"}
+
+
+def test_heights_rise_from_t4_to_l5(default_case, small_cases):
+    for case in [default_case, *small_cases[:3]]:
+        _, labels, _, sp = canonical(case)
+        h = {v: max(heights(labels, v, sp[0])) for v in IDS}
+        healthy = [v for v in IDS if case.meta[v]["grade"] == 0]
+        assert 14 <= h[11] <= 21 and 23 <= h[24] <= 31, h
+        assert np.corrcoef(healthy, [h[v] for v in healthy])[0, 1] > 0.9
+
+
+def test_fracture_mask_is_an_endplate_band_inside_the_body(small_cases, default_case):
+    shares = []
+    for case in [default_case, *small_cases]:
+        _, labels, frac, sp = canonical(case)
+        fractured = [v for v in IDS if case.meta[v]["grade"]]
+        assert set(np.unique(labels[frac > 0])) == set(fractured)
+        for vid in IDS:
+            body, *_ = body_of(labels, vid)
+            fv = (frac > 0) & (labels == vid)
+            if vid not in fractured:
+                assert not fv.any()
+                continue
+            assert fv.any() and not (fv & ~body).any()  # only in the vertebral body
+            shares.append(fv.sum() / body.sum())
+            # every mask voxel lies within a few mm of the body's top or bottom in its column
+            zz, yy, xx = np.nonzero(fv)
+            cols = body[:, yy, xx]  # (z, n)
+            kz = np.arange(body.shape[0])[:, None]
+            top = np.where(cols, kz, -1).max(axis=0)
+            bot = np.where(cols, kz, body.shape[0]).min(axis=0)
+            depth_mm = np.minimum(top - zz, zz - bot) * sp[0]
+            assert depth_mm.max() <= 7.5, (vid, depth_mm.max())
+    # a band, not the whole vertebra (a severe crush on 2 mm voxels reaches ~45 %)
+    assert max(shares) < 0.5 and np.median(shares) < 0.3, sorted(shares)
+
+
+def _tissue_stats(case) -> dict[str, float]:
+    ct, labels, _frac, (sz, sy, sx) = canonical(case)
+    ring, core = [], []
+    for vid in IDS:
+        body, *_ = body_of(labels, vid)
+        zs = np.nonzero(body.any(axis=(1, 2)))[0]
+        for k in range(zs.min() + (zs.max() - zs.min()) // 2 - 1,
+                       zs.min() + (zs.max() - zs.min()) // 2 + 2):
+            sl = body[k]
+            ring.append(ct[k][sl & ~ndi.binary_erosion(sl)])
+        if case.meta[vid]["grade"] == 0:  # the core: 3 mm or more inside the body
+            r = [int(np.ceil(3.0 / s)) for s in (sz, sy, sx)]
+            box = ndi.find_objects(body.astype(np.uint8))[0]
+            inner = ndi.binary_erosion(body[box], structure=np.ones([2 * v + 1 for v in r]))
+            core.append(ct[box][inner])
+    # soft tissue: paraspinal muscle, 6-16 mm behind the front of the L3 lamina, 6-14 mm to
+    # the side of the midline (clear of the spinous, articular and transverse processes)
+    body, _y0, y1, x_mid = body_of(labels, 22)
+    zs = np.nonzero(body.any(axis=(1, 2)))[0]
+    behind = (labels[zs.min():zs.max() + 1, :, x_mid] == 22).any(axis=0)
+    y2 = y1 + int(np.argmax(behind[y1:]))  # first posterior-element voxel behind the canal
+    soft = ct[zs.min():zs.max() + 1, y2 + int(np.ceil(6 / sy)):y2 + int(16 / sy) + 1,
+              x_mid + int(np.ceil(6 / sx)):x_mid + int(14 / sx) + 1]
+    hx = int(8 / sx)
+    # fat: 4-9 mm inside the anterior skin at the midline, over the lumbar levels
+    column = ct[zs.min():zs.max() + 1, :, x_mid - hx:x_mid + hx + 1]
+    skin = int(np.argmax(np.median(column, axis=(0, 2)) > -500))
+    fat = column[:, skin + int(np.ceil(4 / sy)):skin + int(9 / sy) + 1]
+    air = np.concatenate([ct[:, :3, :3].ravel(), ct[:, -3:, -3:].ravel()])
+    return {"ring": float(np.mean(np.concatenate(ring))),
+            "core": float(np.median(np.concatenate(core))), "soft": float(np.median(soft)),
+            "noise": float(soft.std()), "fat": float(np.median(fat)),
+            "air": float(np.median(air))}
+
+
+def test_hu_statistics_per_tissue_default_spacing(default_case):
+    s = _tissue_stats(default_case)
+    assert 250 <= s["ring"] <= 600, s  # cortex blurred to the voxel size, not 1000+
+    assert 90 <= s["core"] <= 230, s
+    assert abs(s["core"] - default_case.info["trabecular_hu"]) < 20
+    assert 25 <= s["soft"] <= 55, s
+    assert 10 <= s["noise"] <= 30, s
+    assert -130 <= s["fat"] <= -70, s
+    assert -1024 <= s["air"] <= -970, s
+
+
+def test_hu_statistics_small_cases_and_density_varies(small_cases):
+    stats = [_tissue_stats(c) for c in small_cases[:4]]
+    for s in stats:
+        assert 250 <= s["ring"] <= 600, s
+        assert 90 <= s["core"] <= 230, s
+        assert 25 <= s["soft"] <= 55, s
+        assert 10 <= s["noise"] <= 30, s
+        assert -1024 <= s["air"] <= -970, s
+    cores = [s["core"] for s in stats]
+    assert max(cores) - min(cores) > 30  # bone density varies between cases
+
+
+def test_sclerotic_band_raises_hu(small_cases):
+    diffs = []
+    for case in small_cases:
+        ct, labels, frac, _ = canonical(case)
+        for vid in IDS:
+            if case.meta[vid]["grade"]:
+                band = (frac > 0) & (labels == vid)
+                body, *_ = body_of(labels, vid)
+                rest = ndi.binary_erosion(body & ~ndi.binary_dilation(band, iterations=2))
+                diffs.append(np.median(ct[band]) - np.median(ct[rest]))
+    assert np.median(diffs) > 80, diffs
+
+
+def test_same_seed_same_case_other_seed_other_case():
+    a, b = phantom.make_case(3, small=True), phantom.make_case(3, small=True)
+    assert np.array_equal(a.ct, b.ct) and np.array_equal(a.fracture, b.fracture)
+    assert a.meta == b.meta
+    c = phantom.make_case(4, small=True)
+    assert a.ct.shape != c.ct.shape or not np.array_equal(a.ct, c.ct)
+
+
+def test_spacing_is_configurable_and_validated():
+    case = phantom.make_case(1, small=True, spacing=(1.5, 1.5, 2.5))
+    assert case.geometry.spacing == (1.5, 1.5, 2.5)
+    assert set(np.unique(case.vertebrae)) == {0, *IDS}
+    with pytest.raises(UserError, match="spacing"):
+        phantom.make_case(1, small=True, spacing=(2.0, 2.0, 9.0))
+    healthy = phantom.make_case(1, small=True, fracture_rate=0.0)
+    assert not healthy.fracture.any() and all(m["grade"] == 0 for m in healthy.meta.values())
+
+
+def test_simulate_fracture_on_canonical_phantom_arrays():
+    case = phantom.make_case(5, small=True, fracture_rate=0.0)
+    ct, labels, _, sp = canonical(case)
+    before = ratio(labels, 21, sp[0])
+    res = phantom.simulate_fractures(ct, labels, sp, {21: (3, "crush")}, np.random.default_rng(0))
+    assert res.ct.shape == ct.shape and res.ct.dtype == ct.dtype
+    assert before > 0.95 and ratio(res.vertebrae, 21, sp[0]) < 0.8
+    assert res.meta[21]["grade"] == 3
+    fv = res.fracture > 0
+    assert fv.any() and set(np.unique(res.vertebrae[fv])) == {21}
+    # untouched vertebrae keep their voxels
+    far = (labels == 15)
+    assert np.array_equal(res.ct[far], ct[far])
+
+
+# --------------------------------------------------------------------------------------------
+# synth_dataset: files, manifest, determinism
+# --------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.integration
+def test_synth_dataset_writes_deterministic_cases(tmp_path):
+    from vfsearch.data import synth
+    from vfsearch.data.io import read_volume
+
+    summary = synth.synth_dataset(tmp_path / "a", cases=2, seed=3, spacing=None, small=True,
+                                  fracture_rate=0.22)
+    assert "2 synthetic case" in summary and "\n" not in summary
+    synth.synth_dataset(tmp_path / "b", cases=2, seed=3, spacing=None, small=True,
+                        fracture_rate=0.22)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert set(a) == {"manifest.csv"} | {f"synth_00{k}/{f}" for k in range(2)
+                                         for f in synth.CASE_FILES}
+    assert a == b  # same seed, same bytes
+    # case k does not depend on --cases; another seed gives another case
+    synth.synth_dataset(tmp_path / "c", cases=1, seed=3, spacing=None, small=True,
+                        fracture_rate=0.22)
+    c = _files(tmp_path / "c")
+    assert all(c[f"synth_000/{f}"] == a[f"synth_000/{f}"] for f in synth.CASE_FILES)
+    synth.synth_dataset(tmp_path / "d", cases=1, seed=4, spacing=None, small=True,
+                        fracture_rate=0.22)
+    assert _files(tmp_path / "d")["synth_000/ct.nii.gz"] != a["synth_000/ct.nii.gz"]
+
+    rows = list(csv.DictReader((tmp_path / "a" / "manifest.csv").open()))
+    assert list(rows[0]) == ["case_id", "ct", "vertebrae", "fracture", "grades"]
+    assert [r["case_id"] for r in rows] == ["synth_000", "synth_001"]
+    meta = json.loads((tmp_path / "a" / "synth_001" / "meta.json").read_text())
+    grades = dict(item.split(":") for item in rows[1]["grades"].split(";"))
+    assert grades == {k: str(v["grade"]) for k, v in meta["vertebrae"].items()}
+    assert set(grades) == {str(v) for v in IDS}
+    ct = read_volume(tmp_path / "a" / rows[1]["ct"])
+    case = phantom.make_case(phantom.case_rng(3, 1), small=True)
+    assert np.array_equal(ct.array, case.ct) and ct.geometry == case.geometry
+    frac = read_volume(tmp_path / "a" / rows[1]["fracture"]).array
+    assert np.array_equal(frac, case.fracture)
+
+
+@pytest.mark.integration
+def test_synth_dataset_refuses_foreign_folder_and_replaces_own(tmp_path):
+    from vfsearch.data import synth
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        synth.synth_dataset(foreign, cases=1, seed=0, spacing=None, small=True,
+                            fracture_rate=0.2)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    out = tmp_path / "own"
+    synth.synth_dataset(out, cases=2, seed=0, spacing=None, small=True, fracture_rate=0.2)
+    synth.synth_dataset(out, cases=1, seed=0, spacing=None, small=True, fracture_rate=0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "synth_000"]
+    with pytest.raises(UserError, match="cases"):
+        synth.synth_dataset(tmp_path / "x", cases=0, seed=0, spacing=None, small=True,
+                            fracture_rate=0.2)
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# fractures simulated on real scans
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sample,labels_file,scheme,spec,vid", [
+    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:2:wedge", 22),
+    ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "L1:3:crush", 20),
+])
+def test_synth_on_background_real_scans(real_data, tmp_path, sample, labels_file, scheme, spec,
+                                        vid):
+    from vfsearch.data import synth
+    from vfsearch.data.io import read_volume
+    from vfsearch.data.labels import to_verse
+
+    src_ct = read_volume(real_data / sample / "ct.nii.gz")
+    src_lab = read_volume(real_data / sample / labels_file)
+    out = tmp_path / "out"
+    summary = synth.synth_on_background(real_data / sample / "ct.nii.gz",
+                                        real_data / sample / labels_file, out, fracture=spec,
+                                        seed=0, label_scheme=scheme)
+    assert "\n" not in summary
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 1 and f"{vid}:" in rows[0]["grades"]
+    ct = read_volume(out / rows[0]["ct"])
+    lab = read_volume(out / rows[0]["vertebrae"])
+    frac = read_volume(out / rows[0]["fracture"])
+    for vol in (ct, lab, frac):
+        assert vol.shape == src_ct.shape and vol.geometry == src_ct.geometry
+    assert ct.array.dtype == src_ct.array.dtype
+    assert frac.array.any() and set(np.unique(lab.array[frac.array > 0])) == {vid}
+    # the chosen body got shorter (measured here, in canonical orientation)
+    _, geom, ro = to_canonical(src_ct.array, src_ct.geometry)
+    sz = geom.spacing[2]
+    before = heights(ro.apply(to_verse(src_lab.array, scheme)), vid, sz)
+    after_labels = ro.apply(lab.array)
+    after = heights(after_labels, vid, sz)
+    assert ratio(after_labels, vid, sz) < 0.8
+    assert max(1 - a / b for a, b in zip(after, before)) >= 0.2, (before, after)
+    # the CT changed only around the chosen vertebra
+    changed = np.nonzero(ct.array != src_ct.array)
+    near = ro.undo(ndi.binary_dilation(ro.apply(src_lab.array) > 0, iterations=5))
+    assert near[changed].all()
+    meta = json.loads((out / rows[0]["ct"]).parent.joinpath("meta.json").read_text())
+    assert meta["vertebrae"][str(vid)]["grade"] >= 1
+
+
+@pytest.mark.integration
+def test_synth_on_background_errors(real_data, tmp_path):
+    from vfsearch.data import synth
+
+    tpt, tot = real_data / "tptbox_l3", real_data / "totalseg_abdomen"
+    cases = [
+        (tpt / "ct.nii.gz", tot / "vertebrae_totalseg.nii.gz", "22:2", "verse", "does not match"),
+        (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "X9:2", "verse", "unknown vertebra"),
+        (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "T4:2", "verse", "not in"),
+        (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "22:5", "verse", "grade"),
+        (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", None, "totalsegmentator",
+         "no vertebra T4..L5"),
+        (tpt / "missing.nii.gz", tpt / "vertebrae_verse.nii.gz", None, "verse", "not found"),
+    ]
+    for ct, labels, spec, scheme, message in cases:
+        with pytest.raises(UserError, match=message):
+            synth.synth_on_background(ct, labels, tmp_path / "o", fracture=spec, seed=0,
+                                      label_scheme=scheme)
+        assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_synth_help():
+    result = CliRunner().invoke(app, ["synth", "--help"])
+    assert result.exit_code == 0
+    for option in ("--cases", "--seed", "--spacing", "--small", "--background", "--fracture"):
+        assert option in result.output
+
+
+@pytest.mark.integration
+def test_cli_synth_small_run_and_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", str(tmp_path / "s"), "--cases", "1", "--small",
+                                 "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "manifest.csv").is_file()
+    assert (tmp_path / "s" / "synth_000" / "fracture.nii.gz").is_file()
+    for args in (["--spacing", "1,2"], ["--fracture-rate", "1.5"],
+                 ["--background", str(tmp_path / "nope.nii.gz"), "--vertebrae",
+                  str(tmp_path / "nope2.nii.gz")]):
+        bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--small", *args])
+        assert bad.exit_code == 2, (args, bad.output)
+        lines = bad.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), bad.output
+        assert not (tmp_path / "bad").exists()
