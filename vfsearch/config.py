@@ -77,8 +77,9 @@ class DataConfig:
 
     ``seq_len`` odd, 3-9: slices ``[t - seq_len//2 .. t + seq_len//2]`` along ``plane``.
     ``patch_size`` is the in-plane size (pixels) every slice is padded or cropped to.
-    ``augment`` is the strength (0..1) of rotation (±15°·s), scaling (1 ± 0.15·s), contrast,
-    brightness, gamma and noise where augmentation is on (training windows).
+    ``augment`` is the strength (0..1; 0 = off) of rotation (±15°·s), scaling (1 ± 0.15·s),
+    contrast, brightness, gamma and noise, plus a random patch position, where augmentation
+    is on (training windows).
     ``oversample_fracture``: windows whose target holds fracture get sampling weight
     ``1 + oversample_fracture`` (others 1). ``target_all_slices``: the target is the fracture
     mask of every slice of the window, (T, H, W), instead of slice t only, (1, H, W).
@@ -349,6 +350,8 @@ def validate(config: Config, *, source: str = "config") -> Config:
     for key in ("train.lr", "data.augment", "data.oversample_fracture"):
         if flat[key] < 0:
             raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
+    if config.data.augment > 1:
+        raise UserError(f"{source}: data.augment is a strength 0..1, got {config.data.augment}")
     validate_train(config.train, source=source)
     return config
 
