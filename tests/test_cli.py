@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,13 +20,14 @@ def test_import_and_help_import_nothing_heavy():
             "r = CliRunner().invoke(vfsearch.cli.app, ['--help'])\n"
             "assert r.exit_code == 0, r.output\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
+                         check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_import_has_no_side_effects(tmp_path):
     code = "import vfsearch, vfsearch.cli, vfsearch.config; import os; print(sorted(os.listdir('.')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
                          check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
 
@@ -45,5 +47,5 @@ def test_every_command_has_help(command):
 
 def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "vfsearch", "--help"], capture_output=True,
-                         text=True)
+                         encoding="utf-8", env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert out.returncode == 0 and "ingest" in out.stdout

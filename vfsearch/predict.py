@@ -20,9 +20,11 @@ Both volumes have exactly the input CT's size, spacing, origin and direction.
 
 Model references (`load_model`): a checkpoint file written by training (``torch.load(...,
 weights_only=True)``: a dict with the model's ``state_dict`` and the flat config that rebuilds
-it), a folder holding one, an MLflow run id (its best checkpoint artifact is downloaded), or a
-`LoadedModel` already in memory. Several references (a list, or comma-separated) are
-per-plane models whose maps are averaged (multi-plane fusion).
+it), a folder holding one, an export bundle folder (`vfsearch.bundle`), a registered model
+``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (written by ``vfsearch export``), an MLflow
+run id (its best checkpoint artifact is downloaded), or a `LoadedModel` already in memory.
+Several references (a list, or comma-separated) are per-plane models whose maps are averaged
+(multi-plane fusion).
 """
 
 from __future__ import annotations
@@ -87,10 +89,10 @@ def load_model(ref: Any, *, device: Any = None, store: Any = None,
     """Resolve a model reference (or several, one per plane) into `LoadedModel` objects.
 
     ``ref``: a `LoadedModel`, a checkpoint file, a folder with ``best.pt``/``last.pt``/one
-    checkpoint, an MLflow run id (32 hex digits), or a list / comma-separated string of
-    those. ``store`` (a path or `Store`): the training store, for checkpoints that do not
-    carry its spacing, margin and fingerprint themselves (an MLflow run names its store in
-    the ``store`` tag). ``workdir``: the embedded MLflow server's folder, used for run ids
+    checkpoint, an export bundle folder, ``models:/NAME@ALIAS`` (or ``/VERSION``), an MLflow
+    run id (32 hex digits), or a list / comma-separated string of those. ``store`` (a path
+    or `Store`): the training store, for checkpoints that do not carry its spacing, margin
+    and fingerprint themselves (an MLflow run names its store in the ``store`` tag). ``workdir``: the embedded MLflow server's folder, used for run ids
     when ``$MLFLOW_TRACKING_URI`` is unset. Models of different spacing or margin cannot be
     fused: `UserError`.
     """
@@ -115,14 +117,34 @@ def load_model(ref: Any, *, device: Any = None, store: Any = None,
 
 
 def _load_one(ref: Any, device: Any, store: Any, workdir: Any) -> LoadedModel:
+    from vfsearch import bundle
+
     text = str(ref)
+    if text.startswith("models:/"):
+        return _load_registered(text, device, workdir)
     path = Path(text).expanduser()
+    if path.is_dir() and bundle.is_bundle(path):
+        return bundle.load_bundle(path, device=device)
     if path.exists():
         return load_checkpoint(_checkpoint_in(path), device=device, store=store)
     if RUN_ID.match(text):
         return _load_run(text, device, store, workdir)
-    raise UserError(f"--model: {text}: neither a checkpoint file, a folder holding one, nor an "
-                    f"MLflow run id (32 hex digits)")
+    raise UserError(f"--model: {text}: neither a checkpoint file, a folder holding one, an "
+                    f"export bundle, models:/NAME@ALIAS nor an MLflow run id (32 hex digits)")
+
+
+def _load_registered(uri: str, device: Any, workdir: Any) -> LoadedModel:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: download the registered model
+    (a `vfsearch export`) and load the bundle it carries."""
+    from vfsearch import bundle, tracking
+    from vfsearch.pyfunc import download_bundle
+
+    if not re.match(r"^models:/[^/@]+(@[^/@]+|/\d+)$", uri):
+        raise UserError(f"--model: {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    folder = download_bundle(uri, tracking.tracking_uri(workdir))
+    loaded = bundle.load_bundle(folder, device=device)
+    loaded.source = uri
+    return loaded
 
 
 def _checkpoint_in(path: Path) -> Path:
@@ -182,7 +204,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = None, store: Any =
         raise UserError(f"{p}: checkpoint lacks the training store's {', '.join(missing)} "
                         f"(needed to preprocess a new scan like the training data); "
                         f"pass --store with the training store")
-    model = build_model(config.model, config.data.seq_len)
+    # trained weights follow: a pretrained-encoder file named in the config is not needed
+    model = build_model(config.model, config.data.seq_len, load_weights=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -284,6 +307,44 @@ def crop_slice_scores(lm: LoadedModel, image_hu: np.ndarray, *, batch_size: int 
                                      min_size=lm.config.data.patch_size)
 
 
+def crop_attention(lm: LoadedModel, image_hu: np.ndarray, index: int
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Probability and attention-gate coefficients of one slice of a canonical crop.
+
+    ``image_hu`` ``(z, y, x)`` HU; ``index``: the slice along the model's plane (the centre
+    of its window, windows and padding exactly as `fusion.infer_slices`). Returns the slice's
+    probability ``(H, W)`` and one coefficient map ``(H, W)`` in [0, 1] per gate level
+    (finest first), each brought back to the slice's voxels (nearest upsampling of the
+    coarse level, padding cut off); an empty list for a model without gates. ``(H, W)`` are
+    the two remaining axes in their order (sagittal: ``(z, y)``).
+    """
+    import torch
+
+    from vfsearch.data.windows import PLANE_AXIS, normalise, normalised_floor
+
+    axis = PLANE_AXIS[lm.plane]
+    slices = fusion.volume_to_slices(normalise(image_hu, lm.fingerprint), axis)
+    n, h, w = slices.shape
+    if not 0 <= index < n:
+        raise ValueError(f"slice {index} outside 0..{n - 1}")
+    multiple = 2 ** lm.config.model.depth
+    ph = fusion.padded_size(h, multiple, lm.config.data.patch_size)
+    pw = fusion.padded_size(w, multiple, lm.config.data.patch_size)
+    window = fusion.all_windows(n, lm.seq_len, [index])[0]  # (T,)
+    padded, inner = fusion.pad_slices(np.asarray(slices[window], np.float32), ph, pw,
+                                      normalised_floor(lm.fingerprint))
+    dev = fusion._model_device(lm.model)
+    with torch.inference_mode():
+        out = lm.model(torch.from_numpy(padded)[None].to(dev))  # (1, T, H, W)
+    prob = fusion._centre_probs(out, lm.seq_len // 2)[0][inner]
+    maps = []
+    for alpha in (out.get("attention") or []) if isinstance(out, dict) else []:
+        a = alpha[0, 0].float().cpu().numpy()  # (H / 2**l, W / 2**l)
+        fy, fx = ph // a.shape[0], pw // a.shape[1]
+        maps.append(np.ascontiguousarray(np.repeat(np.repeat(a, fy, 0), fx, 1)[inner]))
+    return np.ascontiguousarray(prob), maps
+
+
 def to_ct_grid(array: np.ndarray, crop_geometry: Geometry, ct_geometry: Geometry,
                ct_shape: Sequence[int], *, nearest: bool = False
                ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray] | None:
@@ -382,6 +443,102 @@ def _labels_in_ct(path: str, label_scheme: str, ct_geometry: Geometry,
 
 
 # -- the command ----------------------------------------------------------------------------------
+@dataclass
+class CasePrediction:
+    """The fused prediction of one CT, in memory (what `predict` writes, and what the
+    pictures of `vfsearch.visualize` need besides).
+
+    ``prob`` float32 0..1 and ``mask`` uint8 0/1 ``(z, y, x)`` on the CT's own grid
+    (``ct_geometry``, ``ct_shape``); ``labels`` uint8 VerSe ids on the same grid (the label
+    map, or box masks for a bounding-box CSV); ``rows`` the per-vertebra summary;
+    ``prepared`` the canonical, resampled crops the models saw and ``crop_probs`` each crop's
+    probability ``(z, y, x)`` in its crop grid (by VerSe id).
+    """
+
+    models: list[LoadedModel]
+    prob: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+    ct_geometry: Geometry
+    ct_shape: tuple[int, int, int]
+    threshold: float
+    combine: str
+    rows: list[dict[str, Any]]
+    prepared: Any  # vfsearch.data.ingest.PreparedCase
+    crop_probs: dict[int, np.ndarray]
+    timings: dict[str, float]
+
+
+def _check_options(threshold: float | None, combine: str) -> None:
+    if combine not in fusion.COMBINE_METHODS:
+        raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
+                        f"got {combine!r}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise UserError(f"--threshold: must be between 0 and 1, got {threshold}")
+
+
+def predict_case(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike, *,
+                 label_scheme: str = "verse", threshold: float | None = None,
+                 combine: str = "mean", device: Any = None, batch_size: int = 16,
+                 reuse: bool = True, store: Any = None,
+                 workdir: str | os.PathLike = "mlruns") -> CasePrediction:
+    """Predict the fracture map of one CT in memory (arguments as `predict`, without ``out``).
+
+    Returns a `CasePrediction`; nothing is written.
+    """
+    from vfsearch.data.ingest import CaseSpec, Params, prepare_case
+
+    _check_options(threshold, combine)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    models = load_model(model_ref, device=device, store=store, workdir=workdir)
+    t_used = threshold if threshold is not None else (models[0].threshold or DEFAULT_THRESHOLD)
+    lm = models[0]
+    case_id = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ct).name) or "case"
+    params = Params(tuple(lm.spacing), float(lm.margin_mm), label_scheme, lm.plane)
+    t1 = time.perf_counter()
+    timings["load_model"] = t1 - t0
+    prepared = prepare_case(CaseSpec(case_id, str(ct), str(vertebrae)), params)
+    ct_geometry = Geometry.from_dict(prepared.attrs["ct_geometry"])
+    ct_shape = tuple(int(v) for v in prepared.attrs["ct_shape"])
+    timings["read_preprocess"] = time.perf_counter() - t1
+
+    maps: list[CropMap] = []
+    crop_probs: dict[int, np.ndarray] = {}
+    for crop in prepared.crops:
+        prob = crop_probability(models, crop.arrays["image"], batch_size=batch_size,
+                                reuse=reuse, timings=timings)
+        crop_probs[crop.vid] = prob
+        t2 = time.perf_counter()
+        mapped = to_ct_grid(prob, Geometry.from_dict(crop.attrs["geometry"]), ct_geometry,
+                            ct_shape)
+        if mapped is not None:
+            maps.append(CropMap(crop.vid, *mapped))
+        timings["resample"] = timings.get("resample", 0.0) + time.perf_counter() - t2
+    t3 = time.perf_counter()
+    prob_full = np.zeros(ct_shape, np.float32)
+    mask_full = np.zeros(ct_shape, np.uint8)
+    labels_full = _labels_in_ct(str(vertebrae), label_scheme, ct_geometry, ct_shape,
+                                prepared.crops)
+    rows: list[dict[str, Any]] = []
+    if maps:
+        box = union_box(maps)
+        acc = combine_maps(maps, box, combine, t_used)
+        region = tuple(slice(a, b) for a, b in zip(*box))
+        prob_roi = acc.result()
+        mask_roi = acc.mask(t_used)
+        prob_full[region] = prob_roi
+        mask_full[region] = mask_roi
+        labels = labels_full[region]
+        cells = fusion.nearest_label(labels, ct_geometry.spacing[::-1])
+        rows = vertebra_summary(prob_roi, mask_roi, labels, cells, [m.vid for m in maps],
+                                float(np.prod(ct_geometry.spacing)))
+    timings["fusion"] = time.perf_counter() - t3
+    return CasePrediction(models, prob_full, mask_full, labels_full, ct_geometry,
+                          ct_shape, float(t_used), combine, rows, prepared, crop_probs,
+                          timings)
+
+
 def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
             out: str | os.PathLike, *, label_scheme: str = "verse",
             threshold: float | None = None, combine: str = "mean", device: Any = None,
@@ -402,71 +559,30 @@ def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
     summary dict (files, threshold, per-vertebra rows, seconds per stage).
     """
     from vfsearch.data import io
-    from vfsearch.data.ingest import CaseSpec, Params, prepare_case
 
-    if combine not in fusion.COMBINE_METHODS:
-        raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
-                        f"got {combine!r}")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise UserError(f"--threshold: must be between 0 and 1, got {threshold}")
+    _check_options(threshold, combine)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder")
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    models = load_model(model_ref, device=device, store=store, workdir=workdir)
-    t_used = threshold if threshold is not None else (models[0].threshold or DEFAULT_THRESHOLD)
-    lm = models[0]
-    case_id = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ct).name) or "case"
-    params = Params(tuple(lm.spacing), float(lm.margin_mm), label_scheme, lm.plane)
-    t1 = time.perf_counter()
-    timings["load_model"] = t1 - t0
-    prepared = prepare_case(CaseSpec(case_id, str(ct), str(vertebrae)), params)
-    ct_geometry = Geometry.from_dict(prepared.attrs["ct_geometry"])
-    ct_shape = tuple(int(v) for v in prepared.attrs["ct_shape"])
-    timings["read_preprocess"] = time.perf_counter() - t1
-
-    maps: list[CropMap] = []
-    for crop in prepared.crops:
-        prob = crop_probability(models, crop.arrays["image"], batch_size=batch_size,
-                                reuse=reuse, timings=timings)
-        t2 = time.perf_counter()
-        mapped = to_ct_grid(prob, Geometry.from_dict(crop.attrs["geometry"]), ct_geometry,
-                            ct_shape)
-        if mapped is not None:
-            maps.append(CropMap(crop.vid, *mapped))
-        timings["resample"] = timings.get("resample", 0.0) + time.perf_counter() - t2
-    t3 = time.perf_counter()
-    prob_full = np.zeros(ct_shape, np.float32)
-    mask_full = np.zeros(ct_shape, np.uint8)
-    rows: list[dict[str, Any]] = []
-    if maps:
-        box = union_box(maps)
-        acc = combine_maps(maps, box, combine, t_used)
-        region = tuple(slice(a, b) for a, b in zip(*box))
-        prob_roi = acc.result()
-        mask_roi = acc.mask(t_used)
-        prob_full[region] = prob_roi
-        mask_full[region] = mask_roi
-        labels = _labels_in_ct(str(vertebrae), label_scheme, ct_geometry, ct_shape,
-                               prepared.crops)[region]
-        cells = fusion.nearest_label(labels, ct_geometry.spacing[::-1])
-        rows = vertebra_summary(prob_roi, mask_roi, labels, cells, [m.vid for m in maps],
-                                float(np.prod(ct_geometry.spacing)))
-    timings["fusion"] = time.perf_counter() - t3
+    case = predict_case(model_ref, ct, vertebrae, label_scheme=label_scheme,
+                        threshold=threshold, combine=combine, device=device,
+                        batch_size=batch_size, reuse=reuse, store=store, workdir=workdir)
+    timings = case.timings
     t4 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    prob_path = io.write_volume(out_dir / "fracture_prob.nii.gz", prob_full, ct_geometry)
-    mask_path = io.write_volume(out_dir / "fracture_mask.nii.gz", mask_full, ct_geometry)
-    report = {"ct": str(ct), "vertebrae_file": str(vertebrae), "model": [m.source for m in models],
-              "threshold": t_used, "combine": combine, "score": f"q{SCORE_QUANTILE:g} of the "
-              f"probability over the vertebra's voxels", "vertebrae": rows}
+    prob_path = io.write_volume(out_dir / "fracture_prob.nii.gz", case.prob, case.ct_geometry)
+    mask_path = io.write_volume(out_dir / "fracture_mask.nii.gz", case.mask, case.ct_geometry)
+    report = {"ct": str(ct), "vertebrae_file": str(vertebrae),
+              "model": [m.source for m in case.models], "threshold": case.threshold,
+              "combine": combine, "score": f"q{SCORE_QUANTILE:g} of the "
+              f"probability over the vertebra's voxels", "vertebrae": case.rows}
     json_path = _write_json(out_dir / "vertebrae.json", report)
     timings["write"] = time.perf_counter() - t4
     timings["total"] = time.perf_counter() - t0
-    return {"files": [str(prob_path), str(mask_path), str(json_path)], "threshold": t_used,
-            "combine": combine, "vertebrae": rows, "seconds": timings,
-            "ct_shape": list(ct_shape)}
+    return {"files": [str(prob_path), str(mask_path), str(json_path)],
+            "threshold": case.threshold, "combine": combine, "vertebrae": case.rows,
+            "seconds": timings, "ct_shape": list(case.ct_shape)}
 
 
 def _write_json(path: Path, data: Any) -> Path:
@@ -497,15 +613,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 __all__ = [
     "DEFAULT_THRESHOLD",
     "SCORE_QUANTILE",
+    "CasePrediction",
     "CropMap",
     "LoadedModel",
     "combine_maps",
+    "crop_attention",
     "crop_probability",
     "crop_slice_scores",
     "format_summary",
     "load_checkpoint",
     "load_model",
     "predict",
+    "predict_case",
     "to_ct_grid",
     "union_box",
     "vertebra_summary",
