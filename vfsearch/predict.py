@@ -92,7 +92,8 @@ def load_model(ref: Any, *, device: Any = None, store: Any = None,
     checkpoint, an export bundle folder, ``models:/NAME@ALIAS`` (or ``/VERSION``), an MLflow
     run id (32 hex digits), or a list / comma-separated string of those. ``store`` (a path
     or `Store`): the training store, for checkpoints that do not carry its spacing, margin
-    and fingerprint themselves (an MLflow run names its store in the ``store`` tag). ``workdir``: the embedded MLflow server's folder, used for run ids
+    and fingerprint themselves (an MLflow run names its store in the ``store`` tag).
+    ``workdir``: the embedded MLflow server's folder, used for run ids and ``models:/`` URIs
     when ``$MLFLOW_TRACKING_URI`` is unset. Models of different spacing or margin cannot be
     fused: `UserError`.
     """
