@@ -56,6 +56,9 @@ def synth(
     from vfsearch.data import synth as synth_mod
 
     with _errors():
+        if background is None and vertebrae is None and (fracture is not None
+                                                         or label_scheme != "verse"):
+            raise UserError("--fracture/--label-scheme: only with --background and --vertebrae")
         if background is not None or vertebrae is not None:
             result = synth_mod.synth_on_background(
                 background, vertebrae, out, fracture=fracture, seed=seed,
@@ -70,7 +73,9 @@ def synth(
 @app.command()
 def ingest(
     source: Annotated[Path, typer.Argument(help="A manifest CSV (case_id, ct, vertebrae, "
-                                           "fracture[, split]), a synth folder or a VerSe tree.")],
+                                           "fracture[, split, grades]), a synth folder or a "
+                                           "VerSe tree. `vertebrae` may name a label map or a "
+                                           "CSV of boxes vertebra,x0,y0,z0,x1,y1,z1.")],
     out: Annotated[Path, typer.Option("--out", help="Zarr store to create or extend.")],
     spacing: Annotated[str, typer.Option(help="Resampling spacing x,y,z in mm.")] = "1,1,1",
     margin: Annotated[float, typer.Option(help="Crop margin around each vertebra, mm.")] = 8.0,
@@ -80,6 +85,9 @@ def ingest(
         help="train,val,test fractions for cases without a split column.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the case-level split.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Cases ingested in parallel.")] = 1,
+    chunk_plane: Annotated[str, typer.Option(
+        help="Plane whose consecutive slices share chunks (the training plane): "
+        "sagittal, coronal or axial.")] = "sagittal",
 ) -> None:
     """Ingest CT + vertebra labels (+ fracture masks) into a Zarr store of vertebra crops.
 
@@ -93,8 +101,296 @@ def ingest(
         summary = ingest_mod.ingest(
             source, out, spacing=_parse_spacing(spacing, "--spacing"), margin_mm=margin,
             label_scheme=label_scheme, split=_parse_fractions(split), seed=seed,
-            workers=workers)
+            workers=workers, chunk_plane=chunk_plane)
     typer.echo(summary)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data and store.")] =
+    Path("demo_out"),
+    cases: Annotated[int, typer.Option(min=3, help="Synthetic cases.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the main job on embedded defaults: synthetic data, local Ray, local MLflow."""
+    from vfsearch.demo import run_demo
+
+    with _errors():
+        run_demo(workdir, cases=cases, seed=seed, echo=typer.echo)
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option("--store", help="Zarr store written by "
+                                        "`vfsearch ingest`.")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML config (nested sections or dotted keys).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set model.depth=3 (repeatable).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(
+        min=0, help="GPUs per worker (0: CPU with gloo; > 0: CUDA with NCCL and bf16).")] = 0.0,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Shortcut for --set train.epochs=E.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Run name; the same name continues that run from its last checkpoint.")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder: embedded MLflow server data and checkpoints.")] = Path("mlruns"),
+    storage: Annotated[Optional[str], typer.Option(
+        help="Checkpoint storage (a path or URI every node reaches; default "
+        "<workdir>/checkpoints).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "vfsearch",
+) -> None:
+    """Train one model with Ray Train (DDP), validating every epoch, tracked in MLflow.
+
+    Logs to $MLFLOW_TRACKING_URI when set, else to the embedded server of --workdir
+    (started once and reused; see `vfsearch ui`).
+    """
+    from vfsearch.config import load_config
+    from vfsearch.train import train as train_fn
+
+    with _errors():
+        overrides = list(set_ or [])
+        if epochs is not None:
+            overrides.append(f"train.epochs={epochs}")
+        cfg = load_config(str(config) if config else None, overrides)
+        summary = train_fn(store, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
+                           name=name, address=address, storage=storage, workdir=workdir,
+                           experiment=experiment, config_file=config, echo=typer.echo)
+    typer.echo(summary)
+
+
+@app.command()
+def ui(
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
+    port: Annotated[int, typer.Option(
+        help="Port for a server started now (0: $VFSEARCH_MLFLOW_PORT or a free one).")] = 0,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the embedded server.")] = False,
+) -> None:
+    """Start (or find) the embedded MLflow tracking server and print the URL to open."""
+    from vfsearch import tracking
+
+    with _errors():
+        if stop:
+            stopped = tracking.stop_server(workdir)
+            typer.echo(f"stopped the MLflow server of {workdir}" if stopped
+                       else f"no MLflow server running for {workdir}")
+            return
+        url = tracking.ui_url(workdir, port=port or None)
+    typer.echo(url)
+
+
+@app.command()
+def predict(
+    ct: Annotated[Path, typer.Argument(help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series "
+                                       "folder.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Checkpoint file or folder, or MLflow run id; comma-separated "
+        "models of different planes are averaged.")],
+    vertebrae: Annotated[Path, typer.Option(
+        "--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
+    label_scheme: Annotated[str, typer.Option(
+        help="Label ids of --vertebrae: verse or totalsegmentator.")] = "verse",
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Fracture probability threshold (default: the model's validation threshold, "
+        "else 0.5).")] = None,
+    combine: Annotated[str, typer.Option(
+        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
+    device: Annotated[Optional[str], typer.Option(
+        help="torch device (default: cuda if available, else cpu).")] = None,
+    store: Annotated[Optional[Path], typer.Option(
+        help="Training store, for a checkpoint that does not carry its spacing and "
+        "fingerprint.")] = None,
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder of the embedded MLflow server (for run ids).")] = Path("mlruns"),
+) -> None:
+    """Predict the fracture map of one CT: fracture_prob.nii.gz, fracture_mask.nii.gz and
+    vertebrae.json (score and fracture volume per vertebra) in --out, on the CT's own grid.
+    """
+    from vfsearch import predict as predict_mod
+
+    with _errors():
+        summary = predict_mod.predict(model, ct, vertebrae, out, label_scheme=label_scheme,
+                                      threshold=threshold, combine=combine, device=device,
+                                      store=store, workdir=workdir)
+    typer.echo(predict_mod.format_summary(summary))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(
+        "--model", help="Checkpoint file or folder, or MLflow run id (a segmenter or the "
+        "resnet18_classifier baseline).")],
+    store: Annotated[Path, typer.Option("--store", help="Zarr store written by "
+                                        "`vfsearch ingest`.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for metrics.json and per_vertebra.csv.")] = Path("evaluation"),
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Fixed threshold (default: chosen on the validation split).")] = None,
+    combine: Annotated[str, typer.Option(
+        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
+    hd95: Annotated[bool, typer.Option(
+        "--hd95", help="Also the 95% Hausdorff distance (mm) per fractured vertebra.")] = False,
+    device: Annotated[Optional[str], typer.Option(
+        help="torch device (default: cuda if available, else cpu).")] = None,
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder of the embedded MLflow server (run ids, logging).")] =
+    Path("mlruns"),
+) -> None:
+    """Fused 3D evaluation: per vertebra, per case and pooled Dice/IoU/precision/recall at
+    the original resolution, 2D slice figures, vertebra detection (PR-AUC with prevalence,
+    ROC-AUC, sensitivity, specificity) and bootstrap 95% intervals. Writes metrics.json and
+    per_vertebra.csv; logs to the MLflow run when --model is a run id.
+    """
+    from vfsearch import evaluate as evaluate_mod
+
+    with _errors():
+        report = evaluate_mod.evaluate(model, store, split=split, out=out, threshold=threshold,
+                                       combine=combine, hd95=hd95, device=device,
+                                       workdir=workdir, echo=typer.echo)
+    typer.echo(evaluate_mod.format_report(report))
+
+
+@app.command()
+def tune(
+    store: Annotated[Path, typer.Option("--store", help="Zarr store written by ingest.")],
+    space: Annotated[Path, typer.Option("--space", help="Search space YAML, e.g. "
+                                        "search_spaces/smoke.yaml (schema in the README).")],
+    num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial (all workers).")] = 0.0,
+    workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
+    max_concurrent: Annotated[Optional[int], typer.Option(
+        help="Cap on trials at once (default: what the cluster's resources allow).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Sweep name (default: <space>-s<seed>); reuse it with --resume.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep: "
+                                         "finished trials are kept, errored ones resumed.")] = False,
+    storage: Annotated[Optional[str], typer.Option(
+        help="Ray storage path or URI for checkpoints (default: mlruns/ray_results; on a "
+        "cluster use shared storage such as s3://...).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+    workdir: Annotated[Path, typer.Option(
+        help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
+) -> None:
+    """Search hyperparameters: Ray Tune + Optuna (TPE) + ASHA, one MLflow child run per trial.
+
+    Each trial trains one model with Ray Train and ends with the fused 3D validation Dice
+    (val_dice3d), which Optuna optimises; ASHA stops weak trials on the per-epoch Dice.
+    """
+    from vfsearch.tune import tune as run_tune
+
+    with _errors():
+        summary = run_tune(store, space, num_samples=num_samples, address=address,
+                           gpus_per_trial=gpus_per_trial, workers_per_trial=workers_per_trial,
+                           max_concurrent=max_concurrent, name=name, resume=resume,
+                           storage=storage, seed=seed, workdir=workdir, echo=typer.echo)
+    typer.echo(str(summary))
+
+
+@app.command()
+def visualize(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
+    ct: Annotated[Optional[Path], typer.Argument(
+        help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series folder (omit with --run only).")]
+    = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Checkpoint file or folder, or MLflow run id; comma-separated "
+        "models of different planes are averaged.")] = None,
+    vertebrae: Annotated[Optional[Path], typer.Option(
+        "--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV).")] = None,
+    fracture: Annotated[Optional[Path], typer.Option(
+        "--fracture", help="Ground-truth fracture mask on the CT's grid (drawn as a "
+        "contour).")] = None,
+    run: Annotated[Optional[str], typer.Option(
+        "--run", help="MLflow run id: its training curves; for a sweep's parent run also "
+        "Dice against budget and the parameter importances.")] = None,
+    label_scheme: Annotated[str, typer.Option(
+        help="Label ids of --vertebrae: verse or totalsegmentator.")] = "verse",
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Fracture probability threshold (default: the model's validation threshold, "
+        "else 0.5).")] = None,
+    combine: Annotated[str, typer.Option(
+        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
+    html: Annotated[bool, typer.Option(
+        "--html", help="Also an interactive, self-contained view_3d.html.")] = False,
+    log_to: Annotated[Optional[str], typer.Option(
+        "--log-to", help="Also log the case pictures on this MLflow run.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="torch device (default: cuda if available, else cpu).")] = None,
+    store: Annotated[Optional[Path], typer.Option(
+        help="Training store, for a checkpoint that does not carry its spacing and "
+        "fingerprint.")] = None,
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder of the embedded MLflow server (run ids).")] = Path("mlruns"),
+) -> None:
+    """Pictures of a model on one CT: heatmap overlays and attention-gate maps through each
+    vertebra with a predicted or true fracture (heatmap_*.png, attention_*.png), the spine
+    and fracture surfaces as STL/PLY for 3D Slicer and a 4-view rendering (render_3d.png);
+    with --run, training / sweep curves from MLflow.
+    """
+    from vfsearch import visualize as visualize_mod
+
+    with _errors():
+        summary = visualize_mod.visualize(
+            out, model=model, ct=ct, vertebrae=vertebrae, fracture=fracture, run=run,
+            label_scheme=label_scheme, threshold=threshold, combine=combine, device=device,
+            store=store, workdir=workdir, html=html, log_to=log_to)
+    typer.echo(visualize_mod.format_summary(summary))
+
+
+@app.command()
+def export(
+    sweep: Annotated[Optional[str], typer.Option(
+        "--sweep", help="Pick the best finished trial of this sweep.")] = None,
+    experiment: Annotated[Optional[str], typer.Option(
+        "--experiment", help="Pick the best finished run of this MLflow experiment.")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="Export this MLflow run id.")] =
+    None,
+    metric: Annotated[str, typer.Option(help="Metric that ranks runs and gates promotion.")] =
+    "val_dice3d",
+    mode: Annotated[str, typer.Option(help="max (higher is better) or min.")] = "max",
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "vfsearch-fracture",
+    alias: Annotated[str, typer.Option(help="Alias moved to the new version.")] = "champion",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Bundle folder: TorchScript (+ ONNX), config.json, MODEL_CARD.md.")] =
+    None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Move the alias even if the challenger does not beat the "
+        "champion.")] = False,
+    minimum: Annotated[Optional[float], typer.Option(
+        "--min", help="Also require the lower bound of the metric's 95% interval "
+        "(<metric>_ci_low, from vfsearch evaluate) to beat this value.")] = None,
+    store: Annotated[Optional[Path], typer.Option(
+        help="Training store, for a checkpoint that does not carry its spacing and "
+        "fingerprint.")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export ONNX (checked "
+                                       "with onnxruntime; skipped with a reason if it "
+                                       "fails).")] = True,
+    torch_export: Annotated[bool, typer.Option(
+        "--torch-export", help="Also write model.pt2, a torch.export program (slower to "
+        "produce; the successor of TorchScript).")] = False,
+    workdir: Annotated[Path, typer.Option(
+        help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
+) -> None:
+    """Promote the best trained model: register it in the MLflow Model Registry (pyfunc
+    flavour, signature, input example), point --alias at it if it beats the current
+    champion, and write a self-contained bundle to --out. Re-exporting a run is idempotent.
+    """
+    from vfsearch.export import export as export_fn
+
+    with _errors():
+        summary = export_fn(sweep=sweep, experiment=experiment, run=run, metric=metric,
+                            mode=mode, name=name, alias=alias, out=out, force=force,
+                            minimum=minimum, store=store, onnx=onnx,
+                            torch_export=torch_export, workdir=workdir, echo=typer.echo)
+    typer.echo(str(summary))
 
 
 def _parse_spacing(text: str | None, option: str) -> tuple[float, float, float] | None:

@@ -115,6 +115,8 @@ class TrainConfig:
     val_threshold: float = 0.5  # probability above which a validation pixel is positive
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
     keep_checkpoints: int = 2  # most recent epoch checkpoints kept (each holds the best model)
+    final_eval: bool = True  # end with the fused 3D validation (val_dice3d), the sweep metric
+    log_pictures: bool = True  # log heatmaps/attention/3D pictures of the best model to MLflow
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,208 @@
+"""`vfsearch tune` end to end: a real local Ray, a real MLflow server, a real phantom store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vfsearch.cli import app
+from vfsearch.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG, max_concurrent_trials
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY = """
+version: 1
+metric: val_dice3d
+mode: max
+epochs: {epochs}
+scheduler: {{grace_period: {grace}, reduction_factor: 2, metric: val_dice}}
+fixed:
+  data.patch_size: 48
+  data.seq_len: 3
+  data.augment: 0.0
+  model.base_channels: 4
+  model.depth: 3
+  train.batch_size: 8
+  train.max_windows_per_epoch: 48
+  train.warmup_epochs: 0
+  train.lr: 0.01
+  train.log_pictures: false
+params:
+{params}
+"""
+
+
+def _space(tmp_path: Path, *, epochs: int, grace: int, params: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(TINY.format(epochs=epochs, grace=grace, params=params))
+    return path
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _children(uri: str, sweep: str):
+    client = _client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    parent = parents[0]
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, parent, children
+
+
+def test_max_concurrent_follows_resources():
+    assert max_concurrent_trials({"CPU": 2.0}, workers=1, cpus_per_worker=1.0,
+                                 gpus_per_worker=0) == 1
+    assert max_concurrent_trials({"CPU": 16.0, "GPU": 4.0}, workers=2, cpus_per_worker=1.0,
+                                 gpus_per_worker=1.0) == 2
+    assert max_concurrent_trials({"CPU": 0.5}, workers=1, cpus_per_worker=1.0,
+                                 gpus_per_worker=0) == 1
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  model.depth: {type: int, low: 5, high: 3}\n")
+    code = ("import sys\nfrom vfsearch.cli import main\n"
+            f"sys.argv = ['vfsearch', 'tune', '--store', {str(tmp_path)!r}, '--space', {str(bad)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n"
+            "    print('ray' in sys.modules, e.code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "2"], out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and "params.model.depth: empty range" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
+    """3 trials, 2 epochs, two trials at once (so two children log side by side)."""
+    from vfsearch.tune import tune
+
+    tmp = tmp_path_factory.mktemp("smoke_sweep")
+    space = _space(tmp, epochs=2, grace=2, params="  model.temporal: "
+                   "{type: categorical, choices: [lstm, none]}\n"
+                   "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}")
+    summary = tune(small_store, space, num_samples=3, name="smoke", seed=0, workdir=tmp,
+                   storage=tmp / "ray", mlflow_uri=mlflow_server, max_concurrent=2,
+                   cpus_per_worker=0.5)
+    return summary, tmp
+
+
+def test_smoke_sweep_logs_parent_and_children(smoke_sweep, mlflow_server):
+    summary, workdir = smoke_sweep
+    client, parent, children = _children(mlflow_server, "smoke")
+    assert len(children) == 3
+    assert len(summary.table) == 3 and summary.best is not None
+    assert parent.data.tags["best_trial"] == summary.best["trial_id"]
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    for child in children:
+        assert child.data.params["model.temporal"] in ("lstm", "none")
+        assert 0.5 <= float(child.data.params["loss.dice_weight"]) <= 1.5
+        assert child.data.params["model.base_channels"] == "4"  # fixed keys reach the run
+        history = client.get_metric_history(child.info.run_id, "val_dice")
+        assert sorted(m.step for m in history) == [1, 2]  # every epoch, none lost or doubled
+        assert 0.0 <= child.data.metrics["val_dice3d"] <= 1.0
+        assert child.data.tags[STATUS_TAG] == "completed"
+    # Optuna's study persisted beside MLflow, with every trial told its fused 3D Dice
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    assert sorted(round(t.value, 6) for t in study.trials) == sorted(
+        round(c.data.metrics["val_dice3d"], 6) for c in children)
+    assert "export the best: vfsearch export --sweep smoke" in str(summary)
+
+
+def test_concurrent_trials_log_without_loss(smoke_sweep, mlflow_server):
+    summary, workdir = smoke_sweep
+    _, _, children = _children(mlflow_server, "smoke")
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials overlapped"
+    log = "".join(p.read_text(errors="replace") for p in Path(workdir).rglob("*.log"))
+    assert "database is locked" not in log
+
+
+def test_asha_stops_a_bad_trial_and_the_next_still_runs(tmp_path, small_store, mlflow_server,
+                                                       ray_local):
+    """A trial that can never predict a fracture is stopped at the first rung; the trial
+    after it still gets the CPUs (Ray once leaked stopped Train V2 trials' resources)."""
+    from vfsearch.tune import tune
+
+    space = _space(tmp_path, epochs=3, grace=1, params=(
+        "  loss.pos_weight: {type: float, low: 0.001, high: 50.0, log: true}\n"
+        "  loss.dice_weight: {type: float, low: 0.0, high: 1.0}"))
+    good = {"loss.pos_weight": 50.0, "loss.dice_weight": 1.0}
+    bad = {"loss.pos_weight": 0.001, "loss.dice_weight": 0.0}  # pushed to predict nothing
+    summary = tune(small_store, space, num_samples=3, name="asha", workdir=tmp_path,
+                   storage=tmp_path / "ray", mlflow_uri=mlflow_server, max_concurrent=1,
+                   initial_points=[good, bad, good])
+    client, _, children = _children(mlflow_server, "asha")
+    assert len(children) == 3
+    by_weight = sorted(children, key=lambda c: float(c.data.params["loss.pos_weight"]))
+    stopped = by_weight[0]
+    assert stopped.data.tags[STATUS_TAG] == "stopped early"
+    assert len(client.get_metric_history(stopped.info.run_id, "val_dice")) < 3
+    finished = [c for c in children if c.data.tags[STATUS_TAG] == "completed"]
+    assert len(finished) == 2
+    assert all(len(client.get_metric_history(c.info.run_id, "val_dice")) == 3 for c in finished)
+    assert {r["status"] for r in summary.table} == {"completed", "stopped early"}
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, small_store, mlflow_server,
+                                                      ray_local):
+    space = _space(tmp_path, epochs=2, grace=2, params=(
+        "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
+    args = ["tune", "--store", str(small_store), "--space", str(space), "--num-samples", "3",
+            "--name", "interrupted", "--workdir", str(tmp_path), "--storage",
+            str(tmp_path / "ray"), "--max-concurrent", "1"]
+    # the sweep's driver joins the session's Ray, as a user's would join a running cluster
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "vfsearch", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    client = _client(mlflow_server)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name(EXPERIMENT)
+            done = client.search_runs(
+                [exp.experiment_id], f"tags.`{STATUS_TAG}` = 'completed'") if exp else []
+            done = [r for r in done if r.info.run_name.startswith("interrupted-")]
+            if done:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(2)
+        else:
+            pytest.fail("no trial completed in time")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, _, before = _children(mlflow_server, "interrupted")
+    assert 1 <= len(before) < 3 + 1
+    first = {r.info.run_id for r in done}
+
+    result = CliRunner().invoke(app, [*args, "--resume"], env={
+        "MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.exit_code == 0, result.output
+    client, _, children = _children(mlflow_server, "interrupted")
+    assert len(children) == 3  # one child per trial, none created twice
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == 3
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_dice")]
+        assert sorted(steps) == [1, 2], (child.info.run_name, steps)
+        if child.info.run_id in first:  # finished before the interrupt: not trained again
+            assert "vfsearch.resumed_from_epoch" not in child.data.tags
+            assert child.data.tags[STATUS_TAG] == "completed"

@@ -1,0 +1,359 @@
+"""`vfsearch tune`: Ray Tune over trial drivers, each fitting one Ray Train `TorchTrainer`.
+
+Three thin levels (DESIGN.md): ``Tuner(_trial_driver)`` -> `_trial_driver` builds and fits a
+`TorchTrainer` through `vfsearch.train.run_training` (``RunConfig.name`` derived from the
+Tune trial id, ``TuneReportCallback`` forwarding rank 0's per-epoch reports) -> the worker
+loop. `OptunaSearch` (TPE, seeded, define-by-run compiled from the YAML space) proposes
+configs and is told the fused 3D validation Dice of each finished trial; ASHA stops
+trials on the per-epoch validation Dice.
+
+MLflow: one parent run per sweep (tag ``vfsearch.sweep``), one nested child run per trial
+(tag ``vfsearch.run`` = the trial's Ray Train run name, so a resumed trial finds and reuses
+its child run instead of creating a second one). A Tune callback tags each child with its
+status (completed, stopped early, failed). The Optuna study lives in an SQLite RDB beside
+the MLflow data (``<workdir>/optuna.db``) so ``optuna-dashboard`` can open it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfsearch.errors import UserError
+from vfsearch.search_space import SearchSpace, load_space
+
+SWEEP_TAG = "vfsearch.sweep"
+TRIAL_TAG = "vfsearch.trial_id"
+STATUS_TAG = "vfsearch.status"
+EXPERIMENT = "vfsearch-sweeps"
+DRIVER_CPUS = 0.05  # the trial driver only waits on its TorchTrainer
+
+
+@dataclass
+class SweepContext:
+    """Plain data every trial driver needs (passed with `tune.with_parameters`)."""
+
+    store: str
+    space: SearchSpace
+    sweep: str
+    storage: str
+    mlflow_uri: str | None
+    experiment: str
+    parent_run_id: str | None
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    """Ray Train run name of a trial: stable across restores (no timestamps)."""
+    return f"{sweep}-{trial_id}"
+
+
+def _trial_driver(config: dict[str, Any], ctx: SweepContext) -> None:
+    """One Tune trial: fit one `TorchTrainer` whose rank-0 reports reach Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vfsearch.train import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = ctx.space.config_for(config)
+    cfg = cfg.__class__.from_flat({**cfg.flatten(), "train.epochs": ctx.space.epochs})
+    run_training(ctx.store, cfg, name=trial_run_name(ctx.sweep, trial_id), storage=ctx.storage,
+                 workers=ctx.workers, gpus_per_worker=ctx.gpus_per_worker,
+                 cpus_per_worker=ctx.cpus_per_worker, mlflow_uri=ctx.mlflow_uri,
+                 experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
+                 callbacks=[TuneReportCallback()], progress=False,
+                 extra_tags={SWEEP_TAG + ".trial": ctx.sweep, TRIAL_TAG: trial_id,
+                             STATUS_TAG: "running"})
+
+
+def _status_callback(ctx: SweepContext):
+    """A Tune callback that tags each trial's child run with how the trial ended."""
+    from ray.tune import Callback
+
+    from vfsearch.train import RUN_TAG
+
+    class TrialStatus(Callback):
+        def _tag(self, trial, status: str) -> None:
+            if not ctx.mlflow_uri:
+                return
+            from vfsearch.tracking import Tracker
+
+            tracker = Tracker(ctx.mlflow_uri)
+            run_id = tracker.find_run(ctx.experiment, RUN_TAG,
+                                      trial_run_name(ctx.sweep, trial.trial_id))
+            if run_id is None:  # stopped before its first step: nothing was logged
+                return
+            tracker.set_tags(run_id, {STATUS_TAG: status})
+            # a trial stopped by ASHA or killed by an error cannot end its own run
+            if status != "completed" and \
+                    tracker.client.get_run(run_id).info.status == "RUNNING":
+                tracker.end_run(run_id, "KILLED" if status == "stopped early" else "FAILED")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            done = last.get(ctx.space.metric) is not None
+            self._tag(trial, "completed" if done else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tag(trial, "failed")
+
+    return TrialStatus()
+
+
+def max_concurrent_trials(resources: dict[str, float], *, workers: int, cpus_per_worker: float,
+                          gpus_per_worker: float) -> int:
+    """How many trials fit the cluster at once: each needs its workers plus a tiny driver."""
+    cpus = resources.get("CPU", 0.0)
+    per_trial_cpu = workers * cpus_per_worker + DRIVER_CPUS
+    fit = math.floor(cpus / per_trial_cpu + 1e-9) if per_trial_cpu > 0 else 1
+    if gpus_per_worker > 0:
+        fit = min(fit, math.floor(resources.get("GPU", 0.0) / (workers * gpus_per_worker) + 1e-9))
+    return max(1, fit)
+
+
+@dataclass
+class SweepSummary:
+    sweep: str
+    table: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    parent_run_id: str | None = None
+    runs_url: str | None = None
+    export_command: str | None = None
+    importances: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"sweep {self.sweep}: {len(self.table)} trial(s)"]
+        if self.table:
+            keys = [k for k in self.table[0] if k not in ("trial_id",)]
+            head = f"{'rank':>4}  {'trial':<14}" + "".join(f"{k:>14}" for k in keys)
+            lines.append(head)
+            for i, row in enumerate(self.table, 1):
+                cells = "".join(f"{_fmt(row.get(k)):>14}" for k in keys)
+                lines.append(f"{i:>4}  {row['trial_id']:<14}{cells}")
+        if self.importances:
+            lines.append("parameter importances: " + ", ".join(
+                f"{k}={v:.2f}" for k, v in self.importances.items()))
+        if self.runs_url:
+            lines.append(f"MLflow runs: {self.runs_url}")
+        if self.export_command:
+            lines.append(f"export the best: {self.export_command}")
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "-" if value is None else str(value)[:13]
+
+
+def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
+         address: str | None = None, gpus_per_trial: float = 0.0, workers_per_trial: int = 1,
+         max_concurrent: int | None = None, name: str | None = None, resume: bool = False,
+         storage: str | Path | None = None, seed: int = 0, workdir: str | Path = "mlruns",
+         mlflow_uri: str | None = None, cpus_per_worker: float = 1.0,
+         initial_points: list[dict[str, Any]] | None = None,
+         echo: Callable[[str], Any] = print) -> SweepSummary:
+    """Run (or ``resume``) a sweep; returns the ranked trials and where to look.
+
+    ``initial_points``: configs (sampled keys only) to evaluate first, e.g. known-good
+    settings to warm-start TPE; they go to Optuna as points to evaluate.
+    """
+    from vfsearch.data.store import Store
+
+    space = load_space(space_path)  # a bad space fails here, before Ray starts
+    if num_samples < 1:
+        raise UserError(f"--num-samples: must be >= 1, got {num_samples}")
+    if workers_per_trial < 1:
+        raise UserError(f"--workers-per-trial: must be >= 1, got {workers_per_trial}")
+    if gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial: must be >= 0, got {gpus_per_trial}")
+    fingerprint = Store(store).fingerprint  # a bad store fails here too
+    sweep = name or f"{Path(space_path).stem}-s{seed}"
+    if not sweep or "/" in sweep or sweep.startswith("."):
+        raise UserError(f"--name: {sweep!r} is not a valid sweep name")
+    workdir = Path(workdir)
+    storage = str(storage) if storage and "://" in str(storage) else \
+        str(Path(storage or workdir / "ray_results").resolve())
+    sweep_dir = f"{storage.rstrip('/')}/{sweep}"
+
+    import ray
+    from ray import tune as rtune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from vfsearch import tracking
+    from vfsearch.train import connect_ray, git_commit
+
+    exists = rtune.Tuner.can_restore(sweep_dir)
+    if resume and not exists:
+        raise UserError(f"--resume: no sweep {sweep!r} under {storage} to resume")
+    if exists and not resume:
+        raise UserError(f"--name: sweep {sweep!r} already exists under {storage}; "
+                        f"pass --resume to continue it or choose another --name")
+
+    mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
+    tracker = tracking.Tracker(mlflow_uri)
+    parent = tracker.find_run(EXPERIMENT, SWEEP_TAG, sweep) if resume else None
+    gpus_per_worker = gpus_per_trial / workers_per_trial
+    connect_ray(address, num_cpus_needed=workers_per_trial + DRIVER_CPUS,
+                num_gpus_needed=gpus_per_trial)
+    cluster = ray.cluster_resources()
+    auto = max_concurrent_trials(cluster, workers=workers_per_trial,
+                                 cpus_per_worker=cpus_per_worker,
+                                 gpus_per_worker=gpus_per_worker)
+    concurrent = min(max_concurrent or auto, auto)
+    if parent is None:
+        parent = tracker.start_run(EXPERIMENT, sweep, tags={
+            SWEEP_TAG: sweep, "space_file": str(space_path), "seed": seed,
+            "git_commit": git_commit(), "store": str(store),
+            "dataset_fingerprint": json.dumps(fingerprint, sort_keys=True)[:5000],
+            "ray.version": ray.__version__, "ray.nodes": len(ray.nodes()),
+            "ray.cluster_resources": json.dumps(cluster, sort_keys=True)})
+        tracker.log_params(parent, {"sweep.num_samples": num_samples, "sweep.seed": seed,
+                                    "sweep.space": Path(space_path).name,
+                                    "sweep.workers_per_trial": workers_per_trial,
+                                    "sweep.gpus_per_trial": gpus_per_trial,
+                                    "sweep.max_concurrent": concurrent,
+                                    "sweep.epochs": space.epochs})
+        tracker.log_artifact(parent, space_path, "search_space")
+    else:
+        tracker.resume_run(parent)
+    runs_url = tracking.runs_url(mlflow_uri, tracker.experiment_of(parent))
+    echo(f"sweep {sweep}: {num_samples} trial(s), up to {concurrent} at once; "
+         f"MLflow {runs_url}")
+
+    ctx = SweepContext(store=str(Path(store).resolve()), space=space, sweep=sweep,
+                       storage=str(Path(storage) / sweep / "trials") if "://" not in storage
+                       else f"{sweep_dir}/trials",
+                       mlflow_uri=mlflow_uri, experiment=EXPERIMENT, parent_run_id=parent,
+                       workers=workers_per_trial, gpus_per_worker=gpus_per_worker,
+                       cpus_per_worker=cpus_per_worker)
+    trainable = rtune.with_resources(rtune.with_parameters(_trial_driver, ctx=ctx),
+                                     {"cpu": DRIVER_CPUS})
+    optuna_db = study_storage(workdir)
+    try:
+        if resume:
+            tuner = rtune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+        else:
+            import optuna
+
+            searcher = OptunaSearch(space.define_by_run, metric=space.metric, mode=space.mode,
+                                    sampler=optuna.samplers.TPESampler(seed=seed),
+                                    points_to_evaluate=initial_points or None,
+                                    study_name=sweep,
+                                    storage=optuna.storages.RDBStorage(optuna_db))
+            scheduler = ASHAScheduler(time_attr="epoch", metric=space.scheduler_metric,
+                                      mode=space.mode, max_t=space.epochs,
+                                      grace_period=space.grace_period,
+                                      reduction_factor=space.reduction_factor)
+            tuner = rtune.Tuner(
+                trainable,
+                tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                             num_samples=num_samples,
+                                             max_concurrent_trials=concurrent),
+                run_config=rtune.RunConfig(name=sweep, storage_path=storage,
+                                           callbacks=[_status_callback(ctx)], verbose=1),
+            )
+        grid = tuner.fit()
+    except BaseException:
+        tracker.end_run(parent, "KILLED")
+        raise
+    summary = _summarise(grid, space, sweep, tracker, parent, optuna_db)
+    summary.runs_url = runs_url
+    return summary
+
+
+def study_storage(workdir: str | Path) -> str:
+    """SQLite URL of the Optuna studies (beside MLflow's data, readable by optuna-dashboard)."""
+    path = Path(workdir).resolve() / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
+               optuna_db: str) -> SweepSummary:
+    from vfsearch.train import RUN_TAG
+
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        rows.append({"trial_id": str(trial_id), space.metric: m.get(space.metric),
+                     "val_dice": m.get("best_val_dice", m.get("val_dice")),
+                     "epoch": m.get("epoch"),
+                     "status": "failed" if result.error else
+                     ("completed" if m.get(space.metric) is not None else "stopped early")})
+    sign = -1 if space.mode == "max" else 1
+
+    def key(row: dict[str, Any]) -> tuple:
+        v = row[space.metric]
+        ok = isinstance(v, (int, float)) and not math.isnan(v)
+        return (0 if ok else 1, sign * v if ok else 0.0)
+
+    rows.sort(key=key)
+    summary = SweepSummary(sweep=sweep, table=rows, parent_run_id=parent)
+    best = rows[0] if rows and key(rows[0])[0] == 0 else None
+    summary.best = best
+    tags: dict[str, Any] = {"vfsearch.finished_trials": sum(r["status"] == "completed"
+                                                            for r in rows)}
+    if best is not None:
+        best_run = tracker.find_run(EXPERIMENT, RUN_TAG, trial_run_name(sweep, best["trial_id"]))
+        tags.update({"best_trial": best["trial_id"], "best_run_id": best_run or "",
+                     f"best_{space.metric}": best[space.metric]})
+        tracker.log_metrics(parent, {f"best_{space.metric}": best[space.metric]}, 0)
+        summary.export_command = f"vfsearch export --sweep {sweep} --metric {space.metric}"
+    tracker.set_tags(parent, tags)
+    summary.importances = _importances(sweep, optuna_db, tracker, parent)
+    tracker.end_run(parent, "FINISHED")
+    return summary
+
+
+def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, float]:
+    """Optuna's parameter importances, logged on the parent as JSON and a bar plot."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=sweep, storage=optuna_db)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(done) < 2:
+            return {}
+        importances = {k: float(v) for k, v in
+                       optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError, KeyError):  # too few distinct values to rank
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "param_importances.json")
+        path.write_text(json.dumps(importances, indent=2))
+        tracker.log_artifact(parent, path, "importances")
+        png = Path(tmp, "param_importances.png")
+        _plot_importances(importances, png)
+        tracker.log_artifact(parent, png, "importances")
+    return importances
+
+
+def _plot_importances(importances: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2), dpi=100)
+    ax.barh(names, [importances[n] for n in names], color="#3b7dd8")
+    ax.set_xlabel("importance (fANOVA)")
+    ax.set_title("parameter importances")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["SweepSummary", "max_concurrent_trials", "study_storage", "trial_run_name", "tune"]
+
