@@ -109,14 +109,18 @@ def ingest(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's data and store.")] =
     Path("demo_out"),
-    cases: Annotated[int, typer.Option(min=3, help="Synthetic cases.")] = 6,
+    cases: Annotated[int, typer.Option(min=4, help="Synthetic cases.")] = 6,
+    trials: Annotated[int, typer.Option(min=1, help="Trials of the smoke sweep.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Run the main job on embedded defaults: synthetic data, local Ray, local MLflow."""
+    """Run the main job on embedded defaults: synthetic data, local Ray, local MLflow.
+
+    synth -> ingest -> tune (search_spaces/smoke.yaml) -> export -> predict, in --workdir.
+    """
     from vfsearch.demo import run_demo
 
     with _errors():
-        run_demo(workdir, cases=cases, seed=seed, echo=typer.echo)
+        run_demo(workdir, cases=cases, trials=trials, seed=seed, echo=typer.echo)
 
 
 @app.command()

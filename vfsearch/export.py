@@ -341,6 +341,8 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
                 spacing=loaded.spacing)
         version_id = str(version.version)
         echo(f"registered {name} version {version_id}")
+        _log_pictures(tracker, chosen.run_id, loaded, store or chosen.tags.get("store"),
+                      f"visualisations/{name}-v{version_id}", echo)
     else:
         version_id = str(existing.version)
     moved = not same or previous is None or previous["version"] != version_id
@@ -352,6 +354,24 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
         new_version=new_version, alias_moved=moved, decision=decision.reason,
         previous=previous, bundle=str(bundle_path) if bundle_path else None, onnx=onnx_status,
         threshold=loaded.threshold, skipped=skipped, tracking_uri=uri)
+
+
+def _log_pictures(tracker: Any, run_id: str, loaded: Any, store: Any, artifact_path: str,
+                  echo: Callable[[str], Any]) -> None:
+    """Heatmaps, attention maps and 3D renders of the exported model, on its training run.
+
+    Drawn on a validation case of the training store when that store is reachable (``--store``
+    or the run's ``store`` tag); skipped otherwise. Never fails an export.
+    """
+    if not store or not Path(str(store)).exists():
+        return
+    from vfsearch.visualize import log_visualisations
+
+    try:
+        paths = log_visualisations(tracker, run_id, loaded, store, artifact_path=artifact_path)
+        echo(f"logged {len(paths)} picture(s) to run {run_id} under {artifact_path}/")
+    except Exception as exc:  # noqa: BLE001 - pictures are a courtesy, not the export
+        echo(f"warning: could not draw pictures of the exported model ({exc})")
 
 
 def _onnx_status(bundle_dir: Path) -> str:

@@ -4,8 +4,11 @@ Three thin levels (DESIGN.md): ``Tuner(_trial_driver)`` -> `_trial_driver` build
 `TorchTrainer` through `vfsearch.train.run_training` (``RunConfig.name`` derived from the
 Tune trial id, ``TuneReportCallback`` forwarding rank 0's per-epoch reports) -> the worker
 loop. `OptunaSearch` (TPE, seeded, define-by-run compiled from the YAML space) proposes
-configs and is told the fused 3D validation Dice of each finished trial; ASHA stops
-trials on the per-epoch validation Dice.
+configs; ASHA stops trials on the per-epoch validation Dice (``val_dice``). Each trial's
+last report carries ``val_dice3d``: the fused 3D Dice at the original resolution of the
+trial's *best* checkpoint, so the value Optuna is told (OptunaSearch passes on the last
+reported one) is the trial's best so far by construction. Trials stopped by ASHA never
+reach it and are recorded in Optuna as pruned.
 
 MLflow: one parent run per sweep (tag ``vfsearch.sweep``), one nested child run per trial
 (tag ``vfsearch.run`` = the trial's Ray Train run name, so a resumed trial finds and reuses
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,10 +191,10 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     import ray
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from vfsearch import tracking
     from vfsearch.train import connect_ray, git_commit
+    from vfsearch.tune_searcher import FinalMetricOptunaSearch
 
     exists = rtune.Tuner.can_restore(sweep_dir)
     if resume and not exists:
@@ -239,21 +243,30 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     trainable = rtune.with_resources(rtune.with_parameters(_trial_driver, ctx=ctx),
                                      {"cpu": DRIVER_CPUS})
     optuna_db = study_storage(workdir)
+    # Per-epoch reports carry val_dice (ASHA's metric); val_dice3d arrives once, in the last
+    # report, computed on the trial's best checkpoint, so the value Optuna is told (the last
+    # reported) is the trial's best by construction. Trials ASHA stops before it never have
+    # it and reach Optuna as pruned, which TPE ranks below every finished trial.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     try:
         if resume:
             tuner = rtune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
         else:
             import optuna
 
-            searcher = OptunaSearch(space.define_by_run, metric=space.metric, mode=space.mode,
+            searcher = FinalMetricOptunaSearch(space.define_by_run, metric=space.metric, mode=space.mode,
                                     sampler=optuna.samplers.TPESampler(seed=seed),
                                     points_to_evaluate=initial_points or None,
                                     study_name=sweep,
                                     storage=optuna.storages.RDBStorage(optuna_db))
+            # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a
+            # trial that ran all its epochs still has its final (val_dice3d) report to make
+            # (a grace period covering every epoch means no early stopping: FIFO)
             scheduler = ASHAScheduler(time_attr="epoch", metric=space.scheduler_metric,
-                                      mode=space.mode, max_t=space.epochs,
+                                      mode=space.mode, max_t=space.epochs + 1,
                                       grace_period=space.grace_period,
-                                      reduction_factor=space.reduction_factor)
+                                      reduction_factor=space.reduction_factor) \
+                if space.grace_period < space.epochs else None
             tuner = rtune.Tuner(
                 trainable,
                 tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler,
