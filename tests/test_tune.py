@@ -29,6 +29,7 @@ fixed:
   data.augment: 0.0
   model.base_channels: 4
   model.depth: 3
+  model.norm: group  # eval = train behaviour after a few steps (BatchNorm stats would not settle)
   train.batch_size: 8
   train.max_windows_per_epoch: 48
   train.warmup_epochs: 0
@@ -133,22 +134,21 @@ def test_concurrent_trials_log_without_loss(smoke_sweep, mlflow_server):
 
 def test_asha_stops_a_bad_trial_and_the_next_still_runs(tmp_path, small_store, mlflow_server,
                                                        ray_local):
-    """A trial that can never predict a fracture is stopped at the first rung; the trial
-    after it still gets the CPUs (Ray once leaked stopped Train V2 trials' resources)."""
+    """A trial whose validation can never find a fracture (its validation threshold is out
+    of the model's reach) is stopped at the first rung; the trial after it still gets the CPUs
+    (Ray once leaked the resources of stopped Train V2 trials, ray-project/ray#54305)."""
     from vfsearch.tune import tune
 
     space = _space(tmp_path, epochs=3, grace=1, params=(
-        "  loss.pos_weight: {type: float, low: 0.001, high: 50.0, log: true}\n"
-        "  loss.dice_weight: {type: float, low: 0.0, high: 1.0}"))
-    good = {"loss.pos_weight": 50.0, "loss.dice_weight": 1.0}
-    bad = {"loss.pos_weight": 0.001, "loss.dice_weight": 0.0}  # pushed to predict nothing
+        "  train.val_threshold: {type: categorical, choices: [0.000001, 0.999999]}"))
+    good = {"train.val_threshold": 0.000001}  # every pixel positive: Dice > 0 for sure
+    bad = {"train.val_threshold": 0.999999}  # no pixel positive: Dice 0
     summary = tune(small_store, space, num_samples=3, name="asha", workdir=tmp_path,
                    storage=tmp_path / "ray", mlflow_uri=mlflow_server, max_concurrent=1,
                    initial_points=[good, bad, good])
     client, _, children = _children(mlflow_server, "asha")
     assert len(children) == 3
-    by_weight = sorted(children, key=lambda c: float(c.data.params["loss.pos_weight"]))
-    stopped = by_weight[0]
+    stopped = max(children, key=lambda c: float(c.data.params["train.val_threshold"]))
     assert stopped.data.tags[STATUS_TAG] == "stopped early"
     assert len(client.get_metric_history(stopped.info.run_id, "val_dice")) < 3
     finished = [c for c in children if c.data.tags[STATUS_TAG] == "completed"]
