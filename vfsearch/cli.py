@@ -212,7 +212,9 @@ def predict(
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server (for run ids).")] = Path("mlruns"),
 ) -> None:
-    """Predict the fracture map of one CT: fracture_prob.nii.gz, fracture_mask.nii.gz and
+    """Predict the fracture map of one CT, on the CT's own grid.
+
+    Writes fracture_prob.nii.gz, fracture_mask.nii.gz and
     vertebrae.json (score and fracture volume per vertebra) in --out, on the CT's own grid.
     """
     from vfsearch import predict as predict_mod
@@ -246,7 +248,9 @@ def evaluate(
         help="Working folder of the embedded MLflow server (run ids, logging).")] =
     Path("mlruns"),
 ) -> None:
-    """Fused 3D evaluation: per vertebra, per case and pooled Dice/IoU/precision/recall at
+    """Fused 3D evaluation of a model on a split of a store.
+
+    Per vertebra, per case and pooled Dice/IoU/precision/recall at
     the original resolution, 2D slice figures, vertebra detection (PR-AUC with prevalence,
     ROC-AUC, sensitivity, specificity) and bootstrap 95% intervals. Writes metrics.json and
     per_vertebra.csv; logs to the MLflow run when --model is a run id.
@@ -334,7 +338,9 @@ def visualize(
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server (run ids).")] = Path("mlruns"),
 ) -> None:
-    """Pictures of a model on one CT: heatmap overlays and attention-gate maps through each
+    """Pictures of a model on one CT: heatmaps, attention maps, 3D renders, curves.
+
+    Heatmap overlays and attention-gate maps through each
     vertebra with a predicted or true fracture (heatmap_*.png, attention_*.png), the spine
     and fracture surfaces as STL/PLY for 3D Slicer and a 4-view rendering (render_3d.png);
     with --run, training / sweep curves from MLflow.
@@ -383,7 +389,9 @@ def export(
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
 ) -> None:
-    """Promote the best trained model: register it in the MLflow Model Registry (pyfunc
+    """Promote the best trained model to the MLflow registry and write a bundle.
+
+    Registers it in the MLflow Model Registry (pyfunc
     flavour, signature, input example), point --alias at it if it beats the current
     champion, and write a self-contained bundle to --out. Re-exporting a run is idempotent.
     """
