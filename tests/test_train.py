@@ -72,6 +72,15 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
     best = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/best.pt",
                                                 str(tmp_path)), weights_only=True)
     assert best["epoch"] in (1, 2) and "model" in best
+    # what predict needs to preprocess a new scan, and the threshold chosen on validation
+    assert best["store"]["spacing"] == [2.0, 2.0, 2.0] and best["store"]["fingerprint"]
+    # every run ends with the fused 3D validation of its best checkpoint (issue 5) ...
+    final = run.data.metrics
+    assert 0.0 <= final["val_dice3d"] <= 1.0 and 0.0 < final["val_threshold3d"] < 1.0
+    assert best["threshold"] == pytest.approx(final["val_threshold3d"])
+    # ... and logs pictures of it (issue 8)
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "visualisations")}
+    assert pictures, "no visualisations logged"
 
     # staged GAN: D untouched by the segmentation-only epoch 1, trained in epoch 2
     _, disc0 = build_models(cfg)
