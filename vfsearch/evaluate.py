@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import numpy as np
 from vfsearch import fusion, metrics3d
 from vfsearch.data.geometry import Geometry
 from vfsearch.errors import UserError
+from vfsearch.files import atomic_path
 from vfsearch.predict import (
     CropMap,
     LoadedModel,
@@ -532,30 +532,18 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else v)
-                            for k, v in r.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else v)
+                        for k, v in r.items()})
     return path
 
 

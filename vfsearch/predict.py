@@ -44,6 +44,7 @@ import numpy as np
 from vfsearch import fusion
 from vfsearch.data.geometry import Geometry
 from vfsearch.errors import UserError
+from vfsearch.files import atomic_path
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -588,15 +589,8 @@ def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
 
 def _write_json(path: Path, data: Any) -> Path:
     """Atomic JSON write (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
     return path
 
 

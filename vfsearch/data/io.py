@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from vfsearch.data.geometry import Geometry
 from vfsearch.errors import UserError
+from vfsearch.files import atomic_path
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -297,20 +297,9 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
     """Write atomically (temporary file in the same folder, then rename)."""
     sitk = _sitk()
     p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(to_image(array, geometry), tmp, compress)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(p, suffix) as tmp:  # the suffix tells ITK which writer to use
+        sitk.WriteImage(to_image(array, geometry), str(tmp), compress)
     return p
 
 
