@@ -24,6 +24,19 @@ app = typer.Typer(
 )
 
 
+# Options several commands share (same name, same meaning, one help text).
+LabelSchemeOpt = Annotated[str, typer.Option(
+    help="Label ids of --vertebrae: verse or totalsegmentator.")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(
+    help="Fracture probability threshold (default: the model's validation threshold, "
+    "else 0.5).")]
+CombineOpt = Annotated[str, typer.Option(help="Where vertebra crops overlap: mean, max or vote.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    help="torch device (default: cuda if available, else cpu).")]
+TrainingStoreOpt = Annotated[Optional[Path], typer.Option(
+    help="Training store, for a checkpoint that does not carry its spacing and fingerprint.")]
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (created). Holds one folder per "
@@ -43,8 +56,7 @@ def synth(
     fracture: Annotated[Optional[str], typer.Option(
         help="With --background: vertebrae to fracture as id:grade:morphology, comma "
         "separated (e.g. 22:2:wedge,20:3:crush); default: one random vertebra.")] = None,
-    label_scheme: Annotated[str, typer.Option(
-        help="Label ids of --vertebrae: verse or totalsegmentator.")] = "verse",
+    label_scheme: LabelSchemeOpt = "verse",
 ) -> None:
     """Write synthetic thoracolumbar CT (T4-L5) with vertebra labels and fracture masks.
 
@@ -197,18 +209,11 @@ def predict(
     vertebrae: Annotated[Path, typer.Option(
         "--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
-    label_scheme: Annotated[str, typer.Option(
-        help="Label ids of --vertebrae: verse or totalsegmentator.")] = "verse",
-    threshold: Annotated[Optional[float], typer.Option(
-        help="Fracture probability threshold (default: the model's validation threshold, "
-        "else 0.5).")] = None,
-    combine: Annotated[str, typer.Option(
-        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
-    device: Annotated[Optional[str], typer.Option(
-        help="torch device (default: cuda if available, else cpu).")] = None,
-    store: Annotated[Optional[Path], typer.Option(
-        help="Training store, for a checkpoint that does not carry its spacing and "
-        "fingerprint.")] = None,
+    label_scheme: LabelSchemeOpt = "verse",
+    threshold: ThresholdOpt = None,
+    combine: CombineOpt = "mean",
+    device: DeviceOpt = None,
+    store: TrainingStoreOpt = None,
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server (for run ids).")] = Path("mlruns"),
 ) -> None:
@@ -238,12 +243,10 @@ def evaluate(
         "--out", help="Folder for metrics.json and per_vertebra.csv.")] = Path("evaluation"),
     threshold: Annotated[Optional[float], typer.Option(
         help="Fixed threshold (default: chosen on the validation split).")] = None,
-    combine: Annotated[str, typer.Option(
-        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
+    combine: CombineOpt = "mean",
     hd95: Annotated[bool, typer.Option(
         "--hd95", help="Also the 95% Hausdorff distance (mm) per fractured vertebra.")] = False,
-    device: Annotated[Optional[str], typer.Option(
-        help="torch device (default: cuda if available, else cpu).")] = None,
+    device: DeviceOpt = None,
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server (run ids, logging).")] =
     Path("mlruns"),
@@ -319,22 +322,15 @@ def visualize(
     run: Annotated[Optional[str], typer.Option(
         "--run", help="MLflow run id: its training curves; for a sweep's parent run also "
         "Dice against budget and the parameter importances.")] = None,
-    label_scheme: Annotated[str, typer.Option(
-        help="Label ids of --vertebrae: verse or totalsegmentator.")] = "verse",
-    threshold: Annotated[Optional[float], typer.Option(
-        help="Fracture probability threshold (default: the model's validation threshold, "
-        "else 0.5).")] = None,
-    combine: Annotated[str, typer.Option(
-        help="Where vertebra crops overlap: mean, max or vote.")] = "mean",
+    label_scheme: LabelSchemeOpt = "verse",
+    threshold: ThresholdOpt = None,
+    combine: CombineOpt = "mean",
     html: Annotated[bool, typer.Option(
         "--html", help="Also an interactive, self-contained view_3d.html.")] = False,
     log_to: Annotated[Optional[str], typer.Option(
         "--log-to", help="Also log the case pictures on this MLflow run.")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        help="torch device (default: cuda if available, else cpu).")] = None,
-    store: Annotated[Optional[Path], typer.Option(
-        help="Training store, for a checkpoint that does not carry its spacing and "
-        "fingerprint.")] = None,
+    device: DeviceOpt = None,
+    store: TrainingStoreOpt = None,
     workdir: Annotated[Path, typer.Option(
         help="Working folder of the embedded MLflow server (run ids).")] = Path("mlruns"),
 ) -> None:
@@ -377,9 +373,7 @@ def export(
     minimum: Annotated[Optional[float], typer.Option(
         "--min", help="Also require the lower bound of the metric's 95% interval "
         "(<metric>_ci_low, from vfsearch evaluate) to beat this value.")] = None,
-    store: Annotated[Optional[Path], typer.Option(
-        help="Training store, for a checkpoint that does not carry its spacing and "
-        "fingerprint.")] = None,
+    store: TrainingStoreOpt = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export ONNX (checked "
                                        "with onnxruntime; skipped with a reason if it "
                                        "fails).")] = True,
