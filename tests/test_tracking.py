@@ -42,6 +42,29 @@ def test_retry_survives_connection_errors(monkeypatch):
         tracking._retry(broken)
 
 
+def test_retry_rides_out_a_server_restart_then_gives_up(monkeypatch):
+    """Connection errors are retried for $VFSEARCH_TRACKING_RETRY_S seconds of backoff
+    (1, 2, 4, 8, 15, 15 ... s), then the last error is raised."""
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setenv(tracking.RETRY_ENV, "20")
+    calls = []
+
+    def down():
+        calls.append(clock[0])
+        raise ConnectionError("Connection refused")
+
+    with pytest.raises(ConnectionError):
+        tracking._retry(down)
+    assert calls == [0.0, 1.0, 3.0, 7.0, 15.0]  # the next wait (15 s) would pass 20 s
+    monkeypatch.setenv(tracking.RETRY_ENV, "300")
+    calls.clear(), clock.__setitem__(0, 0.0)
+    with pytest.raises(ConnectionError):
+        tracking._retry(down)
+    assert len(calls) == 24 and calls[-1] <= 300  # 15 s steps up to five minutes
+
+
 def test_no_server_recorded(tmp_path):
     assert tracking.find_server(tmp_path) is None
     assert tracking.stop_server(tmp_path) is False

@@ -274,15 +274,22 @@ def ui_url(workdir: str | Path = DEFAULT_WORKDIR, *, port: int | None = None,
 
 # -- logging ------------------------------------------------------------------------------
 
-def _retry(fn: Callable[[], T], *, attempts: int = 5, delay: float = 1.0) -> T:
+RETRY_ENV = "VFSEARCH_TRACKING_RETRY_S"  # how long a log call rides out a missing server
+
+
+def _retry(fn: Callable[[], T], *, attempts: int | None = None, delay: float = 1.0) -> T:
     """Call ``fn``, retrying on connection errors (a server being restarted mid-sweep).
 
     MLflow's HTTP client already retries with backoff inside one call; this outer loop covers
-    the window in which the port is closed altogether.
+    the window in which the port is closed altogether: it keeps trying for
+    ``$VFSEARCH_TRACKING_RETRY_S`` seconds (default 300), or ``attempts`` times if given,
+    waiting ``delay`` seconds at first, doubling up to 15 s.
     """
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
+    deadline = time.monotonic() + float(os.environ.get(RETRY_ENV, "300"))
+    attempt = 0
+    while True:
         try:
             return fn()
         except (ConnectionError, OSError, MlflowException) as exc:
@@ -290,10 +297,13 @@ def _retry(fn: Callable[[], T], *, attempts: int = 5, delay: float = 1.0) -> T:
             transient = not isinstance(exc, MlflowException) or any(
                 s in text for s in ("Connection", "connection", "Max retries", "timed out",
                                     "Temporary", "503", "502"))
-            if not transient or attempt == attempts - 1:
+            attempt += 1
+            wait = min(delay * 2 ** (attempt - 1), 15.0)
+            out_of_time = (attempt >= attempts if attempts is not None
+                           else time.monotonic() + wait > deadline)
+            if not transient or out_of_time:
                 raise
-            time.sleep(delay * 2**attempt)
-    raise AssertionError("unreachable")
+            time.sleep(wait)
 
 
 class Tracker:
