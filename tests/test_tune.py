@@ -10,57 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
+from sweeps import children as _children
+from sweeps import client as _client
+from sweeps import write_space
 from typer.testing import CliRunner
 
 from vfsearch.cli import app
-from vfsearch.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG, max_concurrent_trials
+from vfsearch.tune import EXPERIMENT, STATUS_TAG, driver_resources, max_concurrent_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY = """
-version: 1
-metric: val_dice3d
-mode: max
-epochs: {epochs}
-scheduler: {{grace_period: {grace}, reduction_factor: 2, metric: val_dice}}
-fixed:
-  data.patch_size: 48
-  data.seq_len: 3
-  data.augment: 0.0
-  model.base_channels: 4
-  model.depth: 3
-  model.norm: group  # eval = train behaviour after a few steps (BatchNorm stats would not settle)
-  train.batch_size: 8
-  train.max_windows_per_epoch: 48
-  train.warmup_epochs: 0
-  train.lr: 0.01
-  train.log_pictures: false
-params:
-{params}
-"""
-
 
 def _space(tmp_path: Path, *, epochs: int, grace: int, params: str) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(TINY.format(epochs=epochs, grace=grace, params=params))
-    return path
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _children(uri: str, sweep: str):
-    client = _client(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    parents = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")
-    assert len(parents) == 1, [p.info.run_name for p in parents]
-    parent = parents[0]
-    children = client.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return client, parent, children
+    return write_space(tmp_path, epochs=epochs, grace=grace, params=params)
 
 
 def test_max_concurrent_follows_resources():
@@ -70,6 +32,18 @@ def test_max_concurrent_follows_resources():
                                  gpus_per_worker=1.0) == 2
     assert max_concurrent_trials({"CPU": 0.5}, workers=1, cpus_per_worker=1.0,
                                  gpus_per_worker=0) == 1
+    # drivers on a custom resource of the head take no CPU from the workers...
+    assert max_concurrent_trials({"CPU": 4.0, "vfsearch_driver": 1.0}, workers=1,
+                                 cpus_per_worker=1.0, gpus_per_worker=0,
+                                 driver_resource="vfsearch_driver") == 4
+    assert max_concurrent_trials({"CPU": 4.0}, workers=1, cpus_per_worker=1.0,
+                                 gpus_per_worker=0) == 3  # ...a CPU driver does
+    # ... and the resource itself bounds the drivers (0.01 each)
+    assert max_concurrent_trials({"CPU": 64.0, "vfsearch_driver": 0.02}, workers=1,
+                                 cpus_per_worker=1.0, gpus_per_worker=0,
+                                 driver_resource="vfsearch_driver") == 2
+    assert driver_resources("vfsearch_driver") == {"cpu": 0, "vfsearch_driver": 0.01}
+    assert driver_resources(None) == {"cpu": 0.05}
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path):

@@ -278,7 +278,8 @@ def tune(
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial (all workers).")] = 0.0,
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
     max_concurrent: Annotated[Optional[int], typer.Option(
-        help="Cap on trials at once (default: what the cluster's resources allow).")] = None,
+        help="Trials at once (default: what the cluster's resources allow now; on a joined "
+        "cluster a higher value lets the autoscaler add nodes).")] = None,
     name: Annotated[Optional[str], typer.Option(
         help="Sweep name (default: <space>-s<seed>); reuse it with --resume.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep: "
@@ -286,7 +287,13 @@ def tune(
     storage: Annotated[Optional[str], typer.Option(
         help="Ray storage path or URI for checkpoints (default: mlruns/ray_results; on a "
         "cluster use shared storage such as s3://...).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    sampler: Annotated[str, typer.Option(
+        help="Optuna sampler: tpe, or random (the baseline TPE should beat).")] = "tpe",
+    driver_resource: Annotated[Optional[str], typer.Option(
+        help="Custom Ray resource each trial driver requests instead of CPU, so drivers "
+        "stay on the node offering it, e.g. vfsearch_driver on a cluster's head "
+        "(default: $VFSEARCH_DRIVER_RESOURCE).")] = None,
     workdir: Annotated[Path, typer.Option(
         help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
 ) -> None:
@@ -301,7 +308,8 @@ def tune(
         summary = run_tune(store, space, num_samples=num_samples, address=address,
                            gpus_per_trial=gpus_per_trial, workers_per_trial=workers_per_trial,
                            max_concurrent=max_concurrent, name=name, resume=resume,
-                           storage=storage, seed=seed, workdir=workdir, echo=typer.echo)
+                           storage=storage, seed=seed, workdir=workdir, sampler=sampler,
+                           driver_resource=driver_resource, echo=typer.echo)
     typer.echo(str(summary))
 
 

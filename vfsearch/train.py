@@ -205,7 +205,7 @@ class _RankZeroRun:
             t = Tracker(spec["uri"])
             self.experiment_id = t.experiment_id(spec["experiment"])
             tags = {**spec["tags"], LAUNCH_TAG: spec["launch_id"],
-                    "dataset_fingerprint": dataset_fingerprint(self.store)}
+                    "dataset_fingerprint": dataset_fingerprint(self.store), **_node_tags()}
             if self.run_id:
                 t.resume_run(self.run_id)
             else:
@@ -254,6 +254,17 @@ class _RankZeroRun:
                 t.log_artifact(run_id, Path(tmp, "best.pt"), "checkpoints")
         t.end_run(run_id, "FINISHED")
 
+
+
+def _node_tags() -> dict[str, str]:
+    """Where rank 0 runs: ``ray.node_id`` (and IP) of its node; re-set on every restart, so a
+    run moved to another node by a failure names the node that finished it."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    ctx = ray.get_runtime_context()
+    return {"ray.node_id": ctx.get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
 
 
 # -- the worker loop -----------------------------------------------------------------------
@@ -764,8 +775,10 @@ def _mark_failed(uri: str, experiment: str, launch_id: str, status: str) -> None
 
 
 def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
-                num_gpus_needed: float = 0.0) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray sized for the run.
+                num_gpus_needed: float = 0.0,
+                resources: Mapping[str, float] | None = None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray sized for the run
+    (offering the custom ``resources`` too, as a cluster's head would).
 
     The dashboard stays on (Train V2 needs the State API to free stopped runs' resources).
     """
@@ -790,7 +803,8 @@ def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
             raise UserError(f"--gpus-per-worker: the run needs {num_gpus_needed:g} GPUs, this "
                             f"machine has {have}")
     # never leave a local run waiting forever for CPUs this machine does not have
-    start_local_ray(num_cpus=max(cpus, math.ceil(num_cpus_needed)))
+    start_local_ray(num_cpus=max(cpus, math.ceil(num_cpus_needed)),
+                    resources=dict(resources) if resources else None)
 
 
 def start_local_ray(**init_kwargs: Any) -> str:

@@ -36,6 +36,8 @@ TRIAL_TAG = "vfsearch.trial_id"
 STATUS_TAG = "vfsearch.status"
 EXPERIMENT = "vfsearch-sweeps"
 DRIVER_CPUS = 0.05  # the trial driver only waits on its TorchTrainer
+DRIVER_SHARE = 0.01  # of the custom resource named by --driver-resource (one unit: 100 drivers)
+SAMPLERS = ("tpe", "random")
 
 
 @dataclass
@@ -113,14 +115,26 @@ def _status_callback(ctx: SweepContext):
 
 
 def max_concurrent_trials(resources: dict[str, float], *, workers: int, cpus_per_worker: float,
-                          gpus_per_worker: float) -> int:
-    """How many trials fit the cluster at once: each needs its workers plus a tiny driver."""
+                          gpus_per_worker: float, driver_resource: str | None = None) -> int:
+    """How many trials fit the cluster at once: each needs its workers plus a tiny driver
+    (a sliver of a CPU, or of ``driver_resource`` when the drivers run on a dedicated node)."""
     cpus = resources.get("CPU", 0.0)
-    per_trial_cpu = workers * cpus_per_worker + DRIVER_CPUS
+    per_trial_cpu = workers * cpus_per_worker + (0.0 if driver_resource else DRIVER_CPUS)
     fit = math.floor(cpus / per_trial_cpu + 1e-9) if per_trial_cpu > 0 else 1
     if gpus_per_worker > 0:
         fit = min(fit, math.floor(resources.get("GPU", 0.0) / (workers * gpus_per_worker) + 1e-9))
+    if driver_resource:
+        fit = min(fit, math.floor(resources.get(driver_resource, 0.0) / DRIVER_SHARE + 1e-9))
     return max(1, fit)
+
+
+def driver_resources(driver_resource: str | None) -> dict[str, float]:
+    """What one trial driver asks Ray for: a sliver of a CPU anywhere, or (on a cluster) a
+    share of a custom resource that only the safe head node offers, so that a trial's driver
+    and its Train controller never sit on a worker node that may disappear."""
+    if driver_resource:
+        return {"cpu": 0, driver_resource: DRIVER_SHARE}
+    return {"cpu": DRIVER_CPUS}
 
 
 @dataclass
@@ -163,12 +177,17 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
          max_concurrent: int | None = None, name: str | None = None, resume: bool = False,
          storage: str | Path | None = None, seed: int = 0, workdir: str | Path = "mlruns",
          mlflow_uri: str | None = None, cpus_per_worker: float = 1.0,
-         initial_points: list[dict[str, Any]] | None = None,
+         initial_points: list[dict[str, Any]] | None = None, sampler: str = "tpe",
+         driver_resource: str | None = None,
          echo: Callable[[str], Any] = print) -> SweepSummary:
     """Run (or ``resume``) a sweep; returns the ranked trials and where to look.
 
     ``initial_points``: configs (sampled keys only) to evaluate first, e.g. known-good
     settings to warm-start TPE; they go to Optuna as points to evaluate.
+    ``sampler``: ``tpe`` (default) or ``random`` (Optuna's seeded random sampler: the
+    baseline a TPE sweep should beat). ``driver_resource``: name of a custom Ray resource
+    (default ``$VFSEARCH_DRIVER_RESOURCE``) that each trial driver requests instead of CPU,
+    e.g. ``vfsearch_driver`` offered only by a cluster's head (see cluster/).
     """
     from vfsearch.data.store import Store
 
@@ -179,6 +198,9 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
         raise UserError(f"--workers-per-trial: must be >= 1, got {workers_per_trial}")
     if gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial: must be >= 0, got {gpus_per_trial}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler: must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    driver_resource = driver_resource or os.environ.get("VFSEARCH_DRIVER_RESOURCE") or None
     fingerprint = Store(store).fingerprint  # a bad store fails here too
     sweep = name or f"{Path(space_path).stem}-s{seed}"
     if not sweep or "/" in sweep or sweep.startswith("."):
@@ -208,12 +230,22 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     parent = tracker.find_run(EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     gpus_per_worker = gpus_per_trial / workers_per_trial
     connect_ray(address, num_cpus_needed=workers_per_trial + DRIVER_CPUS,
-                num_gpus_needed=gpus_per_trial)
+                num_gpus_needed=gpus_per_trial,
+                resources={driver_resource: 1.0} if driver_resource else None)
     cluster = ray.cluster_resources()
+    if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
+        raise UserError(f"--driver-resource: no node of the Ray cluster offers the resource "
+                        f"{driver_resource!r} (start the head with --resources "
+                        f"'{{\"{driver_resource}\": 1}}')")
     auto = max_concurrent_trials(cluster, workers=workers_per_trial,
                                  cpus_per_worker=cpus_per_worker,
-                                 gpus_per_worker=gpus_per_worker)
-    concurrent = min(max_concurrent or auto, auto)
+                                 gpus_per_worker=gpus_per_worker,
+                                 driver_resource=driver_resource)
+    # on a joined cluster an explicit cap may exceed what runs now: pending trials make the
+    # autoscaler add nodes; a local Ray cannot grow, so there the resources bound it
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    concurrent = max_concurrent if (max_concurrent and joined) else \
+        min(max_concurrent or auto, auto)
     if parent is None:
         parent = tracker.start_run(EXPERIMENT, sweep, tags={
             SWEEP_TAG: sweep, "space_file": str(space_path), "seed": seed,
@@ -226,7 +258,8 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
                                     "sweep.workers_per_trial": workers_per_trial,
                                     "sweep.gpus_per_trial": gpus_per_trial,
                                     "sweep.max_concurrent": concurrent,
-                                    "sweep.epochs": space.epochs})
+                                    "sweep.epochs": space.epochs, "sweep.sampler": sampler,
+                                    "sweep.driver_resource": driver_resource or "cpu"})
         tracker.log_artifact(parent, space_path, "search_space")
     else:
         tracker.resume_run(parent)
@@ -241,7 +274,7 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
                        workers=workers_per_trial, gpus_per_worker=gpus_per_worker,
                        cpus_per_worker=cpus_per_worker)
     trainable = rtune.with_resources(rtune.with_parameters(_trial_driver, ctx=ctx),
-                                     {"cpu": DRIVER_CPUS})
+                                     driver_resources(driver_resource))
     optuna_db = study_storage(workdir)
     # Per-epoch reports carry val_dice (ASHA's metric); val_dice3d arrives once, in the last
     # report, computed on the trial's best checkpoint, so the value Optuna is told (the last
@@ -254,11 +287,12 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
         else:
             import optuna
 
-            searcher = FinalMetricOptunaSearch(space.define_by_run, metric=space.metric, mode=space.mode,
-                                    sampler=optuna.samplers.TPESampler(seed=seed),
-                                    points_to_evaluate=initial_points or None,
-                                    study_name=sweep,
-                                    storage=optuna.storages.RDBStorage(optuna_db))
+            searcher = FinalMetricOptunaSearch(
+                space.define_by_run, metric=space.metric, mode=space.mode,
+                sampler=optuna.samplers.TPESampler(seed=seed) if sampler == "tpe"
+                else optuna.samplers.RandomSampler(seed=seed),
+                points_to_evaluate=initial_points or None, study_name=sweep,
+                storage=optuna.storages.RDBStorage(optuna_db))
             # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a
             # trial that ran all its epochs still has its final (val_dice3d) report to make
             # (a grace period covering every epoch means no early stopping: FIFO)
@@ -368,5 +402,6 @@ def _plot_importances(importances: dict[str, float], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["SweepSummary", "max_concurrent_trials", "study_storage", "trial_run_name", "tune"]
+__all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "study_storage",
+           "trial_run_name", "tune"]
 
