@@ -69,6 +69,8 @@ GOOD = "params:\n  train.lr: {type: float, low: 0.001, high: 0.01, log: true}\n"
     ("epochs: 2\nscheduler: {grace_period: 5}\n" + GOOD, "scheduler.grace_period: 5 exceeds"),
     ("params: {}\n", "params: must be a non-empty mapping"),
     ("params:\n  train.lr: {type: float, low: 0, high: 0.1, log: true}\n", "log scale needs low > 0"),
+    ("startup_trials: -1\n" + GOOD, "startup_trials: must be an integer >= 0"),
+    ("startup_trials: 2.5\n" + GOOD, "startup_trials: must be an integer >= 0"),
 ])
 def test_bad_space_names_file_and_key(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
@@ -85,3 +87,11 @@ def test_missing_and_invalid_yaml(tmp_path):
     (tmp_path / "x.yaml").write_text("params: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_space(tmp_path / "x.yaml")
+
+
+def test_startup_trials_reach_the_space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("startup_trials: 3\n" + GOOD)
+    assert load_space(path).startup_trials == 3
+    path.write_text(GOOD)
+    assert load_space(path).startup_trials == 10  # Optuna's own default

@@ -7,6 +7,8 @@ Schema (version 1)::
     metric: val_dice3d           # what Optuna optimises (reported as a best-so-far key)
     mode: max                    # max | min
     epochs: 6                    # epochs per trial (ASHA's max_t)
+    startup_trials: 10           # random trials before TPE models the results (Optuna's
+                                 # n_startup_trials; fewer suits small sweeps)
     scheduler:                   # ASHA over epochs, acting on the per-epoch metric
       grace_period: 2
       reduction_factor: 3
@@ -37,8 +39,8 @@ from typing import Any
 from vfsearch.config import Config, known_keys, with_overrides
 from vfsearch.errors import UserError
 
-TOP_KEYS = {"version", "description", "metric", "mode", "epochs", "scheduler", "fixed",
-            "params"}
+TOP_KEYS = {"version", "description", "metric", "mode", "epochs", "startup_trials",
+            "scheduler", "fixed", "params"}
 SCHEDULER_KEYS = {"grace_period", "reduction_factor", "metric"}
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step", "when"},
               "int": {"type", "low", "high", "log", "step", "when"},
@@ -80,6 +82,7 @@ class SearchSpace:
     metric: str = "val_dice3d"
     mode: str = "max"
     epochs: int = 6
+    startup_trials: int = 10
     grace_period: int = 1
     reduction_factor: int = 3
     scheduler_metric: str = "val_dice"
@@ -137,6 +140,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if mode not in ("max", "min"):
         raise _err(src, "mode", f"must be max or min, got {mode!r}")
     epochs = _positive_int(src, "epochs", raw.get("epochs", 6))
+    startup = raw.get("startup_trials", 10)
+    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
+        raise _err(src, "startup_trials", f"must be an integer >= 0, got {startup!r}")
     sched = raw.get("scheduler") or {}
     if not isinstance(sched, dict):
         raise _err(src, "scheduler", "must be a mapping")
@@ -182,7 +188,7 @@ def load_space(path: str | Path) -> SearchSpace:
                 raise _err(src, f"params.{p.key}.when", f"{dep} never takes {value!r}")
         _check_dependency(src, p, by_key, base_flat)
     return SearchSpace(path=src, metric=str(raw.get("metric", "val_dice3d")), mode=mode,
-                       epochs=epochs, grace_period=grace, reduction_factor=rf,
+                       epochs=epochs, startup_trials=startup, grace_period=grace, reduction_factor=rf,
                        scheduler_metric=str(sched.get("metric", "val_dice")), fixed=dict(fixed),
                        params=tuple(params), description=str(raw.get("description", "")))
 

@@ -480,7 +480,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             "val_tp": float(counts[0]), "val_fp": float(counts[1]), "val_fn": float(counts[2]),
             "best_val_dice": best_metric, "best_epoch": best_epoch,
             "lr": float(opt_g.param_groups[0]["lr"]),
-            "epoch_time": epoch_time, "windows_per_s": total_windows / max(train_time, 1e-9),
+            "epoch_time": epoch_time, "train_time": train_time,
+            "windows_per_s": total_windows / max(train_time, 1e-9),
             "gan_active": float(gan_active), "epoch": epoch, "resumed_from_epoch": resumed_from,
             "early_stopped": float(stop),
         }

@@ -289,7 +289,8 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
 
             searcher = FinalMetricOptunaSearch(
                 space.define_by_run, metric=space.metric, mode=space.mode,
-                sampler=optuna.samplers.TPESampler(seed=seed) if sampler == "tpe"
+                sampler=optuna.samplers.TPESampler(
+                    seed=seed, n_startup_trials=space.startup_trials) if sampler == "tpe"
                 else optuna.samplers.RandomSampler(seed=seed),
                 points_to_evaluate=initial_points or None, study_name=sweep,
                 storage=optuna.storages.RDBStorage(optuna_db))
