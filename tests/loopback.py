@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class LoopbackCluster:
     env: dict[str, str] = field(default_factory=dict)
     address: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # node id -> `ray start`
+    temp_dirs: list[str] = field(default_factory=list)
 
     def _ports(self) -> list[str]:
         return ["--node-manager-port", str(_free_port()),
@@ -47,7 +49,13 @@ class LoopbackCluster:
 
     def _start(self, args: list[str], resources: dict[str, float] | None, num_cpus: int) -> str:
         before = set(self.node_ids(alive_only=False)) if self.address else set()
-        cmd = [_ray_executable(), "start", "--block", "--num-cpus", str(num_cpus),
+        # a temp dir of the node's own: `ray start` records its cluster in
+        # <temp dir>/ray_current_cluster, and a record left in /tmp/ray after the node is
+        # killed would send every later address-less `ray.init()` on this machine to it
+        temp_dir = tempfile.mkdtemp(prefix="vfray-")  # short: Ray's socket paths live here
+        self.temp_dirs.append(temp_dir)
+        cmd = [_ray_executable(), "start", "--block", "--temp-dir", temp_dir,
+               "--num-cpus", str(num_cpus),
                "--num-gpus", "0", "--object-store-memory", str(150 * 2**20),
                "--node-ip-address", "127.0.0.1", *self._ports(), *args]
         if resources:
@@ -143,3 +151,5 @@ class LoopbackCluster:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def _assert_complete(uri: str, sweep: str, epochs: int) -> list:
 
 def test_trials_run_on_both_nodes(cluster, small_store, mlflow_server, tmp_path):
     assert sorted(cluster.node_ids()) == sorted([cluster.head, cluster.worker])
+    # the cluster is not recorded as this machine's default Ray (which would outlive it)
+    current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    port = cluster.address.rsplit(":", 1)[1]
+    assert not current.exists() or current.read_text().rsplit(":", 1)[-1] != port
     out = _finish(_sweep(cluster, small_store, tmp_path, mlflow_server, "two-nodes",
                          epochs=2))
     assert "up to 2 at once" in out  # drivers take no CPU: one trial per node's CPU

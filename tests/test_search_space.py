@@ -69,6 +69,11 @@ GOOD = "params:\n  train.lr: {type: float, low: 0.001, high: 0.01, log: true}\n"
     ("epochs: 2\nscheduler: {grace_period: 5}\n" + GOOD, "scheduler.grace_period: 5 exceeds"),
     ("params: {}\n", "params: must be a non-empty mapping"),
     ("params:\n  train.lr: {type: float, low: 0, high: 0.1, log: true}\n", "log scale needs low > 0"),
+    ("metric: [val_dice3d, model_params]\nmode: max\n" + GOOD, "mode: needs one max|min per metric"),
+    ("metric: [val_dice3d, val_dice3d]\nmode: [max, max]\n" + GOOD, "metric: lists a metric twice"),
+    ("metric: [val_dice3d, 3]\nmode: [max, min]\n" + GOOD, "metric: must be a metric name"),
+    ("metric: [a, b, c, d]\nmode: [max, min, max, min]\n" + GOOD, "list of 1 to 3 names"),
+    ("metric: [val_dice3d, latency_ms]\nmode: [max, fast]\n" + GOOD, "mode: must be max or min"),
     ("startup_trials: -1\n" + GOOD, "startup_trials: must be an integer >= 0"),
     ("startup_trials: 2.5\n" + GOOD, "startup_trials: must be an integer >= 0"),
 ])
@@ -95,3 +100,25 @@ def test_startup_trials_reach_the_space(tmp_path):
     assert load_space(path).startup_trials == 3
     path.write_text(GOOD)
     assert load_space(path).startup_trials == 10  # Optuna's own default
+
+
+def test_multi_objective_space():
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "pareto.yaml")
+    assert space.multi_objective
+    assert space.objectives == (("val_dice3d", "max"), ("model_params", "min"))
+    assert (space.metric, space.mode) == ("val_dice3d", "max")  # the first one ranks
+
+
+def test_pareto_front():
+    from vfsearch.tune import pareto_front
+
+    objectives = (("val_dice3d", "max"), ("model_params", "min"))
+    rows = [{"val_dice3d": 0.8, "model_params": 100},   # best Dice: front
+            {"val_dice3d": 0.6, "model_params": 10},    # smallest: front
+            {"val_dice3d": 0.7, "model_params": 50},    # a trade-off: front
+            {"val_dice3d": 0.6, "model_params": 60},    # dominated by the 0.7/50 one
+            {"val_dice3d": 0.8, "model_params": 100},   # a tie with the first: both stay
+            {"val_dice3d": None, "model_params": 1},    # stopped early: never on the front
+            {"val_dice3d": float("nan"), "model_params": 1}]
+    assert pareto_front(rows, objectives) == {0, 1, 2, 4}
+    assert pareto_front(rows, (("val_dice3d", "max"),)) == {0, 4}

@@ -182,3 +182,39 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, small_store, mlf
         if child.info.run_id in first:  # finished before the interrupt: not trained again
             assert "vfsearch.resumed_from_epoch" not in child.data.tags
             assert child.data.tags[STATUS_TAG] == "completed"
+
+
+def test_multi_objective_sweep_tells_optuna_both_values(tmp_path, small_store, mlflow_server,
+                                                        ray_local):
+    """Dice against parameter count: Optuna gets both values of each trial, the parent run
+    names the Pareto front, every child logs the cost figures."""
+    import optuna
+
+    from vfsearch.tune import pareto_front, tune
+
+    space = _space(tmp_path, epochs=1, grace=1, params=(
+        "  model.temporal: {type: categorical, choices: [none, lstm]}"))
+    text = space.read_text().replace("metric: val_dice3d\nmode: max",
+                                     "metric: [val_dice3d, model_params]\nmode: [max, min]")
+    space.write_text(text)
+    summary = tune(small_store, space, num_samples=2, name="pareto", workdir=tmp_path,
+                   storage=tmp_path / "ray", mlflow_uri=mlflow_server, max_concurrent=1,
+                   initial_points=[{"model.temporal": "none"}, {"model.temporal": "lstm"}])
+    _, parent, children = _children(mlflow_server, "pareto")
+    assert len(children) == 2
+    by_kind = {c.data.params["model.temporal"]: c.data.metrics for c in children}
+    assert by_kind["none"]["model_params"] < by_kind["lstm"]["model_params"]
+    assert all(m["latency_ms"] > 0 for m in by_kind.values())
+    study = optuna.load_study(study_name="pareto",
+                              storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                optuna.study.StudyDirection.MINIMIZE]
+    told = sorted(tuple(round(v, 6) for v in t.values) for t in study.trials)
+    assert told == sorted((round(m["val_dice3d"], 6), round(m["model_params"], 6))
+                          for m in by_kind.values())
+    rows = [{"trial_id": c.data.tags["vfsearch.trial_id"], **c.data.metrics} for c in children]
+    objectives = (("val_dice3d", "max"), ("model_params", "min"))
+    front = {rows[i]["trial_id"] for i in pareto_front(rows, objectives)}
+    assert set(parent.data.tags["pareto_trials"].split(",")) == front
+    assert {r["trial_id"] for r in summary.table if r["pareto"] == "yes"} == front
+    assert "pareto" in str(summary).splitlines()[1]  # the table shows the column

@@ -6,6 +6,9 @@ Schema (version 1)::
     description: free text
     metric: val_dice3d           # what Optuna optimises (reported as a best-so-far key)
     mode: max                    # max | min
+    # multi-objective: lists, the first one ranks the table (Pareto front marked), e.g.
+    # metric: [val_dice3d, model_params]   (or latency_ms: one forward pass, milliseconds)
+    # mode: [max, min]
     epochs: 6                    # epochs per trial (ASHA's max_t)
     startup_trials: 10           # random trials before TPE models the results (Optuna's
                                  # n_startup_trials; fewer suits small sweeps)
@@ -79,8 +82,9 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     path: str
-    metric: str = "val_dice3d"
+    metric: str = "val_dice3d"  # the primary objective (ranks the table)
     mode: str = "max"
+    objectives: tuple[tuple[str, str], ...] = (("val_dice3d", "max"),)  # (metric, mode)s
     epochs: int = 6
     startup_trials: int = 10
     grace_period: int = 1
@@ -89,6 +93,10 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
     description: str = ""
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Sample one trial's config keys with an Optuna ``trial``; returns the fixed keys.
@@ -136,9 +144,7 @@ def load_space(path: str | Path) -> SearchSpace:
             raise _err(src, key, f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
     if raw.get("version", 1) != 1:
         raise _err(src, "version", f"unsupported version {raw.get('version')!r} (know 1)")
-    mode = raw.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise _err(src, "mode", f"must be max or min, got {mode!r}")
+    objectives = _objectives(src, raw.get("metric", "val_dice3d"), raw.get("mode", "max"))
     epochs = _positive_int(src, "epochs", raw.get("epochs", 6))
     startup = raw.get("startup_trials", 10)
     if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
@@ -187,10 +193,29 @@ def load_space(path: str | Path) -> SearchSpace:
                     and value not in dep_param.choices:
                 raise _err(src, f"params.{p.key}.when", f"{dep} never takes {value!r}")
         _check_dependency(src, p, by_key, base_flat)
-    return SearchSpace(path=src, metric=str(raw.get("metric", "val_dice3d")), mode=mode,
-                       epochs=epochs, startup_trials=startup, grace_period=grace, reduction_factor=rf,
+    return SearchSpace(path=src, metric=objectives[0][0], mode=objectives[0][1],
+                       objectives=objectives,
+                       epochs=epochs, startup_trials=startup, grace_period=grace,
+                       reduction_factor=rf,
                        scheduler_metric=str(sched.get("metric", "val_dice")), fixed=dict(fixed),
                        params=tuple(params), description=str(raw.get("description", "")))
+
+
+def _objectives(src: str, metric: Any, mode: Any) -> tuple[tuple[str, str], ...]:
+    """``metric``/``mode``: one name and max|min, or equal-length lists (multi-objective)."""
+    metrics = metric if isinstance(metric, list) else [metric]
+    modes = mode if isinstance(mode, list) else [mode]
+    if not metrics or len(metrics) > 3 or not all(isinstance(m, str) and m for m in metrics):
+        raise _err(src, "metric", f"must be a metric name or a list of 1 to 3 names, "
+                   f"got {metric!r}")
+    if len(set(metrics)) != len(metrics):
+        raise _err(src, "metric", f"lists a metric twice: {metric!r}")
+    if len(modes) != len(metrics):
+        raise _err(src, "mode", f"needs one max|min per metric ({len(metrics)}), got {mode!r}")
+    for m in modes:
+        if m not in ("max", "min"):
+            raise _err(src, "mode", f"must be max or min, got {m!r}")
+    return tuple(zip(metrics, modes, strict=True))
 
 
 def _positive_int(src: str, key: str, value: Any) -> int:
@@ -231,7 +256,8 @@ def _param(src: str, key: str, spec: Any, types: dict[str, type]) -> Param:
     for name, v in (("low", low), ("high", high)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or \
                 (kind == "int" and not isinstance(v, int)):
-            raise _err(src, f"{where}.{name}", f"must be {'an integer' if kind == 'int' else 'a number'}, "
+            what = "an integer" if kind == "int" else "a number"
+            raise _err(src, f"{where}.{name}", f"must be {what}, "
                        f"got {v!r}")
     if low >= high:
         raise _err(src, where, f"empty range: low {low} >= high {high}")

@@ -554,7 +554,31 @@ def _final_evaluation(loop: Mapping[str, Any], config: Config, model: Any,
     out = fused_validation_metrics(model, loop["store"], config, split="val")
     out = {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
     out["final_eval_s"] = time.perf_counter() - t0
+    # the cost side of a multi-objective sweep (Dice against size or speed)
+    out["model_params"] = float(sum(p.numel() for p in model.parameters()))
+    out["latency_ms"] = _latency_ms(model, config)
     return out
+
+
+def _latency_ms(model: Any, config: Config, *, repeats: int = 5) -> float:
+    """Median milliseconds of one forward pass on one window, on the model's device."""
+    import torch
+
+    param = next(model.parameters())
+    size = config.data.patch_size
+    x = torch.zeros(1, config.data.seq_len, size, size, device=param.device)
+    sync = torch.cuda.synchronize if param.device.type == "cuda" else (lambda: None)
+    times = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(repeats + 2):  # two warm-up passes
+            sync()
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return 1000.0 * sorted(times)[len(times) // 2]
 
 
 def _log_pictures(loop: Mapping[str, Any], config: Config, model: Any, tracker: Any,
@@ -713,7 +737,8 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
                  mlflow_uri: str | None = None, experiment: str = "vfsearch",
                  parent_run_id: str | None = None, config_file: str | Path | None = None,
                  callbacks: Sequence[Any] | None = None,
-                 extra_tags: Mapping[str, Any] | None = None, progress: bool = True, fault: Mapping[str, Any] | None = None) -> TrainSummary:
+                 extra_tags: Mapping[str, Any] | None = None, progress: bool = True,
+                 fault: Mapping[str, Any] | None = None) -> TrainSummary:
     """Fit one run on an already connected Ray, tracked in MLflow when ``mlflow_uri`` is set.
 
     Rank 0 creates the MLflow run (nested under ``parent_run_id`` if given; a run restarted

@@ -287,8 +287,11 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
         else:
             import optuna
 
+            names = [m for m, _ in space.objectives]
+            modes = [d for _, d in space.objectives]
             searcher = FinalMetricOptunaSearch(
-                space.define_by_run, metric=space.metric, mode=space.mode,
+                space.define_by_run, metric=names if space.multi_objective else names[0],
+                mode=modes if space.multi_objective else modes[0],
                 sampler=optuna.samplers.TPESampler(
                     seed=seed, n_startup_trials=space.startup_trials) if sampler == "tpe"
                 else optuna.samplers.RandomSampler(seed=seed),
@@ -319,6 +322,29 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     return summary
 
 
+def pareto_front(rows: list[dict[str, Any]], objectives: tuple[tuple[str, str], ...]
+                 ) -> set[int]:
+    """Indices of the rows no other row dominates (at least as good in every objective and
+    better in one); rows missing an objective (stopped, failed) are never on the front."""
+    def values(row: dict[str, Any]) -> list[float] | None:
+        out = []
+        for name, mode in objectives:
+            v = row.get(name)
+            if not isinstance(v, (int, float)) or math.isnan(v):
+                return None
+            out.append(v if mode == "max" else -v)  # larger is better from here on
+        return out
+
+    scored = [(i, v) for i, v in ((i, values(r)) for i, r in enumerate(rows)) if v is not None]
+    front = set()
+    for i, a in scored:
+        dominated = any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a
+                        for j, b in scored if j != i)
+        if not dominated:
+            front.add(i)
+    return front
+
+
 def study_storage(workdir: str | Path) -> str:
     """SQLite URL of the Optuna studies (beside MLflow's data, readable by optuna-dashboard)."""
     path = Path(workdir).resolve() / "optuna.db"
@@ -334,11 +360,13 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        rows.append({"trial_id": str(trial_id), space.metric: m.get(space.metric),
-                     "val_dice": m.get("best_val_dice", m.get("val_dice")),
-                     "epoch": m.get("epoch"),
-                     "status": "failed" if result.error else
-                     ("completed" if m.get(space.metric) is not None else "stopped early")})
+        row = {"trial_id": str(trial_id), space.metric: m.get(space.metric)}
+        row.update({name: m.get(name) for name, _ in space.objectives[1:]})
+        row.update({"val_dice": m.get("best_val_dice", m.get("val_dice")),
+                    "epoch": m.get("epoch"),
+                    "status": "failed" if result.error else
+                    ("completed" if m.get(space.metric) is not None else "stopped early")})
+        rows.append(row)
     sign = -1 if space.mode == "max" else 1
 
     def key(row: dict[str, Any]) -> tuple:
@@ -347,6 +375,10 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
         return (0 if ok else 1, sign * v if ok else 0.0)
 
     rows.sort(key=key)
+    if space.multi_objective:
+        front = pareto_front(rows, space.objectives)
+        for i, row in enumerate(rows):
+            row["pareto"] = "yes" if i in front else ""
     summary = SweepSummary(sweep=sweep, table=rows, parent_run_id=parent)
     best = rows[0] if rows and key(rows[0])[0] == 0 else None
     summary.best = best
@@ -358,6 +390,8 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
                      f"best_{space.metric}": best[space.metric]})
         tracker.log_metrics(parent, {f"best_{space.metric}": best[space.metric]}, 0)
         summary.export_command = f"vfsearch export --sweep {sweep} --metric {space.metric}"
+    if space.multi_objective:
+        tags["pareto_trials"] = ",".join(r["trial_id"] for r in rows if r.get("pareto"))
     tracker.set_tags(parent, tags)
     summary.importances = _importances(sweep, optuna_db, tracker, parent)
     tracker.end_run(parent, "FINISHED")
@@ -373,8 +407,12 @@ def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, 
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(done) < 2:
             return {}
-        importances = {k: float(v) for k, v in
-                       optuna.importance.get_param_importances(study).items()}
+        # multi-objective: importances for the first (ranking) objective, as a value to
+        # minimise (what Optuna's default PED-ANOVA evaluator ranks for)
+        sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        target = (lambda t: sign * t.values[0]) if len(study.directions) > 1 else None
+        importances = {k: float(v) for k, v in optuna.importance.get_param_importances(
+            study, target=target).items()}
     except (RuntimeError, ValueError, KeyError):  # too few distinct values to rank
         return {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,27 +420,14 @@ def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, 
         path.write_text(json.dumps(importances, indent=2))
         tracker.log_artifact(parent, path, "importances")
         png = Path(tmp, "param_importances.png")
-        _plot_importances(importances, png)
+        from vfsearch.viz import plot_importances
+
+        plot_importances(importances, png)
         tracker.log_artifact(parent, png, "importances")
     return importances
 
 
-def _plot_importances(importances: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2), dpi=100)
-    ax.barh(names, [importances[n] for n in names], color="#3b7dd8")
-    ax.set_xlabel("importance (fANOVA)")
-    ax.set_title("parameter importances")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-__all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "study_storage",
+__all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "pareto_front",
+           "study_storage",
            "trial_run_name", "tune"]
 

@@ -367,7 +367,7 @@ def plot_importances(importances: Mapping[str, float], path: str | os.PathLike, 
     else:
         ax.text(0.5, 0.5, "no importances (fewer than 2 finished trials)", ha="center",
                 va="center", transform=ax.transAxes)
-    ax.set_xlabel("importance (fANOVA)")
+    ax.set_xlabel("importance (Optuna's default evaluator)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=10)
     return _save(plt, fig, path)
