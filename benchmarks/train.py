@@ -58,16 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from vfsearch import tracking
     from vfsearch.config import load_config
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.synth import synth_dataset
+    from common import phantom_store
     from vfsearch.train import run_training
 
     with tempfile.TemporaryDirectory(prefix="vfsearch-bench-train-") as tmp:
         root = Path(tmp)
-        synth_dataset(root / "raw", cases=3, seed=0, spacing=None, small=True,
-                      fracture_rate=0.3)
-        ingest(root / "raw" / "manifest.csv", root / "store.zarr", spacing=(2.0, 2.0, 2.0),
-               margin_mm=6.0, split=(0.34, 0.33, 0.33), seed=0)
+        phantom_store(root, cases=3, fracture_rate=0.3, split=(0.34, 0.33, 0.33))
         uri = tracking.ensure_server(root / "mlruns").url  # one-time cost, not per run
         cfg = load_config(None, [
             "model.depth=4", "model.base_channels=8", "data.patch_size=48", "data.seq_len=5",

@@ -218,3 +218,40 @@ def test_multi_objective_sweep_tells_optuna_both_values(tmp_path, small_store, m
     assert set(parent.data.tags["pareto_trials"].split(",")) == front
     assert {r["trial_id"] for r in summary.table if r["pareto"] == "yes"} == front
     assert "pareto" in str(summary).splitlines()[1]  # the table shows the column
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--num-samples", "0"], "--num-samples: must be >= 1"),
+    (["--workers-per-trial", "0"], "--workers-per-trial: must be >= 1"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be >= 0"),
+    (["--sampler", "grid"], "--sampler: must be one of tpe, random"),
+    (["--name", "../up"], "--name: '../up' is not a valid sweep name"),
+])
+def test_bad_tune_options_fail_in_one_line(tmp_path, small_store, extra, needle):
+    space = _space(tmp_path, epochs=1, grace=1, params=(
+        "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
+    out = subprocess.run([sys.executable, "-m", "vfsearch", "tune", "--store", str(small_store),
+                          "--space", str(space), "--workdir", str(tmp_path / "wd"), *extra],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert not (tmp_path / "wd").exists()  # nothing started, nothing written
+
+
+def test_driver_resource_missing_on_the_cluster_fails_clearly(tmp_path, small_store,
+                                                             mlflow_server, ray_local):
+    space = _space(tmp_path, epochs=1, grace=1, params=(
+        "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    out = subprocess.run([sys.executable, "-m", "vfsearch", "tune", "--store", str(small_store),
+                          "--space", str(space), "--workdir", str(tmp_path), "--name", "nodrv",
+                          "--address", ray_local.get_runtime_context().gcs_address,
+                          "--driver-resource", "no_such_resource"],
+                         capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --driver-resource: no node of the Ray cluster offers"), last
+    client = _client(mlflow_server)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert not exp or not client.search_runs([exp.experiment_id],
+                                             "tags.`vfsearch.sweep` = 'nodrv'")
