@@ -296,7 +296,7 @@ def test_write_env_writes_a_private_file_the_shell_reads_back(tmp_path):
            "MLFLOW_TRACKING_URI": "http://10.0.1.20:5000", "MLFLOW_TRACKING_USERNAME": "vfsearch",
            "MLFLOW_TRACKING_PASSWORD": tricky, "AWS_ACCESS_KEY_ID": "id-for-test"}
     run = subprocess.run(["bash", str(CLUSTER / "write-env.sh")], env=env, capture_output=True,
-                         text=True, timeout=60, check=False)
+                         encoding="utf-8", errors="replace", timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     out = tmp_path / ".vfsearch" / "cluster.env"
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
@@ -304,12 +304,14 @@ def test_write_env_writes_a_private_file_the_shell_reads_back(tmp_path):
         ["bash", "-c", (f'. "{out}" && printf "%s\\n" "$MLFLOW_TRACKING_PASSWORD" '
                         '"$VFSEARCH_DRIVER_RESOURCE" "$AWS_ACCESS_KEY_ID" '
                         '"${AWS_SECRET_ACCESS_KEY-unset}"')],
-        env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60, check=False)
+        env={"PATH": os.environ["PATH"]}, capture_output=True, encoding="utf-8",
+        errors="replace", timeout=60, check=False)
     assert echo.stdout.splitlines() == [tricky, DRIVER_RESOURCE, "id-for-test", "unset"]
 
     del env["MLFLOW_TRACKING_PASSWORD"]
     missing = subprocess.run(["bash", str(CLUSTER / "write-env.sh"), str(tmp_path / "x.env")],
-                             env=env, capture_output=True, text=True, timeout=60, check=False)
+                             env=env, capture_output=True, encoding="utf-8",
+                             errors="replace", timeout=60, check=False)
     assert missing.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in missing.stderr
     assert not (tmp_path / "x.env").exists()
 

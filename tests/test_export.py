@@ -429,7 +429,8 @@ schema = model.metadata.get_input_schema()
 print(json.dumps({{"inputs": schema.input_names(), "type": type(y).__name__}}))
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": world["uri"]}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           cwd=tmp_path, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -459,7 +460,8 @@ for model, out in (({str(out)!r}, "o_bundle"), ({uri!r}, "o_registry")):
          "--out", out], standalone_mode=False)
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": world["uri"]}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          encoding="utf-8", errors="replace",
                           cwd=tmp_path, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "threshold 0.35" in proc.stdout  # the validation threshold travelled along

@@ -45,7 +45,7 @@ def _sweep(cluster: LoopbackCluster, store: Path, tmp: Path, uri: str, name: str
            "--driver-resource", DRIVER, "--workdir", str(tmp), "--storage", str(tmp / "ray")]
     env = {**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            encoding="utf-8", errors="replace", start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:

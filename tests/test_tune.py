@@ -53,7 +53,8 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
             f"sys.argv = ['vfsearch', 'tune', '--store', {str(tmp_path)!r}, '--space', {str(bad)!r}]\n"
             "try:\n    main()\nexcept SystemExit as e:\n"
             "    print('ray' in sys.modules, e.code)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
+                         errors="replace", check=False)
     assert out.stdout.split() == ["False", "2"], out.stdout + out.stderr
     assert out.stderr.count("\n") == 1 and "params.model.depth: empty range" in out.stderr
 
@@ -144,7 +145,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, small_store, mlf
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "vfsearch", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            encoding="utf-8", errors="replace",
                             start_new_session=True)
     client = _client(mlflow_server)
     deadline = time.time() + 400
@@ -232,7 +234,7 @@ def test_bad_tune_options_fail_in_one_line(tmp_path, small_store, extra, needle)
         "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
     out = subprocess.run([sys.executable, "-m", "vfsearch", "tune", "--store", str(small_store),
                           "--space", str(space), "--workdir", str(tmp_path / "wd"), *extra],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, encoding="utf-8", errors="replace", check=False)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
     assert not (tmp_path / "wd").exists()  # nothing started, nothing written
@@ -247,7 +249,8 @@ def test_driver_resource_missing_on_the_cluster_fails_clearly(tmp_path, small_st
                           "--space", str(space), "--workdir", str(tmp_path), "--name", "nodrv",
                           "--address", ray_local.get_runtime_context().gcs_address,
                           "--driver-resource", "no_such_resource"],
-                         capture_output=True, text=True, check=False, env=env)
+                         capture_output=True, encoding="utf-8", errors="replace", check=False,
+                         env=env)
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --driver-resource: no node of the Ray cluster offers"), last

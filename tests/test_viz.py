@@ -350,8 +350,8 @@ def test_cli_headless_with_a_real_checkpoint(case, tmp_path):
                           "--model", str(ckpt), "--vertebrae", str(p["vertebrae"]),
                           "--fracture", str(p["fracture"]), "--out", str(out),
                           "--threshold", "0.9"],
-                         env=env, capture_output=True, text=True, encoding="utf-8", timeout=300,
-                         check=False)
+                         env=env, capture_output=True, encoding="utf-8", errors="replace",
+                         timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     listed = json.loads((out / "pictures.json").read_text())
     for path, size in listed["pictures"].items():
