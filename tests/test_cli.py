@@ -49,3 +49,17 @@ def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "vfsearch", "--help"], capture_output=True,
                          encoding="utf-8", env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert out.returncode == 0 and "ingest" in out.stdout
+
+
+def test_output_survives_an_ascii_locale():
+    """MLflow prints an emoji when a run ends; under LC_ALL=C without UTF-8 mode that used to
+    kill `vfsearch tune` after a finished sweep."""
+    code = ("import sys\nfrom vfsearch import cli\n"
+            "sys.argv = ['vfsearch', '--help']\ncli._tolerant_streams()\n"
+            "print('\\U0001f3c3 View run')\n")
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C",
+           "LANG": "C", "PYTHONIOENCODING": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    assert out.stdout == b"\\U0001f3c3 View run\n"

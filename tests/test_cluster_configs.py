@@ -626,7 +626,7 @@ def test_mlflow_auth_config_is_what_the_installed_mlflow_reads(tmp_path, monkeyp
 
     ep = _entrypoint()
     shipped = configparser.ConfigParser()
-    shipped.read(auth_dir / "basic_auth.ini")
+    shipped.read(auth_dir / "basic_auth.ini", encoding="utf-8")  # it holds non-ASCII text
     ours = configparser.ConfigParser()
     ours.read_string(ep.auth_ini(SERVER_ENV))
     assert set(ours["mlflow"]) <= set(shipped["mlflow"])

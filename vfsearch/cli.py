@@ -444,7 +444,17 @@ class _errors:
         return False
 
 
+def _tolerant_streams() -> None:
+    """Never die printing: under an ASCII locale (a bare CI box, ``LC_ALL=C``) a library's
+    emoji or box drawing (MLflow's run links, Ray Tune's tables) is escaped instead of
+    raising UnicodeEncodeError at the end of a finished sweep."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
+    _tolerant_streams()
     try:
         app()
     except UserError as exc:  # raised while parsing, before a command body runs
