@@ -82,8 +82,6 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     path: str
-    metric: str = "val_dice3d"  # the primary objective (ranks the table)
-    mode: str = "max"
     objectives: tuple[tuple[str, str], ...] = (("val_dice3d", "max"),)  # (metric, mode)s
     epochs: int = 6
     startup_trials: int = 10
@@ -93,6 +91,15 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
     description: str = ""
+
+    @property
+    def metric(self) -> str:
+        """The primary objective: Optuna's only one, or the first (it ranks the table)."""
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
 
     @property
     def multi_objective(self) -> bool:
@@ -193,10 +200,8 @@ def load_space(path: str | Path) -> SearchSpace:
                     and value not in dep_param.choices:
                 raise _err(src, f"params.{p.key}.when", f"{dep} never takes {value!r}")
         _check_dependency(src, p, by_key, base_flat)
-    return SearchSpace(path=src, metric=objectives[0][0], mode=objectives[0][1],
-                       objectives=objectives,
-                       epochs=epochs, startup_trials=startup, grace_period=grace,
-                       reduction_factor=rf,
+    return SearchSpace(path=src, objectives=objectives, epochs=epochs, startup_trials=startup,
+                       grace_period=grace, reduction_factor=rf,
                        scheduler_metric=str(sched.get("metric", "val_dice")), fixed=dict(fixed),
                        params=tuple(params), description=str(raw.get("description", "")))
 

@@ -360,8 +360,7 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        row = {"trial_id": str(trial_id), space.metric: m.get(space.metric)}
-        row.update({name: m.get(name) for name, _ in space.objectives[1:]})
+        row = {"trial_id": str(trial_id), **{name: m.get(name) for name, _ in space.objectives}}
         row.update({"val_dice": m.get("best_val_dice", m.get("val_dice")),
                     "epoch": m.get("epoch"),
                     "status": "failed" if result.error else
@@ -428,6 +427,5 @@ def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, 
 
 
 __all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "pareto_front",
-           "study_storage",
-           "trial_run_name", "tune"]
+           "study_storage", "trial_run_name", "tune"]
 
