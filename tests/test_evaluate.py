@@ -114,7 +114,7 @@ def test_perfect_segmenter_scores_one_everywhere(store, tmp_path):
     for key in ("test_dice3d", "test_iou3d", "test_precision3d", "test_recall3d",
                 "test_dice3d_mean", "test_dice2d", "test_iou2d", "test_vertebra_pr_auc",
                 "test_vertebra_roc_auc", "test_vertebra_sensitivity",
-                "test_vertebra_specificity", "val_dice3d"):
+                "test_vertebra_specificity", "val_dice3d_tuned"):
         assert f[key] == pytest.approx(1.0), key
     assert 0 < f["test_vertebra_prevalence"] < 1
     rows = _csv(tmp_path / "per_vertebra.csv")
@@ -286,3 +286,27 @@ def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, ml
     c2 = store["root"] / "c2"  # predict by run id: preprocessing from the run's store tag
     summary = predict(run_id, c2 / "ct.nii.gz", c2 / "vertebrae.nii.gz", tmp_path / "p")
     assert len(summary["vertebrae"]) > 0
+
+
+def _case(case_id: str, curve: list[tuple[int, int, int]]):
+    from vfsearch.evaluate import CaseResult
+
+    return CaseResult(case_id, np.array([0.25, 0.5, 0.75]), [], np.array(curve, np.int64),
+                      "files")
+
+
+def test_crossfit_scores_each_half_at_the_other_halfs_threshold():
+    """Honest selection: a case is never scored at a threshold tuned on it."""
+    from vfsearch.evaluate import crossfit_indices, segmentation_metrics
+
+    low = [(10, 0, 0), (5, 0, 5), (0, 0, 10)]  # best at 0.25
+    high = [(10, 30, 0), (10, 10, 0), (10, 0, 0)]  # best at 0.75
+    results = [_case("a", low), _case("b", high), _case("c", low), _case("d", high)]
+    # halves a,c (both best at 0.25) and b,d (best at 0.75) are each scored at the other's
+    assert crossfit_indices(results) == [2, 0, 2, 0]
+    honest = segmentation_metrics(results, k=crossfit_indices(results), n_boot=0)
+    # a and c at 0.75 find nothing, b and d at 0.25 add 30 false positives each
+    assert (honest["tp"], honest["fp"], honest["fn"]) == (20, 60, 20)
+    tuned = max(segmentation_metrics(results, k=k, n_boot=0)["dice3d"] for k in range(3))
+    assert honest["dice3d"] < tuned  # the tuned figure is the optimistic one
+    assert crossfit_indices(results[:1], fixed=0.5) == [1]  # one case: the fixed threshold

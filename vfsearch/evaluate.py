@@ -15,7 +15,11 @@ Scores are computed there, at the original resolution:
   CT; pooled (micro): counts summed over the split. Bootstrap 95 % intervals (cases
   resampled, seeded) for pooled Dice and mean Dice over fractured vertebrae.
 * The threshold: chosen on the validation split (pooled 3D Dice, candidates 0.01..0.99; vote
-  combination 0.05..0.95) and applied unchanged to the evaluated split, unless given.
+  combination 0.05..0.95) and applied unchanged to the evaluated split, unless given. Where
+  the evaluated split *is* the validation split, each case is scored at the threshold chosen
+  on the other half of the split (`crossfit_indices`), so no figure is scored at a threshold
+  tuned on the cases it scores; the same holds for `fused_validation_metrics`, the value a
+  sweep ranks trials by.
 * 2D slice level (crop grid, along the model's plane): pooled Dice/IoU over slices and mean
   Dice over slices with fracture; slice detection (slice score = highest probability).
 * Vertebra detection from a per-vertebra score (segmenter: 99th percentile of the fused
@@ -296,12 +300,51 @@ def choose_threshold(models: Sequence[LoadedModel], store: Any, split: str = "va
     return t, d, results
 
 
-def rows_at(results: Sequence[CaseResult], k: int = 0) -> list[dict[str, Any]]:
-    """Per-vertebra rows (the CSV's) at threshold index ``k`` of each case result."""
+def _per_case(k: int | Sequence[int], n: int) -> list[int]:
+    ks = [int(k)] * n if isinstance(k, (int, np.integer)) else [int(v) for v in k]
+    if len(ks) != n:
+        raise ValueError(f"{len(ks)} threshold indices for {n} case results")
+    return ks
+
+
+def _best_index(results: Sequence[CaseResult], candidates: np.ndarray) -> int:
+    """Index of the candidate maximising pooled 3D Dice over ``results``."""
+    pooled = np.sum([r.curve for r in results], axis=0)
+    t, _ = metrics3d.best_threshold(candidates, [metrics3d.overlap(*row)["dice"]
+                                                 for row in pooled])
+    return int(np.argmin(np.abs(candidates - t)))
+
+
+def crossfit_indices(results: Sequence[CaseResult], fixed: float = 0.5) -> list[int]:
+    """Per-case threshold indices, each chosen on cases it is not scored on (2-fold).
+
+    The cases (in the given order) are dealt into two halves, alternately; the threshold
+    that maximises pooled 3D Dice on one half is applied to the other, and the other way
+    round. Pooled over both halves, the figures are honest: no case is scored at a threshold
+    tuned on it. With a single case there is nothing to cross with: the ``fixed`` threshold
+    (nearest candidate) is used.
+    """
+    if not results:
+        return []
+    candidates = np.asarray(results[0].thresholds)
+    if len(results) < 2:
+        return [int(np.argmin(np.abs(candidates - fixed)))]
+    halves = (list(range(0, len(results), 2)), list(range(1, len(results), 2)))
+    ks = [0] * len(results)
+    for scored, tuned in (halves, halves[::-1]):
+        k = _best_index([results[i] for i in tuned], candidates)
+        for i in scored:
+            ks[i] = k
+    return ks
+
+
+def rows_at(results: Sequence[CaseResult], k: int | Sequence[int] = 0) -> list[dict[str, Any]]:
+    """Per-vertebra rows (the CSV's) at threshold index ``k`` of each case result (one index
+    for every case, or one per case as cross-fitting gives)."""
     from vfsearch.data.labels import name
 
     rows = []
-    for cr in results:
+    for cr, k in zip(results, _per_case(k, len(results)), strict=True):
         threshold = float(cr.thresholds[k])
         for v in cr.vertebrae:
             tp, fp, fn = (int(x) for x in v.curve[k])
@@ -315,16 +358,28 @@ def rows_at(results: Sequence[CaseResult], k: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def segmentation_metrics(results: Sequence[CaseResult], *, k: int = 0, prefix: str = "",
-                         n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Flat figures at threshold index ``k``: pooled / mean 3D overlap, detection, CIs."""
-    rows = rows_at(results, k)
-    threshold = float(results[0].thresholds[k]) if results else float("nan")
-    pooled = np.sum([r.curve[k] for r in results], axis=0) if results else np.zeros(3)
+def segmentation_metrics(results: Sequence[CaseResult], *, k: int | Sequence[int] = 0,
+                         prefix: str = "", n_boot: int = 1000, seed: int = 0
+                         ) -> dict[str, float]:
+    """Flat figures at threshold index ``k`` (one for all cases, or one per case):
+    pooled / mean 3D overlap, detection, CIs. ``threshold3d`` is the median of the cases'
+    thresholds (the threshold itself when there is one)."""
+    ks = _per_case(k, len(results))
+    rows = rows_at(results, ks)
+    thresholds = [float(r.thresholds[kk]) for r, kk in zip(results, ks, strict=True)]
+    threshold = float(np.median(thresholds)) if results else float("nan")
+    pooled = (np.sum([r.curve[kk] for r, kk in zip(results, ks, strict=True)], axis=0)
+              if results else np.zeros(3))
     s = metrics3d.overlap(*pooled)
     summ = metrics3d.summarize(rows)
     det = metrics3d.detection([r["score"] for r in rows], [r["gt_positive"] for r in rows],
                               threshold) if rows else {}
+    if rows:  # sensitivity / specificity at each case's own threshold
+        pos = np.array([r["gt_positive"] for r in rows], bool)
+        hit = np.array([r["pred_positive"] for r in rows], bool)
+        det["sensitivity"] = float((hit & pos).sum() / pos.sum()) if pos.any() else float("nan")
+        det["specificity"] = (float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any()
+                              else float("nan"))
     out = {
         "dice3d": s["dice"], "iou3d": s["iou"], "precision3d": s["precision"],
         "recall3d": s["recall"], "dice3d_mean": summ.get("mean_dice", float("nan")),
@@ -337,8 +392,9 @@ def segmentation_metrics(results: Sequence[CaseResult], *, k: int = 0, prefix: s
         **{f"vertebra_{k2}": float(v) for k2, v in det.items()},
     }
     if n_boot > 0 and rows:
-        case_rows = [{"case_id": cr.case_id, "tp": int(cr.curve[k][0]), "fp": int(cr.curve[k][1]),
-                      "fn": int(cr.curve[k][2])} for cr in results]
+        case_rows = [{"case_id": cr.case_id, "tp": int(cr.curve[kk][0]),
+                      "fp": int(cr.curve[kk][1]), "fn": int(cr.curve[kk][2])}
+                     for cr, kk in zip(results, ks, strict=True)]
         # pooled Dice: whole-case counts; mean Dice: vertebra rows; both resample cases
         out["dice3d_ci_low"], out["dice3d_ci_high"] = metrics3d.bootstrap_ci(
             case_rows, metrics3d.pooled_dice, n_boot=n_boot, seed=seed)
@@ -474,27 +530,35 @@ def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "te
                 for c in cases for vid, s, g in c.vertebrae]
         report.update(kind="classification", threshold=threshold)
     else:
+        case_thresholds: list[float] | None = None
         if threshold is None:
             echo(f"choosing the threshold on {val_split} (pooled 3D Dice)")
-            threshold, val_dice, _ = choose_threshold(models, st, val_split, combine=combine,
-                                                      batch_size=batch_size)
+            threshold, val_dice, val_results = choose_threshold(
+                models, st, val_split, combine=combine, batch_size=batch_size)
             report["threshold_source"] = f"{val_split} (maximum pooled 3D Dice)"
-            report["val_dice3d_at_threshold"] = val_dice
+            report["val_dice3d_tuned"] = val_dice
+            if split == val_split:  # never score a case at a threshold tuned on it
+                case_thresholds = [float(r.thresholds[k]) for r, k in
+                                   zip(val_results, crossfit_indices(val_results), strict=True)]
+                report["threshold_source"] += (f"; the {split} figures are scored at thresholds "
+                                               f"cross-fitted on its halves")
         else:
             report["threshold_source"] = "given"
         echo(f"evaluating {len(ids)} {split} case(s) at threshold {threshold:.2f}")
-        results = [evaluate_case(models, st, c, [threshold], combine=combine, details=True,
-                                 hd95=hd95, batch_size=batch_size) for c in ids]
+        by_case = (dict(zip(st.case_ids(val_split), case_thresholds, strict=True))
+                   if case_thresholds else {})
+        results = [evaluate_case(models, st, c, [by_case.get(c, threshold)], combine=combine,
+                                 details=True, hd95=hd95, batch_size=batch_size) for c in ids]
         flat = segmentation_metrics(results, prefix=prefix, n_boot=n_boot, seed=seed)
         flat.update(slice_metrics(results, threshold, prefix))
         rows = rows_at(results)
         report.update(kind="segmentation", threshold=float(np.round(threshold, 3)),
                       gt_source=sorted({r.source for r in results}),
-                      per_case=[{"case_id": r.case_id,
+                      per_case=[{"case_id": r.case_id, "threshold": float(r.thresholds[0]),
                                  **{k: int(v) for k, v in zip(("tp", "fp", "fn"), r.curve[0])},
                                  **metrics3d.overlap(*r.curve[0])} for r in results])
-        if "val_dice3d_at_threshold" in report:
-            flat["val_dice3d"] = float(report["val_dice3d_at_threshold"])
+        if "val_dice3d_tuned" in report:  # optimistic (selected on val): a reference only
+            flat[f"{val_split}_dice3d_tuned"] = float(report["val_dice3d_tuned"])
     flat[f"{prefix}seconds"] = time.perf_counter() - t0
     report["flat"] = flat
     out_dir = Path(out)
@@ -585,36 +649,52 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # -- end of training -------------------------------------------------------------------------
-def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config: Any, *,
+def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config: Any = None, *,
                              split: str = "val", combine: str = "mean", batch_size: int = 16,
-                             max_cases: int | None = None) -> dict[str, float]:
-    """Fused 3D figures of a trained model on ``split``, for the end of a training run.
+                             max_cases: int | None = None, fixed_threshold: float = 0.5
+                             ) -> dict[str, float]:
+    """Fused 3D figures of a trained model (or an ensemble) on ``split``, for selection.
 
-    ``model``: the trained module (eval mode is set here; it stays on its device);
-    ``config``: its `vfsearch.config.Config`. Segmenters: the threshold is chosen on this
-    split (pooled 3D Dice over candidates 0.01..0.99) and ``val_dice3d`` (the ranking metric
-    of a sweep), ``val_iou3d``, ``val_precision3d``, ``val_recall3d``, ``val_dice3d_mean``,
-    ``val_threshold3d`` and vertebra detection figures are returned at it. Classifiers:
-    vertebra/slice detection at 0.5. Keys carry the ``<split>_`` prefix.
+    ``model``: a trained module with its `vfsearch.config.Config` in ``config`` (eval mode is
+    set here; it stays on its device), or a `LoadedModel`, or a list of them (an ensemble:
+    their maps are averaged). Keys carry the ``<split>_`` prefix. Segmenters:
+
+    * ``val_dice3d`` (what a sweep ranks by and export promotes by), ``val_iou3d``,
+      ``val_precision3d``, ``val_recall3d``, ``val_dice3d_mean`` and the vertebra detection
+      figures are scored at thresholds **cross-fitted** on halves of the split
+      (`crossfit_indices`): no case is scored at a threshold tuned on it (one case alone:
+      ``fixed_threshold``);
+    * ``val_threshold3d`` is the deployment threshold, chosen on the whole split (maximum
+      pooled 3D Dice over 0.01..0.99) and stored with the model; ``val_dice3d_tuned`` is the
+      Dice at it, optimistic by construction (selected on the cases it scores), logged for
+      reference and never used to select anything.
+
+    Classifiers: vertebra/slice detection at 0.5.
     """
     from vfsearch.data.store import Store
 
     st = store if isinstance(store, Store) else Store(store)
-    meta = st.meta
-    lm = LoadedModel(model.eval(), config, st.fingerprint, tuple(meta["spacing"]),
-                     float(meta["margin_mm"]), source="training run")
+    if isinstance(model, LoadedModel):
+        models = [model]
+    elif isinstance(model, (list, tuple)):
+        models = list(model)
+    else:
+        meta = st.meta
+        models = [LoadedModel(model.eval(), config, st.fingerprint, tuple(meta["spacing"]),
+                              float(meta["margin_mm"]), source="training run")]
     ids = st.case_ids(split)[: max_cases or None]
     if not ids:
         return {}
     prefix = f"{split}_"
-    if lm.kind == "classification":
-        cases = [classify_case(lm, st, c) for c in ids]
+    if models[0].kind == "classification":
+        cases = [classify_case(models[0], st, c) for c in ids]
         return classifier_metrics(cases, 0.5, prefix)
-    t, _, results = choose_threshold([lm], st, split, combine=combine, batch_size=batch_size,
-                                     cases=ids)
-    candidates = results[0].thresholds
-    k = int(np.argmin(np.abs(candidates - t)))
-    flat = segmentation_metrics(results, k=k, prefix=prefix, n_boot=0)
+    t, tuned_dice, results = choose_threshold(models, st, split, combine=combine,
+                                              batch_size=batch_size, cases=ids)
+    flat = segmentation_metrics(results, k=crossfit_indices(results, fixed_threshold),
+                                prefix=prefix, n_boot=0)
+    flat[f"{prefix}threshold3d"] = float(t)
+    flat[f"{prefix}dice3d_tuned"] = float(tuned_dice)
     return flat
 
 
@@ -625,6 +705,7 @@ __all__ = [
     "case_truth",
     "choose_threshold",
     "classifier_metrics",
+    "crossfit_indices",
     "classify_case",
     "evaluate",
     "evaluate_case",
