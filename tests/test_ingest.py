@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from vfsearch.cli import app
 from vfsearch.data import io
 from vfsearch.data.geometry import Geometry
-from vfsearch.data.ingest import assign_splits, ingest
-from vfsearch.data.store import CHUNK_SLICES, PLANE_AXIS, Store
+from vfsearch.data.ingest import assign_splits, ingest, read_manifest, read_verse_tree
+from vfsearch.data.store import CHUNK_SLICES, PLANE_AXIS, Store, fingerprint_from_hist
 from vfsearch.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -322,6 +322,141 @@ def test_split_is_seeded_case_level_and_manifest_wins(tmp_path):
     assert sum(len(store.case_ids(s)) for s in ("train", "val", "test")) == 3
 
 
+def test_split_draws_subjects_not_cases():
+    fractions = (0.7, 0.15, 0.15)
+    subjects = {"a1": "A", "a2": "A", "a3": "A", "b": "B", "c": "C", "d": "D"}
+    ids = sorted(subjects)
+    for seed in range(10):
+        plan = assign_splits(ids, {}, {}, fractions, seed, subjects)
+        assert plan["a1"] == plan["a2"] == plan["a3"]
+        # Counts are in subjects: 4 subjects -> 2 train, 1 val, 1 test.
+        per_subject = sorted({subjects[c]: plan[c] for c in ids}.values())
+        assert per_subject == ["test", "train", "train", "val"]
+    # A fixed split of one case, or a previous one, holds for the whole subject.
+    plan = assign_splits(ids, {"a2": "val"}, {"a1": "train"}, fractions, 0, subjects)
+    assert plan["a1"] == plan["a2"] == plan["a3"] == "val"
+    plan = assign_splits(ids, {}, {"a3": "test"}, fractions, 0, subjects)
+    assert plan["a1"] == plan["a2"] == plan["a3"] == "test"
+    # Cases of one subject split apart by an earlier version: the most held-out split wins.
+    plan = assign_splits(ids, {}, {"a1": "train", "a2": "test", "b": "val"}, fractions, 0,
+                         subjects)
+    assert plan["a1"] == plan["a2"] == plan["a3"] == "test"
+
+
+def make_verse_tree(root: Path, tmp: Path, scans: list[tuple[str, str]]) -> Path:
+    """A VerSe tree of ``(subject folder, scan stem)`` scans, all copies of one tiny case."""
+    paths = make_case(tmp / "verse_case")
+    for sub, stem in scans:
+        for top, src, suffix in (("rawdata", paths["ct"], "ct"),
+                                 ("derivatives", paths["vertebrae"], "seg-vert_msk")):
+            folder = root / top / sub / (stem.split("_")[1] if "_ses-" in stem else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, folder / f"{stem}_{suffix}.nii.gz")
+    return root
+
+
+def test_verse_scans_of_one_subject_share_a_split(tmp_path):
+    scans = [("sub-verse004", "sub-verse004_ses-a"), ("sub-verse004", "sub-verse004_ses-b"),
+             ("sub-verse005", "sub-verse005_dir-ax"), ("sub-verse005", "sub-verse005_dir-sag"),
+             ("sub-verse006", "sub-verse006"), ("sub-verse007", "sub-verse007"),
+             ("sub-verse008", "sub-verse008")]
+    root = make_verse_tree(tmp_path / "verse", tmp_path, scans)
+    subjects = {s.case_id: s.subject for s in read_verse_tree(root)}
+    assert subjects == {stem: sub for sub, stem in scans}
+    ids = sorted(subjects)
+    pairs = [("sub-verse004_ses-a", "sub-verse004_ses-b"),
+             ("sub-verse005_dir-ax", "sub-verse005_dir-sag")]
+    fractions = (0.7, 0.15, 0.15)
+    apart = 0
+    for seed in range(20):
+        plan = assign_splits(ids, {}, {}, fractions, seed, subjects)
+        assert all(plan[a] == plan[b] for a, b in pairs), (seed, plan)
+        assert {"train", "val", "test"} <= set(plan.values())
+        case_level = assign_splits(ids, {}, {}, fractions, seed)
+        apart += any(case_level[a] != case_level[b] for a, b in pairs)
+    assert apart > 0  # a case-level draw would have put one subject on both sides
+    # Through ingest: the subject is stored on each case and in the meta.
+    for seed in (0, 1):
+        ingest(root, tmp_path / f"s{seed}.zarr", seed=seed)
+        store = Store(tmp_path / f"s{seed}.zarr")
+        assert store.case_ids() == ids
+        splits = {c: store.case_attrs(c)["split"] for c in ids}
+        assert splits == store.meta["splits"] == assign_splits(ids, {}, {}, fractions, seed,
+                                                               subjects)
+        assert all(splits[a] == splits[b] for a, b in pairs)
+        assert {c: store.case_attrs(c)["subject"] for c in ids} == subjects
+        assert store.meta["subjects"] == subjects
+
+
+def test_manifest_subject_column_groups_cases(tmp_path):
+    paths = make_case(tmp_path / "c")
+    table = [("p1_a", "P1", ""), ("p1_b", "P1", ""), ("p1_c", "P1", ""), ("q_a", "Q", "test"),
+             ("q_b", "Q", ""), ("solo1", "", ""), ("solo2", "", ""), ("solo3", "", "")]
+    columns = ["case_id", "ct", "vertebrae", "subject", "split"]
+    rows = [{"case_id": c, **paths, "subject": subj, "split": split} for c, subj, split in table]
+    manifest = write_manifest(tmp_path / "m.csv", rows, columns)
+    subjects = {s.case_id: s.subject for s in read_manifest(manifest)}
+    assert subjects["p1_b"] == "P1" and subjects["solo1"] == "solo1"  # empty: its own subject
+    out = tmp_path / "s.zarr"
+    ingest(manifest, out, seed=2)
+    store = Store(out)
+    split = {c: store.case_attrs(c)["split"] for c in store.case_ids()}
+    assert split["p1_a"] == split["p1_b"] == split["p1_c"]
+    assert split["q_a"] == split["q_b"] == "test"  # a manifest split holds for the subject
+    assert {c: store.case_attrs(c)["subject"] for c in store.case_ids()} == subjects
+    # A new scan of a known subject joins the split the subject already has.
+    rows.append({"case_id": "p1_d", **paths, "subject": "P1"})
+    write_manifest(manifest, rows, columns)
+    assert "1 case(s) ingested, 8 already complete" in ingest(manifest, out, seed=2)
+    store = Store(out)
+    assert store.case_attrs("p1_d")["split"] == split["p1_a"]
+    assert {c: store.case_attrs(c)["split"] for c in split} == split
+
+
+def test_fingerprint_comes_from_train_split_only(tmp_path):
+    rows = []
+    for i, split in enumerate(("train", "train", "val", "test")):
+        held_out = split != "train"
+        # Held-out cases: bone 1500 HU denser and a coarser scanner grid than the train cases.
+        geom = Geometry((3.0, 2.0, 3.0), GEOM.origin, DIRECTION) if held_out else GEOM
+        paths = make_case(tmp_path / f"c{i}", seed=i, geom=geom)
+        if held_out:
+            ct = io.read_volume(paths["ct"])
+            io.write_volume(paths["ct"], ct.array + 1500, ct.geometry)
+        rows.append({"case_id": f"c{i}", **paths, "split": split})
+    columns = ["case_id", "ct", "vertebrae", "split"]
+    manifest = write_manifest(tmp_path / "m.csv", rows, columns)
+    out = tmp_path / "s.zarr"
+    ingest(manifest, out)
+
+    def expected(store: Store, ids: list[str]) -> dict:
+        return fingerprint_from_hist(sum(store.hu_hist(c) for c in ids))
+
+    store = Store(out)
+    fp = store.fingerprint
+    assert fp["from_split"] == "train" and fp["cases"] == 2
+    train_only = expected(store, ["c0", "c1"])
+    assert {k: fp[k] for k in train_only} == pytest.approx(train_only)
+    every_case = expected(store, store.case_ids())
+    assert fp["mean"] < every_case["mean"] - 300 and fp["p99_5"] < every_case["p99_5"]
+    np.testing.assert_allclose(fp["spacing_max"], GEOM.spacing)
+    # The manifest moves c3 into train: the resumed run recomputes the fingerprint.
+    rows[3]["split"] = "train"
+    write_manifest(manifest, rows, columns)
+    assert "0 case(s) ingested, 4 already complete" in ingest(manifest, out)
+    store = Store(out)
+    fp = store.fingerprint
+    assert store.case_attrs("c3")["split"] == "train" and fp["cases"] == 3
+    with_c3 = expected(store, ["c0", "c1", "c3"])
+    assert {k: fp[k] for k in with_c3} == pytest.approx(with_c3)
+    np.testing.assert_allclose(fp["spacing_max"], (3.0, 2.0, 3.0))
+    # No train case at all (an evaluation-only store): every case, and it says so.
+    only_test = write_manifest(tmp_path / "test_only.csv", rows[2:3], columns)
+    ingest(only_test, tmp_path / "t.zarr")
+    fp = Store(tmp_path / "t.zarr").fingerprint
+    assert fp["from_split"] == "all" and fp["cases"] == 1
+
+
 def test_idempotent_rerun(tmp_path):
     manifest = small_dataset(tmp_path, n=2)
     out = tmp_path / "s.zarr"
@@ -368,7 +503,8 @@ def test_interrupted_ingest_resumes(tmp_path, monkeypatch):
     assert store.meta["splits"] == plan  # no case changes split on resume
     assert {c: store.case_attrs(c)["split"] for c in store.case_ids()} == plan
     assert store.vertebrae("case1") == list(VERTEBRAE)
-    assert store.fingerprint["cases"] == 3
+    assert store.fingerprint["cases"] == len(store.case_ids("train"))
+    assert store.fingerprint["from_split"] == "train"
 
 
 @pytest.mark.slow
@@ -535,6 +671,19 @@ def test_manifest_duplicate_case_ids(tmp_path):
                                                    {"case_id": "c", **paths}])
     code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
     assert_one_line_error(code, err, "m.csv", "duplicate case_id 'c' (lines 2 and 3)")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_manifest_subject_in_two_splits(tmp_path):
+    paths = make_case(tmp_path / "c")
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"case_id": "a", **paths, "subject": "S", "split": "train"},
+        {"case_id": "b", **paths},
+        {"case_id": "c", **paths, "subject": "S", "split": "test"}],
+        ["case_id", "ct", "vertebrae", "subject", "split"])
+    code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
+    assert_one_line_error(code, err, "m.csv", "subject 'S'", "train on line 2",
+                          "test on line 4")
     assert not (tmp_path / "s.zarr").exists()
 
 

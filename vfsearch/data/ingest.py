@@ -2,7 +2,8 @@
 
 Sources
     * a manifest CSV with columns ``case_id, ct, vertebrae`` and optional ``fracture``,
-      ``split`` (train/val/test) and ``grades`` (``11:0;12:2``: VerSe id or name, then grade).
+      ``split`` (train/val/test), ``subject`` (the person scanned; empty: the case is its own
+      subject) and ``grades`` (``11:0;12:2``: VerSe id or name, then grade).
       Paths are relative to the manifest's folder. ``ct`` may be NIfTI, MHA/MHD, NRRD or a
       DICOM series folder (one series per folder). ``vertebrae`` is a label map, or a CSV of
       per-vertebra bounding boxes (see below). An empty ``fracture`` cell, or no such column,
@@ -10,7 +11,8 @@ Sources
     * a folder holding ``manifest.csv`` (as ``vfsearch synth`` writes it);
     * a VerSe-style tree: ``rawdata/sub-*/**/<stem>_ct.nii.gz`` with
       ``derivatives/sub-*/**/<stem>_seg-vert_msk.nii.gz`` (VerSe ids) and, if present,
-      ``derivatives/sub-*/**/<stem>_*fracture*.nii.gz``; the case id is ``<stem>``.
+      ``derivatives/sub-*/**/<stem>_*fracture*.nii.gz``; the case id is ``<stem>``, the
+      subject the ``sub-*`` folder (so ``sub-x_ses-a`` and ``sub-x_ses-b`` are one subject).
 
 Label maps carry VerSe ids (default) or TotalSegmentator v2 ids (``label_scheme=
 "totalsegmentator"``). Only T4..L5 count; other structures (organs, ribs, sacrum, other
@@ -48,12 +50,17 @@ probability map) back onto the original CT grid.
 
 Store level: ``dataset_id`` = hash of (source kind, resolved source path, spacing, margin,
 label scheme, chunk plane). An existing store with another id is refused; the same id
-resumes: complete cases are skipped, incomplete ones redone. The split is per case, seeded
-and stored (``splits`` in the store meta and ``split`` on each case); a manifest ``split``
-wins; a case keeps its split across runs. With >= 3 cases, val and test get >= 1 case each
-(when their fraction is > 0). The fingerprint (HU percentiles/mean/std over voxels inside
-vertebra masks of all complete cases; median/min/max spacing of the original CTs in
-canonical x, y, z order) is recomputed after every run.
+resumes: complete cases are skipped, incomplete ones redone. The split is per subject, so
+that no person's scans land on both sides of a split: seeded and stored (``splits`` and
+``subjects`` in the store meta, ``split`` and ``subject`` on each case); a manifest
+``split`` wins and holds for the subject's other cases (one subject declared in two splits
+is refused before anything is written); a subject keeps the split any of its cases had in
+an earlier run. With >= 3 subjects, val and test get >= 1 subject each (when their fraction
+is > 0). The fingerprint (HU percentiles/mean/std over voxels inside vertebra masks;
+median/min/max spacing of the original CTs in canonical x, y, z order) comes from the
+complete train cases only, so normalisation learns nothing from val or test (from all
+complete cases only when there is no train case; ``from_split`` and ``cases`` say which);
+it is recomputed after every run, so a changed split moves it.
 
 Errors: a `UserError` in any case stops the run with one line; complete cases stay valid,
 the failed case is not written; a store created by the failed run with no complete case is
@@ -91,7 +98,10 @@ _BOX_COLUMNS = ("vertebra", "x0", "y0", "z0", "x1", "y1", "z1")
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """One case to ingest: absolute paths, plus where it was declared (for messages)."""
+    """One case to ingest: absolute paths, plus where it was declared (for messages).
+
+    ``subject``: the person scanned (default: the case id); a subject's cases share a split.
+    """
 
     case_id: str
     ct: str
@@ -100,6 +110,11 @@ class CaseSpec:
     split: str | None = None
     grades: dict[int, int] = field(default_factory=dict)
     origin: str = ""
+    subject: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.subject:
+            object.__setattr__(self, "subject", self.case_id)
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ def read_manifest(path: Path) -> list[CaseSpec]:
     col = {name: header.index(name) for name in header}
     base = path.parent
     seen: dict[str, int] = {}
+    declared: dict[str, tuple[str, int]] = {}  # subject -> (split, line) of its first split
     specs = []
     for line, row in enumerate(rows[1:], start=2):
         def cell(name: str) -> str:
@@ -170,10 +186,18 @@ def read_manifest(path: Path) -> list[CaseSpec]:
             if split not in _SPLIT_NAMES:
                 raise UserError(f"{where}: split {cell('split')!r} must be train, val or test")
             split = _SPLIT_NAMES[split]
+        subject = cell("subject") or cid
+        if split is not None:
+            first, first_line = declared.setdefault(subject, (split, line))
+            if first != split:
+                raise UserError(f"{path}: subject {subject!r} is declared in two splits "
+                                f"({first} on line {first_line}, {split} on line {line}); "
+                                f"a subject's cases must share one split")
         specs.append(CaseSpec(
             case_id=cid, ct=_resolve(base, cell("ct")), vertebrae=_resolve(base, cell("vertebrae")),
             fracture=_resolve(base, cell("fracture")) if cell("fracture") else None,
-            split=split, grades=_parse_grades(cell("grades"), where), origin=where))
+            split=split, grades=_parse_grades(cell("grades"), where), origin=where,
+            subject=subject))
     if not specs:
         raise UserError(f"{path}: manifest has no cases")
     return specs
@@ -220,7 +244,8 @@ def read_verse_tree(root: Path) -> list[CaseSpec]:
             raise UserError(f"{ct}: case id {stem!r} has characters other than letters, "
                             f"digits, '.', '_' and '-'")
         specs[stem] = CaseSpec(stem, str(ct), str(masks[0]),
-                               str(fractures[0]) if fractures else None, origin=str(ct))
+                               str(fractures[0]) if fractures else None, origin=str(ct),
+                               subject=sub)
     return list(specs.values())
 
 
@@ -482,6 +507,7 @@ def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
                         f"{','.join(f'{s:g}' for s in target)} mm")
     attrs = {
         "case_id": spec.case_id,
+        "subject": spec.subject,
         "source": {"ct": str(Path(spec.ct).resolve()),
                    "vertebrae": str(Path(spec.vertebrae).resolve()),
                    "fracture": str(Path(spec.fracture).resolve()) if spec.fracture else None},
@@ -540,14 +566,29 @@ def _run_case(spec: CaseSpec, params: Params, store_path: str, split: str,
 # ---------------------------------------------------------------------------------------
 
 def assign_splits(case_ids: list[str], fixed: dict[str, str], previous: dict[str, str],
-                  fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Case-level split: fixed (manifest) wins, then the previous run's, then seeded draws.
+                  fractions: tuple[float, float, float], seed: int,
+                  subjects: dict[str, str] | None = None) -> dict[str, str]:
+    """Subject-level split: fixed (manifest) wins, then the previous run's, then seeded draws.
 
-    New cases fill the train/val/test counts the fractions ask for over all cases; with
-    >= 3 cases val and test get at least one case each when their fraction is > 0.
+    ``subjects`` maps a case to its subject (default: the case itself); every case of a
+    subject gets the subject's split. A fixed or previous split of any of its cases holds for
+    the whole subject (if its cases disagree, the most held-out one: test, then val, then
+    train). New subjects fill the train/val/test counts the fractions ask for over all
+    subjects; with >= 3 subjects val and test get at least one subject each when their
+    fraction is > 0. With one case per subject this is the case-level draw of earlier
+    versions (same seed, same splits).
     """
-    n = len(case_ids)
-    out = {c: fixed.get(c) or previous.get(c) for c in case_ids}
+    subject = {c: (subjects or {}).get(c) or c for c in case_ids}
+    groups: dict[str, list[str]] = {}
+    for c in case_ids:
+        groups.setdefault(subject[c], []).append(c)
+
+    def held(cases: list[str], source: dict[str, str]) -> str | None:
+        found = {source[c] for c in cases if source.get(c)}
+        return max(found, key=SPLITS.index) if found else None
+
+    n = len(groups)
+    out = {g: held(cases, fixed) or held(cases, previous) for g, cases in groups.items()}
     target = {s: int(round(n * f)) for s, f in zip(SPLITS, fractions)}
     if n >= 3:
         for s, f in zip(SPLITS[1:], fractions[1:]):
@@ -562,7 +603,7 @@ def assign_splits(case_ids: list[str], fixed: dict[str, str], previous: dict[str
         best = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
         out[todo[i]] = best
         deficit[best] -= 1
-    return out  # type: ignore[return-value]
+    return {c: out[subject[c]] for c in case_ids}  # type: ignore[misc]
 
 
 def dataset_id(kind: str, source: Path, params: Params) -> str:
@@ -605,9 +646,12 @@ def _open_store(out: Path, meta: dict[str, Any]):
 
 
 def _fingerprint(store) -> dict[str, Any]:
+    """Fingerprint of the train cases (of all complete cases only if there is no train case)."""
     from vfsearch.data.store import fingerprint_from_hist
 
-    ids = store.case_ids()
+    ids, from_split = store.case_ids("train"), "train"
+    if not ids:
+        ids, from_split = store.case_ids(), "all"
     hist = None
     spacings = []
     for cid in ids:
@@ -619,7 +663,7 @@ def _fingerprint(store) -> dict[str, Any]:
         sp = np.asarray(spacings, dtype=np.float64)
         fp.update(spacing_median=np.median(sp, axis=0).tolist(),
                   spacing_min=sp.min(axis=0).tolist(), spacing_max=sp.max(axis=0).tolist())
-    fp["cases"] = len(ids)
+    fp.update(cases=len(ids), from_split=from_split)
     return fp
 
 
@@ -701,16 +745,25 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
     store, created, empty_dir = _open_store(out_path, meta)
     try:
         complete = set(store.case_ids())
-        previous = dict(store.root.attrs.get("vfsearch", {}).get("splits", {}))
+        old = store.root.attrs.get("vfsearch", {})
+        previous = dict(old.get("splits", {}))
+        subjects = dict(old.get("subjects", {}))
         for cid in complete:  # the split a case was written with is the one it keeps
-            previous[cid] = store.case_attrs(cid).get("split", previous.get(cid))
+            attrs = store.case_attrs(cid)
+            previous[cid] = attrs.get("split", previous.get(cid))
+            subjects[cid] = attrs.get("subject", subjects.get(cid, cid))
+        subjects.update({s.case_id: s.subject for s in specs})  # the source's word wins
         all_ids = sorted(set(previous) | {s.case_id for s in specs})
+        subjects = {cid: subjects.get(cid, cid) for cid in all_ids}
         plan = assign_splits(all_ids, {s.case_id: s.split for s in specs if s.split},
-                             previous, split, seed)
-        store.set_meta(splits=plan, split_fractions=list(split), split_seed=seed)
-        for cid in complete:  # an explicit manifest split overrides the stored one
-            if store.case_attrs(cid).get("split") != plan[cid]:
-                store.root[f"cases/{cid}"].attrs["split"] = plan[cid]
+                             previous, split, seed, subjects)
+        store.set_meta(splits=plan, subjects=subjects, split_fractions=list(split),
+                       split_seed=seed)
+        for cid in complete:  # a manifest split or subject overrides the stored one
+            attrs = store.case_attrs(cid)
+            for key, value in (("split", plan[cid]), ("subject", subjects[cid])):
+                if attrs.get(key) != value:
+                    store.root[f"cases/{cid}"].attrs[key] = value
         todo = [s for s in specs if s.case_id not in complete]
         done = _run_all(todo, params, str(out_path), plan, workers)
     except BaseException as exc:
