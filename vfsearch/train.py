@@ -397,6 +397,34 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
+    def save_and_report(report: dict[str, Any], epoch: int, dir_name: str) -> None:
+        """Every rank's RNG state, rank 0's state/best/meta, and one `ray.train.report`."""
+        with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
+            torch.save(_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
+            if rank == 0:
+                torch.save({
+                    "model": inner.state_dict(),
+                    "disc": inner_d.state_dict() if inner_d is not None else {},
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict() if opt_d is not None else {},
+                    "sched": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
+                    "since_best": since_best, "config": loop["config"],
+                    "mlflow_run_id": run_id or "", "world_size": world,
+                }, Path(tmp, "state.pt"))
+                if best_state is not None:
+                    torch.save(best_state, Path(tmp, "best.pt"))
+                Path(tmp, "meta.json").write_text(json.dumps(
+                    {"epoch": epoch, "best_epoch": best_epoch, "best_val_dice": best_metric,
+                     "mlflow_run_id": run_id or "", "name": loop.get("name", ""),
+                     "mlflow_experiment_id": tracker.experiment_id if tracker else "",
+                     "metrics": {k: v for k, v in report.items()
+                                 if isinstance(v, (int, float))}}))
+            # a barrier: every rank reports once; the folders merge into one
+            ray.train.report(report if rank == 0 else {},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=dir_name)
+
     first_step_s: float | None = None  # fixed cost: launch to the first optimiser step
     worker_setup_s = 0.0  # the part of it spent in this function
     metrics: dict[str, Any] = {}
@@ -493,28 +521,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if tracker is not None:
             run_id = tracker.log_metrics(metrics, step=epoch)
         echo(_format_progress(epoch, tc.epochs, metrics))
-        with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
-            torch.save(_rng_state(), Path(tmp, f"rng_rank{rank}.pt"))
-            if rank == 0:
-                torch.save({
-                    "model": inner.state_dict(),
-                    "disc": inner_d.state_dict() if inner_d is not None else {},
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict() if opt_d is not None else {},
-                    "sched": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
-                    "since_best": since_best, "config": loop["config"],
-                    "mlflow_run_id": run_id or "", "world_size": world,
-                }, Path(tmp, "state.pt"))
-                if best_state is not None:
-                    torch.save(best_state, Path(tmp, "best.pt"))
-                Path(tmp, "meta.json").write_text(json.dumps(
-                    {"epoch": epoch, "best_epoch": best_epoch, "best_val_dice": best_metric,
-                     "mlflow_run_id": run_id or "", "name": loop.get("name", ""),
-                     "mlflow_experiment_id": tracker.experiment_id if tracker else ""}))
-            # a barrier: every rank reports once per epoch; the folders merge into one
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        save_and_report(metrics, epoch, f"epoch_{epoch:04d}")
         if fault and fault.get("raise_after_epoch") == epoch:
             raise RuntimeError(f"injected interruption after epoch {epoch}")
         if stop:
@@ -529,10 +536,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics(final, step=int(metrics.get("epoch", 0)))
             _log_pictures(loop, config, inner, tracker, final.get("val_threshold3d"))
-    # a last barrier, without checkpoint: Tune (and Optuna) see the fused 3D figures of the
-    # best model; rank 0's dict is the one forwarded
+    # a last barrier: Tune (and Optuna) see the fused 3D figures of the best model (rank 0's
+    # dict is the one forwarded), and the last checkpoint's best.pt carries the deployment
+    # threshold and its meta.json the final figures
     if config.train.final_eval:
-        ray.train.report(metrics if rank == 0 else {})
+        last = int(metrics.get("epoch", start_epoch - 1))
+        save_and_report(metrics, last, f"final_{last:04d}")
     if tracker is not None:
         tracker.finish(best_state)
 

@@ -1,0 +1,343 @@
+"""Quality benchmark: what a user gets from vfsearch, through its own train and evaluate path.
+
+Data (built here, nothing downloaded):
+
+* **phantoms split by seed**: ``vfsearch synth --small`` cases of seed 0 are the train and
+  validation cases (the last quarter is val), cases of seed 1 the held-out test cases; one
+  store, ingested at 2 mm like the demo's (the split comes from a manifest column);
+* **real anatomy**: fractures simulated (``vfsearch synth --background``) into the real CT
+  scans of ``../shared/data/real`` (a lumbar crop in VerSe ids, an abdominal CT in
+  TotalSegmentator ids), three cases, every one a test case of a second store ingested with
+  the same spacing and margin. They are never used for training (so leave-one-scan-out holds
+  trivially); the intact vertebrae of those scans are the negatives of vertebra detection.
+
+Every model is trained by `vfsearch.train.run_training` (Ray Train V2 on a local Ray, the
+final fused 3D validation included) and scored by `vfsearch.evaluate.evaluate` on the test
+split of each store at the threshold chosen on the phantom validation split (stored in the
+checkpoint: no test case selects anything). Validation selects the best epoch, the threshold,
+and the ensemble's members; test is read here only, once per model.
+
+Reported, per model, on held-out phantoms and on held-out real anatomy: pooled 3D Dice, mean
+Dice over fractured vertebrae, vertebra-level PR-AUC and ROC-AUC:
+
+* the plan's ablation: plain U-Net (no attention, no temporal module), attention only,
+  attention + ``lstm``, attention + ``convlstm``, attention + ``lstm`` + GAN (staged: the
+  segmenter trains alone for the first half of the epochs);
+* the earlier study's baseline: the ``resnet18_classifier`` vertebra PR-AUC on the same cases;
+* a top-3 ensemble of the segmenters (members chosen by their honest ``val_dice3d``) against
+  the best single one by the same figure;
+* gains with paired bootstrap 95 % intervals over test cases: ``temporal_gain`` (attention +
+  ``lstm`` minus plain, phantom test), the same on real anatomy, and the GAN's gain.
+
+Usage: ``python benchmarks/quality.py`` (CPU defaults; about 35 min on a 2-core box),
+``--device cuda --patch 128 --base 32 --epochs 30 --windows 4000 --train-cases 64`` on a GPU.
+The last line is ``RESULT phantom_dice3d=… real_dice3d=… real_vertebra_auc=… plain_dice3d=…
+temporal_gain=… classifier_pr_auc=… ensemble_gain=…`` where the first three are those of the
+plan's model (attention + ``lstm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+# (output name, scan folder, CT, labels, label scheme, fractures)
+REAL_CASES = [
+    ("real_tptbox_l3", "tptbox_l3", "ct.nii.gz", "vertebrae_verse.nii.gz", "verse", "L3:2:wedge"),
+    ("real_abdomen_l1", "totalseg_abdomen", "ct.nii.gz", "vertebrae_totalseg.nii.gz",
+     "totalsegmentator", "L1:2:wedge"),
+    ("real_abdomen_t12_l4", "totalseg_abdomen", "ct.nii.gz", "vertebrae_totalseg.nii.gz",
+     "totalsegmentator", "T12:3:crush,L4:1:biconcave"),
+]
+SPACING = (2.0, 2.0, 2.0)
+MARGIN_MM = 6.0
+PLAN = "attention+lstm"
+
+
+def variants(epochs: int) -> dict[str, dict[str, Any]]:
+    """The ablation: each a set of config overrides on top of the shared base."""
+    return {
+        "plain": {"model.attention": False, "model.temporal": "none"},
+        "attention": {"model.temporal": "none"},
+        PLAN: {"model.temporal": "lstm"},
+        "attention+convlstm": {"model.temporal": "convlstm"},
+        "attention+lstm+gan": {"model.temporal": "lstm", "model.gan": True,
+                               "loss.adv_weight": 0.01, "train.gan_start_epoch": epochs // 2},
+    }
+
+
+# -- data ------------------------------------------------------------------------------------
+def _manifest_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, Path]:
+    """The phantom store (train/val seed 0, test seed 1) and the real-anatomy store (test)."""
+    from vfsearch.data.ingest import ingest
+    from vfsearch.data.synth import synth_dataset, synth_on_background
+
+    raw = work / "raw"
+    rows = []
+    for seed, n in ((0, train_cases), (1, test_cases)):
+        folder = raw / f"phantom_s{seed}"
+        if not (folder / "manifest.csv").is_file():
+            synth_dataset(folder, cases=n, seed=seed, spacing=None, small=True,
+                          fracture_rate=0.3)
+        for i, r in enumerate(_manifest_rows(folder)):
+            split = "test" if seed == 1 else ("val" if i >= n - max(1, n // 4) else "train")
+            rows.append({"case_id": f"s{seed}_{r['case_id']}", "split": split,
+                         **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae",
+                                                                 "fracture")}})
+    phantom_manifest = raw / "phantoms.csv"
+    _write_manifest(phantom_manifest, rows)
+    phantoms = work / "phantoms.zarr"
+    ingest(phantom_manifest, phantoms, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
+
+    rows = []
+    for name, scan, ct, labels, scheme, fractures in REAL_CASES:
+        folder = raw / name
+        if not (folder / "manifest.csv").is_file():
+            synth_on_background(REAL / scan / ct, REAL / scan / labels, folder,
+                                fracture=fractures, seed=0, label_scheme=scheme)
+        r = _manifest_rows(folder)[0]
+        rows.append({"case_id": name, "split": "test",
+                     **{k: f"{name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")}})
+    real_manifest = raw / "real.csv"
+    _write_manifest(real_manifest, rows)
+    real = work / "real.zarr"
+    ingest(real_manifest, real, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
+    return phantoms, real
+
+
+def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case_id", "ct", "vertebrae", "fracture", "split"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+# -- training and evaluation ------------------------------------------------------------------
+def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus: float,
+              cpus: float) -> tuple[Path, dict[str, float], float]:
+    """Fit one model with `run_training`; returns (best.pt, final metrics, seconds)."""
+    import torch
+
+    from vfsearch.config import Config
+    from vfsearch.train import run_training
+
+    t0 = time.perf_counter()
+    shutil.rmtree(work / "checkpoints" / name, ignore_errors=True)  # a fresh run, never a resume
+    summary = run_training(store, Config.from_flat(flat, source=name), name=name,
+                           storage=work / "checkpoints", workers=1, gpus_per_worker=gpus,
+                           cpus_per_worker=cpus, mlflow_uri=None, progress=False)
+    best = Path(summary.checkpoint) / "best.pt"
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, (int, float))}
+    metrics["best_epoch"] = float(state["epoch"])
+    return best, metrics, time.perf_counter() - t0
+
+
+def score(models: Any, store: Path, out: Path, *, threshold: float | None,
+          device: str) -> dict[str, Any]:
+    """`vfsearch evaluate` on the store's test split (threshold None: chosen on its val)."""
+    from vfsearch.evaluate import evaluate
+
+    return evaluate(models, store, split="test", out=out, threshold=threshold, device=device,
+                    n_boot=1000, log_to_run=False)
+
+
+def figures(report: dict[str, Any]) -> dict[str, float]:
+    f = report["flat"]
+    keys = {"dice3d": "test_dice3d", "dice3d_mean": "test_dice3d_mean",
+            "pr_auc": "test_vertebra_pr_auc", "roc_auc": "test_vertebra_roc_auc",
+            "prevalence": "test_vertebra_prevalence"}
+    return {k: float(f.get(v, float("nan"))) for k, v in keys.items()}
+
+
+def paired_gain(a: dict[str, Any], b: dict[str, Any], *, n_boot: int = 2000, seed: int = 0
+                ) -> tuple[float, float, float]:
+    """Pooled 3D Dice of report ``a`` minus that of ``b`` on the same cases, with a paired
+    bootstrap 95 % interval (cases resampled with replacement, seeded)."""
+    ca = np.array([[c["tp"], c["fp"], c["fn"]] for c in a["per_case"]], float)
+    cb = np.array([[c["tp"], c["fp"], c["fn"]] for c in b["per_case"]], float)
+    assert [c["case_id"] for c in a["per_case"]] == [c["case_id"] for c in b["per_case"]]
+
+    def dice(c: np.ndarray) -> float:
+        tp, fp, fn = c.sum(axis=0)
+        return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    gain = dice(ca) - dice(cb)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ca), size=(n_boot, len(ca)))
+    boots = np.array([dice(ca[i]) - dice(cb[i]) for i in idx])
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(gain), float(lo), float(hi)
+
+
+def _row(name: str, ph: dict[str, float], re: dict[str, float], extra: str = "") -> str:
+    def f(v: float) -> str:
+        return "  n/a" if not np.isfinite(v) else f"{v:5.3f}"
+
+    return (f"{name:<22}{f(ph['dice3d']):>7}{f(ph['dice3d_mean']):>7}{f(ph['pr_auc']):>7}"
+            f"{f(ph['roc_auc']):>7}  |{f(re['dice3d']):>7}{f(re['dice3d_mean']):>7}"
+            f"{f(re['pr_auc']):>7}{f(re['roc_auc']):>7}  {extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None,
+                        help="working folder (default: a fresh temporary one, removed after)")
+    parser.add_argument("--train-cases", type=int, default=16,
+                        help="seed-0 phantoms (a quarter of them validation)")
+    parser.add_argument("--test-cases", type=int, default=6, help="seed-1 phantoms (test)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=512, help="training windows per epoch")
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--base", type=int, default=8, help="model.base_channels")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per training)")
+    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs per training worker")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="extra config override for every model, key=value")
+    args = parser.parse_args(argv)
+    if not REAL.is_dir():
+        print(f"real CT samples not found at {REAL}", file=sys.stderr)
+        return 2
+
+    import tempfile
+
+    import ray
+
+    from vfsearch.config import parse_overrides
+    from vfsearch.train import start_local_ray
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    phantoms, real = build_data(work, train_cases=args.train_cases, test_cases=args.test_cases)
+    print(f"data ready in {time.perf_counter() - t_start:.0f} s: {phantoms}, {real}", flush=True)
+
+    base = {"data.patch_size": args.patch, "model.base_channels": args.base,
+            "model.depth": args.depth, "model.norm": "group", "data.augment": 0.5,
+            "train.batch_size": args.batch, "train.max_windows_per_epoch": args.windows,
+            "train.epochs": args.epochs, "train.warmup_epochs": 1, "train.lr": 2e-3,
+            "train.log_pictures": False, "train.seed": 0,
+            **parse_overrides(args.set)}
+    gpus = 1.0 if args.device == "cuda" else 0.0
+    start_local_ray(num_cpus=max(2, int(args.cpus)), num_gpus=int(gpus) or None,
+                    log_to_driver=False)
+    chosen = [v for v in args.only.split(",") if v]
+    todo = {k: v for k, v in variants(args.epochs).items() if not chosen or k in chosen}
+    ckpts: dict[str, Path] = {}
+    val: dict[str, dict[str, float]] = {}
+    reports: dict[str, dict[str, dict[str, Any]]] = {}
+    train_s: dict[str, float] = {}
+    try:
+        for name, overrides in todo.items():
+            ckpts[name], val[name], train_s[name] = train_one(
+                name, phantoms, {**base, **overrides}, work, gpus=gpus, cpus=args.cpus)
+            threshold = val[name]["val_threshold3d"]  # chosen on phantom val by training
+            reports[name] = {
+                "phantom": score(ckpts[name], phantoms, work / "eval" / name / "phantom",
+                                 threshold=threshold, device=args.device),
+                "real": score(ckpts[name], real, work / "eval" / name / "real",
+                              threshold=threshold, device=args.device)}
+            print(f"{name}: trained in {train_s[name]:.0f} s (best epoch "
+                  f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
+                  f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
+                  f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}", flush=True)
+
+        # the earlier study's baseline: the slice classifier, vertebra score = max slice score
+        cls_name = "resnet18_classifier"
+        cls_ckpt, _, train_s[cls_name] = train_one(
+            cls_name, phantoms, {**base, "model.family": cls_name, "model.norm": "batch"},
+            work, gpus=gpus, cpus=args.cpus)
+        cls_ph = score(cls_ckpt, phantoms, work / "eval" / cls_name / "phantom", threshold=None,
+                       device=args.device)
+        cls_re = score(cls_ckpt, real, work / "eval" / cls_name / "real",
+                       threshold=min(max(float(cls_ph["threshold"]), 1e-3), 0.999),
+                       device=args.device)
+
+        # top-3 ensemble, members chosen on the honest val_dice3d; threshold chosen on val
+        ranked = sorted(val, key=lambda k: -val[k].get("val_dice3d", -1.0))
+        members = ranked[:3]
+        ens_ph = score([str(ckpts[m]) for m in members], phantoms, work / "eval" / "ensemble"
+                       / "phantom", threshold=None, device=args.device)
+        ens_re = score([str(ckpts[m]) for m in members], real, work / "eval" / "ensemble" /
+                       "real", threshold=float(ens_ph["threshold"]), device=args.device)
+    finally:
+        ray.shutdown()
+
+    print(f"\nheld-out test cases: {len(reports[next(iter(reports))]['phantom']['cases'])} "
+          f"phantoms (seed 1), {len(REAL_CASES)} real scans with simulated fractures; "
+          f"{args.train_cases} seed-0 phantoms for train+val; model {args.patch}px, base "
+          f"{args.base}, depth {args.depth}, {args.epochs} epochs x {args.windows} windows")
+    print(f"{'':<22}{'phantom test':^28}  |{'real anatomy test':^28}")
+    print(f"{'model':<22}{'Dice':>7}{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  |{'Dice':>7}"
+          f"{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  val_dice3d  train s")
+    for name in reports:
+        print(_row(name, figures(reports[name]["phantom"]), figures(reports[name]["real"]),
+                   f"{val[name].get('val_dice3d', float('nan')):9.3f}  {train_s[name]:6.0f}"))
+    print(_row(f"ensemble top-3", figures(ens_ph), figures(ens_re),
+               "members " + ", ".join(members)))
+    nan = {"dice3d": float("nan"), "dice3d_mean": float("nan")}
+    print(_row(cls_name, {**nan, **figures(cls_ph)}, {**nan, **figures(cls_re)},
+               f"{'':9}  {train_s[cls_name]:6.0f}"))
+    print(f"vertebra prevalence (PR-AUC floor): phantom "
+          f"{figures(cls_ph)['prevalence']:.3f}, real {figures(cls_re)['prevalence']:.3f}")
+
+    gains: dict[str, tuple[float, float, float]] = {}
+    if PLAN in reports and "plain" in reports:
+        gains["temporal_gain"] = paired_gain(reports[PLAN]["phantom"],
+                                             reports["plain"]["phantom"])
+        gains["real_temporal_gain"] = paired_gain(reports[PLAN]["real"], reports["plain"]["real"])
+    if "attention+lstm+gan" in reports and PLAN in reports:
+        gains["gan_gain"] = paired_gain(reports["attention+lstm+gan"]["phantom"],
+                                        reports[PLAN]["phantom"])
+        gains["real_gan_gain"] = paired_gain(reports["attention+lstm+gan"]["real"],
+                                             reports[PLAN]["real"])
+    best_single = ranked[0]
+    gains["ensemble_gain"] = paired_gain(ens_ph, reports[best_single]["phantom"])
+    gains["real_ensemble_gain"] = paired_gain(ens_re, reports[best_single]["real"])
+    for key, (g, lo, hi) in gains.items():
+        print(f"{key:<20} {g:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]")
+    print(f"ensemble against the best single model by val_dice3d ({best_single})")
+    wall = time.perf_counter() - t_start
+    print(f"wall time {wall / 60:.1f} min")
+    summary = {"reports": {k: {s: figures(v) for s, v in r.items()} for k, r in reports.items()},
+               "val": val, "gains": gains, "ensemble_members": members, "wall_s": wall}
+    (work / "quality.json").write_text(json.dumps(summary, indent=2))
+    print(f"details: {work / 'quality.json'} and {work / 'eval'}/*/*/metrics.json")
+
+    plan = reports.get(PLAN) or reports[next(iter(reports))]
+    result = {
+        "phantom_dice3d": figures(plan["phantom"])["dice3d"],
+        "real_dice3d": figures(plan["real"])["dice3d"],
+        "real_vertebra_auc": figures(plan["real"])["roc_auc"],
+        "plain_dice3d": figures(reports["plain"]["phantom"])["dice3d"] if "plain" in reports
+        else float("nan"),
+        "temporal_gain": gains.get("temporal_gain", (float("nan"),))[0],
+        "classifier_pr_auc": figures(cls_re)["pr_auc"],
+        "ensemble_gain": gains["ensemble_gain"][0],
+    }
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
