@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -153,6 +154,40 @@ def test_out_never_overwrites_a_foreign_folder(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-bundle")]
 
 
+def test_ensemble_bundle_loads_as_its_members_averaged(tmp_path):
+    """write_ensemble: each member a bundle of its own, the ensemble's threshold on every
+    member, and the loaded list predicting the mean of the members' maps (planes mixed)."""
+    from vfsearch.predict import crop_probability, load_model
+
+    a = tiny_loaded(tiny_config(), seed=1)
+    b = tiny_loaded(tiny_config(**{"data.plane": "axial"}), seed=2)
+    a.run_id, a.threshold, b.run_id = "a" * 32, 0.3, "b" * 32
+    out = bundle.write_ensemble([a, b], tmp_path / "e", threshold=0.42, onnx=False,
+                                member_info=[{"metric_value": 0.9}, {"metric_value": 0.8}])
+    cfg = bundle.read_config(out)
+    assert bundle.is_ensemble(cfg) and cfg["format_version"] == bundle.ENSEMBLE_FORMAT_VERSION
+    assert [(m["path"], m["run_id"], m["plane"], m["metric_value"]) for m in cfg["members"]] \
+        == [("members/0", "a" * 32, "sagittal", 0.9), ("members/1", "b" * 32, "axial", 0.8)]
+    alone = bundle.load_bundle(out / "members" / "0")  # a member is a bundle of its own
+    assert isinstance(alone, LoadedModel) and alone.threshold == pytest.approx(0.3)
+    assert len(bundle.load_bundle(out)) == 2
+    models = load_model(out, device="cpu")
+    assert [m.run_id for m in models] == ["a" * 32, "b" * 32]
+    assert [m.threshold for m in models] == [0.42, 0.42]
+    assert models[0].extra["member_threshold"] == pytest.approx(0.3)
+    crop = np.random.default_rng(0).normal(300, 200, (18, 22, 26)).astype(np.int16)
+    maps = [crop_probability([m], crop) for m in (a, b)]
+    assert not np.allclose(maps[0], maps[1])
+    np.testing.assert_allclose(crop_probability(models, crop), (maps[0] + maps[1]) / 2,
+                               atol=1e-6)
+
+    c = tiny_loaded(tiny_config(), seed=3)
+    c.margin_mm = 6.0
+    with pytest.raises(UserError, match="must share"):
+        bundle.write_ensemble([a, c], tmp_path / "bad", threshold=0.5, onnx=False)
+    assert not (tmp_path / "bad").exists()
+
+
 # -- selection and gate (pure logic) --------------------------------------------------------
 
 def _c(run_id, value=None, *, end=0, status="FINISHED", tag=None, metric="val_dice3d"):
@@ -204,7 +239,8 @@ def test_promotion_decision():
 
 # -- MLflow: real server, runs created directly ---------------------------------------------
 
-def _save_best(path: Path, cfg: Config, seed: int) -> Path:
+def _save_best(path: Path, cfg: Config, seed: int, *, fingerprint=None, spacing=SPACING,
+               margin_mm: float = 4.0) -> Path:
     """A checkpoint in train.py's ``best.pt`` format, plus the store's preprocessing."""
     from vfsearch.models import build_model
 
@@ -212,9 +248,30 @@ def _save_best(path: Path, cfg: Config, seed: int) -> Path:
     model = build_model(cfg.model, cfg.data.seq_len, load_weights=False)
     torch.save({"model": model.state_dict(), "epoch": 1, "val_dice": 0.5,
                 "config": cfg.flatten(), "seq_len": cfg.data.seq_len,
-                "fingerprint": dict(FINGERPRINT), "spacing": list(SPACING),
-                "margin_mm": 4.0}, path)
+                "fingerprint": dict(fingerprint or FINGERPRINT), "spacing": list(spacing),
+                "margin_mm": margin_mm}, path)
     return path
+
+
+def _log_run(tr, folder: Path, experiment: str, name: str, metrics: dict, *,
+             cfg: Config | None = None, seed: int = 0, tags: dict | None = None,
+             parent: str | None = None, checkpoint: bool = True, status: str = "FINISHED",
+             **ckpt) -> str:
+    """A run with params, metrics and (optionally) a ``checkpoints/best.pt`` artifact."""
+    ckpt_dir = folder / name
+    ckpt_dir.mkdir()
+    cfg = cfg or tiny_config()
+    run_id = tr.start_run(experiment, name, tags={"dataset_fingerprint": "abc123",
+                                                  **(tags or {})}, parent_run_id=parent)
+    tr.log_params(run_id, cfg.flatten())
+    for k, v in metrics.items():  # Tracker.log_metrics drops NaN; the client keeps it
+        tr.client.log_metric(run_id, k, float(v), step=0)
+    if checkpoint:
+        tr.log_artifact(run_id, _save_best(ckpt_dir / "best.pt", cfg, seed, **ckpt),
+                        "checkpoints")
+    if status != "RUNNING":
+        tr.end_run(run_id, status)
+    return run_id
 
 
 @pytest.fixture(scope="module")
@@ -230,21 +287,7 @@ def world(mlflow_server, tmp_path_factory):
          "experiment": f"exp-{uid}", "name": f"vfsearch-fracture-{uid}"}
 
     def run(experiment, name, metrics, **kw):
-        ckpt_dir = tmp / name
-        ckpt_dir.mkdir()
-        cfg = tiny_config()
-        run_id = tr.start_run(experiment, name, tags={"dataset_fingerprint": "abc123",
-                                                      **kw.get("tags", {})},
-                              parent_run_id=kw.get("parent"))
-        tr.log_params(run_id, cfg.flatten())
-        for k, v in metrics.items():  # Tracker.log_metrics drops NaN; the client keeps it
-            tr.client.log_metric(run_id, k, float(v), step=0)
-        if kw.get("checkpoint", True):
-            tr.log_artifact(run_id, _save_best(ckpt_dir / "best.pt", cfg, kw.get("seed", 0)),
-                            "checkpoints")
-        if kw.get("status", "FINISHED") != "RUNNING":
-            tr.end_run(run_id, kw.get("status", "FINISHED"))
-        return run_id
+        return _log_run(tr, tmp, experiment, name, metrics, **kw)
 
     space = tmp / "space.yaml"
     space.write_text("metric: val_dice3d\nparams:\n  model.temporal: [lstm, none]\n")
@@ -475,3 +518,211 @@ for model, out in (({str(out)!r}, "o_bundle"), ({uri!r}, "o_registry")):
         got = io.read_volume(tmp_path / folder / "fracture_prob.nii.gz").array
         np.testing.assert_allclose(got, expected, atol=1e-6)
         assert (tmp_path / folder / "vertebrae.json").is_file()
+
+
+# -- top-k ensembles: real server, a sweep of three trials, the small store's val split ------
+
+@pytest.fixture(scope="module")
+def ens_world(mlflow_server, small_store, tmp_path_factory):
+    """A sweep of three finished trials (two planes) whose checkpoints carry the small store's
+    preprocessing; ``E``/``T``: the fused val Dice / threshold of its two best together,
+    computed here on the checkpoint files; ``LOW``/``HIGH``: plain runs logged just below and
+    above ``E`` (champions for the gate)."""
+    from vfsearch import tracking
+    from vfsearch.data.store import Store
+    from vfsearch.evaluate import fused_validation_metrics
+    from vfsearch.predict import load_checkpoint
+    from vfsearch.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
+
+    tmp = tmp_path_factory.mktemp("ensemble-runs")
+    tr = tracking.Tracker(mlflow_server)
+    uid = uuid.uuid4().hex[:8]
+    st = Store(small_store)
+    meta = {"fingerprint": st.fingerprint, "spacing": tuple(st.meta["spacing"]),
+            "margin_mm": float(st.meta["margin_mm"])}
+    w = {"uri": mlflow_server, "store": str(small_store), "sweep": f"s-ens-{uid}",
+         "name": f"vfsearch-ensemble-{uid}", "tmp": tmp}
+    parent = tr.start_run(EXPERIMENT, w["sweep"], tags={SWEEP_TAG: w["sweep"]})
+    # the members' logged values are far above what tiny random models reach on the store: a
+    # gate comparing them instead of the ensemble's own value would decide otherwise
+    for key, plane, seed, value in (("P", "sagittal", 1, 0.95), ("Q", "axial", 2, 0.93),
+                                    ("S", "sagittal", 3, 0.90)):
+        w[key] = _log_run(tr, tmp, EXPERIMENT, key, {"val_dice3d": value}, seed=seed,
+                          cfg=tiny_config(**{"data.plane": plane}), parent=parent,
+                          tags={STATUS_TAG: "completed"}, **meta)
+    tr.end_run(parent)
+    pair = [load_checkpoint(tmp / k / "best.pt", device="cpu") for k in ("P", "Q")]
+    figures = fused_validation_metrics(pair, small_store, split="val")
+    w["E"], w["T"] = figures["val_dice3d"], figures["val_threshold3d"]
+    assert math.isfinite(w["E"]), figures
+    champions = f"ens-champions-{uid}"
+    w["LOW"] = _log_run(tr, tmp, champions, "LOW", {"val_dice3d": w["E"] - 0.01}, seed=4,
+                        **meta)
+    w["HIGH"] = _log_run(tr, tmp, champions, "HIGH", {"val_dice3d": w["E"] + 0.01}, seed=5,
+                         **meta)
+    return w
+
+
+@pytest.fixture(scope="module")
+def ensemble(ens_world, tmp_path_factory):
+    """LOW exported to alias ``ens``; then the sweep's two best as an ensemble with a bundle
+    (it beats LOW), and the same ensemble again on alias ``ens-champ``."""
+    w = ens_world
+    kw = {"name": w["name"], "mlflow_uri": w["uri"]}
+    low = export(run=w["LOW"], alias="ens", onnx=False, **kw)
+    out = tmp_path_factory.mktemp("ensemble") / "bundle"
+    summary = export(sweep=w["sweep"], top_k=2, store=w["store"], alias="ens", out=out, **kw)
+    again = export(sweep=w["sweep"], top_k=2, store=w["store"], alias="ens-champ", **kw)
+    return low, summary, again, out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_top_k_bundle_holds_the_members_and_predicts_their_mean(ens_world, ensemble):
+    from mlflow import MlflowClient
+
+    from vfsearch.data.store import Store
+    from vfsearch.predict import crop_probability, load_checkpoint, load_model
+    from vfsearch.pyfunc import version_of_run
+
+    w = ens_world
+    _, summary, again, out = ensemble
+    assert [m["run_id"] for m in summary.members] == [w["P"], w["Q"]]
+    cfg = bundle.read_config(out)
+    assert cfg["kind"] == "ensemble" and cfg["run_ids"] == [w["P"], w["Q"]]
+    assert [(m["path"], m["run_id"], m["metric_value"]) for m in cfg["members"]] == \
+        [("members/0", w["P"], 0.95), ("members/1", w["Q"], 0.93)]
+    assert cfg["threshold"] == pytest.approx(w["T"]) == summary.threshold
+    assert cfg["metric_value"] == pytest.approx(w["E"])
+    for i in (0, 1):
+        assert {"config.json", "weights.pt", "model.ts", "model.onnx"} <= \
+            {p.name for p in (out / "members" / str(i)).iterdir()}
+
+    models = load_model(out, device="cpu")
+    assert [(m.run_id, m.plane) for m in models] == [(w["P"], "sagittal"), (w["Q"], "axial")]
+    assert all(m.threshold == pytest.approx(w["T"]) for m in models)
+    st = Store(w["store"])
+    case = st.case_ids("val")[0]
+    crop = st.read(case, st.vertebrae(case)[0], "image")
+    maps = [crop_probability([load_checkpoint(w["tmp"] / k / "best.pt", device="cpu")], crop)
+            for k in ("P", "Q")]
+    assert not np.allclose(maps[0], maps[1])
+    np.testing.assert_allclose(crop_probability(models, crop), (maps[0] + maps[1]) / 2,
+                               atol=1e-6)
+
+    card = (out / "MODEL_CARD.md").read_text()
+    for text in ("ensemble of 2 runs", w["P"], w["Q"], f"**{w['E']:.4f}**",
+                 "Research use only", "cross-fitted"):
+        assert text in card, text
+    client = MlflowClient(w["uri"])
+    mv = client.get_model_version(w["name"], summary.version)
+    assert mv.run_id == w["P"] and mv.tags["vfsearch.members"] == f"{w['P']},{w['Q']}"
+    assert mv.tags["vfsearch.member_values"] == "0.95,0.93"
+    assert float(mv.tags["vfsearch.metric_value"]) == pytest.approx(w["E"])
+    # idempotent by the set of members; a single member never matches the ensemble
+    assert (again.version, again.new_version, again.alias_moved) == \
+        (summary.version, False, True)
+    assert version_of_run(client, w["name"], [w["Q"], w["P"]]).version == summary.version
+    assert version_of_run(client, w["name"], w["P"]) is None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_top_k_gate_compares_the_ensembles_own_value(ens_world, ensemble, tmp_path):
+    from mlflow import MlflowClient
+
+    w = ens_world
+    kw = {"name": w["name"], "mlflow_uri": w["uri"]}
+    client = MlflowClient(w["uri"])
+    low, summary, _, _ = ensemble
+    # promoted over LOW by its own value E, not by its members' logged 0.95 / 0.93
+    assert (low.version, summary.version, summary.new_version) == ("1", "2", True)
+    assert summary.value == pytest.approx(w["E"]) and summary.alias_moved
+    assert summary.previous["value"] == pytest.approx(w["E"] - 0.01)
+    assert "beats the champion's" in summary.decision
+
+    high = export(run=w["HIGH"], alias="ens", onnx=False, **kw)
+    assert (high.version, high.alias_moved) == ("3", True)
+    assert high.previous["members"] == [w["P"], w["Q"]]
+    assert high.previous["value"] == pytest.approx(w["E"])  # the ensemble's, from its tags
+    # HIGH is below both members' logged values, yet the ensemble does not beat it
+    expected = (f"challenger ensemble of runs {w['P']}, {w['Q']} refused: val_dice3d "
+                f"{w['E']:.4f} does not beat the champion's {w['E'] + 0.01:.4f}")
+    with pytest.raises(UserError, match=re.escape(expected)) as info:
+        export(sweep=w["sweep"], top_k=2, store=w["store"], alias="ens",
+               out=tmp_path / "refused", **kw)
+    assert "\n" not in str(info.value) and not (tmp_path / "refused").exists()
+    assert len(client.search_model_versions(f"name = '{w['name']}'")) == 3
+    assert client.get_model_version_by_alias(w["name"], "ens").version == "3"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_top_k_registered_ensemble_predicts_like_its_bundle(ens_world, ensemble, tmp_path,
+                                                            monkeypatch):
+    from vfsearch.predict import load_model
+    from vfsearch.pyfunc import input_example, predict_arrays
+
+    w = ens_world
+    _, _, _, out = ensemble
+    uri = f"models:/{w['name']}@ens-champ"
+    spacing = tuple(bundle.read_config(out)["spacing"])
+    script = f"""
+import json, mlflow, numpy as np
+from vfsearch.pyfunc import input_example
+mlflow.set_tracking_uri({w['uri']!r})
+model = mlflow.pyfunc.load_model({uri!r})
+x, params = input_example({spacing!r})
+np.save({str(tmp_path / 'y.npy')!r}, model.predict(x, params=params))
+print(json.dumps({{"members": len(model.unwrap_python_model()._loaded)}}))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": w["uri"]}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          encoding="utf-8", errors="replace",
+                          cwd=tmp_path, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"members": 2}
+    y = np.load(tmp_path / "y.npy")
+    x, params = input_example(spacing)
+    assert y.shape == x["ct"].shape and y.dtype == np.float32
+    expected = predict_arrays(bundle.load_members(out, device="cpu"), x, params)
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", w["uri"])
+    registered = load_model(uri, device="cpu")
+    assert [m.run_id for m in registered] == [w["P"], w["Q"]]
+    assert all(m.threshold == pytest.approx(w["T"]) for m in registered)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cli_top_k_errors_are_one_line_and_write_nothing(ens_world, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from vfsearch.cli import app
+
+    w = ens_world
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", w["uri"])
+    client = MlflowClient(w["uri"])
+
+    def versions() -> int:
+        return len(client.search_model_versions(f"name = '{w['name']}'"))
+
+    before = versions()
+    out = tmp_path / "b"
+    cases = [
+        (["--top-k", "0"], r"error: --top-k: .*1 or more; got 0"),
+        (["--top-k", "4", "--store", w["store"]],
+         rf"error: --top-k 4: sweep {w['sweep']} has only 3 candidate run\(s\) with a "
+         r"checkpoint .*pass --top-k 3 or less"),
+        (["--top-k", "2"], r"error: --top-k 2: .*pass --store"),
+    ]
+    runner = CliRunner()
+    for extra, pattern in cases:
+        r = runner.invoke(app, ["export", "--sweep", w["sweep"], "--name", w["name"],
+                                "--alias", "cli", "--out", str(out), *extra])
+        assert r.exit_code == 2, r.output
+        assert r.output.count("\n") == 1 and re.match(pattern, r.output), r.output
+        assert not out.exists()
+    assert versions() == before

@@ -21,12 +21,31 @@ Layout (`write_bundle`)::
                      which torch 2.13 marks deprecated
       MODEL_CARD.md  metrics, provenance, intended use and limits (written by `vfsearch.export`)
 
+An **ensemble** (`write_ensemble`, ``vfsearch export --top-k K``) averages the probability maps
+of K models (planes may differ; spacing and margin must agree)::
+
+    BUNDLE/
+      config.json    format marker (format_version 2), ``kind: ensemble``, the members (folder,
+                     run id, plane, seq_len, own threshold), the shared spacing and margin, the
+                     ensemble's threshold (chosen on validation for the averaged map) and
+                     provenance
+      members/0/     a complete single-model bundle of each member (its own config.json,
+      members/1/     weights.pt, model.ts, model.onnx...), best first: each runs on its own
+      MODEL_CARD.md  the ensemble's card
+
+Decisions: a member folder is an ordinary bundle, so one member can be used (or shipped) alone
+and every per-model check (TorchScript / ONNX parity) holds member by member; the programs stay
+per member (a consumer without vfsearch averages the sigmoids), because members may slice along
+different planes, which no single window program expresses. The ensemble is format version 2 so
+that an older vfsearch refuses it with "upgrade" instead of missing its ``weights.pt``; single
+bundles stay version 1.
+
 Inputs of the programs: the window is CT in HU normalised with the fingerprint
 (`vfsearch.data.windows.normalise`: clip to [p0_5, p99_5], minus mean, over std), slices
 ``T`` = seq_len along ``plane``, in-plane sides H, W multiples of ``input_multiple``
 (= 2**depth); batch, H and W are dynamic. Apply a sigmoid to the logits for probabilities.
 
-`vfsearch predict --model BUNDLE` and the MLflow pyfunc flavour rebuild the eager network from
+`vfsearch predict --model BUNDLE` and the MLflow pyfunc flavour rebuild the eager network(s) from
 ``weights.pt`` (the fusion path reuses per-slice encoder features through the model's seams,
 which the flat programs do not expose); the programs are for consumers without vfsearch.
 Layer: pure compute + files (torch, json; onnx/onnxruntime optional, imported when used).
@@ -40,13 +59,17 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vfsearch.errors import UserError
 
 FORMAT = "vfsearch-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a single-model bundle
+ENSEMBLE_FORMAT_VERSION = 2  # an ensemble of member bundles; the newest this vfsearch reads
+ENSEMBLE = "ensemble"  # config.json ``kind`` of an ensemble
+MEMBERS = "members"  # folder of an ensemble's member bundles
 CONFIG = "config.json"
 WEIGHTS = "weights.pt"
 TORCHSCRIPT = "model.ts"
@@ -77,10 +100,15 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not is_bundle(p):
         raise UserError(f"{p}: not a vfsearch bundle (no {CONFIG} with format {FORMAT!r})")
     data = json.loads((p / CONFIG).read_text())
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    if int(data.get("format_version", 0)) > ENSEMBLE_FORMAT_VERSION:
         raise UserError(f"{p}: bundle format {data.get('format_version')} is newer than this "
-                        f"vfsearch reads ({FORMAT_VERSION}); upgrade vfsearch")
+                        f"vfsearch reads ({ENSEMBLE_FORMAT_VERSION}); upgrade vfsearch")
     return data
+
+
+def is_ensemble(config: dict[str, Any]) -> bool:
+    """True when a bundle's ``config.json`` (as `read_config` returns it) is an ensemble's."""
+    return config.get("kind") == ENSEMBLE
 
 
 def _logits_module(model: Any) -> Any:
@@ -199,8 +227,98 @@ def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | 
     random windows (else `RuntimeError`: a bug, not a user error); ONNX that fails to
     export, is not installed, or disagrees is left out and the reason recorded.
     """
-    import torch
+    dst = _check_out(out, replace)
+    _check_segmenter(loaded)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-bundle-", dir=dst.parent))
+    try:
+        _write_model(loaded, tmp, info=info, card=card, onnx=onnx, torch_export=torch_export)
+        _swap_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
+
+def write_ensemble(members: Sequence[Any], out: str | os.PathLike, *,
+                   threshold: float | None, info: dict[str, Any] | None = None,
+                   member_info: Sequence[dict[str, Any]] | None = None,
+                   card: str | None = None, onnx: bool = True, torch_export: bool = False,
+                   replace: bool = True) -> Path:
+    """Write the ensemble bundle of ``members`` (`vfsearch.predict.LoadedModel`, best first) to
+    folder ``out`` (layout in the module docstring; atomic and ``replace`` as `write_bundle`).
+
+    ``threshold``: the ensemble's own threshold, chosen on validation for the averaged map
+    (each member folder keeps the member's own). ``member_info``: provenance of each member
+    (run id, its metric...), merged into its member bundle's config.json and listed in the
+    top-level one; ``info`` and ``card`` as `write_bundle`. Members must share spacing and
+    margin (their crops are averaged voxel by voxel): `UserError` otherwise.
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+    if member_info is not None and len(member_info) != len(members):
+        raise ValueError(f"{len(member_info)} member_info entries for {len(members)} members")
+    first = members[0]
+    for m in members:
+        _check_segmenter(m)
+        if tuple(m.spacing) != tuple(first.spacing) or m.margin_mm != first.margin_mm:
+            raise UserError(f"{m.source}: trained on crops of spacing {tuple(m.spacing)} mm / "
+                            f"margin {m.margin_mm} mm, {first.source} on "
+                            f"{tuple(first.spacing)} / {first.margin_mm}; ensemble members "
+                            f"must share them")
+    dst = _check_out(out, replace)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-bundle-", dir=dst.parent))
+    try:
+        rows: list[dict[str, Any]] = []
+        onnx_reasons: list[tuple[int, str]] = []
+        for i, m in enumerate(members):
+            folder = Path(MEMBERS, str(i))
+            extra = dict(member_info[i]) if member_info is not None else {}
+            cfg = _write_model(m, tmp / folder, info=extra, card=None, onnx=onnx,
+                               torch_export=torch_export)
+            rows.append({**extra, "path": folder.as_posix(),
+                         "run_id": cfg.get("run_id") or m.run_id or "", "plane": cfg["plane"],
+                         "seq_len": cfg["seq_len"], "threshold": cfg["threshold"],
+                         "onnx": cfg["onnx"]["status"],
+                         "torch_export": cfg["torch_export"]["status"]})
+            if cfg["onnx"]["status"] != "ok":
+                onnx_reasons.append((i, str(cfg["onnx"].get("reason"))))
+        config = {
+            "format": FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION, "kind": ENSEMBLE,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "combine_members": "mean of the members' probability maps (sigmoid of their "
+                               "logits), crop by crop, before the crops are fused",
+            MEMBERS: rows,
+            "spacing": [float(s) for s in first.spacing], "spacing_axes": "x,y,z mm",
+            "margin_mm": float(first.margin_mm),
+            "threshold": threshold,
+            "files": {"members": [r["path"] for r in rows],
+                      "card": CARD if card is not None else None},
+            "onnx": _members_onnx(onnx_reasons, len(rows)),
+            **(info or {}),
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=True) + "\n")
+        if card is not None:
+            (tmp / CARD).write_text(card)
+        _swap_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _members_onnx(skipped: list[tuple[int, str]], n: int) -> dict[str, Any]:
+    """An ensemble's ONNX status: ok when every member has its model.onnx, else why not
+    (once when every member was skipped for one reason)."""
+    if not skipped:
+        return {"status": "ok"}
+    reasons = {r for _, r in skipped}
+    if len(skipped) == n and len(reasons) == 1:
+        return {"status": "skipped", "reason": reasons.pop()}
+    return {"status": "skipped", "reason": "; ".join(f"member {i}: {r}" for i, r in skipped)}
+
+
+def _check_out(out: str | os.PathLike, replace: bool) -> Path:
+    """The bundle folder ``out``, refused when it holds something that is not a bundle."""
     dst = Path(out)
     if dst.exists():
         if not dst.is_dir():
@@ -211,15 +329,27 @@ def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | 
         if is_bundle(dst) and not replace:
             raise UserError(f"--out: {dst} already holds a bundle")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    return dst
+
+
+def _check_segmenter(loaded: Any) -> None:
+    kind = getattr(loaded.model, "output_kind", "segmentation")
+    if kind != "segmentation":
+        raise UserError(f"{loaded.source}: a {kind} model; the bundle holds fracture "
+                        f"segmenters")
+
+
+def _write_model(loaded: Any, folder: Path, *, info: dict[str, Any] | None,
+                 card: str | None, onnx: bool, torch_export: bool) -> dict[str, Any]:
+    """Write one model's files and config.json into ``folder`` (created); return the config."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
     cfg = loaded.config
     model = loaded.model
-    if getattr(model, "output_kind", "segmentation") != "segmentation":
-        raise UserError(f"{loaded.source}: a {model.output_kind} model; the bundle holds "
-                        f"fracture segmenters")
     multiple = 2 ** int(cfg.model.depth)
     device = next(model.parameters()).device
     model = model.to("cpu").eval()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-bundle-", dir=dst.parent))
     try:
         flat = cfg.flatten()
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -227,19 +357,19 @@ def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | 
                     "fingerprint": dict(loaded.fingerprint),
                     "spacing": [float(s) for s in loaded.spacing],
                     "margin_mm": float(loaded.margin_mm), "threshold": loaded.threshold,
-                    "run_id": loaded.run_id or ""}, tmp / WEIGHTS)
+                    "run_id": loaded.run_id or ""}, folder / WEIGHTS)
         a, b = example_windows(cfg.data.seq_len, cfg.data.patch_size, multiple)
         with torch.no_grad():
             eager_a, eager_b = (model(x)["logits"] for x in (a, b))
-        program = export_torchscript(model, tmp / TORCHSCRIPT, a)
+        program = export_torchscript(model, folder / TORCHSCRIPT, a)
         with torch.no_grad():
             ts_diff = max(_max_diff(program(a), eager_a), _max_diff(program(b), eager_b))
         if not ts_diff <= PARITY_ATOL:
             raise RuntimeError(f"TorchScript program differs from the eager model by "
                                f"{ts_diff:.3g} (> {PARITY_ATOL}) on random windows")
-        onnx_info = _onnx_or_reason(model, tmp / ONNX, a, b, eager_a, eager_b) if onnx else \
-            {"file": None, "status": "skipped", "reason": "ONNX export not requested"}
-        pt2_info = _pt2_or_reason(model, tmp / EXPORTED, a, b, eager_a, eager_b, multiple) \
+        onnx_info = _onnx_or_reason(model, folder / ONNX, a, b, eager_a, eager_b) if onnx \
+            else {"file": None, "status": "skipped", "reason": "ONNX export not requested"}
+        pt2_info = _pt2_or_reason(model, folder / EXPORTED, a, b, eager_a, eager_b, multiple) \
             if torch_export else {"file": None, "status": "skipped",
                                   "reason": "torch.export not requested (--torch-export)"}
         config = {
@@ -271,16 +401,12 @@ def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | 
             "torch_export": pt2_info,
             **(info or {}),
         }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=True) + "\n")
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=True) + "\n")
         if card is not None:
-            (tmp / CARD).write_text(card)
-        _swap_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (folder / CARD).write_text(card)
     finally:
         model.to(device)
-    return dst
+    return config
 
 
 def _onnx_or_reason(model: Any, path: Path, a: Any, b: Any, eager_a: Any, eager_b: Any
@@ -350,15 +476,51 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
 
 
 def load_bundle(path: str | os.PathLike, *, device: Any = None) -> Any:
-    """Rebuild the eager model of a bundle as a `vfsearch.predict.LoadedModel` (eval mode).
+    """Rebuild the eager model of a bundle as a `vfsearch.predict.LoadedModel` (eval mode);
+    an ensemble's as the list of its members (`load_members`: always a list).
 
     Preprocessing (spacing, margin, fingerprint) and the validation threshold come from
     config.json, which wins over what ``weights.pt`` carries.
     """
-    from vfsearch.predict import load_checkpoint
+    models = load_members(path, device=device)
+    return models if is_ensemble(read_config(path)) else models[0]
 
+
+def load_members(path: str | os.PathLike, *, device: Any = None) -> list[Any]:
+    """The `vfsearch.predict.LoadedModel` of every model of a bundle: one for a single-model
+    bundle, the members (best first) for an ensemble. `vfsearch.predict.crop_probability`
+    averages their maps.
+
+    Every member of an ensemble carries the ensemble's threshold (chosen on validation for
+    the averaged map: the one `vfsearch.predict` applies); its own stays in
+    ``extra["member_threshold"]``.
+    """
     p = Path(path)
     data = read_config(p)
+    if not is_ensemble(data):
+        return [_load_single(p, data, device)]
+    rows = data.get(MEMBERS) or []
+    if not rows:
+        raise UserError(f"{p}: ensemble bundle lists no members")
+    models = []
+    for i, row in enumerate(rows):
+        folder = (p / str(row.get("path", ""))).resolve()
+        if not folder.is_relative_to(p.resolve()) or not is_bundle(folder):
+            raise UserError(f"{p}: ensemble member {i} ({row.get('path')!r}) is not a bundle "
+                            f"inside it")
+        lm = _load_single(folder, read_config(folder), device)
+        lm.extra["member_threshold"] = lm.threshold
+        threshold = data.get("threshold")
+        lm.threshold = float(threshold) if threshold is not None else None
+        lm.source = f"bundle {p} member {i}"
+        lm.extra["ensemble"] = data
+        models.append(lm)
+    return models
+
+
+def _load_single(p: Path, data: dict[str, Any], device: Any) -> Any:
+    from vfsearch.predict import load_checkpoint
+
     weights = p / data.get("files", {}).get("weights", WEIGHTS)
     if not weights.is_file():
         raise UserError(f"{p}: bundle lacks its weights file {weights.name}")
@@ -374,6 +536,8 @@ def load_bundle(path: str | os.PathLike, *, device: Any = None) -> Any:
     return lm
 
 
-__all__ = ["CARD", "CONFIG", "EXPORTED", "FORMAT", "ONNX", "PARITY_ATOL", "TORCHSCRIPT",
-           "WEIGHTS", "example_windows", "export_onnx", "export_program", "export_torchscript",
-           "is_bundle", "load_bundle", "onnx_logits", "read_config", "write_bundle"]
+__all__ = ["CARD", "CONFIG", "ENSEMBLE", "ENSEMBLE_FORMAT_VERSION", "EXPORTED", "FORMAT",
+           "MEMBERS", "ONNX", "PARITY_ATOL", "TORCHSCRIPT", "WEIGHTS", "example_windows",
+           "export_onnx", "export_program", "export_torchscript", "is_bundle", "is_ensemble",
+           "load_bundle", "load_members", "onnx_logits", "read_config", "write_bundle",
+           "write_ensemble"]

@@ -121,13 +121,14 @@ def ingest(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's data and store.")] =
     Path("demo_out"),
-    cases: Annotated[int, typer.Option(min=4, help="Synthetic cases.")] = 6,
-    trials: Annotated[int, typer.Option(min=1, help="Trials of the smoke sweep.")] = 3,
+    cases: Annotated[int, typer.Option(min=6, help="Synthetic cases.")] = 12,
+    trials: Annotated[int, typer.Option(min=1, help="Trials of the demo sweep.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the main job on embedded defaults: synthetic data, local Ray, local MLflow.
 
-    synth -> ingest -> tune (search_spaces/smoke.yaml) -> export -> predict, in --workdir.
+    synth -> ingest -> tune (search_spaces/demo.yaml) -> export -> evaluate on the held-out
+    test cases -> predict and picture a fractured case, in --workdir.
     """
     from vfsearch.demo import run_demo
 
@@ -381,7 +382,14 @@ def export(
     minimum: Annotated[Optional[float], typer.Option(
         "--min", help="Also require the lower bound of the metric's 95% interval "
         "(<metric>_ci_low, from vfsearch evaluate) to beat this value.")] = None,
-    store: TrainingStoreOpt = None,
+    store: Annotated[Optional[Path], typer.Option(
+        help="Training store, for a checkpoint that does not carry its spacing and "
+        "fingerprint; with --top-k above 1, its val split judges the ensemble (default: the "
+        "runs' store tag).")] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", help="Export the K best runs as one ensemble that averages their maps, "
+        "gated on its own fused val Dice on --store's val split (1: the best run alone).")] =
+    1,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export ONNX (checked "
                                        "with onnxruntime; skipped with a reason if it "
                                        "fails).")] = True,
@@ -396,13 +404,14 @@ def export(
     Registers it in the MLflow Model Registry (pyfunc
     flavour, signature, input example), point --alias at it if it beats the current
     champion, and write a self-contained bundle to --out. Re-exporting a run is idempotent.
+    With --top-k K the K best runs become one ensemble, judged by its own validation Dice.
     """
     from vfsearch.export import export as export_fn
 
     with _errors():
         summary = export_fn(sweep=sweep, experiment=experiment, run=run, metric=metric,
                             mode=mode, name=name, alias=alias, out=out, force=force,
-                            minimum=minimum, store=store, onnx=onnx,
+                            minimum=minimum, store=store, top_k=top_k, onnx=onnx,
                             torch_export=torch_export, workdir=workdir, echo=typer.echo)
     typer.echo(str(summary))
 

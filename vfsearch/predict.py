@@ -107,8 +107,9 @@ def load_model(ref: Any, *, device: Any = None, store: Any = None,
         refs = [ref]
     if not refs:
         raise UserError("--model: no model given")
-    models = [r if isinstance(r, LoadedModel) else _load_one(r, device, store, workdir)
-              for r in refs]
+    models = [m for r in refs
+              for m in ([r] if isinstance(r, LoadedModel) else _load_one(r, device, store,
+                                                                          workdir))]
     first = models[0]
     for m in models[1:]:
         if tuple(m.spacing) != tuple(first.spacing) or m.margin_mm != first.margin_mm:
@@ -118,7 +119,8 @@ def load_model(ref: Any, *, device: Any = None, store: Any = None,
     return models
 
 
-def _load_one(ref: Any, device: Any, store: Any, workdir: Any) -> LoadedModel:
+def _load_one(ref: Any, device: Any, store: Any, workdir: Any) -> list[LoadedModel]:
+    """One reference: one model, or the members of an ensemble bundle (``export --top-k``)."""
     from vfsearch import bundle
 
     text = str(ref)
@@ -126,27 +128,28 @@ def _load_one(ref: Any, device: Any, store: Any, workdir: Any) -> LoadedModel:
         return _load_registered(text, device, workdir)
     path = Path(text).expanduser()
     if path.is_dir() and bundle.is_bundle(path):
-        return bundle.load_bundle(path, device=device)
+        return bundle.load_members(path, device=device)
     if path.exists():
-        return load_checkpoint(_checkpoint_in(path), device=device, store=store)
+        return [load_checkpoint(_checkpoint_in(path), device=device, store=store)]
     if RUN_ID.match(text):
-        return _load_run(text, device, store, workdir)
+        return [_load_run(text, device, store, workdir)]
     raise UserError(f"--model: {text}: neither a checkpoint file, a folder holding one, an "
                     f"export bundle, models:/NAME@ALIAS nor an MLflow run id (32 hex digits)")
 
 
-def _load_registered(uri: str, device: Any, workdir: Any) -> LoadedModel:
+def _load_registered(uri: str, device: Any, workdir: Any) -> list[LoadedModel]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: download the registered model
-    (a `vfsearch export`) and load the bundle it carries."""
+    (a `vfsearch export`) and load the bundle it carries (an ensemble: every member)."""
     from vfsearch import bundle, tracking
     from vfsearch.pyfunc import download_bundle
 
     if not re.match(r"^models:/[^/@]+(@[^/@]+|/\d+)$", uri):
         raise UserError(f"--model: {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     folder = download_bundle(uri, tracking.tracking_uri(workdir))
-    loaded = bundle.load_bundle(folder, device=device)
-    loaded.source = uri
-    return loaded
+    models = bundle.load_members(folder, device=device)
+    for i, lm in enumerate(models):
+        lm.source = uri if len(models) == 1 else f"{uri} member {i}"
+    return models
 
 
 def _checkpoint_in(path: Path) -> Path:

@@ -14,6 +14,9 @@ Params (optional, with defaults): ``spacing`` [x, y, z] mm (default 1, 1, 1), ``
 SimpleITK reports it, shared by both arrays; ``label_scheme`` ``verse`` | ``totalsegmentator``;
 ``combine`` ``mean`` | ``max`` | ``vote``. Output: float32 (z, y, x) probabilities 0..1.
 
+An ensemble bundle (``vfsearch export --top-k K``) loads as all its members, whose maps are
+averaged crop by crop, and is thresholded at the ensemble's own validation threshold.
+
 The logged model carries the bundle (`vfsearch.bundle`) as its artifact and the vfsearch
 source as code, so the loading process needs only the pinned pip requirements (torch, numpy,
 SimpleITK, scipy, mlflow), not the training stack.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,9 @@ from vfsearch.errors import UserError
 ARTIFACT_KEY = "bundle"
 MODEL_NAME = "model"  # name of the LoggedModel (``log_model(name=...)``)
 RUN_TAG = "vfsearch.run_id"  # on each model version: the training run it came from
+# on an ensemble's version: its members' run ids, best first, comma-separated (RUN_TAG and the
+# version's run are the best member's, whose run the LoggedModel is linked to)
+MEMBERS_TAG = "vfsearch.members"
 REQUIREMENTS = ("mlflow", "torch", "numpy", "SimpleITK", "scipy")
 DEFAULT_PARAMS: dict[str, Any] = {
     "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
@@ -47,12 +53,13 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 
 class FractureModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: bundle artifact -> `vfsearch.predict.predict` on in-memory arrays."""
+    """pyfunc wrapper: bundle artifact -> `vfsearch.predict.predict` on in-memory arrays (an
+    ensemble bundle: every member, maps averaged)."""
 
     def load_context(self, context) -> None:  # context: MLflow's PythonModelContext
-        from vfsearch.bundle import load_bundle
+        from vfsearch.bundle import load_members
 
-        self._loaded = load_bundle(context.artifacts[ARTIFACT_KEY], device="cpu")
+        self._loaded = load_members(context.artifacts[ARTIFACT_KEY], device="cpu")
 
     # no type hints on predict's arguments: MLflow 3 would derive a second, conflicting
     # signature from them; the explicit tensor signature below is the contract
@@ -65,6 +72,9 @@ class FractureModel(mlflow.pyfunc.PythonModel):
 def predict_arrays(loaded: Any, model_input: Mapping[str, Any],
                    params: Mapping[str, Any] | None = None) -> np.ndarray:
     """The fused probability map (z, y, x) float32 of CT + labels given as arrays.
+
+    ``loaded``: any model reference `vfsearch.predict.load_model` takes, e.g. the list of
+    `LoadedModel` of a bundle (`vfsearch.bundle.load_members`).
 
     The arrays are written as temporary NIfTI files with the given geometry and run through
     `vfsearch.predict.predict`, so this path is the CLI's path, byte for byte.
@@ -199,15 +209,29 @@ def log_and_register(bundle_dir: str | os.PathLike, *, client: Any, run_id: str,
         model_id=logged.model_id))
 
 
-def version_of_run(client: Any, name: str, run_id: str) -> Any | None:
-    """The newest version of registered model ``name`` exported from ``run_id`` (tag
-    ``vfsearch.run_id``, or the version's own run id), or None (also when ``name`` is not
-    registered yet)."""
+def exported_runs(version: Any) -> frozenset[str]:
+    """The training runs a model version was exported from: an ensemble's members (tag
+    ``vfsearch.members``), else its ``vfsearch.run_id`` tag or its own run id."""
+    tags = dict(version.tags or {})
+    if tags.get(MEMBERS_TAG):
+        return frozenset(r for r in tags[MEMBERS_TAG].split(",") if r)
+    run = tags.get(RUN_TAG) or version.run_id
+    return frozenset([run]) if run else frozenset()
+
+
+def version_of_run(client: Any, name: str, run_id: str | Sequence[str]) -> Any | None:
+    """The newest version of registered model ``name`` exported from ``run_id``, or None (also
+    when ``name`` is not registered yet).
+
+    ``run_id``: one run id, or the run ids of an ensemble's members. A version matches when it
+    was exported from exactly those runs (`exported_runs`; members in any order): a single
+    run never matches an ensemble that contains it, nor an ensemble a single run.
+    """
     from vfsearch.tracking import _retry
 
+    wanted = frozenset([run_id] if isinstance(run_id, str) else run_id)
     versions = _retry(lambda: client.search_model_versions(f"name = '{name}'"))
-    mine = [v for v in versions
-            if (v.tags or {}).get(RUN_TAG) == run_id or v.run_id == run_id]
+    mine = [v for v in versions if exported_runs(v) == wanted]
     return max(mine, key=lambda v: int(v.version)) if mine else None
 
 
@@ -247,13 +271,15 @@ def download_bundle(uri: str, tracking_uri: str, dst: str | os.PathLike | None =
             registry_uri=tracking_uri))
     except MlflowException as exc:
         raise UserError(f"--model: {uri}: {str(exc).splitlines()[0]}") from None
-    found = [c.parent for c in sorted(local.rglob("config.json")) if is_bundle(c.parent)]
+    # the outermost bundle: an ensemble's members are bundles too
+    found = sorted((c.parent for c in local.rglob("config.json") if is_bundle(c.parent)),
+                   key=lambda p: (len(p.parts), str(p)))
     if not found:
         raise UserError(f"--model: {uri} is not a vfsearch model (no bundle among its "
                         f"artifacts)")
     return found[0]
 
 
-__all__ = ["ARTIFACT_KEY", "DEFAULT_PARAMS", "RUN_TAG", "FractureModel", "champion",
-           "download_bundle", "input_example", "log_and_register", "predict_arrays",
-           "requirements", "set_alias", "signature", "version_of_run"]
+__all__ = ["ARTIFACT_KEY", "DEFAULT_PARAMS", "MEMBERS_TAG", "RUN_TAG", "FractureModel",
+           "champion", "download_bundle", "exported_runs", "input_example", "log_and_register",
+           "predict_arrays", "requirements", "set_alias", "signature", "version_of_run"]
