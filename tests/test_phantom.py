@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -407,6 +408,229 @@ def test_synth_on_background_errors(real_data, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# variants from a folder or manifest of real healthy scans; vertebrae cut by the scan's edge
+# --------------------------------------------------------------------------------------------
+
+REAL_SCANS = {  # scan name -> (label file, scheme, vertebrae cut by the scan's edge)
+    "tptbox_l3": ("vertebrae_verse.nii.gz", "verse", {21, 23}),
+    "totalseg_abdomen": ("vertebrae_totalseg.nii.gz", "totalsegmentator", {18, 19}),
+}
+
+
+def _scan_source(real_data: Path, tmp_path: Path, kind: str) -> Path:
+    """A folder (symlinks to the real files, never copies) or a manifest CSV of both scans."""
+    if kind == "folder":
+        root = tmp_path / "scans"
+        for scan, (labels_file, _, _) in REAL_SCANS.items():
+            (root / scan).mkdir(parents=True)
+            (root / scan / "ct.nii.gz").symlink_to(real_data / scan / "ct.nii.gz")
+            (root / scan / labels_file).symlink_to(real_data / scan / labels_file)
+        (root / "notes").mkdir()  # a subfolder without ct.* is not a scan
+        return root
+    manifest = tmp_path / "lists" / "scans.csv"
+    manifest.parent.mkdir()
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "ct", "vertebrae", "label_scheme"])
+        for scan, (labels_file, scheme, _) in REAL_SCANS.items():  # paths relative to the CSV
+            w.writerow([scan, *(os.path.relpath(real_data / scan / f, manifest.parent)
+                                for f in ("ct.nii.gz", labels_file)),
+                        "" if scheme == "verse" else scheme])  # empty: --label-scheme
+    return manifest
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["manifest", "folder"])
+def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
+    from vfsearch.data import synth
+    from vfsearch.data.ingest import ingest
+    from vfsearch.data.io import read_volume
+    from vfsearch.data.labels import to_verse
+    from vfsearch.data.store import Store
+
+    src = _scan_source(real_data, tmp_path, kind)
+    warnings: list[str] = []
+    summary = synth.synth_on_background(src, None, tmp_path / "a", fracture=None, seed=5,
+                                        label_scheme="verse", variants=3, warn=warnings.append)
+    assert "\n" not in summary and "6 case(s) from 2 scan(s)" in summary, summary
+    # one warning line per scan names the vertebrae cut by its edge
+    assert len(warnings) == 2 and all("cut by the scan's edge" in w for w in warnings)
+    assert any("L2, L4" in w for w in warnings) and any("T11, T12" in w for w in warnings)
+
+    rows = list(csv.DictReader((tmp_path / "a" / "manifest.csv").open()))
+    assert list(rows[0]) == ["case_id", "ct", "vertebrae", "fracture", "grades", "subject"]
+    expected = {f"{scan}_v{k:03d}": scan for scan in REAL_SCANS for k in range(3)}
+    assert {r["case_id"]: r["subject"] for r in rows} == expected
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        ["manifest.csv", *expected])
+    n_fractured = 0
+    for r in rows:
+        scan = r["subject"]
+        labels_file, scheme, cut = REAL_SCANS[scan]
+        src_ct = read_volume(real_data / scan / "ct.nii.gz")
+        src_lab = to_verse(read_volume(real_data / scan / labels_file).array, scheme)
+        ct = read_volume(tmp_path / "a" / r["ct"])
+        lab = read_volume(tmp_path / "a" / r["vertebrae"])
+        frac = read_volume(tmp_path / "a" / r["fracture"])
+        for vol in (ct, lab, frac):
+            assert vol.shape == src_ct.shape and vol.geometry == src_ct.geometry
+        assert ct.array.dtype == src_ct.array.dtype
+        grades = {int(k): int(g) for k, g in (i.split(":") for i in r["grades"].split(";"))}
+        assert set(grades) == {int(v) for v in np.unique(src_lab) if v}
+        fractured = {v for v, g in grades.items() if g}
+        assert len(fractured) <= 3 and not fractured & cut  # never a vertebra cut by the edge
+        assert set(np.unique(lab.array[frac.array > 0])) == fractured
+        if not fractured:  # an intact variant is the scan itself
+            assert np.array_equal(ct.array, src_ct.array) and not frac.array.any()
+        meta = json.loads((tmp_path / "a" / r["case_id"] / "meta.json").read_text())
+        assert meta["subject"] == meta["scan"] == scan
+        assert {int(v) for v, m in meta["vertebrae"].items() if m["cut_by_edge"]} == cut
+        for v in fractured:
+            m = meta["vertebrae"][str(v)]
+            assert m["morphology"] in phantom.MORPHOLOGIES and 180 <= m["band_hu"] <= 320
+        n_fractured += bool(fractured)
+    assert n_fractured >= 3
+
+    # same seed, same bytes; variant k does not depend on --variants; another seed differs
+    synth.synth_on_background(src, None, tmp_path / "b", fracture=None, seed=5,
+                              label_scheme="verse", variants=3, warn=lambda _: None)
+    a = _files(tmp_path / "a")
+    assert _files(tmp_path / "b") == a
+    synth.synth_on_background(src, None, tmp_path / "c", fracture=None, seed=5,
+                              label_scheme="verse", variants=1, warn=lambda _: None)
+    c = _files(tmp_path / "c")
+    assert {k: v for k, v in c.items() if k != "manifest.csv"} == {
+        k: v for k, v in a.items() if "_v000/" in k}
+    synth.synth_on_background(src, None, tmp_path / "d", fracture=None, seed=6,
+                              label_scheme="verse", variants=3, warn=lambda _: None)
+    d = _files(tmp_path / "d")
+    assert any(d[k] != a[k] for k in a if k.endswith("fracture.nii.gz"))
+
+    # ingestable; a scan's variants share one split (the manifest's subject column)
+    ingest(tmp_path / "a", tmp_path / "s.zarr", spacing=(3.0, 3.0, 3.0), margin_mm=6.0,
+           split=(0.5, 0.5, 0.0), seed=0)
+    store = Store(tmp_path / "s.zarr")
+    assert sorted(store.case_ids()) == sorted(expected)
+    assert store.meta["subjects"] == expected
+    splits = store.meta["splits"]
+    per_scan = {scan: {splits[c] for c, s in expected.items() if s == scan} for scan in REAL_SCANS}
+    assert all(len(v) == 1 for v in per_scan.values()), per_scan
+    assert {store.case_attrs(c)["subject"] for c in store.case_ids()} == set(REAL_SCANS)
+
+
+def test_draw_fractures_share_grades_and_morphologies():
+    from vfsearch.data import synth
+
+    draws = [synth.draw_fractures(synth.variant_rng(0, "scan", k), [20, 21, 22, 23, 24])
+             for k in range(600)]
+    none = np.mean([not d for d in draws])
+    assert 0.15 <= none <= 0.25  # some variants show intact vertebrae only
+    sizes = {len(d) for d in draws if d}
+    assert sizes == {1, 2, 3}
+    assert {g for d in draws for g, _ in d.values()} == {1, 2, 3}
+    assert {m for d in draws for _, m in d.values()} == set(phantom.MORPHOLOGIES)
+    assert all(set(d) <= {20, 21, 22, 23, 24} for d in draws)
+    assert synth.draw_fractures(synth.variant_rng(0, "scan", 1), [22]) in (
+        {}, *({22: (g, m)} for g in (1, 2, 3) for m in phantom.MORPHOLOGIES))
+
+
+@pytest.mark.integration
+def test_synth_background_source_errors(real_data, tmp_path):
+    from vfsearch.data import synth
+
+    def run(src, **kw):
+        args = {"fracture": None, "seed": 0, "label_scheme": "verse", "variants": 2, **kw}
+        return synth.synth_on_background(src, None, tmp_path / "o", **args)
+
+    empty = tmp_path / "empty"
+    (empty / "x").mkdir(parents=True)
+    two = tmp_path / "two"
+    (two / "s").mkdir(parents=True)
+    for f in ("ct.nii.gz", "vertebrae_a.nii.gz", "vertebrae_b.nii.gz"):
+        (two / "s" / f).symlink_to(real_data / "tptbox_l3" / "ct.nii.gz")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,ct\nx,ct.nii.gz\n")
+    scheme = tmp_path / "scheme.csv"
+    scheme.write_text("case_id,ct,vertebrae,label_scheme\nx,a.nii.gz,b.nii.gz,nnunet\n")
+    for src, message in ((empty, "no scans found"), (two, "expected one vertebrae"),
+                         (bad, "lacks column"), (scheme, "label_scheme 'nnunet'"),
+                         (tmp_path / "nope", "not found"),
+                         (real_data / "tptbox_l3" / "ct.nii.gz", "--vertebrae: required")):
+        with pytest.raises(UserError, match=message):
+            run(src)
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="--variants"):
+        run(empty, variants=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sample,labels_file,scheme,spec,vertebra", [
+    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "L4:2:crush", "L4"),  # README: partial
+    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:1,21:3:wedge", "L2"),
+    ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "T12:3:crush", "T12"),
+])
+def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample, labels_file,
+                                                      scheme, spec, vertebra):
+    from vfsearch.data.io import read_volume
+    from vfsearch.data.labels import to_verse, verse_id
+
+    # the test's own check: the vertebra's label reaches the first or last canonical z slice
+    ct = read_volume(real_data / sample / "ct.nii.gz")
+    labels = to_verse(read_volume(real_data / sample / labels_file).array, scheme)
+    labels_c = to_canonical(labels, ct.geometry)[2].apply(labels)
+    zs = np.nonzero((labels_c == verse_id(vertebra)).any(axis=(1, 2)))[0]
+    assert zs[0] == 0 or zs[-1] == labels_c.shape[0] - 1
+    result = CliRunner().invoke(app, [
+        "synth", str(tmp_path / "o"), "--background", str(real_data / sample / "ct.nii.gz"),
+        "--vertebrae", str(real_data / sample / labels_file), "--label-scheme", scheme,
+        "--fracture", spec])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert f"{vertebra} (" in lines[0] and "cut by the scan's edge" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
+def test_a_cropped_scan_cutting_l3_is_refused(real_data, tmp_path):
+    """The real tptbox scan cropped to 30 slices so that L3 reaches the top slice."""
+    from vfsearch.data import synth
+    from vfsearch.data.io import read_volume, write_volume
+
+    src = real_data / "tptbox_l3"
+    ct = read_volume(src / "ct.nii.gz")
+    lab = read_volume(src / "vertebrae_verse.nii.gz")
+    ct_c, geom_c, ro = to_canonical(ct.array, ct.geometry)
+    lab_c = ro.apply(lab.array)
+    assert (lab_c[29] == 22).any() and (lab_c[:29] == 22).any()  # L3 spans slice 29
+    crop = tmp_path / "crop"
+    crop.mkdir()
+    write_volume(crop / "ct.nii.gz", np.ascontiguousarray(ct_c[:30]), geom_c)
+    write_volume(crop / "vertebrae.nii.gz", np.ascontiguousarray(lab_c[:30]), geom_c)
+    # the full scan takes a grade-3 crush of L3; the cropped one refuses it
+    synth.synth_on_background(src / "ct.nii.gz", src / "vertebrae_verse.nii.gz",
+                              tmp_path / "full", fracture="L3:3:crush", seed=0,
+                              label_scheme="verse")
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", str(tmp_path / "o"), "--background",
+                                 str(crop / "ct.nii.gz"), "--vertebrae",
+                                 str(crop / "vertebrae.nii.gz"), "--fracture", "L3:3:crush"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "L3 (22) is cut by the scan's edge" in result.output
+    assert not (tmp_path / "o").exists()
+    # drawn at random: every vertebra of the crop is cut, so nothing can be fractured
+    with pytest.raises(UserError, match="no scan has a fully imaged vertebra"):
+        synth.synth_on_background(crop / "ct.nii.gz", crop / "vertebrae.nii.gz",
+                                  tmp_path / "o", fracture=None, seed=0, label_scheme="verse",
+                                  variants=2, warn=lambda _: None)
+    assert not (tmp_path / "o").exists()
+    # the simulation itself refuses a cut vertebra too (canonical arrays and spacing)
+    with pytest.raises(UserError, match="cut by the scan's edge"):
+        phantom.simulate_fractures(ct_c[:30], lab_c[:30], tuple(geom_c.spacing[::-1]),
+                                   {22: (2, "wedge")}, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
 
@@ -414,7 +638,8 @@ def test_synth_on_background_errors(real_data, tmp_path):
 def test_cli_synth_help():
     result = CliRunner().invoke(app, ["synth", "--help"])
     assert result.exit_code == 0
-    for option in ("--cases", "--seed", "--spacing", "--small", "--background", "--fracture"):
+    for option in ("--cases", "--seed", "--spacing", "--small", "--background", "--fracture",
+                   "--variants"):
         assert option in result.output
 
 
@@ -428,7 +653,9 @@ def test_cli_synth_small_run_and_bad_input(tmp_path):
     assert (tmp_path / "s" / "synth_000" / "fracture.nii.gz").is_file()
     for args in (["--spacing", "1,2"], ["--fracture-rate", "1.5"],
                  ["--background", str(tmp_path / "nope.nii.gz"), "--vertebrae",
-                  str(tmp_path / "nope2.nii.gz")]):
+                  str(tmp_path / "nope2.nii.gz")],
+                 ["--background", str(tmp_path), "--fracture", "L1:2", "--variants", "3"],
+                 ["--background", str(tmp_path), "--variants", "0"], ["--variants", "2"]):
         bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--small", *args])
         assert bad.exit_code == 2, (args, bad.output)
         lines = bad.output.strip().splitlines()

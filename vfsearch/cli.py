@@ -50,31 +50,40 @@ def synth(
     fracture_rate: Annotated[float, typer.Option(
         help="Share of vertebrae fractured (0-1).")] = 0.22,
     background: Annotated[Optional[Path], typer.Option(
-        help="Simulate fractures on this real CT instead of a phantom.")] = None,
+        help="Simulate fractures on real (healthy) scans instead of a phantom: one CT (with "
+        "--vertebrae), a folder of scans (<name>/ct.nii.gz + <name>/vertebrae*.nii.gz, or a "
+        "VerSe rawdata/derivatives tree) or a manifest CSV (case_id, ct, vertebrae[, "
+        "label_scheme][, subject]; paths relative to the CSV).")] = None,
     vertebrae: Annotated[Optional[Path], typer.Option(
-        help="Vertebra label map of --background.")] = None,
+        help="Vertebra label map of --background when that is one CT.")] = None,
     fracture: Annotated[Optional[str], typer.Option(
         help="With --background: vertebrae to fracture as id:grade:morphology, comma "
-        "separated (e.g. 22:2:wedge,20:3:crush); default: one random vertebra.")] = None,
+        "separated (e.g. 22:2:wedge,20:3:crush), one case per scan; default: random "
+        "fractures per variant.")] = None,
+    variants: Annotated[int, typer.Option(
+        help="With --background: cases per scan (<scan>_v000, ...), each with 0-3 random "
+        "fractures of fully imaged vertebrae T4-L5 (about 20 % none).")] = 1,
     label_scheme: LabelSchemeOpt = "verse",
 ) -> None:
     """Write synthetic thoracolumbar CT (T4-L5) with vertebra labels and fracture masks.
 
     Each case gets ct.nii.gz, vertebrae.nii.gz (VerSe ids 11-24), fracture.nii.gz (the
     deformed endplate zone and its sclerotic band) and meta.json (grade, morphology and
-    measured height ratio per vertebra). With --background, fractures are simulated on a
-    real scan instead.
+    measured height ratio per vertebra). With --background, fractures are simulated on
+    real scans instead (N --variants per scan, manifest with a subject column); a vertebra
+    cut by the scan's edge is never fractured.
     """
     from vfsearch.data import synth as synth_mod
 
     with _errors():
-        if background is None and vertebrae is None and (fracture is not None
-                                                         or label_scheme != "verse"):
-            raise UserError("--fracture/--label-scheme: only with --background and --vertebrae")
+        if background is None and vertebrae is None and (
+                fracture is not None or label_scheme != "verse" or variants != 1):
+            raise UserError("--fracture/--label-scheme/--variants: only with --background")
         if background is not None or vertebrae is not None:
             result = synth_mod.synth_on_background(
                 background, vertebrae, out, fracture=fracture, seed=seed,
-                label_scheme=label_scheme)
+                label_scheme=label_scheme, variants=variants,
+                warn=lambda line: typer.echo(f"warning: {line}", err=True))
         else:
             result = synth_mod.synth_dataset(
                 out, cases=cases, seed=seed, spacing=_parse_spacing(spacing, "--spacing"),

@@ -682,6 +682,18 @@ def measure_heights(labels: np.ndarray, vid: int,
 # --------------------------------------------------------------------------------------------
 
 
+def fully_imaged(mask: np.ndarray) -> bool:
+    """Whether a vertebra's label stays clear of the volume's edge along the height axis.
+
+    ``mask`` is one vertebra in canonical orientation, so axis 0 is z (superior), the axis
+    `measure_heights` measures body heights along. A vertebra whose label reaches the first
+    or last z slice is cut by the scan's edge: its true height is unknown, so it cannot take
+    a height-reducing fracture (a "ratio 0.00 -> 0.00" compression of a stump).
+    """
+    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    return bool(len(zs)) and zs[0] > 0 and zs[-1] < mask.shape[0] - 1
+
+
 @dataclass
 class SimulatedFracture:
     """Result of `simulate_fractures`: arrays in the input's grid and orientation."""
@@ -715,7 +727,10 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
     brought to canonical and back); with a spacing ``(z, y, x)`` in mm they must already be
     canonical (z superior, y posterior). Each chosen body is resampled along z within its
     columns (the adjacent discs stretch into the freed space), a sclerotic band of raised HU is
-    laid under each deformed endplate, and the fracture mask marks that zone.
+    laid under each deformed endplate, and the fracture mask marks that zone. The band's depth
+    (the larger of 3 mm and 1.5 voxels, plus 0-1.5 mm) and HU rise (180-320 HU) are drawn
+    from ``rng`` per vertebra; the meta records both (``band_mm``, ``band_hu``). A vertebra
+    cut by the scan's edge (see `fully_imaged`) is refused with a `UserError`.
     """
     if isinstance(spacing_or_geometry, Geometry):
         ct_c, geom_c, ro = to_canonical(ct, spacing_or_geometry)
@@ -737,6 +752,10 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
         loss_weight(morph, np.zeros(1), np.zeros(1))  # validates the morphology name
         if not (labels == vid).any():
             raise UserError(f"--fracture: vertebra {name(vid)} ({vid}) is not in the label map")
+        if not fully_imaged(labels == vid):
+            raise UserError(f"--fracture: vertebra {name(vid)} ({vid}) is cut by the scan's "
+                            f"edge (its label reaches the first or last slice along the "
+                            f"height axis); only a fully imaged vertebra can be fractured")
         before = measure_heights(labels, vid, sp)
         work, labels, m, info = _compress(work, labels, vid, sp, grade, morph, before, rng)
         frac |= m
@@ -847,6 +866,7 @@ def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp, grade: int, morp
             "morphology": morph, "height_ratio": round(after["ratio"], 4),
             "heights_mm": [round(x, 2) for x in after["heights_mm"]],
             "height_loss": round(achieved, 4), "band_mm": round(band_mm, 2),
+            "band_hu": round(band_hu, 1),
             "endplate": "both" if 0 < share < 1 else "superior"}
     return ct, labels, full, info
 

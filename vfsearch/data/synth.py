@@ -1,9 +1,10 @@
-"""`vfsearch synth`: write synthetic cases (or fractures simulated on a real scan) to a folder.
+"""`vfsearch synth`: write synthetic cases (or fractures simulated on real scans) to a folder.
 
 Orchestration only: volumes come from `vfsearch.data.phantom` and are written through
 `vfsearch.data.io`. Layout of ``OUT``::
 
-    OUT/manifest.csv                 case_id,ct,vertebrae,fracture,grades (paths relative to OUT)
+    OUT/manifest.csv                 case_id,ct,vertebrae,fracture,grades[,subject] (paths
+                                     relative to OUT; ``subject`` for real backgrounds)
     OUT/<case_id>/ct.nii.gz          int16 HU (a real background keeps its own pixel type)
     OUT/<case_id>/vertebrae.nii.gz   uint8 VerSe ids 11-24 (T4..L5), whole vertebrae
     OUT/<case_id>/fracture.nii.gz    uint8 0/1: deformed endplate zone + sclerotic band
@@ -12,6 +13,38 @@ Orchestration only: volumes come from `vfsearch.data.phantom` and are written th
 Every case folder is written under a hidden temporary name and renamed when complete, and the
 manifest is replaced atomically, so an interrupted run leaves no half-written case. Same seed,
 same bytes: case ``k`` uses a generator seeded by ``(seed, k)`` whatever the number of cases.
+
+Real backgrounds (`synth_on_background`), decisions:
+
+* ``--background`` is one CT (with ``--vertebrae``, its label map), a manifest CSV of scans
+  (``case_id, ct, vertebrae[, label_scheme][, subject]``, paths relative to the CSV; an empty
+  or missing ``label_scheme`` means ``--label-scheme``) or a folder. A folder is either a
+  VerSe tree (``rawdata/sub-*/**/<stem>_ct.nii.gz`` + ``derivatives/.../<stem>_seg-vert_msk
+  .nii.gz``, as `vfsearch ingest` reads it; subject = the ``sub-*`` folder) or holds one
+  subfolder per scan: ``<name>/ct.nii.gz`` (or .nii/.mha/.mhd/.nrrd) and exactly one
+  ``<name>/vertebrae*.nii.gz``; ``vertebrae_verse*`` is read as VerSe ids,
+  ``vertebrae_totalseg*`` as TotalSegmentator ids, any other name by ``--label-scheme``.
+  Subfolders without a ``ct.*`` are ignored. The scan's name is its case id, subfolder name or
+  the CT's file name (folder name for ``ct.nii.gz``).
+* ``--variants N`` writes N cases per scan, ``<scan>_v000`` .. (also for N = 1 without
+  ``--fracture``); the manifest's ``subject`` column (the scan's subject, by default its name)
+  makes `vfsearch ingest` keep all variants of one scan in one split. Each variant draws its
+  own fractures: with probability `NO_FRACTURE_SHARE` none (intact vertebrae are seen too),
+  else 1 to `MAX_FRACTURED` distinct fully imaged vertebrae, each with a Genant grade 1-3 and
+  a morphology (wedge, biconcave, crush) drawn uniformly; `phantom.simulate_fractures` draws
+  the sclerotic band's depth and HU rise per vertebra. Variant ``k`` of scan ``s`` uses a
+  generator seeded by ``(seed, crc32(s), k)``: it does not depend on the other scans or on N.
+* ``--fracture SPEC`` fixes the fractures instead: one case per scan (case id = the scan's
+  name, generator ``(seed, 0)``), so it is refused with ``--variants`` above 1.
+* A vertebra cut by the scan's edge (its label reaches the first or last slice along the
+  canonical z axis, along which heights are measured; `phantom.fully_imaged`) cannot take a
+  height-reducing fracture: named in ``--fracture`` it is refused; in variants it is never
+  drawn, and one warning line per scan names the vertebrae skipped. A scan without a fully
+  imaged vertebra T4..L5 is skipped with a warning (an error when no scan is left).
+* Every scan is read and checked (grids, labels, ``--fracture``) before anything is written;
+  scans are then read a second time while writing (the first one is kept from the check).
+* Labelled vertebrae that are not fractured keep grade 0 in the manifest (the scans are taken
+  to be healthy); ``meta.json`` marks the ones cut by the edge (``cut_by_edge``).
 """
 
 from __future__ import annotations
@@ -24,7 +57,10 @@ import re
 import shutil
 import sys
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,6 +68,9 @@ from vfsearch.errors import UserError
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("case_id", "ct", "vertebrae", "fracture", "grades")
+BACKGROUND_COLUMNS = (*MANIFEST_COLUMNS, "subject")
+NO_FRACTURE_SHARE = 0.2  # share of background variants left without a fracture
+MAX_FRACTURED = 3  # at most this many fractured vertebrae per background variant
 CASE_FILES = ("ct.nii.gz", "vertebrae.nii.gz", "fracture.nii.gz", "meta.json")
 _TMP_PREFIX = ".tmp-"
 
@@ -122,79 +161,337 @@ def parse_fracture_spec(spec: str) -> dict[int, tuple[int, str]]:
     return out
 
 
-def synth_on_background(background: Path | None, vertebrae: Path | None, out: Path, *,
-                        fracture: str | None, seed: int, label_scheme: str) -> str:
-    """Simulate fractures on a real CT and write one case and a manifest into ``out``.
+@dataclass(frozen=True)
+class Scan:
+    """One real (healthy) background scan.
 
-    ``vertebrae`` is the label map of ``background`` (same grid) in ``label_scheme``
-    ("verse" or "totalsegmentator"); the written label map uses VerSe ids 11-24 (T4..L5).
-    ``fracture`` like ``"22:2:wedge,L1:3:crush"``; default: one random, fully imaged vertebra,
-    grade 2, random morphology. Output volumes keep the input's grid (size, spacing, origin,
-    direction) and the CT keeps its pixel type.
+    ``name`` is its case-id stem, ``subject`` the person scanned (variants of scans with one
+    subject share a split), ``origin`` where it was listed (for messages).
+    """
+
+    name: str
+    ct: Path
+    vertebrae: Path
+    label_scheme: str
+    subject: str
+    origin: str
+
+
+def synth_on_background(background: Path | None, vertebrae: Path | None, out: Path, *,
+                        fracture: str | None, seed: int, label_scheme: str, variants: int = 1,
+                        warn: Callable[[str], None] | None = None) -> str:
+    """Simulate fractures on real CTs and write the cases and one manifest into ``out``.
+
+    ``background`` is one CT (``vertebrae`` its label map, same grid), a manifest CSV or a
+    folder of scans (see the module docstring; ``vertebrae`` then None). Label maps are read
+    in ``label_scheme`` ("verse" or "totalsegmentator") unless the source says otherwise; the
+    written label map uses VerSe ids 11-24 (T4..L5). ``fracture`` like
+    ``"22:2:wedge,L1:3:crush"`` gives one case per scan with those fractures; without it each
+    scan gets ``variants`` cases with random fractures. Output volumes keep the input's grid
+    (size, spacing, origin, direction) and the CT keeps its pixel type. ``warn`` receives
+    warning lines (default: ``warning: ...`` on stderr). Returns a one-line summary.
     """
     from vfsearch.data import phantom
-    from vfsearch.data.geometry import to_canonical
-    from vfsearch.data.io import read_volume
-    from vfsearch.data.labels import TARGET_IDS, name, to_verse
+    from vfsearch.data.labels import SCHEMES, name
 
+    warn = warn or _warn
     if background is None:
         raise UserError("--background: required with --vertebrae")
-    if vertebrae is None:
-        raise UserError("--vertebrae: required with --background (the scan's vertebra labels)")
-    background, vertebrae, out = Path(background), Path(vertebrae), Path(out)
+    if variants < 1:
+        raise UserError(f"--variants: must be at least 1, got {variants}")
+    if fracture is not None and variants > 1:
+        raise UserError(f"--fracture: fixes one case per scan, so it cannot go with --variants "
+                        f"{variants} (variants draw their fractures at random)")
+    if label_scheme not in SCHEMES:
+        raise UserError(f"--label-scheme: must be one of {', '.join(SCHEMES)}, "
+                        f"got {label_scheme!r}")
+    out = Path(out)
     targets = parse_fracture_spec(fracture) if fracture is not None else None
-    ct = read_volume(background, what="CT")
-    lab = read_volume(vertebrae, what="vertebra labels")
+    scans = background_scans(Path(background), None if vertebrae is None else Path(vertebrae),
+                             label_scheme)
+
+    # read and check every scan before anything is written
+    first: _Background | None = None
+    checked: list[tuple[list[int], list[int]]] = []
+    for i, scan in enumerate(scans):
+        bg = _read_scan(scan)
+        if targets is not None:
+            _check_targets(scan, bg, targets)
+        checked.append((bg.present, bg.complete))
+        if i == 0:
+            first = bg
+        del bg
+    _check_out(out)
+    kept = list(range(len(scans)))
+    if targets is None:
+        kept = []
+        for i, (scan, (present, complete)) in enumerate(zip(scans, checked)):
+            cut = ", ".join(name(v) for v in present if v not in complete)
+            if not complete:
+                warn(f"{scan.vertebrae}: every vertebra T4..L5 ({cut}) is cut by the scan's "
+                     f"edge; scan {scan.name} skipped")
+                continue
+            if cut:
+                warn(f"{scan.vertebrae}: {cut} cut by the scan's edge; not fractured in the "
+                     f"variants of {scan.name}")
+            kept.append(i)
+        if not kept:
+            raise UserError(f"{background}: no scan has a fully imaged vertebra T4..L5 (every "
+                            f"labelled vertebra is cut by the scan's edge)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    rows: list[list[str]] = []
+    done: list[dict[int, dict]] = []
+    loaded: tuple[int, _Background | None] = (0, first)
+    res = None
+    jobs = [(i, k) for i in kept for k in range(variants if targets is None else 1)]
+    for i, k in _progress(jobs, "synth"):
+        scan = scans[i]
+        if loaded[0] != i or loaded[1] is None:
+            loaded = (i, None)  # drop the previous scan before reading the next
+            loaded = (i, _read_scan(scan))
+        bg = loaded[1]
+        assert bg is not None
+        if targets is None:
+            cid = f"{scan.name}_v{k:03d}"
+            rng = variant_rng(seed, scan.name, k)
+            chosen = draw_fractures(rng, bg.complete)
+        else:
+            cid, rng, chosen = scan.name, phantom.case_rng(seed, 0), targets
+        res = phantom.simulate_fractures(bg.ct.array, bg.labels, bg.ct.geometry, chosen, rng)
+        per_vertebra = _per_vertebra(res, bg)
+        meta = {"case_id": cid, "scan": scan.name, "subject": scan.subject,
+                "variant": k if targets is None else None, "background": str(scan.ct),
+                "vertebrae_source": str(scan.vertebrae), "label_scheme": scan.label_scheme,
+                "seed": int(seed), "generator": "vfsearch.data.phantom.simulate_fractures",
+                "geometry": bg.ct.geometry.to_dict(), "vertebrae": per_vertebra}
+        _write_case(out, cid, res.ct, res.vertebrae.astype(np.uint8), res.fracture,
+                    bg.ct.geometry, meta)
+        grades = {v: int(per_vertebra[str(v)]["grade"]) for v in bg.present}
+        rows.append([*_manifest_row(cid, grades), scan.subject])
+        done.append(res.meta)
+    _remove_stale(out, keep={r[0] for r in rows})
+    _write_manifest(out, rows, BACKGROUND_COLUMNS)
+    if targets is not None and len(rows) == 1 and res is not None:
+        cid = rows[0][0]
+        text = ", ".join(f"{m['name']} grade {m['grade']} {m['morphology']} (height ratio "
+                         f"{m['height_ratio_before']:.2f} -> {m['height_ratio']:.2f})"
+                         for m in res.meta.values())
+        return (f"simulated {text} on {scans[0].ct}; wrote {out / cid} and {out / MANIFEST} "
+                f"({int(res.fracture.sum())} fracture voxels)")
+    fractured = [m for d in done for m in d.values()]
+    g = np.asarray([m["grade"] for m in fractured], dtype=int)
+    morph = [m["morphology"] for m in fractured]
+    per_scan = f"{variants} per scan" if targets is None else "--fracture " + str(fracture)
+    return (f"wrote {len(rows)} case(s) from {len(kept)} scan(s) ({per_scan}) to {out} in "
+            f"{time.monotonic() - start:.1f} s: {sum(1 for d in done if not d)} without a "
+            f"fracture, {len(fractured)} fractured vertebrae (grade 1/2/3: {(g == 1).sum()}/"
+            f"{(g == 2).sum()}/{(g == 3).sum()}; "
+            f"{'/'.join(phantom.MORPHOLOGIES)}: "
+            f"{'/'.join(str(morph.count(m)) for m in phantom.MORPHOLOGIES)}); "
+            f"manifest {out / MANIFEST}")
+
+
+def variant_rng(seed: int, scan: str, k: int) -> np.random.Generator:
+    """Generator of variant ``k`` of scan ``scan`` (independent of the other scans and of N)."""
+    return np.random.default_rng(np.random.SeedSequence(
+        [int(seed) & 0xFFFFFFFF, zlib.crc32(scan.encode("utf-8")), int(k)]))
+
+
+def draw_fractures(rng: np.random.Generator,
+                   complete: list[int]) -> dict[int, tuple[int, str]]:
+    """Random fractures of one variant among the fully imaged vertebrae ``complete``.
+
+    None with probability `NO_FRACTURE_SHARE`, else 1..`MAX_FRACTURED` distinct vertebrae,
+    each ``(grade 1-3, morphology)`` drawn uniformly.
+    """
+    from vfsearch.data.phantom import MORPHOLOGIES
+
+    if not complete or rng.random() < NO_FRACTURE_SHARE:
+        return {}
+    n = int(rng.integers(1, min(MAX_FRACTURED, len(complete)) + 1))
+    chosen = sorted(int(v) for v in rng.choice(np.asarray(complete), size=n, replace=False))
+    return {v: (int(rng.integers(1, 4)), str(MORPHOLOGIES[int(rng.integers(len(MORPHOLOGIES)))]))
+            for v in chosen}
+
+
+def background_scans(background: Path, vertebrae: Path | None,
+                     label_scheme: str) -> list[Scan]:
+    """The scans ``--background`` names: one CT (with ``vertebrae``), a manifest or a folder."""
+    background = Path(background).expanduser()
+    if vertebrae is not None:
+        sid = _background_case_id(background)
+        return [Scan(sid, background, Path(vertebrae).expanduser(), label_scheme, sid,
+                     str(background))]
+    if background.is_file() and background.suffix.lower() == ".csv":
+        scans = _scans_from_manifest(background, label_scheme)
+    elif background.is_dir() and (background / "rawdata").is_dir():
+        scans = _scans_from_verse_tree(background, label_scheme)
+    elif background.is_dir():
+        scans = _scans_from_folder(background, label_scheme)
+    elif not background.exists():
+        raise UserError(f"{background}: --background not found")
+    else:
+        raise UserError(f"--vertebrae: required when --background is one CT ({background}); "
+                        f"or give a folder or a manifest CSV of scans")
+    seen: dict[str, str] = {}
+    for scan in scans:
+        if scan.name in seen:
+            raise UserError(f"{scan.origin}: scan name {scan.name!r} is also used by "
+                            f"{seen[scan.name]}; scan names must be unique")
+        seen[scan.name] = scan.origin
+    return scans
+
+
+_SCAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+_SCHEME_TAGS = {"verse": "verse", "totalseg": "totalsegmentator",
+                "totalsegmentator": "totalsegmentator"}
+
+
+def _scans_from_manifest(path: Path, label_scheme: str) -> list[Scan]:
+    from vfsearch.data.labels import SCHEMES
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read manifest ({exc})") from None
+    if not rows:
+        raise UserError(f"{path}: manifest is empty")
+    header = [c.strip().lower() for c in rows[0]]
+    missing = [c for c in ("case_id", "ct", "vertebrae") if c not in header]
+    if missing:
+        raise UserError(f"{path}: manifest lacks column(s) {', '.join(missing)} "
+                        f"(has {', '.join(header) or 'none'})")
+    col = {c: header.index(c) for c in header}
+    scans = []
+    for line, row in enumerate(rows[1:], start=2):
+        def cell(key: str) -> str:
+            i = col.get(key)
+            return row[i].strip() if i is not None and i < len(row) else ""
+
+        where = f"{path} line {line}"
+        sid = cell("case_id")
+        if not _SCAN_NAME.match(sid):
+            raise UserError(f"{where}: case_id {sid!r} must start with a letter or digit and "
+                            f"hold only letters, digits, '.', '_' and '-'")
+        for key in ("ct", "vertebrae"):
+            if not cell(key):
+                raise UserError(f"{where}: empty {key} for scan {sid!r}")
+        scheme = cell("label_scheme").lower() or label_scheme
+        if scheme not in SCHEMES:
+            raise UserError(f"{where}: label_scheme {cell('label_scheme')!r} must be one of "
+                            f"{', '.join(SCHEMES)}")
+        scans.append(Scan(sid, _resolve(path.parent, cell("ct")),
+                          _resolve(path.parent, cell("vertebrae")), scheme,
+                          cell("subject") or sid, where))
+    if not scans:
+        raise UserError(f"{path}: manifest has no scans")
+    return scans
+
+
+def _scans_from_folder(root: Path, label_scheme: str) -> list[Scan]:
+    scans = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        cts = [sub / f"ct{x}" for x in _IMAGE_SUFFIXES if (sub / f"ct{x}").is_file()]
+        if not cts:
+            continue
+        if len(cts) > 1:
+            raise UserError(f"{sub}: several CTs ({', '.join(p.name for p in cts)}); keep one")
+        labels = sorted(p for p in sub.iterdir() if p.is_file()
+                        and p.name.lower().startswith("vertebrae") and _image_stem(p.name))
+        if len(labels) != 1:
+            raise UserError(f"{sub}: expected one vertebrae*.nii.gz label map next to "
+                            f"{cts[0].name}, found "
+                            f"{', '.join(p.name for p in labels) if labels else 'none'}")
+        tag = (_image_stem(labels[0].name) or "")[len("vertebrae"):].strip("_-.").lower()
+        sid = re.sub(r"[^A-Za-z0-9_.-]+", "_", sub.name).strip("._-") or "scan"
+        scans.append(Scan(sid, cts[0], labels[0], _SCHEME_TAGS.get(tag, label_scheme), sid,
+                          str(sub)))
+    if not scans:
+        raise UserError(f"{root}: no scans found (expected <name>/ct.nii.gz with "
+                        f"<name>/vertebrae*.nii.gz, or a VerSe rawdata/ tree); for one CT, "
+                        f"give --vertebrae")
+    return scans
+
+
+def _scans_from_verse_tree(root: Path, label_scheme: str) -> list[Scan]:
+    from vfsearch.data.ingest import read_verse_tree
+
+    return [Scan(s.case_id, Path(s.ct), Path(s.vertebrae), label_scheme, s.subject, s.origin)
+            for s in read_verse_tree(root)]
+
+
+@dataclass
+class _Background:
+    ct: object  # io.Volume: array (z, y, x) as stored and geometry
+    labels: np.ndarray  # VerSe ids T4..L5 (uint8), as stored
+    present: list[int]
+    complete: list[int]  # present and fully imaged (not cut by the scan's edge)
+
+
+def _read_scan(scan: Scan) -> _Background:
+    from vfsearch.data.geometry import to_canonical
+    from vfsearch.data.io import read_volume
+    from vfsearch.data.labels import TARGET_IDS, to_verse
+
+    ct = read_volume(scan.ct, what="CT")
+    lab = read_volume(scan.vertebrae, what="vertebra labels")
     if ct.shape != lab.shape or not ct.geometry.same_space(lab.geometry, ct.shape, lab.shape):
-        raise UserError(f"{vertebrae}: label grid (size {lab.shape[::-1]}, spacing "
-                        f"{_fmt(lab.geometry.spacing)}) does not match the CT {background} (size "
+        raise UserError(f"{scan.vertebrae}: label grid (size {lab.shape[::-1]}, spacing "
+                        f"{_fmt(lab.geometry.spacing)}) does not match the CT {scan.ct} (size "
                         f"{ct.shape[::-1]}, spacing {_fmt(ct.geometry.spacing)})")
-    labels = to_verse(lab.array, label_scheme, source=str(vertebrae))
+    labels = to_verse(lab.array, scan.label_scheme, source=str(scan.vertebrae))
+    del lab
     present = [int(v) for v in np.unique(labels) if v in TARGET_IDS]
     if not present:
-        raise UserError(f"{vertebrae}: no vertebra T4..L5 in the label map "
-                        f"(label scheme {label_scheme!r}; try --label-scheme)")
-    rng = phantom.case_rng(seed, 0)
+        raise UserError(f"{scan.vertebrae}: no vertebra T4..L5 in the label map "
+                        f"(label scheme {scan.label_scheme!r}; try --label-scheme)")
     lab_c = to_canonical(labels, ct.geometry)[2].apply(labels)
-    if targets is None:
-        complete = [v for v in present if _complete(lab_c == v)] or present
-        vid = int(rng.choice(complete))
-        targets = {vid: (2, str(rng.choice(phantom.MORPHOLOGIES)))}
+    complete = [v for v in present if _complete(lab_c == v)]
+    return _Background(ct, labels, present, complete)
+
+
+def _check_targets(scan: Scan, bg: _Background, targets: dict[int, tuple[int, str]]) -> None:
+    from vfsearch.data.labels import name
+
     for vid in targets:
-        if vid not in present:
-            raise UserError(f"--fracture: {name(vid)} ({vid}) is not in {vertebrae} (present: "
-                            f"{', '.join(name(v) for v in present)})")
-    _check_out(out)
-    res = phantom.simulate_fractures(ct.array, labels, ct.geometry, targets, rng)
-    _, geom_c, ro = to_canonical(res.vertebrae, ct.geometry)
+        if vid not in bg.present:
+            raise UserError(f"--fracture: {name(vid)} ({vid}) is not in {scan.vertebrae} "
+                            f"(present: {', '.join(name(v) for v in bg.present)})")
+        if vid not in bg.complete:
+            raise UserError(f"--fracture: {name(vid)} ({vid}) is cut by the scan's edge in "
+                            f"{scan.vertebrae} (its label reaches the first or last slice "
+                            f"along the height axis), so it cannot take a height-reducing "
+                            f"fracture; fully imaged: "
+                            f"{', '.join(name(v) for v in bg.complete) or 'none'}")
+
+
+def _per_vertebra(res, bg: _Background) -> dict[str, dict]:
+    """meta.json entries for every labelled vertebra of a simulated case."""
+    from vfsearch.data import phantom
+    from vfsearch.data.geometry import to_canonical
+    from vfsearch.data.labels import name
+
+    _, geom_c, ro = to_canonical(res.vertebrae, bg.ct.geometry)
     sp_zyx = tuple(geom_c.spacing[::-1])
     new_c = ro.apply(res.vertebrae)
-    per_vertebra: dict[str, dict] = {}
-    for v in present:
+    out: dict[str, dict] = {}
+    for v in bg.present:
+        cut = v not in bg.complete
         if v in res.meta:
-            per_vertebra[str(v)] = res.meta[v]
-        else:
-            h = phantom.measure_heights(new_c, v, sp_zyx)
-            per_vertebra[str(v)] = {
-                "name": name(v), "grade": 0, "morphology": "none",
-                "height_ratio": round(h["ratio"], 4),
-                "heights_mm": [round(x, 2) for x in h["heights_mm"]],
-                "note": "not simulated (the scan's own state is unknown)"}
-    cid = _background_case_id(background)
-    meta = {"case_id": cid, "background": str(background), "vertebrae_source": str(vertebrae),
-            "label_scheme": label_scheme, "seed": int(seed),
-            "generator": "vfsearch.data.phantom.simulate_fractures",
-            "geometry": ct.geometry.to_dict(), "vertebrae": per_vertebra}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_case(out, cid, res.ct, res.vertebrae.astype(np.uint8), res.fracture, ct.geometry, meta)
-    _remove_stale(out, keep={cid})
-    grades = {v: int(per_vertebra[str(v)]["grade"]) for v in present}
-    _write_manifest(out, [_manifest_row(cid, grades)])
-    done = ", ".join(f"{m['name']} grade {m['grade']} {m['morphology']} (height ratio "
-                     f"{m['height_ratio_before']:.2f} -> {m['height_ratio']:.2f})"
-                     for m in res.meta.values())
-    return (f"simulated {done} on {background}; wrote {out / cid} and {out / MANIFEST} "
-            f"({int(res.fracture.sum())} fracture voxels)")
+            out[str(v)] = {**res.meta[v], "cut_by_edge": cut}
+            continue
+        h = phantom.measure_heights(new_c, v, sp_zyx)
+        out[str(v)] = {
+            "name": name(v), "grade": 0, "morphology": "none",
+            "height_ratio": round(h["ratio"], 4),
+            "heights_mm": [round(x, 2) for x in h["heights_mm"]], "cut_by_edge": cut,
+            "note": ("cut by the scan's edge: not simulated, heights are of the imaged part"
+                     if cut else "not simulated (the scan's own state is unknown)")}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +504,32 @@ def _fmt(values) -> str:
 
 
 def _complete(mask: np.ndarray) -> bool:
-    """A vertebra is fully imaged when it does not touch the first or last z slice."""
-    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
-    return bool(len(zs)) and zs[0] > 0 and zs[-1] < mask.shape[0] - 1
+    """A vertebra is fully imaged when its label does not touch the first or last z slice.
+
+    ``mask`` must be in canonical orientation: axis 0 is then z, the axis body heights are
+    measured along (`phantom.fully_imaged`, which `simulate_fractures` also enforces).
+    """
+    from vfsearch.data.phantom import fully_imaged
+
+    return fully_imaged(mask)
+
+
+def _image_stem(filename: str) -> str | None:
+    """``"vertebrae_verse.nii.gz" -> "vertebrae_verse"``; None for other files."""
+    low = filename.lower()
+    for suffix in _IMAGE_SUFFIXES:
+        if low.endswith(suffix):
+            return filename[: -len(suffix)]
+    return None
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _background_case_id(background: Path) -> str:
@@ -220,7 +540,7 @@ def _background_case_id(background: Path) -> str:
             break
     if stem.lower() in ("ct", "image", "img", "") or background.is_dir():
         stem = background.parent.name if not background.is_dir() else background.name
-    cid = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "background"
+    cid = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-") or "background"
     return cid
 
 
@@ -235,7 +555,7 @@ def _is_synth_output(out: Path) -> bool:
             listed = {row[0] for row in reader if row}
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
-    if tuple(header) != MANIFEST_COLUMNS:
+    if tuple(header) not in (MANIFEST_COLUMNS, BACKGROUND_COLUMNS):
         return False
     for entry in out.iterdir():
         if entry.name == MANIFEST or entry.name.startswith(_TMP_PREFIX):
@@ -297,10 +617,11 @@ def _manifest_row(cid: str, grades: dict[int, int]) -> list[str]:
             ";".join(f"{v}:{g}" for v, g in sorted(grades.items()))]
 
 
-def _write_manifest(out: Path, rows: list[list[str]]) -> None:
+def _write_manifest(out: Path, rows: list[list[str]],
+                    columns: tuple[str, ...] = MANIFEST_COLUMNS) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerow(columns)
     writer.writerows(rows)
     tmp = out / f"{_TMP_PREFIX}{MANIFEST}"
     tmp.write_text(buf.getvalue())
