@@ -11,6 +11,7 @@ from vfsearch.config import ModelConfig
 from vfsearch.errors import UserError
 from vfsearch.losses import gan_d_loss, gan_g_loss
 from vfsearch.models import build_discriminator, build_model, list_models
+from vfsearch.models.temporal import HIDDEN_CAP, TEMPORALS
 
 torch.set_num_threads(1)
 T, H = 3, 32  # window length and side of the contract tests
@@ -21,6 +22,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "attention_unet": {
         "lstm": {},
         "lstm_unidirectional": {"bidirectional": False, "temporal_hidden": 8},
+        "lstm_pooled": {"temporal": "lstm_pooled"},
         "convlstm": {"temporal": "convlstm"},
         "convlstm_unidirectional_group": {"temporal": "convlstm", "bidirectional": False,
                                           "norm": "group", "dropout": 0.2},
@@ -51,6 +53,14 @@ def built(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 def test_every_registered_family_is_covered():
     assert set(list_models()) == set(VARIANTS)
     assert {"attention_unet", "resnet18_classifier"} <= set(list_models())
+
+
+def test_every_temporal_module_is_covered_and_accepted_by_the_config():
+    from vfsearch.config import _CHOICES
+
+    assert _CHOICES["model.temporal"] == TEMPORALS  # config must not import torch: kept in sync
+    covered = {p.values[1].temporal for p in CASES if p.values[0] == "attention_unet"}
+    assert covered == set(TEMPORALS)
 
 
 @pytest.mark.parametrize("family, cfg", CASES)
@@ -123,7 +133,7 @@ def output_change(cfg: ModelConfig, slice_index: int) -> float:
         return (model(x)["logits"] - model(y)["logits"]).abs().max().item()
 
 
-@pytest.mark.parametrize("temporal", ["lstm", "convlstm"])
+@pytest.mark.parametrize("temporal", ["lstm", "lstm_pooled", "convlstm"])
 def test_temporal_modules_read_the_other_slices(temporal):
     bi = replace(SMALL, temporal=temporal, bidirectional=True)
     uni = replace(bi, bidirectional=False)
@@ -133,13 +143,72 @@ def test_temporal_modules_read_the_other_slices(temporal):
     assert output_change(uni, T - 1) == 0.0
 
 
+# Chebyshev radius around a perturbed position of slice c-1 within which the centre output
+# may change: the per-position LSTM touches that position only, the bidirectional ConvLSTM
+# two 3x3 convs (step c-1, then step c), the pooled LSTM every position (None).
+REACH = {"lstm": 0, "convlstm": 2, "lstm_pooled": None}
+
+
+@pytest.mark.parametrize("temporal", sorted(REACH))
+def test_neighbour_detail_reaches_the_centre_at_the_same_position(temporal):
+    model = built(replace(SMALL, temporal=temporal)).eval()
+    c, side, (i, j) = model.encoder.bottleneck_channels, 8, (2, 3)
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, T, c, side, side, generator=g)  # (B, T, C, h, w)
+    moved = feats.clone()
+    moved[0, T // 2 - 1, :, i, j] += torch.randn(c, generator=g)  # one position of slice c-1
+    with torch.no_grad():
+        change = (model.temporal(moved) - model.temporal(feats))[:, T // 2]  # (B, C, h, w)
+    change = change.abs().amax(dim=1)  # (B, h, w)
+    assert change[0, i, j] > 1e-3  # the neighbour's detail reaches the same position
+    assert change[1].max() == 0.0  # and no other window
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    far = torch.maximum((rows - i).abs(), (cols - j).abs()) > (REACH[temporal] or 0)
+    if REACH[temporal] is None:  # pooled: a global scale and shift, felt everywhere
+        assert change[0][far].min() > 1e-5
+    else:
+        assert change[0][far].max() <= 1e-6 * change[0, i, j]
+
+
+def lstm_params(c: int, hidden: int, dirs: int) -> int:
+    """``nn.LSTM(c, hidden)``: 4 gates x (W_ih, W_hh, b_ih, b_hh) per direction."""
+    return dirs * 4 * hidden * (c + hidden + 2)
+
+
+def convlstm_params(c: int, hidden: int, dirs: int) -> int:
+    """One 3x3 conv ``c + hidden -> 4 * hidden`` per direction, then a 1x1 conv to ``c``."""
+    return dirs * 4 * hidden * ((c + hidden) * 9 + 1) + (dirs * hidden + 1) * c
+
+
+def test_default_temporal_hidden_width_is_capped():
+    big = ModelConfig(depth=5, base_channels=32)  # bottleneck C = 32 * 2**5 = 1024
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        none, conv, lstm, conv16 = (build_model(replace(big, **kw), T) for kw in (
+            {"temporal": "none"}, {"temporal": "convlstm"}, {"temporal": "lstm"},
+            {"temporal": "convlstm", "temporal_hidden": 16}))
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    c = conv.encoder.bottleneck_channels
+    assert c == 1024 and HIDDEN_CAP < c
+    assert convlstm_params(c, c, 2) > 150e6  # the uncapped default: most of the model
+    assert count(conv) <= count(none) + convlstm_params(c, HIDDEN_CAP, 2) < 40e6
+    assert count(conv.temporal_module) == convlstm_params(c, HIDDEN_CAP, 2)
+    assert count(lstm.temporal_module) == lstm_params(c, HIDDEN_CAP, 2) + (2 * HIDDEN_CAP + 1) * c
+    assert count(conv16.temporal_module) == convlstm_params(c, 16, 2)  # explicit width wins
+    # below the cap the default is the bottleneck width
+    small = built(SMALL)
+    assert small.temporal_module.lstm.hidden_size == small.encoder.bottleneck_channels < HIDDEN_CAP
+
+
 def test_no_temporal_reads_only_the_centre_slice():
     cfg = replace(SMALL, temporal="none")
     assert output_change(cfg, 0) == 0.0 and output_change(cfg, T - 1) == 0.0
     assert output_change(cfg, T // 2) > 1e-4
 
 
-@pytest.mark.parametrize("temporal", ["lstm", "none"])
+@pytest.mark.parametrize("temporal", ["lstm", "lstm_pooled", "none"])
 def test_forward_features_on_separately_encoded_slices(temporal):
     """Fusion's seam: encode every slice of a stack once, assemble windows, decode."""
     model = built(replace(SMALL, temporal=temporal)).eval()

@@ -55,14 +55,15 @@ DEPENDS_ON: dict[str, tuple[str, tuple[Any, ...]]] = {
     "loss.gan_mode": ("model.gan", (True,)),
     "model.disc_channels": ("model.gan", (True,)),
     "model.disc_layers": ("model.gan", (True,)),
+    "model.disc_norm": ("model.gan", (True,)),
     "train.gan_start_epoch": ("model.gan", (True,)),
     "train.disc_lr": ("model.gan", (True,)),
     "loss.focal_gamma": ("loss.extra", ("focal",)),
     "loss.tversky_alpha": ("loss.extra", ("tversky",)),
     "loss.tversky_beta": ("loss.extra", ("tversky",)),
     "loss.extra_weight": ("loss.extra", ("focal", "tversky")),
-    "model.bidirectional": ("model.temporal", ("lstm", "convlstm")),
-    "model.temporal_hidden": ("model.temporal", ("lstm", "convlstm")),
+    "model.bidirectional": ("model.temporal", ("lstm", "lstm_pooled", "convlstm")),
+    "model.temporal_hidden": ("model.temporal", ("lstm", "lstm_pooled", "convlstm")),
     "model.encoder_weights": ("model.encoder", ("resnet18", "resnet34")),
 }
 

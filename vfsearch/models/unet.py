@@ -86,9 +86,11 @@ class AttentionUNet25D(nn.Module):
         norm: ``batch`` | ``instance`` | ``group``.
         dropout: ``Dropout2d`` probability inside every conv block.
         attention: attention gates on the skips (False: plain concatenation).
-        temporal: ``lstm`` | ``convlstm`` | ``none``; see `vfsearch.models.temporal`.
+        temporal: ``lstm`` (per spatial position) | ``lstm_pooled`` | ``convlstm`` | ``none``;
+            see `vfsearch.models.temporal`.
         bidirectional: temporal module reads the window both ways.
-        temporal_hidden: hidden width of the temporal module (<= 0: bottleneck width).
+        temporal_hidden: hidden width of the temporal module (<= 0: the bottleneck width
+            capped at `vfsearch.models.temporal.HIDDEN_CAP`).
         predict_all_slices: decode every position of the window, ``(B, T, H, W)`` logits.
         encoder: ``unet`` | ``resnet18`` | ``resnet34``.
         encoder_weights: local torchvision state_dict for a ResNet encoder ("" = random).
