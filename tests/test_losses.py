@@ -18,6 +18,7 @@ from vfsearch.losses import (
     gan_g_loss,
     slice_labels,
     soft_dice_loss,
+    soften_real_mask,
     tversky_loss,
 )
 
@@ -109,6 +110,41 @@ def test_gan_losses_hand_values(mode, d_expected, g_expected):
 def test_gan_unknown_mode_is_a_user_error():
     with pytest.raises(UserError, match="loss.gan_mode"):
         gan_g_loss("wgan", torch.zeros(1))
+
+
+def _exactly_binary(mask: torch.Tensor) -> torch.Tensor:
+    """The trivial discriminator: per sample, are all values exactly 0 or 1? (B,) bool."""
+    return ((mask == 0) | (mask == 1)).flatten(1).all(1)
+
+
+def test_softened_real_masks_are_not_told_apart_by_being_exactly_binary():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(4, 1, 8, 8, generator=g) > 0.7).float()
+    fake = torch.sigmoid(torch.randn(4, 1, 8, 8, generator=g) * 8)  # a confident segmenter
+    # without softening the trivial rule separates real from fake perfectly ...
+    assert _exactly_binary(target).all() and not _exactly_binary(fake).any()
+    # ... with it, real masks fail the rule too: it calls every input fake
+    real = soften_real_mask(target, noise=0.1, generator=g)
+    assert not _exactly_binary(real).any()
+    # and their values lie where a confident prediction's do, each pixel near its label
+    assert real.shape == target.shape
+    assert float((real - target).abs().max()) <= 0.1
+    assert ((real <= 0.1) | (real >= 0.9)).all()
+    assert real[target == 1].min() < 0.99 and real[target == 0].max() > 0.01  # spread out
+
+
+def test_soften_real_mask_is_seeded_and_checks_noise():
+    target = torch.zeros(2, 1, 4, 4)
+    target[:, :, 1:3, 1:3] = 1
+    torch.manual_seed(3)
+    a = soften_real_mask(target)
+    torch.manual_seed(3)
+    b = soften_real_mask(target)
+    assert torch.equal(a, b)  # torch's global RNG: reproducible under manual_seed
+    assert not torch.equal(a, soften_real_mask(target))  # a fresh draw each call
+    assert soften_real_mask(target, noise=0.0) is target
+    with pytest.raises(ValueError, match="noise"):
+        soften_real_mask(target, noise=0.5)
 
 
 def test_weighted_sum_and_parts():

@@ -8,10 +8,14 @@ from functools import partial
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
-from vfsearch.config import load_config
+from vfsearch.config import TrainConfig, load_config
+from vfsearch.errors import UserError
 from vfsearch.losses import build_loss, gan_d_loss
 from vfsearch.metrics import confusion_counts, scores
+from vfsearch.models.discriminator import DISC_NORMS, PatchDiscriminator
 from vfsearch.steps import eval_step, gan_step, seg_step
 from vfsearch.train import build_models, optimizer_digest, warmup_cosine
 
@@ -102,6 +106,158 @@ def test_gan_step_updates_both_and_reports_d_g():
     assert any(not torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(g0, model.parameters()))
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again
+
+
+GAN = TINY + ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2",
+              "model.disc_channels=4"]
+
+
+def _gan_parts(extra=(), *, lr_g=1e-3, lr_d=1e-3):
+    cfg = load_config(None, GAN + list(extra))
+    model, disc = build_models(cfg)
+    return (cfg, model, disc, build_loss(cfg.loss, gan=True),
+            torch.optim.Adam(model.parameters(), lr=lr_g),
+            torch.optim.Adam(disc.parameters(), lr=lr_d, betas=(0.5, 0.999)),
+            partial(gan_d_loss, cfg.loss.gan_mode))
+
+
+class _Recorder(nn.Module):
+    """Wraps a discriminator and records what each call sees. No ``.module`` attribute, so
+    `gan_step` calls it (not the inner one) in the segmenter's pass too."""
+
+    def __init__(self, disc: nn.Module) -> None:
+        super().__init__()
+        self.inner = disc
+        self.calls: list[dict] = []
+
+    def forward(self, window, mask):
+        self.calls.append({"mask": mask.detach().clone(), "training": self.training,
+                           "grad": mask.requires_grad})
+        return self.inner(window, mask)
+
+
+def test_gan_step_judges_real_and_fake_in_separate_passes():
+    _, model, disc, loss_fn, opt_g, opt_d, d_loss_fn = _gan_parts()
+    rec = _Recorder(disc).train()
+    batch = _batch()
+    torch.manual_seed(0)
+    gan_step(model, rec, batch, loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
+    real, fake_d, fake_g = rec.calls
+    target = batch["target"]
+    # D's update: a real-only forward (softened targets, never exactly 0/1), then a
+    # fake-only one (detached predictions); no mixed batch
+    assert real["mask"].shape == fake_d["mask"].shape == target.shape
+    assert float((real["mask"] - target).abs().max()) <= 0.1
+    assert not ((real["mask"] == 0) | (real["mask"] == 1)).all()
+    assert not real["grad"] and not fake_d["grad"]
+    # the segmenter's update: the same predictions, the same mode, gradient to the segmenter
+    assert torch.equal(fake_g["mask"], fake_d["mask"]) and fake_g["grad"]
+    assert real["training"] and fake_d["training"] and fake_g["training"]
+
+
+@pytest.mark.parametrize("disc_norm", ["spectral", "instance"])
+def test_gan_step_teaches_the_discriminator_to_separate_real_from_fake(disc_norm):
+    # lr_g = 0: the segmenter's predictions stay what D was judged on before. One Adam step
+    # moves every weight by about lr, so both outputs shift together; what D learnt is the
+    # margin between them. vanilla: the real and fake terms pull equally at the start (lsgan
+    # first lifts both towards its mean target 0.5 and separates a few steps later).
+    _, model, disc, loss_fn, opt_g, opt_d, d_loss_fn = _gan_parts(
+        [f"model.disc_norm={disc_norm}", "loss.gan_mode=vanilla"], lr_g=0.0, lr_d=1e-3)
+    batch = _batch()
+    image, target = batch["image"], batch["target"]
+    with torch.no_grad():
+        fake = torch.sigmoid(model(image)["logits"])
+
+    def margin() -> float:  # mean D logit on real pairs minus on fake pairs
+        disc.eval()  # no power-iteration update while measuring
+        with torch.no_grad():
+            out = float(disc(image, target).mean() - disc(image, fake).mean())
+        disc.train()
+        return out
+
+    before = margin()
+    torch.manual_seed(0)
+    out = gan_step(model, disc, batch, loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
+    after = margin()
+    assert after > before and after > 0, (before, after)
+    assert out["d_loss"] > 0
+
+
+def test_segmenter_update_leaves_the_discriminator_alone():
+    _, model, disc, loss_fn, opt_g, opt_d, d_loss_fn = _gan_parts()
+    after_d: dict[str, list[torch.Tensor]] = {}
+
+    def snapshot(opt, args, kwargs):  # right after D's own step, before the segmenter's
+        after_d["params"] = [p.detach().clone() for p in disc.parameters()]
+        after_d["grads"] = [p.grad.clone() for p in disc.parameters()]
+
+    opt_d.register_step_post_hook(snapshot)
+    g0 = [p.detach().clone() for p in model.parameters()]
+    out = gan_step(model, disc, _batch(), loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
+    assert out["adv"] > 0 and any(not torch.equal(a, b) for a, b in zip(g0, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(after_d["params"], disc.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(after_d["grads"], disc.parameters()))
+
+
+@pytest.mark.parametrize("disc_norm", DISC_NORMS)
+def test_discriminator_norms(disc_norm):
+    default = load_config(None, GAN).model.disc_norm
+    _, disc = build_models(load_config(None, GAN + [f"model.disc_norm={disc_norm}"]))
+    kinds = {type(m) for m in disc.modules()}
+    convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
+    assert (nn.BatchNorm2d in kinds) == (disc_norm == "batch")
+    assert (nn.InstanceNorm2d in kinds) == (disc_norm == "instance")
+    assert all(parametrize.is_parametrized(c, "weight") == (disc_norm == "spectral")
+               for c in convs)
+    if disc_norm == default:
+        assert nn.BatchNorm2d not in kinds  # the default is batch-independent
+    # 2 stride-2 layers, then two 4x4 stride-1 convs: 32 / 4 - 2
+    assert disc(torch.randn(2, 3, 32, 32), torch.rand(2, 1, 32, 32)).shape == (2, 1, 6, 6)
+
+
+def test_discriminator_norm_is_validated():
+    assert load_config(None, GAN).model.disc_norm == "spectral"
+    with pytest.raises(UserError, match="model.disc_norm must be one of spectral, instance, "
+                                        "batch, got 'layer'"):
+        load_config(None, GAN + ["model.disc_norm=layer"])
+    with pytest.raises(ValueError, match="spectral, instance, batch"):
+        PatchDiscriminator(seq_len=3, norm="group")
+
+
+def test_gan_start_defaults_to_half_the_run():
+    assert TrainConfig().gan_start_epoch == -1
+    assert TrainConfig(epochs=10).gan_start() == 5  # GAN in epochs 6..10
+    assert TrainConfig(epochs=7).gan_start() == 3
+    assert TrainConfig(epochs=1).gan_start() == 0
+    assert TrainConfig(epochs=10, gan_start_epoch=0).gan_start() == 0  # adversarial throughout
+    assert TrainConfig(epochs=10, gan_start_epoch=8).gan_start() == 8
+    assert load_config(None, ["train.gan_start_epoch=0"]).train.gan_start() == 0
+    with pytest.raises(UserError, match="train.gan_start_epoch must be >= 0, or -1"):
+        load_config(None, ["train.gan_start_epoch=-2"])
+
+
+def test_gan_step_with_a_ddp_discriminator(tmp_path):
+    """Two forwards of a DDP-wrapped D feed one backward: no 'marked ready twice' error, no
+    need for find_unused_parameters (world size 1 runs DDP's reducer all the same)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        _, model, disc, loss_fn, opt_g, _, d_loss_fn = _gan_parts()
+        ddp = DistributedDataParallel(disc)
+        opt_d = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+        d0 = [p.detach().clone() for p in disc.parameters()]
+        for _ in range(2):
+            out = gan_step(model, ddp, _batch(), loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
+        assert math.isfinite(out["d_loss"]) and out["adv"] > 0
+        assert all(not torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
+        assert all(p.requires_grad for p in disc.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_seg_step_leaves_discriminator_alone():

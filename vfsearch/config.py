@@ -24,10 +24,11 @@ class ModelConfig:
 
     ``family`` picks a builder from `vfsearch.models.list_models()`. ``depth`` counts encoder
     levels (3-5) with ``base_channels`` doubling per level. ``temporal`` is the module over
-    the bottleneck features of the window (``lstm``, ``convlstm`` or ``none``: centre slice
-    only). A unidirectional temporal module reads its output at the centre slice, so it sees
-    only the slices before it: ``bidirectional`` (default) sees both sides. ``gan`` adds a
-    conditional PatchGAN discriminator (``disc_*``) and needs ``loss.adv_weight > 0``.
+    the bottleneck features of the window (``lstm`` per spatial position, ``lstm_pooled``,
+    ``convlstm`` or ``none``: centre slice only). A unidirectional temporal module reads its
+    output at the centre slice, so it sees only the slices before it: ``bidirectional``
+    (default) sees both sides. ``gan`` adds a conditional PatchGAN discriminator (``disc_*``)
+    and needs ``loss.adv_weight > 0``.
     """
 
     family: str = "attention_unet"
@@ -36,15 +37,16 @@ class ModelConfig:
     norm: str = "batch"  # batch | instance | group
     dropout: float = 0.0  # Dropout2d inside every conv block, 0 <= p < 1
     attention: bool = True  # additive attention gates on the skips (false: ablation)
-    temporal: str = "lstm"  # lstm | convlstm | none
+    temporal: str = "lstm"  # lstm | lstm_pooled | convlstm | none
     bidirectional: bool = True
-    temporal_hidden: int = 0  # 0: same width as the bottleneck
+    temporal_hidden: int = 0  # 0: min(bottleneck width, 64), see vfsearch.models.temporal
     predict_all_slices: bool = False  # masks of all T slices; must equal data.target_all_slices
     encoder: str = "unet"  # unet | resnet18 | resnet34
     encoder_weights: str = ""  # local torchvision state_dict file; "" = random init
     gan: bool = False
     disc_channels: int = 32
     disc_layers: int = 3
+    disc_norm: str = "spectral"  # spectral | instance | batch (discriminator only)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation schedule of one training run."""
+    """Optimisation schedule of one training run.
+
+    With ``model.gan`` the segmenter trains on the segmentation losses alone for the first
+    `gan_start` epochs, then adversarially (pix2pix-style fine-tuning from a sensible
+    segmenter). ``gan_start_epoch`` -1 (default) means half the run, ``epochs // 2``; 0 means
+    adversarial from the first epoch. An ASHA rung placed before the GAN starts judges a
+    trial as a plain segmenter: place the grace period after it.
+    """
 
     epochs: int = 10
     batch_size: int = 8
@@ -105,7 +114,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     warmup_epochs: int = 1
     grad_clip: float = 1.0
-    gan_start_epoch: int = 0  # epochs of segmentation only before adversarial fine-tuning
+    gan_start_epoch: int = -1  # segmentation-only epochs before the GAN; -1: epochs // 2
     disc_lr: float = 2e-4
     early_stop_patience: int = 0  # 0: off
     seed: int = 0
@@ -117,6 +126,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent epoch checkpoints kept (each holds the best model)
     final_eval: bool = True  # end with the fused 3D validation (val_dice3d), the sweep metric
     log_pictures: bool = True  # log heatmaps/attention/3D pictures of the best model to MLflow
+
+    def gan_start(self) -> int:
+        """The number of segmentation-only epochs: the GAN trains in (1-based) epochs
+        ``> gan_start()``. ``gan_start_epoch``, or ``epochs // 2`` where it is -1 (unset)."""
+        return self.epochs // 2 if self.gan_start_epoch == -1 else self.gan_start_epoch
 
 
 @dataclass(frozen=True)
@@ -261,8 +275,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("batch", "instance", "group"),
-    "model.temporal": ("lstm", "convlstm", "none"),
+    "model.temporal": ("lstm", "lstm_pooled", "convlstm", "none"),  # models.temporal.TEMPORALS
     "model.encoder": ("unet", "resnet18", "resnet34"),
+    "model.disc_norm": ("spectral", "instance", "batch"),  # models.discriminator.DISC_NORMS
     "loss.extra": ("none", "focal", "tversky"),
     "loss.gan_mode": ("vanilla", "lsgan", "hinge"),
     "data.plane": PLANES,
@@ -288,8 +303,8 @@ def validate_model(model: ModelConfig, *, source: str = "config") -> ModelConfig
     if not 0 <= model.dropout < 1:
         raise UserError(f"{source}: model.dropout must be >= 0 and < 1, got {model.dropout}")
     if model.temporal_hidden < 0:
-        raise UserError(f"{source}: model.temporal_hidden must be >= 0 (0: bottleneck width), "
-                        f"got {model.temporal_hidden}")
+        raise UserError(f"{source}: model.temporal_hidden must be >= 0 "
+                        f"(0: min(bottleneck width, 64)), got {model.temporal_hidden}")
     if model.disc_channels < 1 or model.disc_layers < 1:
         raise UserError(f"{source}: model.disc_channels and model.disc_layers must be >= 1")
     if model.family == "resnet18_classifier" and (model.gan or model.predict_all_slices):
@@ -363,10 +378,13 @@ def validate_train(train: TrainConfig, *, source: str = "config") -> TrainConfig
     for key in ("epochs", "batch_size", "keep_checkpoints"):
         if getattr(train, key) < 1:
             raise UserError(f"{source}: train.{key} must be >= 1, got {getattr(train, key)}")
-    for key in ("weight_decay", "grad_clip", "disc_lr", "warmup_epochs", "gan_start_epoch",
-                "early_stop_patience", "num_workers", "max_windows_per_epoch", "max_failures"):
+    for key in ("weight_decay", "grad_clip", "disc_lr", "warmup_epochs", "early_stop_patience",
+                "num_workers", "max_windows_per_epoch", "max_failures"):
         if getattr(train, key) < 0 and not (key == "max_failures" and train.max_failures == -1):
             raise UserError(f"{source}: train.{key} must be >= 0, got {getattr(train, key)}")
+    if train.gan_start_epoch < -1:
+        raise UserError(f"{source}: train.gan_start_epoch must be >= 0, or -1 for epochs // 2; "
+                        f"got {train.gan_start_epoch}")
     if not 0 < train.val_threshold < 1:
         raise UserError(f"{source}: train.val_threshold must lie in (0, 1), "
                         f"got {train.val_threshold}")

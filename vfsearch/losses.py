@@ -1,4 +1,5 @@
-"""Training losses: soft Dice, BCE, focal, Tversky, their weighted sum, and GAN terms.
+"""Training losses: soft Dice, BCE, focal, Tversky, their weighted sum, and GAN terms
+(with `soften_real_mask`, what the discriminator sees of a real mask).
 
 Pure torch. Shapes: ``logits`` and ``target`` are ``(B, C, *spatial)`` with the same shape
 (segmentation: ``(B, 1, H, W)`` or ``(B, T, H, W)``; the baseline classifier ``(B, 1)``).
@@ -123,6 +124,33 @@ def gan_g_loss(mode: str, fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
 
 
+def soften_real_mask(mask: torch.Tensor, *, noise: float = 0.1,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The expert's mask as the discriminator sees it: ``|mask - u|``, ``u ~ U(0, noise)``.
+
+    ``mask (B, C, H, W)`` in {0, 1} -> same shape, 0 moved into ``[0, noise]`` and 1 into
+    ``[1 - noise, 1]``, a fresh draw per pixel (soft values in [0, 1] stay in [0, 1]).
+
+    A real mask is exactly 0/1 and a prediction (``sigmoid(logits)``) never is, so a
+    discriminator could tell them apart by value alone, and the adversarial term would only
+    push the segmenter towards saturated logits instead of plausible shapes (Luc et al. 2016
+    describe the problem; smoothing or noising the real input is the usual remedy). Noise
+    rather than a blur, which would leave the background and region interiors exactly 0/1;
+    per pixel rather than one value per sample, so "only two distinct values" is no tell
+    either. The cost: D may expect a background of a few hundredths, a pull the Dice/BCE
+    terms outweigh and the 0.5 threshold does not see. ``noise`` in [0, 0.5); 0 returns
+    ``mask`` itself. Draws from ``generator``, by default torch's global RNG of the mask's
+    device, which `vfsearch.train` seeds and checkpoints per worker: reproducible.
+    """
+    if not 0 <= noise < 0.5:
+        raise ValueError(f"noise must lie in [0, 0.5), got {noise}")
+    if noise == 0:
+        return mask
+    m = mask.float()
+    u = torch.rand(m.shape, generator=generator, device=m.device, dtype=m.dtype) * noise
+    return (m - u).abs()
+
+
 def slice_labels(mask: torch.Tensor, *, min_pixels: int = 1) -> torch.Tensor:
     """Slice labels for the baseline classifier: does the centre slice show a fracture?
 
@@ -229,5 +257,6 @@ __all__ = [
     "gan_g_loss",
     "slice_labels",
     "soft_dice_loss",
+    "soften_real_mask",
     "tversky_loss",
 ]

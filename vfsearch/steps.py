@@ -8,7 +8,8 @@ Shapes: a batch is a mapping with ``image`` float32 ``(B, T, H, W)`` (T slices o
 normalised CT) and ``target`` float32 ``(B, 1, H, W)`` in {0, 1} (the centre slice's fracture
 mask). Segmenters return logits ``(B, 1, H, W)``, either as a tensor or as the
 ``{"logits": ..., ...}`` dict of `vfsearch.models`. The discriminator maps
-``(window (B, T, H, W), mask (B, 1, H, W) in [0, 1])`` to patch logits.
+``(window (B, T, H, W), mask (B, 1, H, W) in [0, 1])`` to patch logits; it sees real masks
+softened (`vfsearch.losses.soften_real_mask`), never exactly 0/1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vfsearch.losses import soften_real_mask
 from vfsearch.metrics import confusion_counts
 
 # (logits, target[, disc_fake_logits]) -> (total, terms); `vfsearch.losses.SegLoss` is one
@@ -112,21 +114,33 @@ def gan_step(model: nn.Module, disc: nn.Module, batch: Mapping[str, Any], loss_f
              opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, *,
              d_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
-             amp_dtype: torch.dtype | None = None,
+             amp_dtype: torch.dtype | None = None, real_noise: float = 0.1,
              device: torch.device | None = None) -> dict[str, float]:
     """One adversarial step: discriminator update, then segmenter update (pix2pix order).
 
-    1. The segmenter predicts ``fake = sigmoid(logits)``.
-    2. The discriminator judges ``(image, target)`` as real and ``(image, fake.detach())`` as
-       fake in one forward (one DDP reduction), ``d_loss_fn(real_logits, fake_logits)``, and
-       steps ``opt_d``.
+    1. The segmenter predicts ``fake = sigmoid(logits)`` in (0, 1).
+    2. The discriminator judges ``(image, real)`` and ``(image, fake.detach())`` in two
+       forwards, a real-only and a fake-only batch as pix2pix does, so a batch-dependent norm
+       never mixes the two; ``real`` is the target softened by `soften_real_mask` (values in
+       ``[0, real_noise]`` / ``[1 - real_noise, 1]``, torch's global RNG) so that D cannot
+       tell a mask from a prediction by its values being exactly 0/1. One backward of
+       ``d_loss_fn(real_logits, fake_logits)`` (`vfsearch.losses.gan_d_loss`: the mean of
+       the real and fake terms for vanilla/lsgan), then ``opt_d`` steps.
     3. With the discriminator frozen, the segmenter minimises
        ``loss_fn(logits, target, disc(image, fake))`` (the seg terms plus the weighted
-       adversarial term, `vfsearch.losses.SegLoss`) and steps ``opt_g``.
+       adversarial term, `vfsearch.losses.SegLoss`) and steps ``opt_g``. D judges the same
+       kind of batch as its fake pass in step 2 (fake-only, in the caller's mode, train in
+       `vfsearch.train`), so it is normalised as it was when D learnt.
 
-    ``disc`` may be DDP-wrapped: step 3 runs its inner module so that no gradient of the
-    frozen discriminator is reduced. Returns the loss terms (``adv`` is the unweighted
-    generator term), ``loss`` (the total), ``d_loss``, ``g_loss`` (= ``adv``), ``grad_norm``.
+    ``disc`` may be DDP-wrapped. Step 2's two forwards feed one loss and one backward, so
+    each parameter's gradient hook fires once and DDP reduces once (its buffers are
+    broadcast before each forward; spectral norm clones its ``u``/``v`` before use, so that
+    in-place refresh is safe); every parameter is used in both, so ``find_unused_parameters``
+    is not needed (checked on 2 gloo ranks for every ``model.disc_norm``: D's weights stay
+    equal across ranks). Step 3 runs the inner module so that no gradient of the frozen
+    discriminator is reduced. Returns the loss terms (``adv`` is the unweighted generator
+    term), ``loss`` (the total), ``d_loss``, ``g_loss`` (= ``adv``), ``grad_norm`` (the
+    segmenter's, before clipping).
     """
     device = device or next(model.parameters()).device
     image, target = _to(batch, device)
@@ -134,13 +148,14 @@ def gan_step(model: nn.Module, disc: nn.Module, batch: Mapping[str, Any], loss_f
         logits = logits_of(model(image))
     logits = logits.float()
     fake = torch.sigmoid(logits)
+    real = soften_real_mask(target, noise=real_noise)
 
-    # 2. discriminator: real and fake pairs in one batch
+    # 2. discriminator: a real-only and a fake-only forward, one backward
     opt_d.zero_grad(set_to_none=True)
     with _autocast(device, amp_dtype):
-        both = disc(torch.cat([image, image]), torch.cat([target, fake.detach()]))
-    d_real, d_fake = both.float().chunk(2)
-    d_loss = d_loss_fn(d_real, d_fake)
+        d_real = disc(image, real)
+        d_fake = disc(image, fake.detach())
+    d_loss = d_loss_fn(d_real.float(), d_fake.float())
     _apply(d_loss, opt_d, disc.parameters(), scaler=None, grad_clip=grad_clip)
 
     # 3. segmenter against the frozen discriminator

@@ -431,7 +431,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        gan_active = disc is not None and epoch > tc.gan_start_epoch
+        gan_active = disc is not None and epoch > tc.gan_start()  # -1: epochs // 2
         if disc is not None:
             disc.train()
         # the epoch's windows, drawn identically on every rank, then sharded

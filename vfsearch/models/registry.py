@@ -65,7 +65,7 @@ def build_discriminator(model_cfg: ModelConfig, seq_len: int) -> nn.Module:
     return PatchDiscriminator(seq_len=seq_len,
                               mask_channels=seq_len if model_cfg.predict_all_slices else 1,
                               channels=model_cfg.disc_channels, layers=model_cfg.disc_layers,
-                              norm=model_cfg.norm)
+                              norm=model_cfg.disc_norm)
 
 
 @register("attention_unet")
