@@ -122,3 +122,19 @@ def test_pareto_front():
             {"val_dice3d": float("nan"), "model_params": 1}]
     assert pareto_front(rows, objectives) == {0, 1, 2, 4}
     assert pareto_front(rows, (("val_dice3d", "max"),)) == {0, 4}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_first_asha_rung_comes_after_the_gan_stage_starts(path):
+    """DESIGN.md: a rung placed before a trial's GAN stage judges it as a plain segmenter."""
+    space = load_space(path)
+    gan = {p.key: p for p in space.params}
+    can_gan = space.fixed.get("model.gan") is True or "model.gan" in gan
+    if not can_gan:
+        return
+    start = gan.get("train.gan_start_epoch")
+    latest = (start.high if start is not None else
+              space.fixed.get("train.gan_start_epoch", -1))
+    if latest == -1:  # the default: half the run
+        latest = space.epochs // 2
+    assert latest < space.grace_period, (path.name, latest, space.grace_period)
