@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vfsearch import progress
 from vfsearch.errors import UserError
 
 app = typer.Typer(
@@ -31,6 +32,9 @@ ThresholdOpt = Annotated[Optional[float], typer.Option(
     help="Fracture probability threshold (default: the model's validation threshold, "
     "else 0.5).")]
 CombineOpt = Annotated[str, typer.Option(help="Where vertebra crops overlap: mean, max or vote.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", help="Also show Ray's own output: worker and actor logs, Ray's warnings and "
+    "Tune's status table (default: only vfsearch's lines, at a terminal).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     help="torch device (default: cuda if available, else cpu).")]
 TrainingStoreOpt = Annotated[Optional[Path], typer.Option(
@@ -168,6 +172,7 @@ def train(
         help="Checkpoint storage (a path or URI every node reaches; default "
         "<workdir>/checkpoints).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "vfsearch",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train one model with Ray Train (DDP), validating every epoch, tracked in MLflow.
 
@@ -184,7 +189,8 @@ def train(
         cfg = load_config(str(config) if config else None, overrides)
         summary = train_fn(store, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            name=name, address=address, storage=storage, workdir=workdir,
-                           experiment=experiment, config_file=config, echo=typer.echo)
+                           experiment=experiment, config_file=config, verbose=verbose,
+                           echo=progress.say)
     typer.echo(summary)
 
 
@@ -194,19 +200,50 @@ def ui(
         help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
     port: Annotated[int, typer.Option(
         help="Port for a server started now (0: $VFSEARCH_MLFLOW_PORT or a free one).")] = 0,
-    stop: Annotated[bool, typer.Option("--stop", help="Stop the embedded server.")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        help="Port for an Optuna dashboard started now (0: $VFSEARCH_OPTUNA_PORT or a free "
+        "one).")] = 0,
+    sweep: Annotated[Optional[str], typer.Option(
+        "--sweep", help="Also print this sweep's links: its trials in MLflow (best first by "
+        "the sweep metric) and its study in the Optuna dashboard.")] = None,
+    stop: Annotated[bool, typer.Option(
+        "--stop", help="Stop the embedded MLflow server and the Optuna dashboard.")] = False,
 ) -> None:
-    """Start (or find) the embedded MLflow tracking server and print the URL to open."""
-    from vfsearch import tracking
+    """Start (or find) the MLflow server and the Optuna dashboard; print the URLs to open.
+
+    The dashboard shows the Optuna studies of --workdir (optuna.db). Both run detached and
+    are found again by later commands; --stop stops both (their data stays).
+    """
+    from vfsearch import report as report_mod
 
     with _errors():
         if stop:
-            stopped = tracking.stop_server(workdir)
-            typer.echo(f"stopped the MLflow server of {workdir}" if stopped
-                       else f"no MLflow server running for {workdir}")
+            typer.echo(report_mod.stop_ui(workdir))
             return
-        url = tracking.ui_url(workdir, port=port or None)
-    typer.echo(url)
+        links = report_mod.ui(workdir, port=port or None, dashboard_port=dashboard_port or None,
+                              sweep=sweep)
+    typer.echo(str(links))
+
+
+@app.command()
+def report(
+    sweep: Annotated[str, typer.Option("--sweep", help="Sweep name (as given to tune).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="HTML file to write (one self-contained page).")] = Path("report.html"),
+    workdir: Annotated[Path, typer.Option(
+        help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
+) -> None:
+    """Write a shareable report of a sweep: one self-contained HTML page.
+
+    Ranked trials, Optuna's figures (history, importances, parallel coordinates, contour),
+    the best trial's curves, heatmaps, attention maps and 3D rendering, and the promotion
+    decision. Also logged on the sweep's MLflow parent run (report/).
+    """
+    from vfsearch import report as report_mod
+
+    with _errors():
+        summary = report_mod.write_report(sweep, out, workdir=workdir)
+    typer.echo(str(summary))
 
 
 @app.command()
@@ -229,8 +266,9 @@ def predict(
 ) -> None:
     """Predict the fracture map of one CT, on the CT's own grid.
 
-    Writes fracture_prob.nii.gz, fracture_mask.nii.gz and
-    vertebrae.json (score and fracture volume per vertebra) in --out, on the CT's own grid.
+    Writes fracture_prob.nii.gz, fracture_mask.nii.gz, segmentation.seg.nrrd (opens in 3D
+    Slicer: a named segment per vertebra and a red "fracture") and vertebrae.json (score and
+    fracture volume per vertebra) in --out, on the CT's own grid.
     """
     from vfsearch import predict as predict_mod
 
@@ -273,7 +311,7 @@ def evaluate(
     with _errors():
         report = evaluate_mod.evaluate(model, store, split=split, out=out, threshold=threshold,
                                        combine=combine, hd95=hd95, device=device,
-                                       workdir=workdir, echo=typer.echo)
+                                       workdir=workdir, echo=progress.say)
     typer.echo(evaluate_mod.format_report(report))
 
 
@@ -306,6 +344,7 @@ def tune(
         "(default: $VFSEARCH_DRIVER_RESOURCE).")] = None,
     workdir: Annotated[Path, typer.Option(
         help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Search hyperparameters: Ray Tune + Optuna (TPE) + ASHA, one MLflow child run per trial.
 
@@ -319,7 +358,8 @@ def tune(
                            gpus_per_trial=gpus_per_trial, workers_per_trial=workers_per_trial,
                            max_concurrent=max_concurrent, name=name, resume=resume,
                            storage=storage, seed=seed, workdir=workdir, sampler=sampler,
-                           driver_resource=driver_resource, echo=typer.echo)
+                           driver_resource=driver_resource, verbose=verbose,
+                           echo=progress.say)
     typer.echo(str(summary))
 
 

@@ -48,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from vfsearch import fusion, metrics3d
+from vfsearch import fusion, metrics3d, progress
 from vfsearch.data.geometry import Geometry
+from vfsearch.data.labels import name as vertebra_name
 from vfsearch.errors import UserError
 from vfsearch.files import atomic_path
 from vfsearch.predict import (
@@ -203,12 +204,13 @@ def _hist_curve(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> 
 
 def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
                   thresholds: Sequence[float], *, combine: str = "mean", details: bool = False,
-                  hd95: bool = False, batch_size: int = 16) -> CaseResult:
+                  hd95: bool = False, batch_size: int = 16, bar: Any = None) -> CaseResult:
     """Fused prediction of one stored case scored against its truth in the original grid.
 
     Returns TP/FP/FN per vertebra and for the whole case at each of ``thresholds``. With
     ``details`` (a single threshold), also 2D slice counts and slice scores in the crop grid
-    and, with ``hd95``, the 95 % Hausdorff distance per fractured vertebra.
+    and, with ``hd95``, the 95 % Hausdorff distance per fractured vertebra. ``bar`` (see
+    `vertebra_bar`) advances by one per vertebra predicted.
     """
     thresholds = np.round(np.asarray(thresholds, dtype=np.float64), 3)
     truth = case_truth(store, case_id)
@@ -237,6 +239,7 @@ def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
                                         np.count_nonzero(f_sl, axis=(1, 2)) - tp], axis=1))
             slice_scores += p_sl.reshape(len(p_sl), -1).max(axis=1).tolist()
             slice_labels += f_sl.reshape(len(f_sl), -1).any(axis=1).tolist()
+        _tick(bar, case_id, vid)
 
     shape = tuple(b - a for a, b in zip(*truth.box))
     vids = [m.vid for m in maps]
@@ -282,6 +285,19 @@ def _plane_axis(lm: LoadedModel) -> int:
     return PLANE_AXIS[lm.plane]
 
 
+def vertebra_bar(store: Any, case_ids: Sequence[str], desc: str) -> Any:
+    """A progress bar over every vertebra of ``case_ids`` (silent off a terminal), for the
+    ``bar`` argument of `evaluate_case` and `classify_case`."""
+    return progress.bar(desc=desc, unit="vertebra",
+                        total=sum(len(store.vertebrae(c)) for c in case_ids))
+
+
+def _tick(bar: Any, case_id: str, vid: int) -> None:
+    if bar is not None:
+        bar.set_postfix_str(f"{case_id} {vertebra_name(vid)}", refresh=False)
+        bar.update(1)
+
+
 # -- the threshold --------------------------------------------------------------------------
 def choose_threshold(models: Sequence[LoadedModel], store: Any, split: str = "val", *,
                      combine: str = "mean", batch_size: int = 16,
@@ -292,8 +308,9 @@ def choose_threshold(models: Sequence[LoadedModel], store: Any, split: str = "va
         raise UserError(f"{store.path}: no complete cases in split {split!r} to choose the "
                         f"threshold on (pass --threshold)")
     candidates = SWEEP_VOTE if combine == "vote" else SWEEP
-    results = [evaluate_case(models, store, cid, candidates, combine=combine,
-                             batch_size=batch_size) for cid in ids]
+    with vertebra_bar(store, ids, f"threshold ({split})") as bar:
+        results = [evaluate_case(models, store, cid, candidates, combine=combine,
+                                 batch_size=batch_size, bar=bar) for cid in ids]
     pooled = np.sum([r.curve for r in results], axis=0)
     dice = [metrics3d.overlap(*row)["dice"] for row in pooled]
     t, d = metrics3d.best_threshold(candidates, dice)
@@ -434,9 +451,10 @@ class ClassifierCase:
     slice_labels: list[bool]
 
 
-def classify_case(lm: LoadedModel, store: Any, case_id: str, batch_size: int = 32
-                  ) -> ClassifierCase:
-    """Slice scores of every crop and vertebra scores (max slice score) with 3D truth."""
+def classify_case(lm: LoadedModel, store: Any, case_id: str, batch_size: int = 32,
+                  bar: Any = None) -> ClassifierCase:
+    """Slice scores of every crop and vertebra scores (max slice score) with 3D truth;
+    ``bar`` (see `vertebra_bar`) advances by one per vertebra."""
     truth = case_truth(store, case_id)
     axis = _plane_axis(lm)
     verts, scores, labels = [], [], []
@@ -447,7 +465,14 @@ def classify_case(lm: LoadedModel, store: Any, case_id: str, batch_size: int = 3
         labels += frac.reshape(len(frac), -1).any(axis=1).tolist()
         verts.append((vid, float(s.max()), int(np.count_nonzero(truth.fracture[truth.cells ==
                                                                                 vid]))))
+        _tick(bar, case_id, vid)
     return ClassifierCase(case_id, verts, scores, labels)
+
+
+def _classify_all(lm: LoadedModel, store: Any, case_ids: Sequence[str], desc: str,
+                  batch_size: int = 32) -> list[ClassifierCase]:
+    with vertebra_bar(store, case_ids, desc) as bar:
+        return [classify_case(lm, store, c, batch_size, bar=bar) for c in case_ids]
 
 
 def _youden_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -516,14 +541,15 @@ def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "te
         lm = models[0]
         if threshold is None:
             echo(f"choosing the vertebra threshold on {val_split} (Youden J)")
-            val = [classify_case(lm, st, c, batch_size) for c in st.case_ids(val_split)]
+            val = _classify_all(lm, st, st.case_ids(val_split), f"threshold ({val_split})",
+                                batch_size)
             threshold = _youden_threshold([s for c in val for _, s, _ in c.vertebrae],
                                           [g > 0 for c in val for _, _, g in c.vertebrae])
             report["threshold_source"] = f"{val_split} (Youden J of vertebra detection)"
         else:
             report["threshold_source"] = "given"
         echo(f"classifying {len(ids)} {split} case(s)")
-        cases = [classify_case(lm, st, c, batch_size) for c in ids]
+        cases = _classify_all(lm, st, ids, f"evaluate ({split})", batch_size)
         flat = classifier_metrics(cases, threshold, prefix)
         rows = [{"case_id": c.case_id, "vertebra": vid, "score": round(s, 6),
                  "gt_positive": g > 0, "pred_positive": s >= threshold, "gt_voxels": g}
@@ -547,8 +573,10 @@ def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "te
         echo(f"evaluating {len(ids)} {split} case(s) at threshold {threshold:.2f}")
         by_case = (dict(zip(st.case_ids(val_split), case_thresholds, strict=True))
                    if case_thresholds else {})
-        results = [evaluate_case(models, st, c, [by_case.get(c, threshold)], combine=combine,
-                                 details=True, hd95=hd95, batch_size=batch_size) for c in ids]
+        with vertebra_bar(st, ids, f"evaluate ({split})") as bar:
+            results = [evaluate_case(models, st, c, [by_case.get(c, threshold)],
+                                     combine=combine, details=True, hd95=hd95,
+                                     batch_size=batch_size, bar=bar) for c in ids]
         flat = segmentation_metrics(results, prefix=prefix, n_boot=n_boot, seed=seed)
         flat.update(slice_metrics(results, threshold, prefix))
         rows = rows_at(results)
@@ -687,7 +715,7 @@ def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config:
         return {}
     prefix = f"{split}_"
     if models[0].kind == "classification":
-        cases = [classify_case(models[0], st, c) for c in ids]
+        cases = _classify_all(models[0], st, ids, f"fused validation ({split})")
         return classifier_metrics(cases, 0.5, prefix)
     t, tuned_dice, results = choose_threshold(models, st, split, combine=combine,
                                               batch_size=batch_size, cases=ids)
@@ -695,6 +723,8 @@ def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config:
                                 prefix=prefix, n_boot=0)
     flat[f"{prefix}threshold3d"] = float(t)
     flat[f"{prefix}dice3d_tuned"] = float(tuned_dice)
+    for key in ("tp", "fp", "fn"):  # 3D voxel counts; <split>_tp etc. are training's 2D ones
+        flat[f"{prefix}{key}3d"] = flat.pop(f"{prefix}{key}")
     return flat
 
 
@@ -714,4 +744,5 @@ __all__ = [
     "rows_at",
     "segmentation_metrics",
     "slice_metrics",
+    "vertebra_bar",
 ]

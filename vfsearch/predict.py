@@ -14,9 +14,10 @@ Path of one scan::
       │ to_ct_grid                      SimpleITK resampling in physical space (linear): undoes
       │                                 crop, resampling and reorientation in one step
       ▼ fusion.CaseAccumulator          overlapping crops: mean | max | vote
-    fracture_prob.nii.gz (float32 0..1), fracture_mask.nii.gz (uint8), vertebrae.json
+    fracture_prob.nii.gz (float32 0..1), fracture_mask.nii.gz (uint8), vertebrae.json,
+    segmentation.seg.nrrd (3D Slicer: a named segment per vertebra + "fracture")
 
-Both volumes have exactly the input CT's size, spacing, origin and direction.
+Every volume has exactly the input CT's size, spacing, origin and direction.
 
 Model references (`load_model`): a checkpoint file written by training (``torch.load(...,
 weights_only=True)``: a dict with the model's ``state_dict`` and the flat config that rebuilds
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from vfsearch import fusion
+from vfsearch import fusion, progress
 from vfsearch.data.geometry import Geometry
 from vfsearch.errors import UserError
 from vfsearch.files import atomic_path
@@ -510,7 +511,7 @@ def predict_case(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.Path
 
     maps: list[CropMap] = []
     crop_probs: dict[int, np.ndarray] = {}
-    for crop in prepared.crops:
+    for crop in progress.bar(prepared.crops, f"predict {case_id}", unit="vertebra"):
         prob = crop_probability(models, crop.arrays["image"], batch_size=batch_size,
                                 reuse=reuse, timings=timings)
         crop_probs[crop.vid] = prob
@@ -558,10 +559,13 @@ def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
     ``store``: the training store, for checkpoints that do not carry its preprocessing;
     ``workdir``: the embedded MLflow server's folder (for run ids).
 
-    Writes ``fracture_prob.nii.gz`` (float32 0..1), ``fracture_mask.nii.gz`` (uint8 0/1),
-    both with exactly the CT's size, spacing, origin and direction, and ``vertebrae.json``
-    (per vertebra: VerSe id, name, score, predicted fracture volume in mm3). Returns a
-    summary dict (files, threshold, per-vertebra rows, seconds per stage).
+    Writes ``fracture_prob.nii.gz`` (float32 0..1), ``fracture_mask.nii.gz`` (uint8 0/1) and
+    ``segmentation.seg.nrrd`` (3D Slicer's layered segmentation: layer 0 holds a segment per
+    vertebra present, named "L1"..., label value its VerSe id; layer 1 the segment "fracture",
+    red, label value 1 = the mask), all with exactly the CT's size, spacing, origin and
+    direction, and ``vertebrae.json`` (per vertebra: VerSe id, name, score, predicted
+    fracture volume in mm3). Returns a summary dict (files, threshold, per-vertebra rows,
+    seconds per stage).
     """
     from vfsearch.data import io
 
@@ -578,6 +582,10 @@ def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     prob_path = io.write_volume(out_dir / "fracture_prob.nii.gz", case.prob, case.ct_geometry)
     mask_path = io.write_volume(out_dir / "fracture_mask.nii.gz", case.mask, case.ct_geometry)
+    # vertebrae and fracture overlap: two layers (0: VerSe ids, 1: the thresholded mask)
+    seg_path = io.write_segmentation(out_dir / "segmentation.seg.nrrd", [case.labels, case.mask],
+                                     case.ct_geometry, slicer_segments(case.labels,
+                                                                       case.threshold))
     report = {"ct": str(ct), "vertebrae_file": str(vertebrae),
               "model": [m.source for m in case.models], "threshold": case.threshold,
               "combine": combine, "score": f"q{SCORE_QUANTILE:g} of the "
@@ -585,9 +593,35 @@ def predict(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike,
     json_path = _write_json(out_dir / "vertebrae.json", report)
     timings["write"] = time.perf_counter() - t4
     timings["total"] = time.perf_counter() - t0
-    return {"files": [str(prob_path), str(mask_path), str(json_path)],
+    return {"files": [str(prob_path), str(mask_path), str(seg_path), str(json_path)],
             "threshold": case.threshold, "combine": combine, "vertebrae": case.rows,
             "seconds": timings, "ct_shape": list(case.ct_shape)}
+
+
+# Segment colours of segmentation.seg.nrrd: a fixed table of distinct, non-red colours by
+# VerSe id (neighbouring vertebrae always differ); red is the fracture's alone.
+VERTEBRA_COLORS: tuple[tuple[float, float, float], ...] = (
+    (0.122, 0.467, 0.706), (1.000, 0.498, 0.055), (0.173, 0.627, 0.173),
+    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761),
+    (0.737, 0.741, 0.133), (0.090, 0.745, 0.812), (0.682, 0.780, 0.910),
+    (0.596, 0.875, 0.541), (1.000, 0.733, 0.471), (0.773, 0.690, 0.835),
+)
+FRACTURE_COLOR = (1.0, 0.0, 0.0)
+
+
+def slicer_segments(labels: np.ndarray, threshold: float) -> list[Any]:
+    """Segments of ``segmentation.seg.nrrd``: one per vertebra present in ``labels`` (layer
+    0, label value = its VerSe id, named "L1"...) and "fracture" (layer 1, label value 1)."""
+    from vfsearch.data.io import Segment
+    from vfsearch.data.labels import name
+
+    counts = np.bincount(labels.ravel(), minlength=1)  # uint8 ids: cheaper than np.unique
+    segments = [Segment(name(v), name(v), VERTEBRA_COLORS[v % len(VERTEBRA_COLORS)], int(v),
+                        0, (("vfsearch.verse_id", str(v)),))
+                for v in np.flatnonzero(counts).tolist() if v > 0]
+    segments.append(Segment("fracture", "fracture", FRACTURE_COLOR, 1, 1,
+                            (("vfsearch.threshold", f"{threshold:g}"),)))
+    return segments
 
 
 def _write_json(path: Path, data: Any) -> Path:
@@ -623,6 +657,7 @@ __all__ = [
     "load_model",
     "predict",
     "predict_case",
+    "slicer_segments",
     "to_ct_grid",
     "union_box",
     "vertebra_summary",

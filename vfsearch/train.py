@@ -16,6 +16,10 @@ Three thin levels (Ray's ``train_tune_interop`` shape):
   all-reduced TP/FP/FN, one ``ray.train.report`` (a barrier) with a checkpoint per epoch,
   early stopping. The maths lives in `vfsearch.steps`.
 
+Console: Ray's own output stays in its log files unless ``verbose`` (`ray_output`); at a
+terminal rank 0 sends one line per epoch (losses, validation Dice, windows/s, ETA) to the
+driver, which prints it (`_LineRelay`).
+
 MLflow: only rank 0 logs (`_RankZeroRun`). It creates the run (or continues the one named in
 its checkpoint) in a background thread started after the first optimiser step, so tracking
 adds nothing to the start-up; params (flattened config), tags (dataset fingerprint, git
@@ -157,15 +161,77 @@ def _write_line(line: str) -> None:
     sys.stdout.flush()
 
 
-def _format_progress(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
+def _line_sender(lines: Any) -> Callable[[str], None]:
+    """Where a worker's progress lines go: the driver's queue (`_LineRelay`), or nowhere."""
+    if lines is None:
+        return lambda _line: None
+
+    def send(line: str) -> None:
+        try:
+            lines.put_nowait(line)
+        except Exception:  # noqa: BLE001 - the driver stopped listening: training goes on
+            pass
+
+    return send
+
+
+class _LineRelay:
+    """Rank 0's progress lines, printed by the driver.
+
+    A worker's stdout reaches the console only through Ray's ``log_to_driver``, which
+    `connect_ray` turns off (with it comes Ray's own noise) unless ``verbose``. So rank 0 puts
+    each line on a Ray queue (an actor without CPUs, reachable from any node) and a driver
+    thread prints it; `close` prints what is left and removes the queue.
+    """
+
+    def __init__(self, write: Callable[[str], Any] = print) -> None:
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._write = write
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="vfsearch-lines", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._write(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - Ray went away: nothing more will come
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            for line in self.queue.get_nowait_batch(self.queue.qsize()):
+                self._write(line)
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - never mask the training run's own outcome
+            pass
+
+
+def format_epoch(epoch: int, epochs: int, m: Mapping[str, float],
+                 eta_s: float | None = None) -> str:
+    """One epoch's line: losses, validation Dice/IoU, lr, windows/s, seconds (and ETA)."""
+    from vfsearch.progress import duration
+
     terms = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items()
                      if k.startswith("train/") and k not in ("train/loss", "train/grad_norm",
                                                             "train/d_loss", "train/g_loss"))
     gan = (f"  D {m['train/d_loss']:.4f} G {m['train/g_loss']:.4f}"
            if "train/d_loss" in m else "")
+    eta = "" if eta_s is None else f"  eta {duration(eta_s)}"
     return (f"epoch {epoch}/{epochs}  loss {m['train/loss']:.4f} ({terms}){gan}  "
             f"val dice {m['val_dice']:.4f} iou {m['val_iou']:.4f}  "
-            f"lr {m['lr']:.2e}  {m['windows_per_s']:.1f} windows/s  {m['epoch_time']:.1f} s")
+            f"lr {m['lr']:.2e}  {m['windows_per_s']:.1f} windows/s  {m['epoch_time']:.1f} s"
+            f"{eta}")
 
 
 class _RankZeroRun:
@@ -386,7 +452,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if rank == 0 and loop.get("mlflow"):
         tracker = _RankZeroRun(loop, run_id=run_id, resumed_from=resumed_from,
                                digest=optimizer_digest(opt_g.state_dict()))
-    echo = _write_line if (rank == 0 and loop.get("progress", True)) else (lambda *_: None)
+    echo = _line_sender(loop.get("lines") if rank == 0 else None)
     if resumed_from:
         echo(f"resumed from epoch {resumed_from} of run {loop.get('name')}")
 
@@ -428,6 +494,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     first_step_s: float | None = None  # fixed cost: launch to the first optimiser step
     worker_setup_s = 0.0  # the part of it spent in this function
     metrics: dict[str, Any] = {}
+    epoch_times: list[float] = []
     for epoch in range(start_epoch, tc.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -520,7 +587,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         # than inside the next epoch's timed training phase
         if tracker is not None:
             run_id = tracker.log_metrics(metrics, step=epoch)
-        echo(_format_progress(epoch, tc.epochs, metrics))
+        epoch_times.append(epoch_time)  # this attempt's epochs: remaining x mean is the ETA
+        eta = 0.0 if stop else (tc.epochs - epoch) * sum(epoch_times) / len(epoch_times)
+        echo(format_epoch(epoch, tc.epochs, metrics, eta))
         save_and_report(metrics, epoch, f"epoch_{epoch:04d}")
         if fault and fault.get("raise_after_epoch") == epoch:
             raise RuntimeError(f"injected interruption after epoch {epoch}")
@@ -611,7 +680,7 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
                   mlflow_uri: str | None = None, experiment: str = "vfsearch",
                   parent_run_id: str | None = None, launch_id: str | None = None,
                   tags: Mapping[str, Any] | None = None, config_file: str | Path | None = None,
-                  callbacks: Sequence[Any] | None = None, progress: bool = True,
+                  callbacks: Sequence[Any] | None = None, lines: Any = None,
                   fault: Mapping[str, Any] | None = None, t_launch: float | None = None):
     """The `ray.train.torch.TorchTrainer` of one training run (a Tune trial driver calls this).
 
@@ -626,6 +695,8 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
             replaced rank 0 finds it again; default: a fresh id).
         callbacks: Ray Train ``UserCallback`` objects for `RunConfig` (Tune callbacks go on
             ``ray.tune.RunConfig`` instead).
+        lines: a `ray.util.queue.Queue` that rank 0 puts its progress lines on (one per
+            epoch; see `_LineRelay`); None: no lines.
         fault: test hook, ``{"raise_after_epoch": k}`` or ``{"pid_file", "epoch", "batch",
             "rank"}`` (see `_fault_hook`).
         t_launch: wall-clock start (``time.time()``) from which the workers measure
@@ -655,7 +726,7 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
                              "text": Path(config_file).read_text()} if config_file else None),
         }
     loop = {"store": store, "config": config.flatten(), "name": name, "mlflow": mlflow,
-            "progress": progress, "fault": dict(fault) if fault else None,
+            "lines": lines, "fault": dict(fault) if fault else None,
             "t_launch": time.time() if t_launch is None else t_launch}
     storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     return TorchTrainer(
@@ -667,8 +738,10 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            # the final report's checkpoint (best.pt with its threshold) is kept on top of
+            # the last keep_checkpoints epochs
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.train.keep_checkpoints),
+                num_to_keep=config.train.keep_checkpoints + int(config.train.final_eval)),
             # Ray Train's own per-report INFO lines would bury the progress lines
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks) if callbacks else None,
@@ -746,7 +819,7 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
                  mlflow_uri: str | None = None, experiment: str = "vfsearch",
                  parent_run_id: str | None = None, config_file: str | Path | None = None,
                  callbacks: Sequence[Any] | None = None,
-                 extra_tags: Mapping[str, Any] | None = None, progress: bool = True,
+                 extra_tags: Mapping[str, Any] | None = None, progress: bool | None = None,
                  fault: Mapping[str, Any] | None = None) -> TrainSummary:
     """Fit one run on an already connected Ray, tracked in MLflow when ``mlflow_uri`` is set.
 
@@ -755,19 +828,26 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
     flattened config as params, tags (dataset fingerprint, git commit, Ray run name),
     per-epoch metrics and at the end the config (``config/``) and best checkpoint
     (``checkpoints/best.pt``) as artifacts. If training fails, this marks the run FAILED.
+    ``progress``: print rank 0's line per epoch here (default: at a terminal, see
+    `vfsearch.progress`).
     """
     import uuid
 
     import ray.train
 
+    from vfsearch import progress as progress_mod
+
     t_launch = time.time()
     launch_id = uuid.uuid4().hex
+    relay = _LineRelay() if (progress_mod.enabled() if progress is None else progress) \
+        else None
     trainer = build_trainer(store, config, name=name, storage=storage, workers=workers,
                             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                             mlflow_uri=mlflow_uri, experiment=experiment,
                             parent_run_id=parent_run_id, launch_id=launch_id,
                             tags=extra_tags, config_file=config_file, callbacks=callbacks,
-                            progress=progress, fault=fault, t_launch=t_launch)
+                            lines=relay.queue if relay else None, fault=fault,
+                            t_launch=t_launch)
     try:
         result = trainer.fit()
     except BaseException as exc:
@@ -777,6 +857,9 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
         if isinstance(exc, ray.train.TrainingFailedError):
             raise RuntimeError(f"training run {name} failed: {exc}") from exc
         raise
+    finally:
+        if relay is not None:
+            relay.close()
     ckpt = result.checkpoint
     ckpt_dir = ckpt.path if ckpt is not None else None
     meta: dict[str, Any] = {}
@@ -811,11 +894,12 @@ def _mark_failed(uri: str, experiment: str, launch_id: str, status: str) -> None
 
 def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
                 num_gpus_needed: float = 0.0,
-                resources: Mapping[str, float] | None = None) -> None:
+                resources: Mapping[str, float] | None = None, verbose: bool = False) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray sized for the run
     (offering the custom ``resources`` too, as a cluster's head would).
 
     The dashboard stays on (Train V2 needs the State API to free stopped runs' resources).
+    Ray's own console output (see `ray_output`) only with ``verbose``.
     """
     import ray
 
@@ -823,11 +907,23 @@ def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        from vfsearch.errors import explain
+
+        # Where nothing answers, Ray 2.60 tries 20 times, ~40 s each (13 minutes of warnings,
+        # measured): 3 tries say so within ~2 minutes. A value the user set wins.
+        tries = "RAY_gcs_server_port_wait_time_s"
+        ours = tries not in os.environ
+        if ours:
+            os.environ[tries] = "3"
         try:
-            ray.init(address=address)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address: cannot join the Ray cluster at {address} ({exc})") \
-                from None
+            ray.init(address=address, **ray_output(verbose))
+        except Exception as exc:  # noqa: BLE001 - a refused token is a RayError, not OSError
+            # Ray's message is a multi-line traceback of the GCS client: name its cause instead
+            raise UserError(f"--address: cannot join the Ray cluster at {address}: "
+                            f"{explain(exc, address=address)}") from exc
+        finally:
+            if ours:
+                os.environ.pop(tries, None)
         return
     cpus = os.cpu_count() or 1
     if num_gpus_needed > 0:
@@ -839,7 +935,23 @@ def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
                             f"machine has {have}")
     # never leave a local run waiting forever for CPUs this machine does not have
     start_local_ray(num_cpus=max(cpus, math.ceil(num_cpus_needed)),
-                    resources=dict(resources) if resources else None)
+                    resources=dict(resources) if resources else None, **ray_output(verbose))
+
+
+def ray_output(verbose: bool) -> dict[str, Any]:
+    """`ray.init` arguments for what Ray itself prints on this console.
+
+    Quiet by default: worker and actor output stays in Ray's log files
+    (``/tmp/ray/session_latest/logs``) instead of reaching the console (Ray Train's reports,
+    the PreemptionWatcher's and the State API client's warnings), and the driver's ``ray``
+    logger shows errors only (the token-authentication notice of a new local Ray is a
+    warning). Progress lines reach the console through `_LineRelay` and Tune callbacks
+    instead. ``verbose``: all of it, as Ray prints by default.
+    """
+    import logging
+
+    return {"log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR}
 
 
 def start_local_ray(**init_kwargs: Any) -> str:
@@ -880,13 +992,15 @@ def train(store: str | Path, config: Config, *, workers: int = 1, gpus_per_worke
           name: str | None = None, address: str | None = None, storage: str | Path | None = None,
           workdir: str | Path = "mlruns", mlflow_uri: str | None = None,
           experiment: str = "vfsearch", config_file: str | Path | None = None,
-          track: bool = True, echo: Callable[[str], Any] = print) -> TrainSummary:
+          track: bool = True, verbose: bool = False,
+          echo: Callable[[str], Any] = print) -> TrainSummary:
     """``vfsearch train``: train ``config`` on ``store`` with Ray Train, tracked in MLflow.
 
     ``storage`` defaults to ``<workdir>/checkpoints``; ``name`` to ``train-<time>`` (pass the
     name again to resume). ``mlflow_uri`` defaults to `vfsearch.tracking.tracking_uri`
     (``$MLFLOW_TRACKING_URI`` or the embedded server of ``workdir``); ``track=False`` skips
-    MLflow.
+    MLflow. One line per epoch at a terminal (`vfsearch.progress`); Ray's own output only
+    with ``verbose`` (`ray_output`).
     """
     if workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
@@ -901,7 +1015,8 @@ def train(store: str | Path, config: Config, *, workers: int = 1, gpus_per_worke
         from vfsearch.tracking import tracking_uri
 
         mlflow_uri = tracking_uri(workdir)
-    connect_ray(address, num_cpus_needed=workers, num_gpus_needed=workers * gpus_per_worker)
+    connect_ray(address, num_cpus_needed=workers, num_gpus_needed=workers * gpus_per_worker,
+                verbose=verbose)
     echo(f"training {name}: {workers} worker(s), store {store}, storage {storage}"
          + (f", MLflow {mlflow_uri}" if mlflow_uri else ""))
     return run_training(store, config, name=name, storage=storage, workers=workers,
@@ -914,7 +1029,9 @@ __all__ = [
     "build_models",
     "build_trainer",
     "connect_ray",
+    "ray_output",
     "dataset_fingerprint",
+    "format_epoch",
     "git_commit",
     "optimizer_digest",
     "run_training",

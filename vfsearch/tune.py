@@ -23,11 +23,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vfsearch import progress
 from vfsearch.errors import UserError
 from vfsearch.search_space import SearchSpace, load_space
 
@@ -114,6 +115,85 @@ def _status_callback(ctx: SweepContext):
     return TrialStatus()
 
 
+def sweep_eta(durations: Sequence[float], remaining: int, concurrency: int,
+              elapsed: Sequence[float] = ()) -> float | None:
+    """Seconds until a sweep ends: ``remaining`` trials (running or pending) at the mean
+    duration of ``durations``, less what the running ones have done (``elapsed`` seconds
+    each), ``concurrency`` at a time (None: nothing to estimate from)."""
+    if remaining <= 0:
+        return 0.0
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    work = mean * remaining - sum(min(e, mean) for e in elapsed)
+    return work / max(1, min(concurrency, remaining))
+
+
+def _trial_lines(space: SearchSpace, total: int, concurrency: int):
+    """A Tune callback printing one line per trial result and per finished trial.
+
+    It runs on the driver, where Tune delivers every trial's reports (rank 0's metrics,
+    forwarded by ``TuneReportCallback``), so the lines need no worker output. The ETA
+    (`sweep_eta`) uses the durations of the trials finished in this session (before the
+    first one: the reporting trial's pace over its epochs) and how long the running ones
+    have run.
+    """
+    import time
+
+    from ray.tune import Callback
+
+    from vfsearch.train import format_epoch
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.setup()
+
+        def setup(self, **info):  # again on a restored sweep: no clock from another process
+            self.started: dict[str, float] = {}
+            self.durations: list[float] = []
+
+        def _tail(self, trials, finished=None, pace: float | None = None) -> str:
+            done = sum(t.is_finished() or t is finished for t in trials)
+            now = time.monotonic()
+            eta = sweep_eta(self.durations or ([] if pace is None else [pace]), total - done,
+                            concurrency, [now - t for t in self.started.values()])
+            return f"  trials {done}/{total} done  eta {progress.duration(eta)}"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.trial_id, time.monotonic())
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "final_eval_s" in result or "val_dice" not in result:
+                return  # the final (fused 3D) report: shown when the trial completes
+            epoch = int(result.get("epoch", 0))
+            elapsed = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+            pace = elapsed / epoch * space.epochs if epoch else None
+            line = format_epoch(epoch, space.epochs, result)
+            progress.say(f"trial {trial.trial_id}  {line}" + self._tail(trials, pace=pace))
+
+        def _finished(self, trials, trial, how: str) -> None:
+            start = self.started.pop(trial.trial_id, None)
+            if start is not None:
+                self.durations.append(time.monotonic() - start)
+            progress.say(f"trial {trial.trial_id}  {how}" + self._tail(trials, finished=trial))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            best = (f"best val dice {_fmt(last.get('best_val_dice'))} at epoch "
+                    f"{_fmt(last.get('best_epoch'))}")
+            if last.get(space.metric) is not None:
+                how = "completed  " + "  ".join(f"{name} {_fmt(last.get(name))}"
+                                                for name, _ in space.objectives)
+            else:
+                how = f"stopped early after epoch {_fmt(last.get('epoch'))}"
+            self._finished(trials, trial, f"{how}  ({best})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trials, trial, "failed")
+
+    return TrialLines()
+
+
 def max_concurrent_trials(resources: dict[str, float], *, workers: int, cpus_per_worker: float,
                           gpus_per_worker: float, driver_resource: str | None = None) -> int:
     """How many trials fit the cluster at once: each needs its workers plus a tiny driver
@@ -178,7 +258,7 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
          storage: str | Path | None = None, seed: int = 0, workdir: str | Path = "mlruns",
          mlflow_uri: str | None = None, cpus_per_worker: float = 1.0,
          initial_points: list[dict[str, Any]] | None = None, sampler: str = "tpe",
-         driver_resource: str | None = None,
+         driver_resource: str | None = None, verbose: bool = False,
          echo: Callable[[str], Any] = print) -> SweepSummary:
     """Run (or ``resume``) a sweep; returns the ranked trials and where to look.
 
@@ -188,6 +268,9 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     baseline a TPE sweep should beat). ``driver_resource``: name of a custom Ray resource
     (default ``$VFSEARCH_DRIVER_RESOURCE``) that each trial driver requests instead of CPU,
     e.g. ``vfsearch_driver`` offered only by a cluster's head (see cluster/).
+    At a terminal, one line per trial result (`_trial_lines`); Ray's own output (Tune's
+    status table, worker logs) only with ``verbose``. A resumed sweep keeps the output
+    settings it was started with (Tune restores its run config).
     """
     from vfsearch.data.store import Store
 
@@ -231,7 +314,8 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     gpus_per_worker = gpus_per_trial / workers_per_trial
     connect_ray(address, num_cpus_needed=workers_per_trial + DRIVER_CPUS,
                 num_gpus_needed=gpus_per_trial,
-                resources={driver_resource: 1.0} if driver_resource else None)
+                resources={driver_resource: 1.0} if driver_resource else None,
+                verbose=verbose)
     cluster = ray.cluster_resources()
     if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
         raise UserError(f"--driver-resource: no node of the Ray cluster offers the resource "
@@ -281,6 +365,15 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     # reported) is the trial's best by construction. Trials ASHA stops before it never have
     # it and reach Optuna as pruned, which TPE ranks below every finished trial.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not verbose:  # the rest of the console noise (`ray_output` quiets Ray itself)
+        import optuna
+
+        # Tune's new output engine prints its header box even at verbose=0; the legacy one
+        # prints nothing at 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # MLflow prints two links per run it ends; the summary has the runs table's
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..."
     try:
         if resume:
             tuner = rtune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
@@ -305,20 +398,23 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
                                       grace_period=space.grace_period,
                                       reduction_factor=space.reduction_factor) \
                 if space.grace_period < space.epochs else None
+            callbacks = [_status_callback(ctx)]
+            if progress.enabled():
+                callbacks.append(_trial_lines(space, num_samples, concurrent))
             tuner = rtune.Tuner(
                 trainable,
                 tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                              num_samples=num_samples,
                                              max_concurrent_trials=concurrent),
                 run_config=rtune.RunConfig(name=sweep, storage_path=storage,
-                                           callbacks=[_status_callback(ctx)], verbose=1),
+                                           callbacks=callbacks, verbose=1 if verbose else 0),
             )
         grid = tuner.fit()
     except BaseException:
         tracker.end_run(parent, "KILLED")
         raise
     summary = _summarise(grid, space, sweep, tracker, parent, optuna_db)
-    summary.runs_url = runs_url
+    summary.runs_url = tracking.sweep_view(mlflow_uri, parent, sweep, space) or runs_url
     return summary
 
 
@@ -427,5 +523,5 @@ def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, 
 
 
 __all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "pareto_front",
-           "study_storage", "trial_run_name", "tune"]
+           "study_storage", "sweep_eta", "trial_run_name", "tune"]
 

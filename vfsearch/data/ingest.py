@@ -75,13 +75,13 @@ import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vfsearch import progress
 from vfsearch.data.geometry import Geometry, to_canonical
 from vfsearch.data.labels import SCHEMES, TARGET_IDS, totalseg_to_verse, verse_id
 from vfsearch.data.labels import name as vertebra_name
@@ -667,34 +667,6 @@ def _fingerprint(store) -> dict[str, Any]:
     return fp
 
 
-class _Progress:
-    """tqdm on stderr when available (it hides itself off a terminal), else a counter."""
-
-    def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="ingest", unit="case", file=sys.stderr,
-                             disable=None)
-        except ImportError:
-            self._bar = None
-        self.total, self.done = total, 0
-
-    def update(self, case_id: str) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.set_postfix_str(case_id, refresh=False)
-            self._bar.update(1)
-        elif sys.stderr.isatty():
-            print(f"\ringest {self.done}/{self.total} {case_id}", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif sys.stderr.isatty() and self.total:
-            print(file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
@@ -794,14 +766,19 @@ def _remove_store(path: Path, keep_dir: bool) -> None:
 
 def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[str, str],
              workers: int) -> list[str]:
-    progress = _Progress(len(todo))
     done: list[str] = []
+    bar = progress.bar(desc="ingest", unit="case", total=len(todo))
+
+    def case_done(case_id: str) -> None:
+        done.append(case_id)
+        bar.set_postfix_str(case_id, refresh=False)
+        bar.update(1)
+
     try:
         if workers == 1 or len(todo) <= 1:
             for spec in todo:
                 _run_case(spec, params, store_path, plan[spec.case_id])
-                done.append(spec.case_id)
-                progress.update(spec.case_id)
+                case_done(spec.case_id)
             return done
         import multiprocessing
         from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -821,11 +798,10 @@ def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[s
                         # Let running cases finish (they end complete), then report.
                         wait(pending)
                         raise fut.exception()  # type: ignore[misc]
-                    done.append(futures[fut])
-                    progress.update(futures[fut])
+                    case_done(futures[fut])
         return done
     finally:
-        progress.close()
+        bar.close()
 
 
 __all__ = ["ingest", "discover", "read_manifest", "read_verse_tree", "prepare_case",

@@ -64,6 +64,7 @@ from typing import Callable
 
 import numpy as np
 
+from vfsearch import progress
 from vfsearch.errors import UserError
 
 MANIFEST = "manifest.csv"
@@ -102,7 +103,7 @@ def synth_dataset(out: Path, *, cases: int, seed: int,
     start = time.monotonic()
     rows, grades_all = [], []
     ids = [case_id(k) for k in range(cases)]
-    for k in _progress(range(cases), "synth"):
+    for k in progress.bar(range(cases), "synth", unit="case"):
         case = phantom.make_case(phantom.case_rng(seed, k), spacing=spacing, small=small,
                                  fracture_rate=fracture_rate)
         meta = {"case_id": ids[k], "seed": int(seed), "case_index": k,
@@ -246,7 +247,7 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
     loaded: tuple[int, _Background | None] = (0, first)
     res = None
     jobs = [(i, k) for i in kept for k in range(variants if targets is None else 1)]
-    for i, k in _progress(jobs, "synth"):
+    for i, k in progress.bar(jobs, "synth", unit="case"):
         scan = scans[i]
         if loaded[0] != i or loaded[1] is None:
             loaded = (i, None)  # drop the previous scan before reading the next
@@ -637,21 +638,3 @@ def _jsonable(value):
         return value.item()
     return value
 
-
-def _progress(items, desc: str):
-    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # a plain counter instead
-        return _counter(items, desc)
-    return tqdm(items, desc=desc, unit="case", file=sys.stderr, disable=None)
-
-
-def _counter(items, desc: str):
-    items = list(items)
-    tty = sys.stderr.isatty()
-    for i, item in enumerate(items, 1):
-        yield item
-        if tty:
-            print(f"\r{desc}: {i}/{len(items)}", end="" if i < len(items) else "\n",
-                  file=sys.stderr, flush=True)
