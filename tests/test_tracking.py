@@ -118,10 +118,11 @@ def test_embedded_server_lifecycle_and_ui(tmp_path, monkeypatch):
         runner = CliRunner()
         res = runner.invoke(app, ["ui", "--workdir", str(workdir)])
         assert res.exit_code == 0, res.output
-        assert res.output.strip() == info.url  # no "vfsearch" experiment yet: the bare URL
+        mlflow_line = res.output.splitlines()[0]  # then the Optuna dashboard's line
+        assert mlflow_line.split()[-1] == info.url  # no "vfsearch" experiment yet: bare URL
         tr.experiment_id("vfsearch")
         res = runner.invoke(app, ["ui", "--workdir", str(workdir)])
-        assert res.output.strip().startswith(info.url + "/#/experiments/")
+        assert res.output.splitlines()[0].split()[-1].startswith(info.url + "/#/experiments/")
         assert tracking.find_server(workdir) == info
     finally:
         res = CliRunner().invoke(app, ["ui", "--workdir", str(workdir), "--stop"])
