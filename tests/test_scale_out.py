@@ -43,7 +43,8 @@ def _sweep(cluster: LoopbackCluster, store: Path, tmp: Path, uri: str, name: str
     cmd = [sys.executable, "-m", "vfsearch", "tune", "--store", str(store), "--space",
            str(space), "--num-samples", "2", "--name", name, "--address", cluster.address,
            "--driver-resource", DRIVER, "--workdir", str(tmp), "--storage", str(tmp / "ray")]
-    env = {**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri}
+    # progress lines on although stdout is a pipe: the tests read the sweep's header
+    env = {**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri, "VFSEARCH_PROGRESS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             encoding="utf-8", errors="replace", start_new_session=True)
 
