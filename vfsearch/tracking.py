@@ -73,13 +73,28 @@ class ServerInfo:
     workdir: str
 
 
-def is_healthy(url: str, timeout: float = 2.0) -> bool:
-    """True when ``GET <url>/health`` answers 200 (the MLflow server is up)."""
+def _answers(url: str, path: str, timeout: float) -> bool:
+    """True when ``GET <url><path>`` answers 200."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The command line of ``pid`` (None if it is gone): a recorded pid may have been reused
+    by an unrelated process after a reboot or crash, and that one must never be signalled."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in argv]
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    """True when ``GET <url>/health`` answers 200 (the MLflow server is up)."""
+    return _answers(url, "/health", timeout)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -93,13 +108,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_mlflow_server(pid: int) -> bool:
-    """True if ``pid`` still runs ``mlflow server`` (a recorded pid may have been reused by an
-    unrelated process after a reboot or crash: never signal that one)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    names = [Path(a.decode(errors="replace")).name for a in argv]
+    """True if ``pid`` still runs ``mlflow server`` (see `_cmdline`)."""
+    argv = _cmdline(pid)
+    names = [Path(a).name for a in argv or []]
     return "mlflow" in names and "server" in names
 
 
@@ -421,20 +432,12 @@ def optuna_storage(workdir: str | Path = DEFAULT_WORKDIR) -> str:
 
 def dashboard_healthy(url: str, timeout: float = 2.0) -> bool:
     """True when ``GET <url>/api/meta`` answers 200 (the dashboard is up)."""
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/api/meta", timeout=timeout) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return _answers(url, "/api/meta", timeout)
 
 
 def _is_dashboard(pid: int) -> bool:
-    """True if ``pid`` still runs optuna-dashboard (never signal a reused pid)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    text = b" ".join(argv).decode(errors="replace")
+    """True if ``pid`` still runs optuna-dashboard (see `_cmdline`)."""
+    text = " ".join(_cmdline(pid) or [])
     return "optuna-dashboard" in text or "optuna_dashboard" in text
 
 
