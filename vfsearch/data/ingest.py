@@ -77,6 +77,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -145,8 +146,11 @@ def discover(source: str | os.PathLike) -> tuple[str, list[CaseSpec]]:
     raise UserError(f"{src}: folder holds neither manifest.csv nor a VerSe rawdata/ tree")
 
 
-def read_manifest(path: Path) -> list[CaseSpec]:
-    """Parse a manifest CSV; missing columns, bad values and duplicate ids raise `UserError`."""
+def manifest_rows(path: Path, required: tuple[str, ...] = ("case_id", "ct", "vertebrae")
+                  ) -> Iterator[tuple[int, str, Callable[[str], str]]]:
+    """Rows of a manifest CSV as ``(line, case_id, cell)``: ``line`` is the file's line number,
+    ``cell(column)`` is the stripped value ("" when absent). Unreadable or empty files, missing
+    ``required`` columns and malformed case ids raise `UserError`."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -156,17 +160,13 @@ def read_manifest(path: Path) -> list[CaseSpec]:
     if not rows:
         raise UserError(f"{path}: manifest is empty")
     header = [c.strip().lower() for c in rows[0]]
-    missing = [c for c in ("case_id", "ct", "vertebrae") if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise UserError(f"{path}: manifest lacks column(s) {', '.join(missing)} "
                         f"(has {', '.join(header) or 'none'})")
     col = {name: header.index(name) for name in header}
-    base = path.parent
-    seen: dict[str, int] = {}
-    declared: dict[str, tuple[str, int]] = {}  # subject -> (split, line) of its first split
-    specs = []
     for line, row in enumerate(rows[1:], start=2):
-        def cell(name: str) -> str:
+        def cell(name: str, row: list[str] = row) -> str:
             i = col.get(name)
             return row[i].strip() if i is not None and i < len(row) else ""
 
@@ -175,6 +175,17 @@ def read_manifest(path: Path) -> list[CaseSpec]:
         if not _CASE_ID.match(cid):
             raise UserError(f"{where}: case_id {cid!r} must start with a letter or digit and "
                             f"hold only letters, digits, '.', '_' and '-'")
+        yield line, cid, cell
+
+
+def read_manifest(path: Path) -> list[CaseSpec]:
+    """Parse a manifest CSV; missing columns, bad values and duplicate ids raise `UserError`."""
+    base = path.parent
+    seen: dict[str, int] = {}
+    declared: dict[str, tuple[str, int]] = {}  # subject -> (split, line) of its first split
+    specs = []
+    for line, cid, cell in manifest_rows(path):
+        where = f"{path} line {line}"
         if cid in seen:
             raise UserError(f"{path}: duplicate case_id {cid!r} (lines {seen[cid]} and {line})")
         seen[cid] = line

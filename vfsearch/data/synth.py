@@ -345,39 +345,18 @@ def background_scans(background: Path, vertebrae: Path | None,
     return scans
 
 
-_SCAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _SCHEME_TAGS = {"verse": "verse", "totalseg": "totalsegmentator",
                 "totalsegmentator": "totalsegmentator"}
 
 
 def _scans_from_manifest(path: Path, label_scheme: str) -> list[Scan]:
+    from vfsearch.data.ingest import manifest_rows
     from vfsearch.data.labels import SCHEMES
 
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc})") from None
-    if not rows:
-        raise UserError(f"{path}: manifest is empty")
-    header = [c.strip().lower() for c in rows[0]]
-    missing = [c for c in ("case_id", "ct", "vertebrae") if c not in header]
-    if missing:
-        raise UserError(f"{path}: manifest lacks column(s) {', '.join(missing)} "
-                        f"(has {', '.join(header) or 'none'})")
-    col = {c: header.index(c) for c in header}
     scans = []
-    for line, row in enumerate(rows[1:], start=2):
-        def cell(key: str) -> str:
-            i = col.get(key)
-            return row[i].strip() if i is not None and i < len(row) else ""
-
+    for line, sid, cell in manifest_rows(path):
         where = f"{path} line {line}"
-        sid = cell("case_id")
-        if not _SCAN_NAME.match(sid):
-            raise UserError(f"{where}: case_id {sid!r} must start with a letter or digit and "
-                            f"hold only letters, digits, '.', '_' and '-'")
         for key in ("ct", "vertebrae"):
             if not cell(key):
                 raise UserError(f"{where}: empty {key} for scan {sid!r}")
