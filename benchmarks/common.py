@@ -9,8 +9,8 @@ def phantom_store(root: Path, *, cases: int, fracture_rate: float,
                   split: tuple[float, float, float]) -> Path:
     """``vfsearch synth --small`` cases under ``root/raw``, ingested at 2 mm into
     ``root/store.zarr`` (returned)."""
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.synth import synth_dataset
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_dataset
 
     synth_dataset(root / "raw", cases=cases, seed=0, spacing=None, small=True,
                   fracture_rate=fracture_rate)

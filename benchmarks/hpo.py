@@ -7,7 +7,7 @@ where the learning rate matters most), for each seed:
 * TPE + ASHA: the product's default (`vfsearch tune`, TPE with ``startup_trials`` random
   trials first, ASHA on the per-epoch Dice), given enough trials to spend the same budget.
 
-Both run through `vfsearch.tune.tune` on one local Ray with one trial at a time, so a trial's
+Both run through `vfsearch.pipelines.tune.tune` on one local Ray with one trial at a time, so a trial's
 cost in trial-epochs is counted in the order trials ran. From MLflow's child runs: the best
 fused validation Dice (``val_dice3d``) found against the trial-epochs spent, per method and
 seed; the share of the budget TPE + ASHA needs to reach random search's final best (goal: at
@@ -62,7 +62,7 @@ def trial_costs(uri: str, sweep: str) -> list[dict]:
     for trials ASHA stopped), seconds in training steps."""
     from mlflow import MlflowClient
 
-    from vfsearch.tune import EXPERIMENT, SWEEP_TAG
+    from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budget must be a multiple of --epochs")
 
     from common import phantom_store
-    from vfsearch import tracking
-    from vfsearch.train import start_local_ray
-    from vfsearch.tune import tune
+    from vfsearch.adapters import tracking
+    from vfsearch.pipelines.train import start_local_ray
+    from vfsearch.pipelines.tune import tune
 
     n_random = args.budget // args.epochs
     n_tpe = args.tpe_trials or 2 * n_random

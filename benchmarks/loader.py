@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vfsearch.config import DataConfig
-from vfsearch.data import windows as W
-from vfsearch.data.dataset import WindowDataset
-from vfsearch.data.geometry import Geometry
-from vfsearch.data.store import Store, fingerprint_from_hist, hu_histogram
+from vfsearch.core.config import DataConfig
+from vfsearch.core import windows as W
+from vfsearch.adapters.dataset import WindowDataset
+from vfsearch.core.geometry import Geometry
+from vfsearch.adapters.store import Store, fingerprint_from_hist, hu_histogram
 
 VERTEBRAE = tuple(range(11, 25))  # T4..L5 (VerSe ids)
 
@@ -93,8 +93,8 @@ def write_direct_store(path: Path, cases: int, size: int, seed: int) -> None:
 def write_ingested_store(path: Path, work: Path, cases: int, seed: int) -> bool:
     """synth phantom → ingest, when both modules exist; False when they do not (yet)."""
     try:
-        from vfsearch.data import ingest as ingest_mod
-        from vfsearch.data import synth as synth_mod
+        from vfsearch.pipelines import ingest as ingest_mod
+        from vfsearch.pipelines import synth as synth_mod
     except ImportError:
         return False
     src = work / "synth"
@@ -154,7 +154,7 @@ class NiftiWindows(WindowDataset):
     folder: Path
 
     def write(self, folder: Path) -> None:
-        from vfsearch.data.io import write_volume
+        from vfsearch.adapters.volumes import write_volume
 
         store = self._open()
         for case, vid in self.items:
@@ -164,7 +164,7 @@ class NiftiWindows(WindowDataset):
                              geom)
 
     def _read_window(self, k, t):
-        from vfsearch.data.io import read_volume
+        from vfsearch.adapters.volumes import read_volume
 
         case, vid = self.items[k]
         out = []
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     if args.chunk_slices:
-        import vfsearch.data.store as store_mod
+        import vfsearch.adapters.store as store_mod
 
         store_mod.CHUNK_SLICES = args.chunk_slices
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vfsearch-loader-"))
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       args.cases, args.seed):
             used = "synth+ingest"
         elif args.source == "ingest":
-            print("vfsearch.data.synth / ingest not available", file=sys.stderr)
+            print("vfsearch.pipelines.synth / ingest not available", file=sys.stderr)
             return 2
         else:
             write_direct_store(store_path, args.cases, args.size, args.seed)

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import torch
 
-from vfsearch.config import ModelConfig
-from vfsearch.models import build_model
+from vfsearch.core.config import ModelConfig
+from vfsearch.core.models import build_model
 
 SIDE, SEQ_LEN = 128, 5
 BASE = ModelConfig(depth=4, base_channels=16)

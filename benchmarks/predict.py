@@ -1,7 +1,7 @@
 """Prediction cost: seconds per case, encoder reuse against naive windows, MONAI per slice.
 
 One synthetic case (the phantom at its default 0.8 x 0.8 x 2 mm, 14 vertebrae T4..L5) goes
-through `vfsearch.predict.predict` with the default segmenter (Attention U-Net, depth 4,
+through `vfsearch.pipelines.predict.predict` with the default segmenter (Attention U-Net, depth 4,
 channels 16..256, LSTM, seq_len 5, random weights): the seconds per case and the share spent
 outside the model's forward passes (reading, reorienting and resampling, fusion, mapping back,
 writing). Then, on the slices of a few of its vertebra crops (padded to the patch size):
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vfsearch import fusion
-from vfsearch.config import Config, DataConfig, ModelConfig
-from vfsearch.data import io
-from vfsearch.data.windows import PLANE_AXIS, normalise, normalised_floor
-from vfsearch.models import build_model
-from vfsearch.predict import LoadedModel, predict
+from vfsearch.core import fusion
+from vfsearch.core.config import Config, DataConfig, ModelConfig
+from vfsearch.adapters import volumes as io
+from vfsearch.core.windows import PLANE_AXIS, normalise, normalised_floor
+from vfsearch.core.models import build_model
+from vfsearch.pipelines.predict import LoadedModel, predict
 
 FINGERPRINT = {"p0_5": -1000.0, "p99_5": 1500.0, "mean": 150.0, "std": 350.0}
 
@@ -77,14 +77,14 @@ def main() -> None:
     model = build_model(config.model, args.seq_len).to(dev).eval()
     lm = LoadedModel(model, config, FINGERPRINT, (args.spacing,) * 3, 8.0, source="random")
 
-    from vfsearch.data.phantom import make_case
+    from vfsearch.core.phantom import make_case
 
     t = time.perf_counter()
     case = make_case(args.seed)
     print(f"phantom {case.ct.shape} (z, y, x) at {case.geometry.spacing} mm in "
           f"{time.perf_counter() - t:.1f} s; crops at {args.spacing} mm, patch {args.patch}, "
           f"seq_len {args.seq_len}, device {dev}, threads {torch.get_num_threads()}")
-    from vfsearch.data.ingest import CaseSpec, Params, prepare_case
+    from vfsearch.pipelines.ingest import CaseSpec, Params, prepare_case
 
     with tempfile.TemporaryDirectory(prefix="vfsearch-bench-") as tmp:
         ct = io.write_volume(Path(tmp, "ct.nii.gz"), case.ct, case.geometry)

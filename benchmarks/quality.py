@@ -11,8 +11,8 @@ Data (built here, nothing downloaded):
   the same spacing and margin. They are never used for training (so leave-one-scan-out holds
   trivially); the intact vertebrae of those scans are the negatives of vertebra detection.
 
-Every model is trained by `vfsearch.train.run_training` (Ray Train V2 on a local Ray, the
-final fused 3D validation included) and scored by `vfsearch.evaluate.evaluate` on the test
+Every model is trained by `vfsearch.pipelines.train.run_training` (Ray Train V2 on a local Ray, the
+final fused 3D validation included) and scored by `vfsearch.pipelines.evaluate.evaluate` on the test
 split of each store at the threshold chosen on the phantom validation split (stored in the
 checkpoint: no test case selects anything). Validation selects the best epoch, the threshold,
 and the ensemble's members; test is read here only, once per model.
@@ -87,8 +87,8 @@ def _manifest_rows(folder: Path) -> list[dict[str, str]]:
 
 def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, Path]:
     """The phantom store (train/val seed 0, test seed 1) and the real-anatomy store (test)."""
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.synth import synth_dataset, synth_on_background
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_dataset, synth_on_background
 
     raw = work / "raw"
     rows = []
@@ -136,8 +136,8 @@ def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus:
     """Fit one model with `run_training`; returns (best.pt, final metrics, seconds)."""
     import torch
 
-    from vfsearch.config import Config
-    from vfsearch.train import run_training
+    from vfsearch.core.config import Config
+    from vfsearch.pipelines.train import run_training
 
     t0 = time.perf_counter()
     shutil.rmtree(work / "checkpoints" / name, ignore_errors=True)  # a fresh run, never a resume
@@ -154,7 +154,7 @@ def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus:
 def score(models: Any, store: Path, out: Path, *, threshold: float | None,
           device: str) -> dict[str, Any]:
     """`vfsearch evaluate` on the store's test split (threshold None: chosen on its val)."""
-    from vfsearch.evaluate import evaluate
+    from vfsearch.pipelines.evaluate import evaluate
 
     return evaluate(models, store, split="test", out=out, threshold=threshold, device=device,
                     n_boot=1000, log_to_run=False)
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from vfsearch.config import parse_overrides
-    from vfsearch.train import start_local_ray
+    from vfsearch.core.config import parse_overrides
+    from vfsearch.pipelines.train import start_local_ray
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from vfsearch import tracking
-    from vfsearch.config import load_config
+    from vfsearch.adapters import tracking
+    from vfsearch.core.config import load_config
     from common import phantom_store
-    from vfsearch.train import run_training
+    from vfsearch.pipelines.train import run_training
 
     with tempfile.TemporaryDirectory(prefix="vfsearch-bench-train-") as tmp:
         root = Path(tmp)

@@ -23,8 +23,8 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """URI of a real ``mlflow server`` on 127.0.0.1 (SQLite + served artifacts in a temp dir),
-    started once per session by `vfsearch.tracking.ensure_server` and stopped at the end."""
-    from vfsearch import tracking
+    started once per session by `vfsearch.adapters.tracking.ensure_server` and stopped at the end."""
+    from vfsearch.adapters import tracking
 
     workdir = tmp_path_factory.mktemp("mlflow")
     info = tracking.ensure_server(workdir, timeout=240)
@@ -38,7 +38,7 @@ def ray_local():
     State API). Shut down at the end only if this fixture started it."""
     import ray
 
-    from vfsearch.train import start_local_ray
+    from vfsearch.pipelines.train import start_local_ray
 
     started = not ray.is_initialized()
     if started:
@@ -52,8 +52,8 @@ def ray_local():
 def small_store(tmp_path_factory) -> Path:
     """A tiny real store: 3 small phantom cases (``vfsearch synth --small``) ingested at
     2 mm, one case each in train / val / test."""
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.synth import synth_dataset
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_dataset
 
     root = tmp_path_factory.mktemp("small_store")
     synth_dataset(root / "raw", cases=3, seed=0, spacing=None, small=True, fracture_rate=0.3)

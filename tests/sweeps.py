@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vfsearch.tune import EXPERIMENT, SWEEP_TAG
+from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
 
 TINY = """
 version: 1

@@ -26,7 +26,7 @@ def test_import_and_help_import_nothing_heavy():
 
 
 def test_import_has_no_side_effects(tmp_path):
-    code = "import vfsearch, vfsearch.cli, vfsearch.config; import os; print(sorted(os.listdir('.')))"
+    code = "import vfsearch, vfsearch.cli, vfsearch.core.config; import os; print(sorted(os.listdir('.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
                          check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from vfsearch.config import Config, load_config, parse_overrides, with_overrides
-from vfsearch.errors import UserError
+from vfsearch.core.config import Config, load_config, parse_overrides, with_overrides
+from vfsearch.core.errors import UserError
 
 
 def test_flatten_round_trip():

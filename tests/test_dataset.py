@@ -1,4 +1,4 @@
-"""2.5D windows (vfsearch.data.windows) and the Zarr-backed WindowDataset."""
+"""2.5D windows (vfsearch.core.windows) and the Zarr-backed WindowDataset."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.config import Config, DataConfig, with_overrides
-from vfsearch.data import windows as W
-from vfsearch.data.dataset import WindowDataset
-from vfsearch.data.store import PLANE_AXIS, Store, hu_histogram
-from vfsearch.errors import UserError
+from vfsearch.core.config import Config, DataConfig, with_overrides
+from vfsearch.core import windows as W
+from vfsearch.adapters.dataset import WindowDataset
+from vfsearch.adapters.store import PLANE_AXIS, Store, hu_histogram
+from vfsearch.core.errors import UserError
 
 # identity-like normalisation: HU values come out unchanged (clip range wider than the data)
 IDENTITY_FP = {"p0_5": -5000.0, "p50": 0.0, "p99_5": 5000.0, "mean": 0.0, "std": 1.0}
@@ -387,7 +387,8 @@ def test_dataloader_workers_after_parent_read(phantom_store, context):
 @pytest.mark.timeout(120)
 def test_phantom_through_ingest_into_windows(tmp_path):
     """The real path: synthetic phantom → ingest → WindowDataset → DataLoader batch."""
-    from vfsearch.data import ingest, synth
+    from vfsearch.pipelines import ingest
+    from vfsearch.pipelines import synth
 
     synth.synth_dataset(tmp_path / "src", cases=1, seed=0, spacing=None, small=True,
                         fracture_rate=0.5)

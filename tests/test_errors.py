@@ -1,4 +1,4 @@
-"""Errors name their cause (`vfsearch.errors.explain`): a failed cluster join says whether the
+"""Errors name their cause (`vfsearch.core.errors.explain`): a failed cluster join says whether the
 token was refused, nothing answers or the versions differ; MLflow failures the same.
 
 The texts are the ones Ray 2.60 and MLflow 3.17 raise: built by their own code where it can
@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from vfsearch.errors import AUTH, UNREACHABLE, VERSION, UserError, causes, classify, explain
+from vfsearch.core.errors import AUTH, UNREACHABLE, VERSION, UserError, causes, classify, explain
 
 
 def _free_port() -> int:
@@ -200,7 +200,7 @@ def _answering(status: int, body: bytes):
 
 
 def test_mlflow_401_names_the_credentials(quick_mlflow, monkeypatch):
-    from vfsearch import tracking
+    from vfsearch.adapters import tracking
 
     # the body a basic-auth MLflow server sends (mlflow.server.auth.make_basic_auth_response)
     server = _answering(401, b"You are not authenticated. Please see "
@@ -220,7 +220,7 @@ def test_mlflow_401_names_the_credentials(quick_mlflow, monkeypatch):
 
 
 def test_mlflow_403_is_a_permission_problem(quick_mlflow):
-    from vfsearch import tracking
+    from vfsearch.adapters import tracking
 
     server = _answering(403, b"Permission denied")
     uri = f"http://127.0.0.1:{server.server_port}"
@@ -233,7 +233,7 @@ def test_mlflow_403_is_a_permission_problem(quick_mlflow):
 
 
 def test_mlflow_nobody_listening_names_the_url(quick_mlflow):
-    from vfsearch import tracking
+    from vfsearch.adapters import tracking
 
     uri = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(UserError) as info:
@@ -244,7 +244,7 @@ def test_mlflow_nobody_listening_names_the_url(quick_mlflow):
 
 def test_mlflow_server_that_dies_at_start_says_why(tmp_path, monkeypatch):
     """The embedded server's failure names the last line of its log, not just a timeout."""
-    from vfsearch import tracking
+    from vfsearch.adapters import tracking
 
     fake = [sys.executable, "-c", "import sys; print('Traceback ...'); "
             "print('sqlalchemy.exc.OperationalError: unable to open database file'); "

@@ -1,4 +1,4 @@
-"""Fused 3D evaluation of a stored split (`vfsearch.evaluate`) on a real Zarr store."""
+"""Fused 3D evaluation of a stored split (`vfsearch.pipelines.evaluate`) on a real Zarr store."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.config import Config, DataConfig, ModelConfig
-from vfsearch.data import io
-from vfsearch.errors import UserError
-from vfsearch.evaluate import (
+from vfsearch.core.config import Config, DataConfig, ModelConfig
+from vfsearch.adapters import volumes as io
+from vfsearch.core.errors import UserError
+from vfsearch.pipelines.evaluate import (
     CSV_COLUMNS,
     case_truth,
     evaluate,
     format_report,
     fused_validation_metrics,
 )
-from vfsearch.metrics3d import counts, overlap
-from vfsearch.predict import LoadedModel, predict
+from vfsearch.core.metrics3d import counts, overlap
+from vfsearch.pipelines.predict import LoadedModel, predict
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)  # 2-core machine shared with other test runs
@@ -84,8 +84,8 @@ def _loaded(module, plane="sagittal") -> LoadedModel:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Three small phantom cases (train / val / test) whose CT marks the fracture voxels."""
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.phantom import make_case
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.core.phantom import make_case
 
     root = tmp_path_factory.mktemp("evalstore")
     lines = ["case_id,ct,vertebrae,fracture,split"]
@@ -155,7 +155,7 @@ def test_evaluate_counts_equal_predict_on_the_source_files(store, tmp_path):
 
 
 def test_truth_rebuilt_from_crops_when_sources_are_gone(store, tmp_path):
-    from vfsearch.data.store import Store
+    from vfsearch.adapters.store import Store
 
     st = Store(store["path"])
     from_files = case_truth(st, "c1")
@@ -194,14 +194,14 @@ def test_classifier_baseline_gets_slice_and_vertebra_detection(store, tmp_path):
 
 
 def test_checkpoint_in_training_format_and_fused_validation(store, tmp_path):
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
     config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="lstm"),
                     data=DataConfig(seq_len=3, plane="sagittal", patch_size=32))
     model = build_model(config.model, config.data.seq_len)
     ckpt = tmp_path / "best.pt"
-    # the layout vfsearch.train writes for best.pt
+    # the layout vfsearch.pipelines.train writes for best.pt
     torch.save({"model": model.state_dict(), "epoch": 1, "val_dice": 0.0,
                 "config": config.flatten(), "seq_len": 3}, ckpt)
     with pytest.raises(UserError, match="--store"):
@@ -230,7 +230,7 @@ def test_cli_predict_and_evaluate(store, tmp_path):
     from typer.testing import CliRunner
 
     from vfsearch.cli import app
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
     config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="none"),
@@ -258,8 +258,8 @@ def test_cli_predict_and_evaluate(store, tmp_path):
 @pytest.mark.slow
 def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, mlflow_server,
                                                              monkeypatch):
-    from vfsearch import tracking
-    from vfsearch.models import build_model
+    from vfsearch.adapters import tracking
+    from vfsearch.core.models import build_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, ml
                 "val_dice": 0.0, "config": config.flatten(), "seq_len": 1},
                ckpt_dir / "best.pt")
     tracker = tracking.Tracker(mlflow_server)
-    # what vfsearch.train leaves in a run: the store tag and checkpoints/best.pt
+    # what vfsearch.pipelines.train leaves in a run: the store tag and checkpoints/best.pt
     run_id = tracker.start_run("eval-test", "trained", tags={"store": str(store["path"])})
     tracker.log_artifact(run_id, ckpt_dir / "best.pt", "checkpoints")
     tracker.end_run(run_id)
@@ -289,7 +289,7 @@ def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, ml
 
 
 def _case(case_id: str, curve: list[tuple[int, int, int]]):
-    from vfsearch.evaluate import CaseResult
+    from vfsearch.pipelines.evaluate import CaseResult
 
     return CaseResult(case_id, np.array([0.25, 0.5, 0.75]), [], np.array(curve, np.int64),
                       "files")
@@ -297,7 +297,7 @@ def _case(case_id: str, curve: list[tuple[int, int, int]]):
 
 def test_crossfit_scores_each_half_at_the_other_halfs_threshold():
     """Honest selection: a case is never scored at a threshold tuned on it."""
-    from vfsearch.evaluate import crossfit_indices, segmentation_metrics
+    from vfsearch.pipelines.evaluate import crossfit_indices, segmentation_metrics
 
     low = [(10, 0, 0), (5, 0, 5), (0, 0, 10)]  # best at 0.25
     high = [(10, 30, 0), (10, 10, 0), (10, 0, 0)]  # best at 0.75

@@ -1,4 +1,4 @@
-"""Export (vfsearch.export, vfsearch.bundle, vfsearch.pyfunc): selection, promotion gate,
+"""Export (vfsearch.pipelines.export, vfsearch.adapters.bundle, vfsearch.adapters.tracking.pyfunc): selection, promotion gate,
 registry, bundle parity, and loading the exported model in fresh processes.
 
 Runs are created directly in a real MLflow server (the ``mlflow_server`` fixture) with tiny
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch import bundle
-from vfsearch.config import Config
-from vfsearch.errors import UserError
-from vfsearch.export import Candidate, choose, export, promotion_decision, rank
-from vfsearch.predict import LoadedModel
+from vfsearch.adapters import bundle
+from vfsearch.core.config import Config
+from vfsearch.core.errors import UserError
+from vfsearch.pipelines.export import Candidate, choose, export, promotion_decision, rank
+from vfsearch.pipelines.predict import LoadedModel
 
 FINGERPRINT = {"p0_5": -1000.0, "p99_5": 1500.0, "mean": 100.0, "std": 400.0}
 SPACING = (1.0, 1.0, 1.0)
@@ -47,7 +47,7 @@ def tiny_config(**extra) -> Config:
 
 
 def tiny_loaded(cfg: Config, seed: int = 0) -> LoadedModel:
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data.seq_len, load_weights=False).eval()
@@ -157,7 +157,7 @@ def test_out_never_overwrites_a_foreign_folder(tmp_path):
 def test_ensemble_bundle_loads_as_its_members_averaged(tmp_path):
     """write_ensemble: each member a bundle of its own, the ensemble's threshold on every
     member, and the loaded list predicting the mean of the members' maps (planes mixed)."""
-    from vfsearch.predict import crop_probability, load_model
+    from vfsearch.pipelines.predict import crop_probability, load_model
 
     a = tiny_loaded(tiny_config(), seed=1)
     b = tiny_loaded(tiny_config(**{"data.plane": "axial"}), seed=2)
@@ -242,7 +242,7 @@ def test_promotion_decision():
 def _save_best(path: Path, cfg: Config, seed: int, *, fingerprint=None, spacing=SPACING,
                margin_mm: float = 4.0) -> Path:
     """A checkpoint in train.py's ``best.pt`` format, plus the store's preprocessing."""
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data.seq_len, load_weights=False)
@@ -277,8 +277,8 @@ def _log_run(tr, folder: Path, experiment: str, name: str, metrics: dict, *,
 @pytest.fixture(scope="module")
 def world(mlflow_server, tmp_path_factory):
     """Sweeps and runs in the real server: returns their names and ids."""
-    from vfsearch import tracking
-    from vfsearch.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters import tracking
+    from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
 
     tmp = tmp_path_factory.mktemp("export-runs")
     tr = tracking.Tracker(mlflow_server)
@@ -441,9 +441,9 @@ def test_gate_refuses_worse_accepts_better_and_force(world, champion, tmp_path):
 
 
 def _example_files(folder: Path) -> tuple[Path, Path, dict, dict]:
-    from vfsearch.data import io
-    from vfsearch.data.geometry import Geometry
-    from vfsearch.pyfunc import input_example
+    from vfsearch.adapters import volumes as io
+    from vfsearch.core.geometry import Geometry
+    from vfsearch.adapters.tracking.pyfunc import input_example
 
     x, params = input_example(SPACING)
     geometry = Geometry(params["spacing"], (0.0, 0.0, 0.0))
@@ -456,13 +456,13 @@ def _example_files(folder: Path) -> tuple[Path, Path, dict, dict]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_pyfunc_loads_and_predicts_in_a_fresh_process(world, champion, tmp_path):
-    from vfsearch.pyfunc import predict_arrays
+    from vfsearch.adapters.tracking.pyfunc import predict_arrays
 
     _, out = champion
     _, _, x, params = _example_files(tmp_path)
     script = f"""
 import json, mlflow, numpy as np
-from vfsearch.pyfunc import input_example
+from vfsearch.adapters.tracking.pyfunc import input_example
 mlflow.set_tracking_uri({world['uri']!r})
 model = mlflow.pyfunc.load_model("models:/{world['name']}@champion")
 x, params = input_example({SPACING!r})
@@ -490,8 +490,8 @@ print(json.dumps({{"inputs": schema.input_names(), "type": type(y).__name__}}))
 @pytest.mark.slow
 def test_predict_cli_with_bundle_and_registry_uri_in_a_fresh_process(world, champion,
                                                                      tmp_path, monkeypatch):
-    from vfsearch.data import io
-    from vfsearch.predict import load_model, predict
+    from vfsearch.adapters import volumes as io
+    from vfsearch.pipelines.predict import load_model, predict
 
     _, out = champion
     ct, lab, _, _ = _example_files(tmp_path)
@@ -528,11 +528,11 @@ def ens_world(mlflow_server, small_store, tmp_path_factory):
     preprocessing; ``E``/``T``: the fused val Dice / threshold of its two best together,
     computed here on the checkpoint files; ``LOW``/``HIGH``: plain runs logged just below and
     above ``E`` (champions for the gate)."""
-    from vfsearch import tracking
-    from vfsearch.data.store import Store
-    from vfsearch.evaluate import fused_validation_metrics
-    from vfsearch.predict import load_checkpoint
-    from vfsearch.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters import tracking
+    from vfsearch.adapters.store import Store
+    from vfsearch.pipelines.evaluate import fused_validation_metrics
+    from vfsearch.pipelines.predict import load_checkpoint
+    from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
 
     tmp = tmp_path_factory.mktemp("ensemble-runs")
     tr = tracking.Tracker(mlflow_server)
@@ -581,9 +581,9 @@ def ensemble(ens_world, tmp_path_factory):
 def test_top_k_bundle_holds_the_members_and_predicts_their_mean(ens_world, ensemble):
     from mlflow import MlflowClient
 
-    from vfsearch.data.store import Store
-    from vfsearch.predict import crop_probability, load_checkpoint, load_model
-    from vfsearch.pyfunc import version_of_run
+    from vfsearch.adapters.store import Store
+    from vfsearch.pipelines.predict import crop_probability, load_checkpoint, load_model
+    from vfsearch.adapters.tracking.pyfunc import version_of_run
 
     w = ens_world
     _, summary, again, out = ensemble
@@ -660,8 +660,8 @@ def test_top_k_gate_compares_the_ensembles_own_value(ens_world, ensemble, tmp_pa
 @pytest.mark.slow
 def test_top_k_registered_ensemble_predicts_like_its_bundle(ens_world, ensemble, tmp_path,
                                                             monkeypatch):
-    from vfsearch.predict import load_model
-    from vfsearch.pyfunc import input_example, predict_arrays
+    from vfsearch.pipelines.predict import load_model
+    from vfsearch.adapters.tracking.pyfunc import input_example, predict_arrays
 
     w = ens_world
     _, _, _, out = ensemble
@@ -669,7 +669,7 @@ def test_top_k_registered_ensemble_predicts_like_its_bundle(ens_world, ensemble,
     spacing = tuple(bundle.read_config(out)["spacing"])
     script = f"""
 import json, mlflow, numpy as np
-from vfsearch.pyfunc import input_example
+from vfsearch.adapters.tracking.pyfunc import input_example
 mlflow.set_tracking_uri({w['uri']!r})
 model = mlflow.pyfunc.load_model({uri!r})
 x, params = input_example({spacing!r})

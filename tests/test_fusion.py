@@ -1,4 +1,4 @@
-"""Slice predictions to 3D maps and crop maps into one grid (`vfsearch.fusion`)."""
+"""Slice predictions to 3D maps and crop maps into one grid (`vfsearch.core.fusion`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch import fusion
-from vfsearch.config import ModelConfig
-from vfsearch.data import windows
+from vfsearch.core import fusion
+from vfsearch.core.config import ModelConfig
+from vfsearch.core import windows
 
 
 @pytest.mark.parametrize("n, seq_len", [(1, 1), (1, 5), (4, 3), (9, 5), (7, 9)])
@@ -113,7 +113,7 @@ MODEL_CASES = [
 
 @pytest.mark.parametrize("kwargs", MODEL_CASES, ids=lambda k: "-".join(map(str, k.values())))
 def test_encoder_reuse_equals_naive_window_inference(kwargs):
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vfsearch.data import io
-from vfsearch.data.geometry import Geometry, canonical_reorientation, to_canonical
-from vfsearch.data.labels import to_verse
+from vfsearch.adapters import volumes as io
+from vfsearch.core.geometry import Geometry, canonical_reorientation, to_canonical
+from vfsearch.core.labels import to_verse
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:

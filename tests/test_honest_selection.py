@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _make_unreadable(store_path: Path, case_id: str) -> None:
-    from vfsearch.data.store import Store
+    from vfsearch.adapters.store import Store
 
     source = Store(store_path).case_attrs(case_id).get("source") or {}
     for path in source.values():
@@ -34,12 +34,12 @@ def _make_unreadable(store_path: Path, case_id: str) -> None:
 
 
 def test_train_tune_and_export_never_read_the_test_split(tmp_path, mlflow_server, ray_local):
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.store import Store
-    from vfsearch.data.synth import synth_dataset
-    from vfsearch.evaluate import evaluate
-    from vfsearch.export import export
-    from vfsearch.tune import tune
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.adapters.store import Store
+    from vfsearch.pipelines.synth import synth_dataset
+    from vfsearch.pipelines.evaluate import evaluate
+    from vfsearch.pipelines.export import export
+    from vfsearch.pipelines.tune import tune
 
     synth_dataset(tmp_path / "raw", cases=4, seed=5, spacing=None, small=True,
                   fracture_rate=0.3)

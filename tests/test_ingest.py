@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from vfsearch.cli import app
-from vfsearch.data import io
-from vfsearch.data.geometry import Geometry
-from vfsearch.data.ingest import assign_splits, ingest, read_manifest, read_verse_tree
-from vfsearch.data.store import CHUNK_SLICES, PLANE_AXIS, Store, fingerprint_from_hist
-from vfsearch.errors import UserError
+from vfsearch.adapters import volumes as io
+from vfsearch.core.geometry import Geometry
+from vfsearch.pipelines.ingest import assign_splits, ingest, read_manifest, read_verse_tree
+from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, Store, fingerprint_from_hist
+from vfsearch.core.errors import UserError
 
 pytestmark = pytest.mark.integration
 
@@ -723,7 +723,7 @@ def test_bad_case_stops_run_and_keeps_complete_cases(tmp_path):
 
 @pytest.mark.slow
 def test_synth_folder_end_to_end(tmp_path):
-    synth = pytest.importorskip("vfsearch.data.synth")
+    synth = pytest.importorskip("vfsearch.pipelines.synth")
     synth.synth_dataset(tmp_path / "ph", cases=2, seed=0, spacing=None, small=True,
                         fracture_rate=0.3)
     summary = ingest(tmp_path / "ph", tmp_path / "s.zarr")

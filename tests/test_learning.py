@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vfsearch.config import load_config
-from vfsearch.evaluate import fused_validation_metrics
-from vfsearch.train import build_models, run_training
+from vfsearch.core.config import load_config
+from vfsearch.pipelines.evaluate import fused_validation_metrics
+from vfsearch.pipelines.train import build_models, run_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,8 +27,8 @@ SMALL = ["model.depth=3", "model.base_channels=8", "data.patch_size=48", "data.s
 @pytest.fixture(scope="module")
 def learning_store(tmp_path_factory):
     """Eight small phantom cases at 2 mm: five train, two val, one test."""
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.synth import synth_dataset
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_dataset
 
     root = tmp_path_factory.mktemp("learning")
     synth_dataset(root / "raw", cases=8, seed=3, spacing=None, small=True, fracture_rate=0.4)

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vfsearch.config import LossConfig
-from vfsearch.errors import UserError
-from vfsearch.losses import (
+from vfsearch.core.config import LossConfig
+from vfsearch.core.errors import UserError
+from vfsearch.core.losses import (
     bce_loss,
     build_loss,
     focal_loss,
@@ -217,7 +217,7 @@ def test_invalid_combinations_fail_at_build(changes, gan, kind, needle):
 
 
 def test_config_validation_catches_the_same(tmp_path):
-    from vfsearch.config import load_config
+    from vfsearch.core.config import load_config
 
     with pytest.raises(UserError, match="needs loss.adv_weight > 0"):
         load_config(None, ["model.gan=true"])

@@ -1,4 +1,4 @@
-"""3D overlap, detection and distance metrics (`vfsearch.metrics3d`)."""
+"""3D overlap, detection and distance metrics (`vfsearch.core.metrics3d`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from vfsearch import metrics3d as m
+from vfsearch.core import metrics3d as m
 
 
 def _cube(shape, start, size=6):

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vfsearch.config import ModelConfig
-from vfsearch.errors import UserError
-from vfsearch.losses import gan_d_loss, gan_g_loss
-from vfsearch.models import build_discriminator, build_model, list_models
-from vfsearch.models.temporal import HIDDEN_CAP, TEMPORALS
+from vfsearch.core.config import ModelConfig
+from vfsearch.core.errors import UserError
+from vfsearch.core.losses import gan_d_loss, gan_g_loss
+from vfsearch.core.models import build_discriminator, build_model, list_models
+from vfsearch.core.models.temporal import HIDDEN_CAP, TEMPORALS
 
 torch.set_num_threads(1)
 T, H = 3, 32  # window length and side of the contract tests
@@ -56,7 +56,7 @@ def test_every_registered_family_is_covered():
 
 
 def test_every_temporal_module_is_covered_and_accepted_by_the_config():
-    from vfsearch.config import _CHOICES
+    from vfsearch.core.config import _CHOICES
 
     assert _CHOICES["model.temporal"] == TEMPORALS  # config must not import torch: kept in sync
     covered = {p.values[1].temporal for p in CASES if p.values[0] == "attention_unet"}
@@ -355,7 +355,7 @@ def phantom_windows(n: int = 6, side: int = 32, seq_len: int = 5
     slice's fracture mask ``(n, 1, side, side)``. Each patch is centred on the fracture."""
     import numpy as np
 
-    from vfsearch.data.phantom import make_case
+    from vfsearch.core.phantom import make_case
 
     case = make_case(0, small=True)
     frac = case.fracture  # (z, y, x); a sagittal slice is a (z, y) image at fixed x
@@ -376,8 +376,8 @@ def phantom_windows(n: int = 6, side: int = 32, seq_len: int = 5
 
 @pytest.mark.slow
 def test_overfits_a_small_batch_of_phantom_windows():
-    from vfsearch.config import LossConfig
-    from vfsearch.losses import build_loss
+    from vfsearch.core.config import LossConfig
+    from vfsearch.core.losses import build_loss
 
     x, y = phantom_windows()
     assert y.sum() > 0 and x.shape == (6, 5, 32, 32)
@@ -412,7 +412,7 @@ def test_overfits_a_small_batch_of_phantom_windows():
 def test_rebuild_from_flat_config_and_state_dict(tmp_path):
     """The export path: flat params + state_dict rebuild the model, no pickled code; the
     pretrained file need not exist any more (load_weights=False)."""
-    from vfsearch.config import Config
+    from vfsearch.core.config import Config
 
     weights = tmp_path / "r18.pth"
     torch.save(torchvision_resnet_state_dict("resnet18"), weights)
@@ -443,7 +443,7 @@ def test_rebuild_from_flat_config_and_state_dict(tmp_path):
     (["model.dropout=1.0"], "model.dropout must be >= 0 and < 1"),
 ])
 def test_model_config_combinations_fail_at_load(overrides, needle):
-    from vfsearch.config import load_config
+    from vfsearch.core.config import load_config
 
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         load_config(None, overrides)

@@ -17,9 +17,9 @@ from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from vfsearch.cli import app
-from vfsearch.data import phantom
-from vfsearch.data.geometry import to_canonical
-from vfsearch.errors import UserError
+from vfsearch.core import phantom
+from vfsearch.core.geometry import to_canonical
+from vfsearch.core.errors import UserError
 
 IDS = range(11, 25)
 
@@ -282,8 +282,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.integration
 def test_synth_dataset_writes_deterministic_cases(tmp_path):
-    from vfsearch.data import synth
-    from vfsearch.data.io import read_volume
+    from vfsearch.pipelines import synth
+    from vfsearch.adapters.volumes import read_volume
 
     summary = synth.synth_dataset(tmp_path / "a", cases=2, seed=3, spacing=None, small=True,
                                   fracture_rate=0.22)
@@ -319,7 +319,7 @@ def test_synth_dataset_writes_deterministic_cases(tmp_path):
 
 @pytest.mark.integration
 def test_synth_dataset_refuses_foreign_folder_and_replaces_own(tmp_path):
-    from vfsearch.data import synth
+    from vfsearch.pipelines import synth
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -350,9 +350,9 @@ def test_synth_dataset_refuses_foreign_folder_and_replaces_own(tmp_path):
 ])
 def test_synth_on_background_real_scans(real_data, tmp_path, sample, labels_file, scheme, spec,
                                         vid):
-    from vfsearch.data import synth
-    from vfsearch.data.io import read_volume
-    from vfsearch.data.labels import to_verse
+    from vfsearch.pipelines import synth
+    from vfsearch.adapters.volumes import read_volume
+    from vfsearch.core.labels import to_verse
 
     src_ct = read_volume(real_data / sample / "ct.nii.gz")
     src_lab = read_volume(real_data / sample / labels_file)
@@ -388,7 +388,7 @@ def test_synth_on_background_real_scans(real_data, tmp_path, sample, labels_file
 
 @pytest.mark.integration
 def test_synth_on_background_errors(real_data, tmp_path):
-    from vfsearch.data import synth
+    from vfsearch.pipelines import synth
 
     tpt, tot = real_data / "tptbox_l3", real_data / "totalseg_abdomen"
     cases = [
@@ -442,11 +442,11 @@ def _scan_source(real_data: Path, tmp_path: Path, kind: str) -> Path:
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["manifest", "folder"])
 def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
-    from vfsearch.data import synth
-    from vfsearch.data.ingest import ingest
-    from vfsearch.data.io import read_volume
-    from vfsearch.data.labels import to_verse
-    from vfsearch.data.store import Store
+    from vfsearch.pipelines import synth
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.adapters.volumes import read_volume
+    from vfsearch.core.labels import to_verse
+    from vfsearch.adapters.store import Store
 
     src = _scan_source(real_data, tmp_path, kind)
     warnings: list[str] = []
@@ -519,7 +519,7 @@ def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
 
 
 def test_draw_fractures_share_grades_and_morphologies():
-    from vfsearch.data import synth
+    from vfsearch.pipelines import synth
 
     draws = [synth.draw_fractures(synth.variant_rng(0, "scan", k), [20, 21, 22, 23, 24])
              for k in range(600)]
@@ -536,7 +536,7 @@ def test_draw_fractures_share_grades_and_morphologies():
 
 @pytest.mark.integration
 def test_synth_background_source_errors(real_data, tmp_path):
-    from vfsearch.data import synth
+    from vfsearch.pipelines import synth
 
     def run(src, **kw):
         args = {"fracture": None, "seed": 0, "label_scheme": "verse", "variants": 2, **kw}
@@ -571,8 +571,8 @@ def test_synth_background_source_errors(real_data, tmp_path):
 ])
 def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample, labels_file,
                                                       scheme, spec, vertebra):
-    from vfsearch.data.io import read_volume
-    from vfsearch.data.labels import to_verse, verse_id
+    from vfsearch.adapters.volumes import read_volume
+    from vfsearch.core.labels import to_verse, verse_id
 
     # the test's own check: the vertebra's label reaches the first or last canonical z slice
     ct = read_volume(real_data / sample / "ct.nii.gz")
@@ -594,8 +594,8 @@ def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample
 @pytest.mark.integration
 def test_a_cropped_scan_cutting_l3_is_refused(real_data, tmp_path):
     """The real tptbox scan cropped to 30 slices so that L3 reaches the top slice."""
-    from vfsearch.data import synth
-    from vfsearch.data.io import read_volume, write_volume
+    from vfsearch.pipelines import synth
+    from vfsearch.adapters.volumes import read_volume, write_volume
 
     src = real_data / "tptbox_l3"
     ct = read_volume(src / "ct.nii.gz")

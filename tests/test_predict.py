@@ -1,4 +1,4 @@
-"""Prediction on a new CT (`vfsearch.predict`): lossless fusion, output geometry, checkpoints."""
+"""Prediction on a new CT (`vfsearch.pipelines.predict`): lossless fusion, output geometry, checkpoints."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.config import Config, DataConfig, ModelConfig
-from vfsearch.data import io
-from vfsearch.data.geometry import Geometry, to_canonical
-from vfsearch.errors import UserError
-from vfsearch.metrics3d import counts, overlap
-from vfsearch.predict import LoadedModel, load_model, predict
+from vfsearch.core.config import Config, DataConfig, ModelConfig
+from vfsearch.adapters import volumes as io
+from vfsearch.core.geometry import Geometry, to_canonical
+from vfsearch.core.errors import UserError
+from vfsearch.core.metrics3d import counts, overlap
+from vfsearch.pipelines.predict import LoadedModel, load_model, predict
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)  # 2-core machine shared with other test runs
@@ -67,7 +67,7 @@ def _reorient(array: np.ndarray, geom: Geometry, axes, flips) -> tuple[np.ndarra
 @pytest.fixture(scope="module")
 def oblique_case(tmp_path_factory):
     """A small phantom stored with anisotropic spacing, permuted/flipped axes, origin != 0."""
-    from vfsearch.data.phantom import make_case
+    from vfsearch.core.phantom import make_case
 
     case = make_case(0, small=True)
     ct_c, g_c, _ = to_canonical(case.ct, case.geometry)
@@ -193,8 +193,8 @@ def test_slicer_segmentation_has_ct_geometry_and_named_segments(oblique_case, tm
     are the label map's, and "fracture" (red, layer 1) whose voxels are fracture_mask.nii.gz."""
     import SimpleITK as sitk
 
-    from vfsearch.data.labels import name
-    from vfsearch.predict import FRACTURE_COLOR, VERTEBRA_COLORS
+    from vfsearch.core.labels import name
+    from vfsearch.pipelines.predict import FRACTURE_COLOR, VERTEBRA_COLORS
 
     p = oblique_case["paths"]
     summary = predict(_stand_in(oblique_case["spacing"]), p["ct"], p["vertebrae"], tmp_path)

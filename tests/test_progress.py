@@ -1,4 +1,4 @@
-"""Progress people can read (`vfsearch.progress`): bars with an ETA and one line per epoch or
+"""Progress people can read (`vfsearch.adapters.progress`): bars with an ETA and one line per epoch or
 trial at a terminal, nothing but the final summary off one, and Ray's own noise only with
 ``--verbose``. Terminals are real pseudo-terminals (`pty`), not a faked ``isatty``."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vfsearch import progress
+from vfsearch.adapters import progress
 
 RAY_NOISE = ("Token authentication", "PreemptionWatcher", "Reporting training result",
              "Trial status", "(RayTrainWorker", "(TrainController")
@@ -86,7 +86,7 @@ def test_environment_forces_progress_on_or_off(monkeypatch):
 
 
 def test_helper_shows_a_bar_with_eta_and_lines_on_a_terminal():
-    code = ("import time\nfrom vfsearch import progress\n"
+    code = ("import time\nfrom vfsearch.adapters import progress\n"
             "for _ in progress.bar(range(4), 'cases', unit='case'):\n    time.sleep(0.3)\n"
             "progress.say('a progress line')\n")
     rc, out = run_in_pty([sys.executable, "-c", code], env=_env(), timeout=120)
@@ -104,7 +104,7 @@ def test_durations():
 
 
 def test_epoch_line_has_losses_dice_rate_and_eta():
-    from vfsearch.train import format_epoch
+    from vfsearch.pipelines.train import format_epoch
 
     m = {"train/loss": 0.5, "train/dice": 0.3, "train/bce": 0.2, "train/grad_norm": 1.0,
          "val_dice": 0.25, "val_iou": 0.14, "lr": 1e-3, "windows_per_s": 40.0,
@@ -116,7 +116,7 @@ def test_epoch_line_has_losses_dice_rate_and_eta():
 
 
 def test_sweep_eta_from_finished_durations_and_concurrency():
-    from vfsearch.tune import sweep_eta
+    from vfsearch.pipelines.tune import sweep_eta
 
     assert sweep_eta([100.0, 300.0], remaining=4, concurrency=2) == pytest.approx(400.0)
     assert sweep_eta([100.0], remaining=1, concurrency=4) == pytest.approx(100.0)
@@ -130,8 +130,8 @@ def test_sweep_eta_from_finished_durations_and_concurrency():
 def test_trial_lines_callback(capsys, monkeypatch):
     """Tune's driver-side callback: a line per epoch result and per finished trial, with
     trials done/total and an ETA; the final (fused 3D) report waits for the completion."""
-    from vfsearch.search_space import SearchSpace
-    from vfsearch.tune import _trial_lines
+    from vfsearch.adapters.search_space import SearchSpace
+    from vfsearch.pipelines.tune import _trial_lines
 
     monkeypatch.setenv(progress.ENV, "1")
 
@@ -209,11 +209,11 @@ def test_ingest_on_a_terminal_shows_a_bar(raw_cases, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """An untrained tiny segmenter in the layout `vfsearch.train` writes (best.pt)."""
+    """An untrained tiny segmenter in the layout `vfsearch.pipelines.train` writes (best.pt)."""
     import torch
 
-    from vfsearch.config import Config, DataConfig, ModelConfig
-    from vfsearch.models import build_model
+    from vfsearch.core.config import Config, DataConfig, ModelConfig
+    from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
     config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="none"),

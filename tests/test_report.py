@@ -17,7 +17,7 @@ import pytest
 from test_ui import chromium, needs_chromium
 from typer.testing import CliRunner
 
-from vfsearch import report
+from vfsearch.pipelines import report
 from vfsearch.cli import app
 
 
@@ -117,7 +117,7 @@ def report_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     """2 trials of 2 epochs, pictures logged by each finished trial."""
     from sweeps import write_space
 
-    from vfsearch.tune import tune
+    from vfsearch.pipelines.tune import tune
 
     tmp = tmp_path_factory.mktemp("report_sweep")
     space = write_space(tmp, epochs=2, grace=2, fixed={"train.log_pictures": "true"}, params=(
@@ -160,7 +160,7 @@ def test_report_of_a_real_sweep(report_sweep, mlflow_server, monkeypatch):
     assert logged == ["report/report.html"]
 
     # export the best trial, then the CLI writes the page again with the decision
-    from vfsearch.export import export
+    from vfsearch.pipelines.export import export
 
     exported = export(sweep="reportsweep", name="report-test", onnx=False,
                       mlflow_uri=mlflow_server, workdir=workdir)

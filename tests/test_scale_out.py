@@ -16,7 +16,7 @@ import pytest
 from loopback import LoopbackCluster
 from sweeps import children, client, write_space
 
-from vfsearch.tune import STATUS_TAG
+from vfsearch.pipelines.tune import STATUS_TAG
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,7 +108,7 @@ def test_trials_run_on_both_nodes(cluster, small_store, mlflow_server, tmp_path)
 def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, small_store, tmp_path):
     """The tracking server goes away after the first epoch is logged and comes back on the
     same port and database ~5 s later; every metric of every epoch still arrives."""
-    from vfsearch import tracking
+    from vfsearch.adapters import tracking
 
     workdir = tmp_path / "mlflow"
     info = tracking.ensure_server(workdir, timeout=240)

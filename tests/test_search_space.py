@@ -7,10 +7,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from vfsearch.errors import UserError
-from vfsearch.search_space import load_space
+from vfsearch.core.errors import UserError
+from vfsearch.adapters.search_space import load_space
 
-SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+SPACES = sorted((Path(__file__).resolve().parents[1] / "vfsearch" / "search_spaces").glob("*.yaml"))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -32,7 +32,7 @@ def test_space_samples_valid_configs(path):
 
 
 def test_conditional_parameter_only_sampled_when_enabled():
-    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
+    space = load_space(Path(__file__).resolve().parents[1] / "vfsearch" / "search_spaces" / "default.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {True: 0, False: 0}
     for _ in range(30):
@@ -103,14 +103,14 @@ def test_startup_trials_reach_the_space(tmp_path):
 
 
 def test_multi_objective_space():
-    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "pareto.yaml")
+    space = load_space(Path(__file__).resolve().parents[1] / "vfsearch" / "search_spaces" / "pareto.yaml")
     assert space.multi_objective
     assert space.objectives == (("val_dice3d", "max"), ("model_params", "min"))
     assert (space.metric, space.mode) == ("val_dice3d", "max")  # the first one ranks
 
 
 def test_pareto_front():
-    from vfsearch.tune import pareto_front
+    from vfsearch.pipelines.tune import pareto_front
 
     objectives = (("val_dice3d", "max"), ("model_params", "min"))
     rows = [{"val_dice3d": 0.8, "model_params": 100},   # best Dice: front

@@ -1,5 +1,5 @@
-"""Pure step functions (vfsearch.steps), summable metrics (vfsearch.metrics) and the
-schedule / checkpoint helpers of vfsearch.train: no Ray, tiny real models."""
+"""Pure step functions (vfsearch.core.steps), summable metrics (vfsearch.core.metrics) and the
+schedule / checkpoint helpers of vfsearch.pipelines.train: no Ray, tiny real models."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vfsearch.config import TrainConfig, load_config
-from vfsearch.errors import UserError
-from vfsearch.losses import build_loss, gan_d_loss
-from vfsearch.metrics import confusion_counts, scores
-from vfsearch.models.discriminator import DISC_NORMS, PatchDiscriminator
-from vfsearch.steps import eval_step, gan_step, seg_step
-from vfsearch.train import build_models, optimizer_digest, warmup_cosine
+from vfsearch.core.config import TrainConfig, load_config
+from vfsearch.core.errors import UserError
+from vfsearch.core.losses import build_loss, gan_d_loss
+from vfsearch.core.metrics import confusion_counts, scores
+from vfsearch.core.models.discriminator import DISC_NORMS, PatchDiscriminator
+from vfsearch.core.steps import eval_step, gan_step, seg_step
+from vfsearch.pipelines.train import build_models, optimizer_digest, warmup_cosine
 
 torch.set_num_threads(1)
 

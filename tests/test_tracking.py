@@ -1,4 +1,4 @@
-"""The MLflow adapter (vfsearch.tracking): embedded server lifecycle, URI resolution, logging
+"""The MLflow adapter (vfsearch.adapters.tracking): embedded server lifecycle, URI resolution, logging
 over HTTP, retries; and the ``train`` / ``ui`` commands' parsing."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from vfsearch import tracking
+from vfsearch.adapters import tracking
 from vfsearch.cli import app
-from vfsearch.errors import UserError
+from vfsearch.core.errors import UserError
 
 
 def test_env_uri_wins_and_file_stores_are_refused(monkeypatch, tmp_path):

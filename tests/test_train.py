@@ -1,4 +1,4 @@
-"""Training on Ray Train V2 (vfsearch.train) against a real local Ray, a real MLflow server,
+"""Training on Ray Train V2 (vfsearch.pipelines.train) against a real local Ray, a real MLflow server,
 a real phantom Zarr store, the real WindowDataset and the real models.
 
 Each trainer run costs ~15-25 s of Ray start-up on a 2-core box, so the runs are few and
@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from vfsearch.config import load_config
-from vfsearch.train import build_models, optimizer_digest, run_training
+from vfsearch.core.config import load_config
+from vfsearch.pipelines.train import build_models, optimizer_digest, run_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,7 +101,7 @@ def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_pa
     all-reduced counts and Dice must agree, and TP+FN must be every positive val pixel."""
     from torch.utils.data import DataLoader
 
-    from vfsearch.data.dataset import WindowDataset
+    from vfsearch.adapters.dataset import WindowDataset
 
     cfg = load_config(None, TINY + ["train.epochs=1", "train.lr=0",
                                     "train.max_windows_per_epoch=8"])

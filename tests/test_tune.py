@@ -16,7 +16,7 @@ from sweeps import write_space
 from typer.testing import CliRunner
 
 from vfsearch.cli import app
-from vfsearch.tune import EXPERIMENT, STATUS_TAG, driver_resources, max_concurrent_trials
+from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, driver_resources, max_concurrent_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     """3 trials, 2 epochs, two trials at once (so two children log side by side)."""
-    from vfsearch.tune import tune
+    from vfsearch.pipelines.tune import tune
 
     tmp = tmp_path_factory.mktemp("smoke_sweep")
     space = _space(tmp, epochs=2, grace=2, params="  model.temporal: "
@@ -114,7 +114,7 @@ def test_asha_stops_a_bad_trial_and_the_next_still_runs(tmp_path, small_store, m
     """A trial whose validation can never find a fracture (its validation threshold is out
     of the model's reach) is stopped at the first rung; the trial after it still gets the CPUs
     (Ray once leaked the resources of stopped Train V2 trials, ray-project/ray#54305)."""
-    from vfsearch.tune import tune
+    from vfsearch.pipelines.tune import tune
 
     space = _space(tmp_path, epochs=3, grace=1, params=(
         "  train.val_threshold: {type: categorical, choices: [0.000001, 0.999999]}"))
@@ -192,7 +192,7 @@ def test_multi_objective_sweep_tells_optuna_both_values(tmp_path, small_store, m
     names the Pareto front, every child logs the cost figures."""
     import optuna
 
-    from vfsearch.tune import pareto_front, tune
+    from vfsearch.pipelines.tune import pareto_front, tune
 
     space = _space(tmp_path, epochs=1, grace=1, params=(
         "  model.temporal: {type: categorical, choices: [none, lstm]}"))

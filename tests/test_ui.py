@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import pytest
 from typer.testing import CliRunner
 
-from vfsearch import tracking
+from vfsearch.adapters import tracking
 from vfsearch.cli import app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -105,7 +105,7 @@ def ui_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     """2 trials of 1 epoch, two sampled parameters; the study in the sweep's workdir."""
     from sweeps import write_space
 
-    from vfsearch.tune import tune
+    from vfsearch.pipelines.tune import tune
 
     tmp = tmp_path_factory.mktemp("ui_sweep")
     space = write_space(tmp, epochs=1, grace=1, params=(

@@ -1,4 +1,4 @@
-"""Pictures and meshes (`vfsearch.viz`, `vfsearch.mesh`, `vfsearch.visualize`).
+"""Pictures and meshes (`vfsearch.adapters.plots`, `vfsearch.adapters.meshes`, `vfsearch.pipelines.visualize`).
 
 A test double that "segments" the voxels the test CT marks as fracture (3000 HU) stands in for
 a model, so the heatmap must sit on the ground truth; its attention maps are the marked
@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vfsearch import mesh as meshes
-from vfsearch import viz
-from vfsearch.config import Config, DataConfig, ModelConfig
-from vfsearch.data import io
-from vfsearch.data.geometry import Geometry
-from vfsearch.predict import LoadedModel
+from vfsearch.adapters import meshes as meshes
+from vfsearch.adapters import plots as viz
+from vfsearch.core.config import Config, DataConfig, ModelConfig
+from vfsearch.adapters import volumes as io
+from vfsearch.core.geometry import Geometry
+from vfsearch.pipelines.predict import LoadedModel
 
 torch.set_num_threads(1)  # 2-core machine shared with other test runs
 
@@ -72,8 +72,8 @@ def _stand_in(spacing=SPACING) -> LoadedModel:
 def case(tmp_path_factory):
     """Canonical phantom arrays (a few vertebrae around the fracture) stored flipped in x and
     y (direction diag(-1, -1, 1)) with anisotropic spacing; fracture voxels marked 3000 HU."""
-    from vfsearch.data.geometry import to_canonical
-    from vfsearch.data.phantom import make_case
+    from vfsearch.core.geometry import to_canonical
+    from vfsearch.core.phantom import make_case
 
     ph = make_case(0, small=True)
     ct = to_canonical(ph.ct, ph.geometry)[0]
@@ -97,7 +97,7 @@ def case(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rendered(case, tmp_path_factory):
     """`visualize` of the case with the stand-in: every picture, mesh and the HTML view."""
-    from vfsearch.visualize import visualize
+    from vfsearch.pipelines.visualize import visualize
 
     out = tmp_path_factory.mktemp("viz_out")
     p = case["paths"]
@@ -108,7 +108,7 @@ def rendered(case, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def view(case):
-    from vfsearch.visualize import view_from_files
+    from vfsearch.pipelines.visualize import view_from_files
 
     p = case["paths"]
     return view_from_files(_stand_in(), p["ct"], p["vertebrae"], fracture=p["fracture"])
@@ -212,7 +212,7 @@ def test_every_picture_written_at_its_stated_size(rendered, monkeypatch):
 
 @pytest.mark.integration
 def test_hottest_region_lies_inside_the_true_fracture(view):
-    from vfsearch.visualize import _heat_row, findings
+    from vfsearch.pipelines.visualize import _heat_row, findings
 
     found = findings(view)
     assert found
@@ -332,7 +332,7 @@ def test_label_surfaces_one_component_per_piece(tmp_path):
 def test_cli_headless_with_a_real_checkpoint(case, tmp_path):
     """A real (untrained) Attention U-Net checkpoint through `vfsearch visualize`, with no
     display and an interactive backend requested: pictures still come out (Agg)."""
-    from vfsearch.models import build_model
+    from vfsearch.core.models import build_model
 
     config = Config(model=ModelConfig(depth=3, base_channels=4, temporal="lstm"),
                     data=DataConfig(seq_len=3, plane="sagittal", patch_size=32))
@@ -379,8 +379,8 @@ def test_cli_needs_a_ct_or_a_run(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_curves_and_sweep_plots_from_mlflow(mlflow_server, tmp_path):
-    from vfsearch.tracking import Tracker
-    from vfsearch.visualize import curve_pictures, log_curves, run_history, sweep_data
+    from vfsearch.adapters.tracking import Tracker
+    from vfsearch.pipelines.visualize import curve_pictures, log_curves, run_history, sweep_data
 
     tracker = Tracker(mlflow_server)
     parent = tracker.start_run("viz-test", "sweep")
@@ -413,9 +413,9 @@ def test_curves_and_sweep_plots_from_mlflow(mlflow_server, tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_log_visualisations_of_a_store_case(mlflow_server, small_store):
-    from vfsearch.data.store import Store
-    from vfsearch.tracking import Tracker
-    from vfsearch.visualize import log_visualisations, pick_case
+    from vfsearch.adapters.store import Store
+    from vfsearch.adapters.tracking import Tracker
+    from vfsearch.pipelines.visualize import log_visualisations, pick_case
 
     tracker = Tracker(mlflow_server)
     run = tracker.start_run("viz-test", "trial-best")

@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vfsearch import progress
-from vfsearch.errors import UserError
+from vfsearch.adapters import progress
+from vfsearch.core.errors import UserError
 
 app = typer.Typer(
     name="vfsearch",
@@ -77,7 +77,7 @@ def synth(
     real scans instead (N --variants per scan, manifest with a subject column); a vertebra
     cut by the scan's edge is never fractured.
     """
-    from vfsearch.data import synth as synth_mod
+    from vfsearch.pipelines import synth as synth_mod
 
     with _errors():
         if background is None and vertebrae is None and (
@@ -120,7 +120,7 @@ def ingest(
     margin and stores int16 HU and uint8 masks with the geometry to map back to the scanner.
     Re-running skips finished cases; an interrupted case is redone.
     """
-    from vfsearch.data import ingest as ingest_mod
+    from vfsearch.pipelines import ingest as ingest_mod
 
     with _errors():
         summary = ingest_mod.ingest(
@@ -140,10 +140,10 @@ def demo(
 ) -> None:
     """Run the main job on embedded defaults: synthetic data, local Ray, local MLflow.
 
-    synth -> ingest -> tune (search_spaces/demo.yaml) -> export -> evaluate on the held-out
+    synth -> ingest -> tune (the packaged space demo) -> export -> evaluate on the held-out
     test cases -> predict and picture a fractured case, in --workdir.
     """
-    from vfsearch.demo import run_demo
+    from vfsearch.pipelines.demo import run_demo
 
     with _errors():
         run_demo(workdir, cases=cases, trials=trials, seed=seed, echo=typer.echo)
@@ -179,8 +179,8 @@ def train(
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded server of --workdir
     (started once and reused; see `vfsearch ui`).
     """
-    from vfsearch.config import load_config
-    from vfsearch.train import train as train_fn
+    from vfsearch.core.config import load_config
+    from vfsearch.pipelines.train import train as train_fn
 
     with _errors():
         overrides = list(set_ or [])
@@ -214,7 +214,7 @@ def ui(
     The dashboard shows the Optuna studies of --workdir (optuna.db). Both run detached and
     are found again by later commands; --stop stops both (their data stays).
     """
-    from vfsearch import report as report_mod
+    from vfsearch.pipelines import report as report_mod
 
     with _errors():
         if stop:
@@ -239,7 +239,7 @@ def report(
     the best trial's curves, heatmaps, attention maps and 3D rendering, and the promotion
     decision. Also logged on the sweep's MLflow parent run (report/).
     """
-    from vfsearch import report as report_mod
+    from vfsearch.pipelines import report as report_mod
 
     with _errors():
         summary = report_mod.write_report(sweep, out, workdir=workdir)
@@ -270,7 +270,7 @@ def predict(
     Slicer: a named segment per vertebra and a red "fracture") and vertebrae.json (score and
     fracture volume per vertebra) in --out, on the CT's own grid.
     """
-    from vfsearch import predict as predict_mod
+    from vfsearch.pipelines import predict as predict_mod
 
     with _errors():
         summary = predict_mod.predict(model, ct, vertebrae, out, label_scheme=label_scheme,
@@ -306,7 +306,7 @@ def evaluate(
     ROC-AUC, sensitivity, specificity) and bootstrap 95% intervals. Writes metrics.json and
     per_vertebra.csv; logs to the MLflow run when --model is a run id.
     """
-    from vfsearch import evaluate as evaluate_mod
+    from vfsearch.pipelines import evaluate as evaluate_mod
 
     with _errors():
         report = evaluate_mod.evaluate(model, store, split=split, out=out, threshold=threshold,
@@ -318,8 +318,8 @@ def evaluate(
 @app.command()
 def tune(
     store: Annotated[Path, typer.Option("--store", help="Zarr store written by ingest.")],
-    space: Annotated[Path, typer.Option("--space", help="Search space YAML, e.g. "
-                                        "search_spaces/smoke.yaml (schema in the README).")],
+    space: Annotated[Path, typer.Option("--space", help="Search space: "
+                                        "a packaged space name (default, real, demo, ...) or a YAML path (schema in the README).")],
     num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
     address: Annotated[Optional[str], typer.Option(
         help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
@@ -351,7 +351,7 @@ def tune(
     Each trial trains one model with Ray Train and ends with the fused 3D validation Dice
     (val_dice3d), which Optuna optimises; ASHA stops weak trials on the per-epoch Dice.
     """
-    from vfsearch.tune import tune as run_tune
+    from vfsearch.pipelines.tune import tune as run_tune
 
     with _errors():
         summary = run_tune(store, space, num_samples=num_samples, address=address,
@@ -399,7 +399,7 @@ def visualize(
     and fracture surfaces as STL/PLY for 3D Slicer and a 4-view rendering (render_3d.png);
     with --run, training / sweep curves from MLflow.
     """
-    from vfsearch import visualize as visualize_mod
+    from vfsearch.pipelines import visualize as visualize_mod
 
     with _errors():
         summary = visualize_mod.visualize(
@@ -455,7 +455,7 @@ def export(
     champion, and write a self-contained bundle to --out. Re-exporting a run is idempotent.
     With --top-k K the K best runs become one ensemble, judged by its own validation Dice.
     """
-    from vfsearch.export import export as export_fn
+    from vfsearch.pipelines.export import export as export_fn
 
     with _errors():
         summary = export_fn(sweep=sweep, experiment=experiment, run=run, metric=metric,
