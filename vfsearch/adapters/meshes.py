@@ -16,9 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-from vfsearch.core.geometry import Geometry
 from vfsearch.adapters.files import atomic_path
+from vfsearch.adapters.lazy import importer
+from vfsearch.core.geometry import Geometry
+
+_measure = importer("skimage.measure")
 
 
 @dataclass
@@ -51,8 +57,6 @@ def surface(mask: np.ndarray, geometry: Geometry, *, smooth_mm: float = 1.0, ste
     thick-slice axis less); 0 gives the voxel staircase. ``step``: marching-cubes step in
     voxels (coarser meshes for rendering). Empty masks give an empty mesh.
     """
-    from scipy import ndimage
-    from skimage.measure import marching_cubes
 
     m = np.pad(np.asarray(mask, dtype=np.float32), 1)
     if not m.any():
@@ -62,7 +66,7 @@ def surface(mask: np.ndarray, geometry: Geometry, *, smooth_mm: float = 1.0, ste
         m = ndimage.gaussian_filter(m, sigma, mode="constant")
     if m.max() <= level:
         return Mesh.empty()
-    verts, faces, _, _ = marching_cubes(m, level=level, step_size=max(int(step), 1),
+    verts, faces, _, _ = _measure().marching_cubes(m, level=level, step_size=max(int(step), 1),
                                         allow_degenerate=False)
     verts = verts - 1.0 + np.asarray(offset_zyx, dtype=np.float64)  # (n, zyx) in the volume
     return Mesh(geometry.zyx_to_physical(verts).astype(np.float32), faces.astype(np.int32),
@@ -76,8 +80,6 @@ def label_surfaces(labels: np.ndarray, geometry: Geometry, *, ids: Sequence[int]
     Each label is meshed on its own bounding box with its cavities filled, so touching
     vertebrae stay separate surfaces and hidden inner walls add no triangles.
     """
-    from scipy import ndimage
-
     labels = np.asarray(labels)
     objects = ndimage.find_objects(labels.astype(np.int64))
     ids = [int(v) for v in (ids if ids is not None else np.unique(labels)) if v != 0]
@@ -100,8 +102,6 @@ def probability_surface(prob: np.ndarray, geometry: Geometry, threshold: float, 
     regions), with per-vertex ``values`` = the highest probability within ``peak_mm`` of the
     vertex: the surface itself sits at the threshold everywhere, so colouring by the nearby
     peak is what shows how sure the model is of each region."""
-    from scipy import ndimage
-
     prob = np.asarray(prob, dtype=np.float32)
     fg = prob >= threshold
     if not fg.any():
@@ -136,9 +136,6 @@ def concat(meshes: Sequence[Mesh]) -> Mesh:
 def components(faces: np.ndarray, n_vertices: int) -> int:
     """Connected components of a triangle mesh (vertices joined by edges; unused vertices
     are not counted)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     faces = np.asarray(faces, dtype=np.int64)
     if not len(faces):
         return 0

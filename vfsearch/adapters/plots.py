@@ -19,14 +19,18 @@ pixel size (``size`` = (width, height)); `png_size` reads it back.
 
 from __future__ import annotations
 
+import importlib
 import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from vfsearch.adapters.lazy import importer
 
 BONE_WINDOW = (400.0, 1800.0)  # level, width (HU): -500 .. 1300 HU
 DPI = 100
@@ -42,14 +46,18 @@ VIEWS_3D: tuple[tuple[str, float, float], ...] = (
 PLANES = ("sagittal", "axial", "coronal")
 
 
-def _plt():
+_matplotlib = importer("matplotlib", setup=lambda m: m.use("Agg", force=True))
+
+
+def _plt() -> ModuleType:
     """pyplot on the headless Agg backend (whatever the environment asks for)."""
-    import matplotlib
+    return _submodule("pyplot")
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    return plt
+def _submodule(name: str) -> ModuleType:
+    """``matplotlib.<name>``, with the Agg backend chosen before anything draws."""
+    _matplotlib()
+    return importlib.import_module(f"matplotlib.{name}")
 
 
 def png_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -181,7 +189,7 @@ def montage(rows: Sequence[Sequence[Panel]], path: str | os.PathLike, *, title: 
     """A grid of panels: CT in the bone ``window`` (level, width HU), the overlay in ``cmap``
     over [0, 1] (values below ``floor`` transparent) with one colour bar, the ground-truth
     contour in cyan. ``size`` defaults to `montage_size`. Returns the PNG path."""
-    from matplotlib import cm, colors
+    cm, colors = _submodule("cm"), _submodule("colors")
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     size = size or montage_size(n_rows, n_cols)
@@ -253,7 +261,8 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
     -90 looking from the front. Flat shading with a light at the camera; one matplotlib
     collection per view, depth-sorted per face. ``colorbar``: (label, vmin, vmax, cmap).
     """
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    _matplotlib()
+    art3d = importlib.import_module("mpl_toolkits.mplot3d.art3d")
 
     size = size or (len(views) * 380, 460)
     plt, fig = _figure(size)
@@ -275,7 +284,7 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
         rgba = np.asarray(face_rgba, np.float64).copy()
         rgba[:, :3] *= shade[:, None]
         if len(tri):
-            ax.add_collection3d(Poly3DCollection(tri, facecolors=rgba, edgecolors="none",
+            ax.add_collection3d(art3d.Poly3DCollection(tri, facecolors=rgba, edgecolors="none",
                                                  linewidths=0.0))
         ax.set_xlim(centre[0] - half[0], centre[0] + half[0])
         ax.set_ylim(centre[1] - half[1], centre[1] + half[1])
@@ -286,8 +295,7 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
         ax.set_axis_off()
         ax.set_title(name, fontsize=9)
     if colorbar:
-        from matplotlib import cm, colors
-
+        cm, colors = _submodule("cm"), _submodule("colors")
         label, vmin, vmax, cmap = colorbar
         cax = fig.add_axes((0.91, 0.15, 0.02, 0.65))
         bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(vmin, vmax), cmap=cmap), cax=cax)

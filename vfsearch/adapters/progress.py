@@ -15,6 +15,10 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from vfsearch.adapters.lazy import importer
+
+_tqdm = importer("tqdm")
+
 ENV = "VFSEARCH_PROGRESS"
 
 
@@ -43,9 +47,7 @@ def bar(iterable: Iterable[Any] | None = None, desc: str = "", *, unit: str = "c
     Iterate it like ``iterable``, or without one call ``update(n)`` / ``set_postfix_str`` and
     ``close()`` (or use it as a context manager).
     """
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr,
+    return _tqdm().tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr,
                 disable=not enabled(), dynamic_ncols=True)
 
 

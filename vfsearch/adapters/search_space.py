@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vfsearch.core.config import Config, known_keys, with_overrides
 from vfsearch.core.errors import UserError
 
@@ -154,8 +156,6 @@ def resolve_space(path: str | Path) -> Path:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file, or a packaged space by name."""
-    import yaml
-
     p = resolve_space(path)
     src = str(p) if Path(path).is_file() else str(path)
     try:

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from vfsearch.core.geometry import Geometry
+from vfsearch.adapters.lazy import importer
 from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import Geometry
 
 FORMAT = 1
 ARRAYS = ("image", "fracture", "mask")
@@ -42,10 +43,7 @@ CHUNK_SLICES = 32
 PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
-def _zarr():
-    import zarr
-
-    return zarr
+_zarr = importer("zarr")
 
 
 class Store:

@@ -7,16 +7,23 @@ Every failure a user can cause becomes a one-line `UserError` naming the file.
 
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
+import re
+import struct
+import sys
+import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from vfsearch.core.geometry import Geometry
-from vfsearch.core.errors import UserError
 from vfsearch.adapters.files import atomic_path
+from vfsearch.adapters.lazy import importer
+from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import Geometry
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -33,11 +40,7 @@ class Volume:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
 
-def _sitk():
-    import SimpleITK as sitk
-
-    sitk.ProcessObject_SetGlobalWarningDisplay(False)
-    return sitk
+_sitk = importer("SimpleITK", setup=lambda m: m.ProcessObject_SetGlobalWarningDisplay(False))
 
 
 def set_threads(n: int) -> None:
@@ -103,8 +106,6 @@ def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
 
 def _check_nifti_complete(p: pathlib.Path, what: str) -> None:
     """Reject a truncated NIfTI file (ITK silently fills the missing voxels with zeros)."""
-    import struct
-    import zlib
 
     gz = p.name.lower().endswith(".gz")
     head = _nifti_read(p, what, 540)
@@ -124,7 +125,6 @@ def _check_nifti_complete(p: pathlib.Path, what: str) -> None:
         isize = struct.unpack("<I", f.read(4))[0]
     if isize == expected % 2**32:
         return
-    import gzip
 
     total = 0
     try:
@@ -138,8 +138,6 @@ def _check_nifti_complete(p: pathlib.Path, what: str) -> None:
 
 
 def _nifti_read(p: pathlib.Path, what: str, n: int = -1) -> bytes:
-    import gzip
-    import zlib
 
     try:
         with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")) as f:
@@ -150,7 +148,6 @@ def _nifti_read(p: pathlib.Path, what: str, n: int = -1) -> bytes:
 
 def _nifti_header(head: bytes) -> dict | None:
     """Dims, datatype, voxel offset and voxel bytes of a NIfTI-1/2 header (None: not NIfTI)."""
-    import struct
 
     for endian in "<>":
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
@@ -192,7 +189,6 @@ def _nifti_nan_mask(p: pathlib.Path, what: str, size: int) -> np.ndarray | None:
 
 def _first_line(exc: BaseException) -> str:
     """The useful part of an ITK exception, in one line and without the C++ source path."""
-    import re
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     lines = [re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", ln)
@@ -215,7 +211,6 @@ class _quiet_stderr:
     """
 
     def __enter__(self) -> None:
-        import sys
 
         try:
             sys.stderr.flush()
@@ -417,7 +412,6 @@ def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: G
     1.2.840.10008.1.2.4.90) through GDCM.
     """
     sitk = _sitk()
-    import time
 
     out = pathlib.Path(folder)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,1 +1,1 @@
-"""Layer 0: pure compute (numpy, scipy, torch; no I/O, no CLI words)."""
+"""Layer 0: pure compute on numpy, scipy and torch: no I/O, no CLI words, no heavy adapters."""

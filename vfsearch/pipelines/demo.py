@@ -16,13 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vfsearch.adapters.store import Store
+from vfsearch.core.labels import name
+from vfsearch.pipelines.evaluate import evaluate
+from vfsearch.pipelines.export import export
+from vfsearch.pipelines.ingest import ingest
+from vfsearch.pipelines.predict import predict
+from vfsearch.pipelines.synth import synth_dataset
+from vfsearch.pipelines.tune import tune
+from vfsearch.pipelines.visualize import visualize
+
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
 def _fractured_case(store: Any, split: str) -> tuple[str, str]:
     """A case of ``split`` with a fractured vertebra (the first by case id) and its name."""
-    from vfsearch.core.labels import name
-
     for cid in store.case_ids(split):
         for vid in store.vertebrae(cid):
             if int(store.vertebra_attrs(cid, vid).get("grade", 0) or 0) > 0:
@@ -36,15 +44,6 @@ def run_demo(workdir: Path = Path("demo_out"), *, cases: int = 12, trials: int =
              echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run every stage on a small phantom dataset; returns where each output landed and the
     champion's held-out figures."""
-    from vfsearch.pipelines.ingest import ingest
-    from vfsearch.adapters.store import Store
-    from vfsearch.pipelines.synth import synth_dataset
-    from vfsearch.pipelines.evaluate import evaluate
-    from vfsearch.pipelines.export import export
-    from vfsearch.pipelines.predict import predict
-    from vfsearch.pipelines.tune import tune
-    from vfsearch.pipelines.visualize import visualize
-
     t0 = time.perf_counter()
     workdir = Path(workdir)
     raw, store, mlruns = workdir / "synth", workdir / "store.zarr", workdir / "mlruns"

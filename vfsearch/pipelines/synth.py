@@ -65,7 +65,13 @@ from typing import Callable
 import numpy as np
 
 from vfsearch.adapters import progress
+from vfsearch.adapters.volumes import read_volume, write_volume
+from vfsearch.core import phantom
 from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import to_canonical
+from vfsearch.core.labels import SCHEMES, TARGET_IDS, name, to_verse, verse_id
+from vfsearch.core.phantom import MORPHOLOGIES, fully_imaged
+from vfsearch.pipelines.ingest import manifest_rows, read_verse_tree
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("case_id", "ct", "vertebrae", "fracture", "grades")
@@ -89,8 +95,6 @@ def synth_dataset(out: Path, *, cases: int, seed: int,
     ``spacing`` (x, y, z) mm or None for the default (0.8, 0.8, 2.0; ``small``: 2, 2, 2).
     ``out`` must be absent, empty or an earlier synth output (which is replaced).
     """
-    from vfsearch.core import phantom
-
     out = Path(out)
     if cases < 1:
         raise UserError(f"--cases: must be at least 1, got {cases}")
@@ -129,9 +133,6 @@ def parse_fracture_spec(spec: str) -> dict[int, tuple[int, str]]:
 
     Grade defaults to 2 and morphology to wedge when left out.
     """
-    from vfsearch.core.labels import verse_id
-    from vfsearch.core.phantom import MORPHOLOGIES
-
     out: dict[int, tuple[int, str]] = {}
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -192,9 +193,6 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
     (size, spacing, origin, direction) and the CT keeps its pixel type. ``warn`` receives
     warning lines (default: ``warning: ...`` on stderr). Returns a one-line summary.
     """
-    from vfsearch.core import phantom
-    from vfsearch.core.labels import SCHEMES, name
-
     warn = warn or _warn
     if background is None:
         raise UserError("--background: required with --vertebrae")
@@ -307,8 +305,6 @@ def draw_fractures(rng: np.random.Generator,
     None with probability `NO_FRACTURE_SHARE`, else 1..`MAX_FRACTURED` distinct vertebrae,
     each ``(grade 1-3, morphology)`` drawn uniformly.
     """
-    from vfsearch.core.phantom import MORPHOLOGIES
-
     if not complete or rng.random() < NO_FRACTURE_SHARE:
         return {}
     n = int(rng.integers(1, min(MAX_FRACTURED, len(complete)) + 1))
@@ -351,9 +347,6 @@ _SCHEME_TAGS = {"verse": "verse", "totalseg": "totalsegmentator",
 
 
 def _scans_from_manifest(path: Path, label_scheme: str) -> list[Scan]:
-    from vfsearch.pipelines.ingest import manifest_rows
-    from vfsearch.core.labels import SCHEMES
-
     scans = []
     for line, sid, cell in manifest_rows(path):
         where = f"{path} line {line}"
@@ -398,8 +391,6 @@ def _scans_from_folder(root: Path, label_scheme: str) -> list[Scan]:
 
 
 def _scans_from_verse_tree(root: Path, label_scheme: str) -> list[Scan]:
-    from vfsearch.pipelines.ingest import read_verse_tree
-
     return [Scan(s.case_id, Path(s.ct), Path(s.vertebrae), label_scheme, s.subject, s.origin)
             for s in read_verse_tree(root)]
 
@@ -413,10 +404,6 @@ class _Background:
 
 
 def _read_scan(scan: Scan) -> _Background:
-    from vfsearch.core.geometry import to_canonical
-    from vfsearch.adapters.volumes import read_volume
-    from vfsearch.core.labels import TARGET_IDS, to_verse
-
     ct = read_volume(scan.ct, what="CT")
     lab = read_volume(scan.vertebrae, what="vertebra labels")
     if ct.shape != lab.shape or not ct.geometry.same_space(lab.geometry, ct.shape, lab.shape):
@@ -435,8 +422,6 @@ def _read_scan(scan: Scan) -> _Background:
 
 
 def _check_targets(scan: Scan, bg: _Background, targets: dict[int, tuple[int, str]]) -> None:
-    from vfsearch.core.labels import name
-
     for vid in targets:
         if vid not in bg.present:
             raise UserError(f"--fracture: {name(vid)} ({vid}) is not in {scan.vertebrae} "
@@ -451,10 +436,6 @@ def _check_targets(scan: Scan, bg: _Background, targets: dict[int, tuple[int, st
 
 def _per_vertebra(res, bg: _Background) -> dict[str, dict]:
     """meta.json entries for every labelled vertebra of a simulated case."""
-    from vfsearch.core import phantom
-    from vfsearch.core.geometry import to_canonical
-    from vfsearch.core.labels import name
-
     _, geom_c, ro = to_canonical(res.vertebrae, bg.ct.geometry)
     sp_zyx = tuple(geom_c.spacing[::-1])
     new_c = ro.apply(res.vertebrae)
@@ -489,8 +470,6 @@ def _complete(mask: np.ndarray) -> bool:
     ``mask`` must be in canonical orientation: axis 0 is then z, the axis body heights are
     measured along (`phantom.fully_imaged`, which `simulate_fractures` also enforces).
     """
-    from vfsearch.core.phantom import fully_imaged
-
     return fully_imaged(mask)
 
 
@@ -557,8 +536,6 @@ def _check_out(out: Path) -> None:
 def _write_case(out: Path, cid: str, ct: np.ndarray, vertebrae: np.ndarray,
                 fracture: np.ndarray, geometry, meta: dict) -> Path:
     """Write one case folder under a temporary name, then rename it into place."""
-    from vfsearch.adapters.volumes import write_volume
-
     tmp = out / f"{_TMP_PREFIX}{cid}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
