@@ -10,8 +10,16 @@ sample and cut the window). All three go through the same `WindowDataset` proces
 fitting, normalisation, optional augmentation); only `_read_window`, the dataset's I/O seam,
 differs. Single process, ``torch.set_num_threads(1)``, windows in one shuffled order.
 
-Goal: Zarr >= 0.5x the memmap rate and >= 20x the NIfTI rate (augmentation off). The last
-line is ``RESULT zarr_vs_memmap=<ratio> zarr_vs_nifti=<ratio> zarr_windows_per_s=<rate> ...``.
+Goal: Zarr >= 0.5x the memmap rate and >= 20x the NIfTI rate (augmentation off).
+
+Data larger than the cache. A second store holds at least 10x the per-process crop cache
+(``--large-cases`` direct synthetic cases, cache ``--large-cache-mb``). Over it, the
+product's sampler (`WindowDataset.epoch_order`: vertebrae shuffled, a few open at a time)
+is timed against a global shuffle with the same cache and against the memmap in the same
+order. Goal: ``zarr_vs_memmap_large >= 0.5``.
+
+The last line is ``RESULT zarr_vs_memmap=<ratio> zarr_vs_nifti=<ratio> ...
+zarr_vs_memmap_large=<ratio> local_vs_shuffle_large=<ratio> ...``.
 """
 
 from __future__ import annotations
@@ -174,6 +182,57 @@ class NiftiWindows(WindowDataset):
         return out[0], out[1]
 
 
+# -- data larger than the cache ----------------------------------------------------------
+
+def large_run(work: Path, *, cases: int, size: int, cache_mb: float, open_vertebrae: int,
+              shuffle_windows: int, seed: int) -> dict[str, float]:
+    """Zarr through the product's sampler vs a global shuffle vs the memmap, on a store of
+    at least 10x the cache (more cases are added until it is)."""
+    path = work / "large.zarr"
+    if path.exists():
+        shutil.rmtree(path)
+    cache = int(cache_mb * 2**20)
+    t0 = time.perf_counter()
+    write_direct_store(path, cases, size, seed + 1)
+    data = DataConfig(seq_len=5, plane="sagittal", patch_size=128, augment=0.0)
+    probe = WindowDataset(path, None, data, cache_bytes=cache)
+    n = len(probe)
+    decoded = sum(probe._crop_bytes(k) for k in range(len(probe.items)))
+    largest = max(probe._crop_bytes(k) for k in range(len(probe.items)))
+    print(f"\nlarge store ({time.perf_counter() - t0:.1f} s): {len(probe.items)} crops, {n} "
+          f"windows, {decoded / 2**20:.0f} MiB decoded = {decoded / cache:.1f}x the "
+          f"{cache_mb:g} MiB cache (holds ~{cache // largest} of the largest crops; "
+          f"{open_vertebrae} open)")
+    if decoded < 10 * cache:
+        raise SystemExit(f"--large-cases {cases}: the store is only {decoded / cache:.1f}x "
+                         "the cache; give more cases or a smaller --large-cache-mb")
+    mm_folder = work / "mm_large"
+    mm_folder.mkdir(exist_ok=True)
+    MemmapWindows(path, None, data).write(mm_folder)
+    local = np.asarray(probe.epoch_order(n, 0, open_vertebrae=open_vertebrae))
+    # an epoch of an eighth of the windows (as `train.windows_per_epoch` often asks): each
+    # vertebra then gives fewer windows per decode
+    eighth = np.asarray(probe.epoch_order(n // 8, 0, open_vertebrae=open_vertebrae))
+    shuffled = np.random.default_rng(seed).permutation(n)[:shuffle_windows]
+    out: dict[str, float] = {}
+    for name, cls, order in (("zarr_local", WindowDataset, local),
+                             ("memmap_local", MemmapWindows, local),
+                             ("zarr_local_eighth", WindowDataset, eighth),
+                             ("zarr_shuffle", WindowDataset, shuffled)):
+        ds = cls(path, None, data, cache_bytes=cache)
+        if cls is MemmapWindows:
+            ds.folder = mm_folder
+        len(ds)
+        out[name], _ = rate(ds, order)
+        print(f"  {name:<14}{out[name]:>9.0f} windows/s over {len(order)} windows")
+    return {"zarr_vs_memmap_large": out["zarr_local"] / out["memmap_local"],
+            "local_vs_shuffle_large": out["zarr_local"] / out["zarr_shuffle"],
+            "zarr_vs_memmap_large_eighth": out["zarr_local_eighth"] / out["memmap_local"],
+            "zarr_large_windows_per_s": out["zarr_local"],
+            "zarr_shuffle_large_windows_per_s": out["zarr_shuffle"],
+            "large_vs_cache": decoded / cache}
+
+
 # -- timing -------------------------------------------------------------------------------
 
 def rate(ds: WindowDataset, order: np.ndarray) -> tuple[float, float]:
@@ -210,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-slices", type=int, default=0,
                         help="what-if: slices per Zarr chunk instead of the store's "
                         "CHUNK_SLICES (e.g. 1000: one chunk per crop)")
+    parser.add_argument("--large-cases", type=int, default=9,
+                        help="direct synthetic cases of the store larger than the cache")
+    parser.add_argument("--large-cache-mb", type=float, default=24.0,
+                        help="per-process crop cache of the large run (the store must be "
+                        ">= 10x it)")
+    parser.add_argument("--open-vertebrae", type=int, default=8,
+                        help="vertebrae open at a time in the product's sampler")
+    parser.add_argument("--shuffle-windows", type=int, default=1500,
+                        help="windows timed under a global shuffle in the large run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -303,8 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             "zarr_windows_per_cpu_s": cpu_results["zarr"],
             "load_average": load,
         }
+        ratios.update(large_run(work, cases=args.large_cases, size=args.size,
+                                cache_mb=args.large_cache_mb,
+                                open_vertebrae=args.open_vertebrae,
+                                shuffle_windows=args.shuffle_windows, seed=args.seed))
         print(f"\nzarr / memmap = {ratios['zarr_vs_memmap']:.2f} (goal >= 0.5), "
-              f"zarr / nifti = {ratios['zarr_vs_nifti']:.1f} (goal >= 20)")
+              f"zarr / nifti = {ratios['zarr_vs_nifti']:.1f} (goal >= 20); data "
+              f"{ratios['large_vs_cache']:.0f}x the cache: zarr / memmap = "
+              f"{ratios['zarr_vs_memmap_large']:.2f} (goal >= 0.5), product sampler / global "
+              f"shuffle = {ratios['local_vs_shuffle_large']:.1f}x")
         print("RESULT " + " ".join(
             f"{k}={v:.3f}" if "vs" in k else f"{k}={v:.1f}" for k, v in ratios.items()))
     finally:

@@ -12,7 +12,7 @@ import torch
 
 from vfsearch.core.config import Config, DataConfig, with_overrides
 from vfsearch.core import windows as W
-from vfsearch.adapters.dataset import WindowDataset
+from vfsearch.adapters.dataset import EpochSampler, WindowDataset
 from vfsearch.adapters.store import PLANE_AXIS, Store, hu_histogram
 from vfsearch.core.errors import UserError
 
@@ -418,3 +418,35 @@ def test_phantom_through_ingest_into_windows(tmp_path):
     assert np.array_equal(item["target"].numpy(), expect_tgt) and expect_tgt.sum() > 0
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=ds.sampler(3.0))))
     assert batch["image"].shape == (4, 5, 64, 64) and batch["target"].shape == (4, 1, 64, 64)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_epoch_order_feeds_persistent_workers_fresh_augmentation(phantom_store):
+    """The product's sampler over a real store: repeats of a window are augmented afresh,
+    the next epoch differs without set_epoch reaching the (persistent) workers, and a plain
+    index still reads the same window."""
+    data = DataConfig(seq_len=5, plane="sagittal", patch_size=32, augment=1.0,
+                      oversample_fracture=4.0)
+    ds = WindowDataset(phantom_store, "train", data, augment=True, seed=1)
+    n = len(ds)
+    order = ds.epoch_order(3 * n, epoch=1, open_vertebrae=2)
+    assert len(order) == 3 * n and min(order) >= n  # virtual indices
+    real = [v % n for v in order]
+    window = max(set(real), key=real.count)  # a window drawn more than once
+    repeats = [v for v in order if v % n == window]
+    assert len(repeats) > 1
+    images = [ds[v]["image"] for v in repeats]
+    assert not torch.equal(images[0], images[1])
+    assert ds[repeats[0]]["slice"] == ds[window]["slice"]  # same window, other augmentation
+    sampler = EpochSampler(ds, 16, open_vertebrae=2)
+    loader = torch.utils.data.DataLoader(_Indexed(ds), batch_size=8, num_workers=1,
+                                         persistent_workers=True, sampler=sampler)
+    sampler.set_epoch(1)
+    first = _collect(loader)
+    assert len(first) == len(sampler) == 16
+    sampler.set_epoch(2)  # the persistent worker is reused; nothing reaches its dataset copy
+    second = _collect(loader)
+    assert set(first).isdisjoint(second)  # the epoch is part of every index
+    for v, (img, _) in list(first.items())[:3]:
+        assert torch.equal(img, ds[v]["image"])

@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-from vfsearch.core.config import DataConfig
-from vfsearch.core import windows as W
 from vfsearch.adapters.store import Store
+from vfsearch.core import windows as W
+from vfsearch.core.config import DataConfig
 from vfsearch.core.errors import UserError
+from vfsearch.core.sampling import decode, epoch_order
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 
@@ -224,13 +226,16 @@ class WindowDataset(Dataset):
         return image, np.ascontiguousarray(fracture[idx - lo])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        # a virtual index from `epoch_order` carries its own augmentation key (epoch, draw)
+        index, key = decode(int(index), len(self))
         k, t = self.locate(index)
         image, fracture = self._read_window(k, t)
         if not self.data.target_all_slices:
             centre = self.data.seq_len // 2
             fracture = fracture[centre:centre + 1]
         strength = self.data.augment if self.augment else 0.0
-        rng = W.item_rng(self.seed, self.epoch, index) if strength > 0 else None
+        rng = (W.item_rng(self.seed, self.epoch if key is None else key, index)
+               if strength > 0 else None)
         img, tgt = W.make_window(image, fracture, self._fingerprint,
                                  patch_size=self.data.patch_size, rng=rng, strength=strength)
         case, vid = self.items[k]
@@ -302,6 +307,28 @@ class WindowDataset(Dataset):
         count = num_samples or -(-len(weights) // num_replicas)
         return WeightedRandomSampler(weights, count, replacement=True, generator=gen)
 
+    def epoch_order(self, count: int, epoch: int, *, rank: int = 0, world: int = 1,
+                    open_vertebrae: int = 8, oversample: float | None = None,
+                    seed: int | None = None) -> list[int]:
+        """This rank's windows for ``epoch``: ``count`` drawn over all ranks (weighted by
+        `sample_weights` when fracture oversampling is on, else uniformly without
+        replacement) in the locality-keeping order of `vfsearch.core.sampling.epoch_order`.
+
+        Pass the list as a DataLoader's ``sampler``. The items are virtual indices carrying
+        (epoch, draw): a repeated window is augmented afresh, and persistent loader workers
+        need no `set_epoch`.
+        """
+        extra = self.data.oversample_fracture if oversample is None else float(oversample)
+        weights = self.sample_weights(extra) if extra > 0 else None
+        order = epoch_order(self._offsets_array(), int(count), seed=self.seed if seed is None
+                            else int(seed), epoch=int(epoch), rank=rank, world=world,
+                            open_vertebrae=open_vertebrae, weights=weights)
+        return order.tolist()
+
+    def _offsets_array(self) -> np.ndarray:
+        self._ensure_index()
+        return self._offsets  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         n = "?" if self._items is None else len(self)
         return (f"WindowDataset({self.store.path!r}, split={self.split!r}, "
@@ -310,3 +337,31 @@ class WindowDataset(Dataset):
 
 
 __all__ = ["DEFAULT_CACHE_BYTES", "WindowDataset"]
+
+
+class EpochSampler(Sampler[int]):
+    """A DataLoader sampler over `WindowDataset.epoch_order`: call `set_epoch` before each
+    epoch (as with `DistributedSampler`); the loader, and its persistent workers, are kept.
+
+    Each rank gets ``ceil(count / world)`` windows per epoch; ranks draw the same epoch and
+    keep their own shard.
+    """
+
+    def __init__(self, dataset: WindowDataset, count: int, *, rank: int = 0, world: int = 1,
+                 open_vertebrae: int = 8, oversample: float | None = None) -> None:
+        self.dataset, self.count = dataset, int(count)
+        self.rank, self.world = int(rank), int(world)
+        self.open_vertebrae, self.oversample = int(open_vertebrae), oversample
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.dataset.epoch_order(
+            self.count, self.epoch, rank=self.rank, world=self.world,
+            open_vertebrae=self.open_vertebrae, oversample=self.oversample))
+
+    def __len__(self) -> int:
+        return -(-self.count // self.world)
+
