@@ -42,7 +42,9 @@ def all_windows(n_slices: int, seq_len: int, centres: Sequence[int] | None = Non
         raise ValueError(f"seq_len must be odd and >= 1, got {seq_len}")
     c = np.arange(n_slices) if centres is None else np.asarray(centres, dtype=np.int64)
     half = seq_len // 2
-    return np.clip(c[:, None] + np.arange(-half, half + 1)[None, :], 0, n_slices - 1)
+    windows: np.ndarray = np.clip(c[:, None] + np.arange(-half, half + 1)[None, :], 0,
+                                  n_slices - 1)
+    return windows
 
 
 # -- slices <-> volume ----------------------------------------------------------------------
@@ -197,7 +199,8 @@ def fuse_planes(maps: Sequence[np.ndarray]) -> np.ndarray:
     shapes = {m.shape for m in maps}
     if len(shapes) != 1:
         raise ValueError(f"per-plane maps differ in shape: {sorted(shapes)}")
-    return np.mean(np.stack(maps), axis=0).astype(np.float32)
+    fused: np.ndarray = np.mean(np.stack(maps), axis=0).astype(np.float32)
+    return fused
 
 
 class CaseAccumulator:
@@ -267,8 +270,9 @@ class CaseAccumulator:
 def _clip_box(offset: Sequence[int], shape: Sequence[int], bounds: Sequence[int]
               ) -> tuple[tuple[slice, ...] | None, tuple[slice, ...] | None]:
     """Source and destination slices of a box at ``offset`` clipped into ``bounds``."""
-    src, dst = [], []
-    for o, s, b in zip(offset, shape, bounds):
+    src: list[slice] = []
+    dst: list[slice] = []
+    for o, s, b in zip(offset, shape, bounds, strict=False):
         lo, hi = max(int(o), 0), min(int(o) + int(s), int(b))
         if hi <= lo:
             return None, None
@@ -307,7 +311,7 @@ def box_in_grid(src: Any, src_shape: Sequence[int], dst: Any, dst_shape: Sequenc
     hi = np.clip(hi, 0, np.asarray(dst_shape))
     if np.any(hi <= lo):
         return None
-    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+    return (int(lo[0]), int(lo[1]), int(lo[2])), (int(hi[0]), int(hi[1]), int(hi[2]))
 
 
 def nearest_label(labels: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
@@ -324,7 +328,8 @@ def nearest_label(labels: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarra
         return np.zeros_like(labels)
     idx = ndimage.distance_transform_edt(labels == 0, sampling=spacing_zyx,
                                          return_distances=False, return_indices=True)
-    return labels[tuple(idx)]
+    nearest: np.ndarray = labels[tuple(idx)]
+    return nearest
 
 
 __all__ = [

@@ -13,6 +13,7 @@ axis permutations and flips only, so no voxel is interpolated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,12 +37,14 @@ class Geometry:
     def index_to_physical(self, ijk_xyz: np.ndarray) -> np.ndarray:
         """Continuous index ``(..., 3)`` in **x, y, z** order to physical mm ``(..., 3)``."""
         ijk = np.asarray(ijk_xyz, dtype=np.float64)
-        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.matrix.T
+        out: np.ndarray = np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.matrix.T
+        return out
 
     def physical_to_index(self, points: np.ndarray) -> np.ndarray:
         """Physical mm ``(..., 3)`` to continuous index in **x, y, z** order."""
         rel = np.asarray(points, dtype=np.float64) - np.asarray(self.origin)
-        return (rel @ np.linalg.inv(self.matrix).T) / np.asarray(self.spacing)
+        out: np.ndarray = (rel @ np.linalg.inv(self.matrix).T) / np.asarray(self.spacing)
+        return out
 
     def zyx_to_physical(self, idx_zyx: np.ndarray) -> np.ndarray:
         """Array index ``(..., 3)`` in **z, y, x** order to physical mm (x, y, z)."""
@@ -52,12 +55,12 @@ class Geometry:
         origin = self.zyx_to_physical(np.asarray(offset_zyx, dtype=np.float64))
         return Geometry(self.spacing, tuple(origin), self.direction)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
         return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
 
     def same_space(self, other: Geometry, shape: tuple[int, ...], other_shape: tuple[int, ...],
@@ -118,12 +121,13 @@ class Reorientation:
                 out = np.flip(out, axis=n)
         return np.ascontiguousarray(np.transpose(out, np.argsort(self.axes)))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"axes": list(self.axes), "flips": list(self.flips)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Reorientation:
-        return cls(tuple(d["axes"]), tuple(bool(f) for f in d["flips"]))
+    def from_dict(cls, d: dict[str, Any]) -> Reorientation:
+        flips = cast("tuple[bool, bool, bool]", tuple(bool(f) for f in d["flips"]))
+        return cls(tuple(d["axes"]), flips)
 
 
 def canonical_reorientation(geom: Geometry) -> Reorientation:
@@ -137,9 +141,10 @@ def canonical_reorientation(geom: Geometry) -> Reorientation:
             phys_of_itk[int(itk)] = int(phys)
     itk_of_phys = {p: a for a, p in phys_of_itk.items()}
     # numpy axis n <-> itk axis 2 - n; new itk axis p takes old itk axis itk_of_phys[p].
-    axes = tuple(2 - itk_of_phys[2 - n] for n in range(3))
-    flips = tuple(bool(m[2 - n, itk_of_phys[2 - n]] < 0) for n in range(3))
-    return Reorientation(axes, flips)  # type: ignore[arg-type]
+    axes = cast("tuple[int, int, int]", tuple(2 - itk_of_phys[2 - n] for n in range(3)))
+    flips = cast("tuple[bool, bool, bool]",
+                 tuple(bool(m[2 - n, itk_of_phys[2 - n]] < 0) for n in range(3)))
+    return Reorientation(axes, flips)
 
 
 def to_canonical(array: np.ndarray, geom: Geometry) -> tuple[np.ndarray, Geometry, Reorientation]:
@@ -163,4 +168,5 @@ def to_canonical(array: np.ndarray, geom: Geometry) -> tuple[np.ndarray, Geometr
         new_sp[itk_new] = sp[itk_old]
         corner_old_zyx[old_n] = array.shape[old_n] - 1 if ro.flips[n] else 0
     origin = geom.zyx_to_physical(corner_old_zyx)
-    return new, Geometry(tuple(new_sp), tuple(origin), tuple(new_dir.ravel())), ro
+    spacing = (float(new_sp[0]), float(new_sp[1]), float(new_sp[2]))
+    return new, Geometry(spacing, tuple(origin), tuple(new_dir.ravel())), ro

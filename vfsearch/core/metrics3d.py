@@ -82,7 +82,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     pred_pos = (c[:, 0] + c[:, 1]) > 0
 
     def mean(key: str, where: np.ndarray) -> float:
-        vals = [p[key] for p, w in zip(per, where) if w]
+        vals = [p[key] for p, w in zip(per, where, strict=True) if w]
         return float(np.mean(vals)) if vals else float("nan")
 
     out["mean_dice"] = mean("dice", gt_pos)
@@ -143,7 +143,8 @@ def mean_dice(rows: Iterable[Mapping[str, Any]]) -> float:
 
 
 # -- detection ------------------------------------------------------------------------------
-def _check_scores(scores: Sequence[float], labels: Sequence[bool]) -> tuple[np.ndarray, ...]:
+def _check_scores(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).astype(bool).ravel()
     if s.shape != y.shape:
@@ -151,7 +152,8 @@ def _check_scores(scores: Sequence[float], labels: Sequence[bool]) -> tuple[np.n
     return s, y
 
 
-def average_precision(scores: Sequence[float], labels: Sequence[bool]) -> float:
+def average_precision(scores: Sequence[float] | np.ndarray,
+                      labels: Sequence[bool] | np.ndarray) -> float:
     """Area under the step-wise precision-recall curve: ``sum_k (R_k - R_{k-1}) P_k``.
 
     Thresholds at every distinct score (tied scores enter together), as sklearn's
@@ -172,7 +174,8 @@ def average_precision(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
+            ) -> float:
     """P(score of a random positive > that of a random negative), ties counting 1/2.
 
     Computed from average ranks (Mann-Whitney U). NaN without positives or negatives.
@@ -187,14 +190,14 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     # average rank (1-based) of each run of ties
     starts = np.r_[0, np.nonzero(np.diff(sorted_s))[0] + 1]
     ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends):
+    for a, b in zip(starts, ends, strict=True):
         ranks[order[a:b]] = (a + b + 1) / 2.0
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
 
-def detection(scores: Sequence[float], labels: Sequence[bool], threshold: float
-              ) -> dict[str, float]:
+def detection(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
+              threshold: float) -> dict[str, float]:
     """PR-AUC, ROC-AUC, sensitivity, specificity (score ``>= threshold`` is positive),
     prevalence and the numbers of positives and negatives. Undefined figures are NaN."""
     s, y = _check_scores(scores, labels)
@@ -301,7 +304,7 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing_zyx: Sequence[floa
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     idx = np.nonzero(mask)
     return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
-                 for i, n in zip(idx, mask.shape))
+                 for i, n in zip(idx, mask.shape, strict=True))
 
 
 __all__ = [

@@ -30,13 +30,15 @@ height ratio equals the planned one. Genant grades follow the height loss that w
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
+from vfsearch.core.errors import UserError
 from vfsearch.core.geometry import Geometry, to_canonical
 from vfsearch.core.labels import TARGET_IDS, name
-from vfsearch.core.errors import UserError
 
 DEFAULT_SPACING: tuple[float, float, float] = (0.8, 0.8, 2.0)  # x, y, z mm
 SMALL_SPACING: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -68,8 +70,8 @@ class PhantomCase:
     vertebrae: np.ndarray
     fracture: np.ndarray
     geometry: Geometry
-    meta: dict[int, dict]
-    info: dict = field(default_factory=dict)
+    meta: dict[int, dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +206,8 @@ def _segment_sd(x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple
 def _phi(x: np.ndarray) -> np.ndarray:
     from scipy.special import ndtr
 
-    return ndtr(x).astype(np.float32)
+    out: np.ndarray = ndtr(x).astype(np.float32)
+    return out
 
 
 class _Grid:
@@ -220,16 +223,17 @@ class _Grid:
 
     def box(self, zr: tuple[float, float], yr: tuple[float, float],
             xr: tuple[float, float]) -> tuple[slice, slice, slice] | None:
-        out = []
-        for axis, (lo, hi) in zip((self.z, self.y, self.x), (zr, yr, xr)):
+        out: list[slice] = []
+        for axis, (lo, hi) in zip((self.z, self.y, self.x), (zr, yr, xr), strict=True):
             i0 = int(np.searchsorted(axis, lo, side="left"))
             i1 = int(np.searchsorted(axis, hi, side="right"))
             if i1 <= i0:
                 return None
             out.append(slice(i0, i1))
-        return tuple(out)  # type: ignore[return-value]
+        return out[0], out[1], out[2]
 
-    def coords(self, sl: tuple[slice, slice, slice]):
+    def coords(self, sl: tuple[slice, slice, slice]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (self.z[sl[0]][:, None, None], self.y[sl[1]][None, :, None],
                 self.x[sl[2]][None, None, :])
 
@@ -243,7 +247,8 @@ class _Bone:
         self.inner = np.zeros(shape, dtype=np.float32)
         self.label = np.zeros(shape, dtype=np.uint8)
 
-    def add(self, sl, d: np.ndarray, s: np.ndarray, inner: np.ndarray | float, label: int) -> None:
+    def add(self, sl: tuple[slice, slice, slice], d: np.ndarray, s: np.ndarray,
+            inner: np.ndarray | float, label: int) -> None:
         d = np.broadcast_to(d, self.d[sl].shape)
         upd = d > self.d[sl]
         self.d[sl][upd] = d[upd]
@@ -436,7 +441,7 @@ def make_case(seed: int | np.random.Generator, *,
 
     # ---- meta: heights measured on the label map, as a reader of the files would
     spacing_zyx = (sz, sy, sx)
-    meta: dict[int, dict] = {}
+    meta: dict[int, dict[str, Any]] = {}
     for v in TARGET_IDS:
         vt = verts[v]
         h = measure_heights(labels, v, spacing_zyx)
@@ -473,7 +478,9 @@ def _spinous(vt: _Vertebra) -> tuple[tuple[float, float], tuple[float, float]]:
     return base, tip
 
 
-def _add_lungs(ct, grid: _Grid, verts, a_t, b_t, y_tc, s_zyx, rng) -> None:
+def _add_lungs(ct: np.ndarray, grid: _Grid, verts: dict[int, _Vertebra], a_t: float,
+               b_t: float, y_tc: float, s_zyx: tuple[float, ...],
+               rng: np.random.Generator) -> None:
     z_dia = (verts[18].z_lo + verts[18].n / 2) * grid.sp[0]  # diaphragm dome near T11
     sl = grid.box((z_dia - 5, 1e9), (-1e9, 1e9), (-1e9, 1e9))
     if sl is None:
@@ -492,7 +499,8 @@ def _add_lungs(ct, grid: _Grid, verts, a_t, b_t, y_tc, s_zyx, rng) -> None:
     ct[sl] = ct[sl] * (1 - f) + hu * f
 
 
-def _add_canal(bg: np.ndarray, g: _Grid, verts, levels, s_zyx) -> None:
+def _add_canal(bg: np.ndarray, g: _Grid, verts: dict[int, _Vertebra], levels: Sequence[int],
+               s_zyx: tuple[float, ...]) -> None:
     zs = np.array([(verts[v].z_lo + verts[v].n / 2) * g.sp[0] for v in levels])
     z = g.z - 0.0
     cx = np.interp(z, zs, [verts[v].cx for v in levels])[:, None, None]
@@ -506,14 +514,15 @@ def _add_canal(bg: np.ndarray, g: _Grid, verts, levels, s_zyx) -> None:
     bg += CSF_HU * f
 
 
-def _body_frame(vt: _Vertebra, y: np.ndarray, x: np.ndarray):
+def _body_frame(vt: _Vertebra, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """AP fraction t (0 anterior .. 1 posterior wall) and lateral fraction u of the body."""
     t = (y - vt.y_ant) / vt.depth
     u = (x - vt.cx) / vt.a
     return t, u
 
 
-def _endplates(vt: _Vertebra, y: np.ndarray, x: np.ndarray, sz: float):
+def _endplates(vt: _Vertebra, y: np.ndarray, x: np.ndarray, sz: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inferior and superior endplate heights (mm) over (y, x) and the loss weight."""
     t, u = _body_frame(vt, y, x)
     r2 = np.clip(((t - 0.5) / 0.5) ** 2 + u ** 2, 0, 1)
@@ -526,7 +535,8 @@ def _endplates(vt: _Vertebra, y: np.ndarray, x: np.ndarray, sz: float):
     return z_inf.astype(np.float32), z_sup.astype(np.float32), w.astype(np.float32)
 
 
-def _add_disc(bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra, s_zyx) -> None:
+def _add_disc(bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra,
+              s_zyx: tuple[float, ...]) -> None:
     sz = g.sp[0]
     z0 = (lower.z_lo + lower.n - 0.5 - lower.k_sup) * sz - 1.5
     z1 = (upper.z_lo - 0.5 + upper.k_inf) * sz + 1.5
@@ -545,7 +555,8 @@ def _add_disc(bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra, s_zy
     bg[sl] = bg[sl] * (1 - f) + hu * f
 
 
-def _add_vertebra(bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx, fracture: np.ndarray) -> None:
+def _add_vertebra(bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx: tuple[float, ...],
+                  fracture: np.ndarray) -> None:
     sz = g.sp[0]
     s_z, s_xy = s_zyx[0], s_zyx[2]
     z_bot, z_top = (vt.z_lo - 0.5) * sz, (vt.z_lo + vt.n - 0.5) * sz
@@ -656,7 +667,7 @@ def estimate_body(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> 
 
 
 def measure_heights(labels: np.ndarray, vid: int,
-                    spacing_zyx: tuple[float, float, float]) -> dict:
+                    spacing_zyx: tuple[float, float, float]) -> dict[str, Any]:
     """Body heights (mm) at 15/50/85 % of the AP depth in the mid-sagittal slice, and min/max.
 
     ``labels`` in canonical orientation (z superior, y posterior). Returns
@@ -701,13 +712,13 @@ class SimulatedFracture:
     ct: np.ndarray
     fracture: np.ndarray  # uint8 0/1
     vertebrae: np.ndarray  # the label map with the compressed bodies
-    meta: dict[int, dict]
+    meta: dict[int, dict[str, Any]]
 
 
 def simulate_fracture(ct: np.ndarray, vertebrae: np.ndarray,
                       spacing_or_geometry: Geometry | tuple[float, float, float],
                       targets: dict[int, tuple[int, str]], rng: np.random.Generator,
-                      ) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+                      ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Compress chosen vertebral bodies of a real CT; returns ``(ct, fracture_mask, meta)``.
 
     See `simulate_fractures`, which also returns the compressed label map.
@@ -735,16 +746,16 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
     if isinstance(spacing_or_geometry, Geometry):
         ct_c, geom_c, ro = to_canonical(ct, spacing_or_geometry)
         lab_c = ro.apply(vertebrae)
-        sp = tuple(geom_c.spacing[::-1])
+        sp = geom_c.spacing[::-1]  # (z, y, x)
     else:
         ct_c, lab_c, ro = ct, vertebrae, None
-        sp = tuple(float(v) for v in spacing_or_geometry)
+        sp = cast("tuple[float, float, float]", tuple(float(v) for v in spacing_or_geometry))
     if ct_c.shape != lab_c.shape:
         raise UserError(f"vertebrae: label grid {lab_c.shape} differs from CT {ct_c.shape}")
     work = ct_c.astype(np.float32)
     labels = lab_c.astype(np.uint8).copy()
     frac = np.zeros(labels.shape, dtype=bool)
-    meta: dict[int, dict] = {}
+    meta: dict[int, dict[str, Any]] = {}
     for vid in sorted(targets):
         grade, morph = targets[vid]
         if grade not in GRADE_LOSS:
@@ -773,8 +784,9 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
     return SimulatedFracture(out, frac_u8, labels_out, meta)
 
 
-def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp, grade: int, morph: str,
-              before: dict, rng: np.random.Generator):
+def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp: tuple[float, float, float],
+              grade: int, morph: str, before: dict[str, Any], rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """One vertebra: resample its body columns along z; returns new ct, labels, mask, info."""
     sz = sp[0]
     mask = labels == vid
@@ -871,7 +883,9 @@ def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp, grade: int, morp
     return ct, labels, full, info
 
 
-def _remap(img, lab, body, lo, hi, above, below, loss, share, vid):
+def _remap(img: np.ndarray, lab: np.ndarray, body: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+           above: np.ndarray, below: np.ndarray, loss: np.ndarray, share: float, vid: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Piecewise-linear resampling of each body column along z (voxel units).
 
     Old column: [lo-0.5-below, lo-0.5, hi+0.5, hi+0.5+above]; new: the body boundaries move
@@ -890,7 +904,7 @@ def _remap(img, lab, body, lo, hi, above, below, loss, share, vid):
     old = np.where(seg_lo, s0 + (kz - s0) * (b0 - s0) / np.maximum(n0 - s0, 1e-3), old)
     old = np.where(seg_mid, b0 + (kz - n0) * (b1 - b0) / np.maximum(n1 - n0, 1e-3), old)
     old = np.where(seg_hi, b1 + (kz - n1) * (s1 - b1) / np.maximum(s1 - n1, 1e-3), old)
-    active = body.any(axis=0)[None] & (loss[None] > 0)
+    active = cast(np.ndarray, body.any(axis=0))[None] & (loss[None] > 0)  # body is 3D
     old = np.where(active, old, kz)
     old = np.clip(old, 0, nzb - 1)
     k0 = np.floor(old).astype(np.int64)

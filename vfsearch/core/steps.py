@@ -15,8 +15,8 @@ softened (`vfsearch.core.losses.soften_real_mask`), never exactly 0/1.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,11 +31,12 @@ LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Any]]]
 def logits_of(output: Any) -> torch.Tensor:
     """The logits of a model's output (a tensor, or a mapping with ``"logits"``)."""
     if isinstance(output, Mapping):
-        return output["logits"]
-    return output
+        return cast(torch.Tensor, output["logits"])
+    return cast(torch.Tensor, output)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None
+              ) -> contextlib.AbstractContextManager[object]:
     # bf16 autocast only: it needs no loss scaling, unlike fp16
     if dtype is None:
         return contextlib.nullcontext()
@@ -65,20 +66,23 @@ def _floats(terms: Mapping[str, Any]) -> dict[str, float]:
             for k, v in terms.items()}
 
 
-def _apply(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, *,
+def _apply(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+           params: Iterable[torch.nn.Parameter], *,
            scaler: torch.amp.GradScaler | None, grad_clip: float) -> float:
     """Backward, optional unscale + clip, step. Returns the gradient norm before clipping."""
+    # torch leaves Tensor.backward unannotated, hence the no-untyped-call ignores
     if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.unscale_(optimizer)
     else:
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
     params = [p for p in params if p.grad is not None]
     if grad_clip > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     else:
-        norm = float(torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().norm() for p in params]))) if params else 0.0
+        # every p in params has a grad (filtered above)
+        grad_norms = [cast(torch.Tensor, p.grad).detach().norm() for p in params]
+        norm = float(torch.linalg.vector_norm(torch.stack(grad_norms))) if params else 0.0
     if scaler is not None and scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()

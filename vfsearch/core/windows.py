@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from types import EllipsisType
+from typing import Any, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,8 @@ def cut_window(volume: np.ndarray, t: int, seq_len: int, axis: int) -> np.ndarra
 def slice_counts(mask: np.ndarray, axis: int) -> np.ndarray:
     """Non-zero voxels of each slice of ``mask`` along ``axis``: int64 ``(n_slices,)``."""
     other = tuple(a for a in range(mask.ndim) if a != axis)
-    return np.count_nonzero(mask, axis=other).astype(np.int64)
+    counts: np.ndarray = np.count_nonzero(mask, axis=other).astype(np.int64)
+    return counts
 
 
 def fracture_slice_counts(fracture: np.ndarray) -> dict[str, list[int]]:
@@ -100,7 +103,8 @@ def window_has_target(counts: np.ndarray, seq_len: int, all_slices: bool) -> np.
     half = seq_len // 2
     padded = np.concatenate([np.repeat(positive[:1], half), positive,
                              np.repeat(positive[-1:], half)])
-    return np.lib.stride_tricks.sliding_window_view(padded, seq_len).any(axis=1)[:n]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, seq_len)  # (n, seq_len)
+    return cast(np.ndarray, windows.any(axis=1))[:n]
 
 
 # -- normalisation --------------------------------------------------------------------------
@@ -115,7 +119,16 @@ def _fingerprint_values(fingerprint: Mapping[str, Any]) -> tuple[float, float, f
     return lo, hi, mean, std
 
 
-def normalise(hu, fingerprint: Mapping[str, Any]):
+@overload
+def normalise(hu: torch.Tensor, fingerprint: Mapping[str, Any]) -> torch.Tensor: ...
+
+
+@overload
+def normalise(hu: npt.ArrayLike, fingerprint: Mapping[str, Any]) -> npt.NDArray[np.float32]: ...
+
+
+def normalise(hu: torch.Tensor | npt.ArrayLike, fingerprint: Mapping[str, Any]
+              ) -> torch.Tensor | npt.NDArray[np.float32]:
     """CT normalisation (nnU-Net style): clip HU to ``[p0_5, p99_5]``, subtract mean, / std.
 
     A pure function of the data and the dataset fingerprint stored at ingest
@@ -162,14 +175,17 @@ def fit_to_patch(array: np.ndarray, size: int, start: tuple[int, int],
     outside the source get ``fill``. Keeps the dtype.
     """
     out = np.full(array.shape[:-2] + (size, size), fill, dtype=array.dtype)
-    src, dst = [], []
-    for dim, s in zip(array.shape[-2:], start):
+    src: list[slice] = []
+    dst: list[slice] = []
+    for dim, s in zip(array.shape[-2:], start, strict=False):
         a, b = max(s, 0), min(s + size, dim)
         if b <= a:
             return out
         src.append(slice(a, b))
         dst.append(slice(a - s, b - s))
-    out[(..., *dst)] = array[(..., *src)]
+    at_dst: tuple[EllipsisType | slice, ...] = (..., *dst)
+    at_src: tuple[EllipsisType | slice, ...] = (..., *src)
+    out[at_dst] = array[at_src]
     return out
 
 

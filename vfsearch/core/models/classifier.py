@@ -28,6 +28,11 @@ class ResNetSliceClassifier(nn.Module):
     """
 
     output_kind = "classification"
+    # stages registered by setattr in __init__ (torchvision names)
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, *, seq_len: int, arch: str = "resnet18", dropout: float = 0.0,
                  weights: str = "") -> None:

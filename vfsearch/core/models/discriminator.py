@@ -73,4 +73,5 @@ class PatchDiscriminator(nn.Module):
         if mask.shape != (window.shape[0], self.mask_channels, *window.shape[2:]):
             raise ValueError(f"expected a mask (B, {self.mask_channels}, H, W) matching the "
                              f"window, got {tuple(mask.shape)}")
-        return self.net(torch.cat([window, mask.to(window.dtype)], dim=1))
+        logits: torch.Tensor = self.net(torch.cat([window, mask.to(window.dtype)], dim=1))
+        return logits

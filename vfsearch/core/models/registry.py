@@ -53,7 +53,7 @@ def build_model(model_cfg: ModelConfig, seq_len: int, *, load_weights: bool = Tr
         raise UserError(f"model.family: unknown {model_cfg.family!r}; known: "
                         f"{', '.join(list_models())}")
     model = _REGISTRY[model_cfg.family](model_cfg, seq_len)
-    model.model_cfg = given
+    model.model_cfg = given  # type: ignore[assignment]  # torch types Module.__setattr__ narrowly
     return model
 
 

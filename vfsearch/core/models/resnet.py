@@ -43,7 +43,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        activated: torch.Tensor = self.relu(out + identity)
+        return activated
 
 
 def make_stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:

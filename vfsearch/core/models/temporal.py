@@ -57,7 +57,8 @@ class PositionLSTM(nn.Module):
         b, t, c, h, w = bottlenecks.shape
         seqs = bottlenecks.permute(0, 3, 4, 1, 2).reshape(b * h * w, t, c)  # (B*h*w, T, C)
         out, _ = self.lstm(seqs)  # (B*h*w, T, hidden * dirs)
-        delta = self.proj(out).view(b, h, w, t, c).permute(0, 3, 4, 1, 2)  # (B, T, C, h, w)
+        proj: torch.Tensor = self.proj(out)
+        delta = proj.view(b, h, w, t, c).permute(0, 3, 4, 1, 2)  # (B, T, C, h, w)
         return bottlenecks + delta
 
 
@@ -82,7 +83,8 @@ class PooledLSTM(nn.Module):
     def forward(self, bottlenecks: torch.Tensor) -> torch.Tensor:
         vectors = bottlenecks.mean(dim=(3, 4))  # (B, T, C)
         seq, _ = self.lstm(vectors)  # (B, T, hidden * dirs)
-        gamma, beta = self.proj(seq).chunk(2, dim=-1)  # (B, T, C) each
+        proj: torch.Tensor = self.proj(seq)
+        gamma, beta = proj.chunk(2, dim=-1)  # (B, T, C) each
         return bottlenecks * (1 + gamma[..., None, None]) + beta[..., None, None]
 
 
@@ -134,7 +136,8 @@ class ConvLSTM(nn.Module):
             back = self._run(self.bwd, xs[::-1])[::-1]
             hs = [torch.cat(pair, dim=1) for pair in zip(hs, back, strict=True)]
         hidden = torch.stack(hs, dim=1).flatten(0, 1)  # (B*T, hidden*dirs, h, w)
-        return bottlenecks + self.proj(hidden).view(b, t, c, h, w)
+        proj: torch.Tensor = self.proj(hidden)
+        return bottlenecks + proj.view(b, t, c, h, w)
 
 
 def make_temporal(kind: str, channels: int, hidden: int, bidirectional: bool) -> nn.Module:

@@ -16,7 +16,7 @@ the other slices cannot change the output.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import torch
 from torch import nn
@@ -129,17 +129,17 @@ class AttentionUNet25D(nn.Module):
     def encode(self, slices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Single slices ``(N, 1, H, W)`` -> bottleneck ``(N, C, H/2**D, W/2**D)`` and skips
         ``[(N, C_l, H/2**l, W/2**l) for l in 0..D-1]``. ``N`` is any flat batch of slices."""
-        return self.encoder(slices)
+        return cast("tuple[torch.Tensor, list[torch.Tensor]]", self.encoder(slices))
 
     def temporal(self, bottlenecks: torch.Tensor) -> torch.Tensor:
         """``(B, T, C, h, w) -> (B, T, C, h, w)``: each position refined by the window."""
-        return self.temporal_module(bottlenecks)
+        return cast(torch.Tensor, self.temporal_module(bottlenecks))
 
     def decode(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(N, C, h, w)`` + skips of the same ``N`` slices -> logits ``(N, 1, H, W)`` and
         attention maps ``[(N, 1, H/2**l, W/2**l)]`` (empty without gates)."""
-        return self.decoder(bottleneck, skips)
+        return cast("tuple[torch.Tensor, list[torch.Tensor]]", self.decoder(bottleneck, skips))
 
     def forward_features(self, bottlenecks: torch.Tensor, skips: list[torch.Tensor]
                          ) -> ModelOutput:
