@@ -1,5 +1,5 @@
-"""Training on Ray Train V2 (vfsearch.pipelines.train) against a real local Ray, a real MLflow server,
-a real phantom Zarr store, the real WindowDataset and the real models.
+"""Training on Ray Train V2 (vfsearch.pipelines.train) against a real local Ray, a real MLflow
+server, a real phantom Zarr store, the real WindowDataset and the real models.
 
 Each trainer run costs ~15-25 s of Ray start-up on a 2-core box, so the runs are few and
 tiny: 32 windows per epoch, 32x32 patches, a depth-3 U-Net with 4 base channels.
@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from vfsearch.core.config import load_config
-from vfsearch.pipelines.train import build_models, optimizer_digest, run_training
+from vfsearch.pipelines.train import run_training
+from vfsearch.pipelines.train.loop import build_models, optimizer_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
