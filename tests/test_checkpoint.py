@@ -34,7 +34,7 @@ from vfsearch.pipelines.train.loop import (
     all_summer,
     best_snapshot,
     build_models,
-    epoch_windows,
+    loader_workers,
     run_epoch,
     val_metrics,
     validate,
@@ -304,26 +304,39 @@ def test_validate_counts_add_up_over_batches_and_ranks():
 
 # -- one epoch -----------------------------------------------------------------------------
 
-def test_epoch_windows_are_the_same_on_every_rank_and_change_per_epoch():
-    windows = _Windows(10, seed=0)
-    a = epoch_windows(windows, 1, n_train=6, seed=3, weights=None)
-    b = epoch_windows(windows, 1, n_train=6, seed=3, weights=None)
-    c = epoch_windows(windows, 2, n_train=6, seed=3, weights=None)
-    assert a.indices == b.indices and a.indices != c.indices and len(set(a.indices)) == 6
-    assert epoch_windows(windows, 1, n_train=10, seed=3, weights=None) is windows
-    weights = torch.zeros(10, dtype=torch.double)
-    weights[[2, 5]] = 1.0  # only these two may be drawn, with replacement
-    drawn = epoch_windows(windows, 1, n_train=8, seed=3, weights=weights)
-    assert len(drawn) == 8 and set(drawn.indices) <= {2, 5}
+def test_loader_workers_default_to_none_on_cpu_and_to_the_spare_cpus_on_gpu():
+    cuda = torch.device("cuda")
+    assert loader_workers(-1, CPU, 8) == 0
+    assert loader_workers(-1, cuda, 8) == 7
+    assert loader_workers(-1, cuda, 32) == 8 and loader_workers(-1, cuda, 1) == 1
+    assert loader_workers(3, CPU, 1) == 3  # an explicit number is kept
+
+
+class _Sampler(torch.utils.data.Sampler):
+    """The epoch sampler's contract (set_epoch, then iterate) over in-memory windows."""
+
+    def __init__(self, order, windows):
+        self.order, self.windows = order, windows
+
+    def set_epoch(self, epoch):
+        self.windows.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
 
 
 def test_run_epoch_trains_validates_and_tracks(monkeypatch):
     cfg = load_config(None, TINY + ["train.batch_size=2", "train.early_stop_patience=1"])
     parts = _parts(cfg)
     train, val = _Windows(6, seed=1), _Windows(5, seed=2)
-    data = TrainData(train=train, val=val, store_info={}, n_train=4,
-                     loader_kw={"batch_size": 2, "num_workers": 0, "pin_memory": False},
-                     steps_per_epoch=2, weights=None, rank=0, world=1, seed=0)
+    loader_kw = {"batch_size": 2, "num_workers": 0, "pin_memory": False}
+    sampler = _Sampler([0, 3, 1, 5], train)
+    data = TrainData(train=train, val=val, store_info={}, n_train=4, loader_kw=loader_kw,
+                     steps_per_epoch=2, sampler=sampler,
+                     loader=torch.utils.data.DataLoader(train, sampler=sampler, **loader_kw))
     calls: list[tuple] = []
     hooks = Hooks(on_batch=[lambda *a: calls.append(("batch", *a))],
                   after_step=[lambda *a: calls.append(("step", *a))])

@@ -94,6 +94,7 @@ class DataConfig:
     augment: float = 0.5  # augmentation strength 0 (off) .. 1
     oversample_fracture: float = 0.0  # extra sampling weight for windows with fracture
     target_all_slices: bool = False
+    open_vertebrae: int = 8  # vertebrae the epoch order draws from at a time (cache locality)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class TrainConfig:
     disc_lr: float = 2e-4
     early_stop_patience: int = 0  # 0: off
     seed: int = 0
-    num_workers: int = 0  # DataLoader processes per training worker
+    num_workers: int = -1  # DataLoader processes per training worker; -1: auto (0 on CPU,
+    #                        CPUs per worker - 1, at most 8, on GPU)
     max_windows_per_epoch: int = 0  # 0: all
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     val_threshold: float = 0.5  # probability above which a validation pixel is positive
@@ -369,6 +371,9 @@ def validate(config: Config, *, source: str = "config") -> Config:
             raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
     if config.data.augment > 1:
         raise UserError(f"{source}: data.augment is a strength 0..1, got {config.data.augment}")
+    if config.data.open_vertebrae < 1:
+        raise UserError(f"{source}: data.open_vertebrae must be >= 1, "
+                        f"got {config.data.open_vertebrae}")
     validate_train(config.train, source=source)
     return config
 
@@ -380,8 +385,11 @@ def validate_train(train: TrainConfig, *, source: str = "config") -> TrainConfig
             raise UserError(f"{source}: train.{key} must be >= 1, got {getattr(train, key)}")
     for key in ("weight_decay", "grad_clip", "disc_lr", "warmup_epochs", "early_stop_patience",
                 "num_workers", "max_windows_per_epoch", "max_failures"):
-        if getattr(train, key) < 0 and not (key == "max_failures" and train.max_failures == -1):
-            raise UserError(f"{source}: train.{key} must be >= 0, got {getattr(train, key)}")
+        if getattr(train, key) < 0 and not (key in ("max_failures", "num_workers")
+                                            and getattr(train, key) == -1):
+            auto = " (or -1: auto)" if key in ("max_failures", "num_workers") else ""
+            raise UserError(f"{source}: train.{key} must be >= 0{auto}, "
+                            f"got {getattr(train, key)}")
     if train.gan_start_epoch < -1:
         raise UserError(f"{source}: train.gan_start_epoch must be >= 0, or -1 for epochs // 2; "
                         f"got {train.gan_start_epoch}")

@@ -94,7 +94,7 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
                              "text": Path(config_file).read_text()} if config_file else None),
         }
     loop = {"store": store, "config": config.flatten(), "name": name, "mlflow": mlflow,
-            "lines": lines, "fault": dict(fault) if fault else None,
+            "lines": lines, "fault": dict(fault) if fault else None, "cpus": cpus_per_worker,
             "t_launch": time.time() if t_launch is None else t_launch}
     storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     return TorchTrainer(

@@ -4,7 +4,8 @@
 * `setup`: models (the same seed on every rank), loss, data (`TrainData`), optimisers,
   warm-up + cosine schedule (`Parts`);
 * `TrainData.train_loader`: the epoch's windows, drawn identically on every rank
-  (`epoch_windows`, optionally oversampling windows with fracture), then sharded;
+  (optionally oversampling windows with fracture), sharded and ordered for cache locality
+  (`EpochSampler`), from one loader whose processes persist across epochs;
 * `train_epoch`: the step loop (segmentation, or staged GAN once ``train.gan_start()`` epochs
   are done), calling the `Hooks`;
 * `validate`: this rank's TP/FP/FN over its share of the validation split; all-reduced
@@ -27,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from vfsearch.adapters.dataset import WindowDataset
+from vfsearch.adapters.dataset import EpochSampler, WindowDataset
 from vfsearch.adapters.store import Store
 from vfsearch.core.config import Config, TrainConfig
 from vfsearch.core.losses import SegLoss, build_loss, gan_d_loss
@@ -161,25 +162,22 @@ class Parts:
         return out
 
 
-def epoch_windows(train: WindowDataset, epoch: int, *, n_train: int, seed: int,
-                  weights: torch.Tensor | None) -> Dataset:
-    """The windows of ``epoch``, drawn identically on every rank: ``n_train`` drawn with
-    replacement by ``weights`` (oversampling fracture), else a random ``n_train`` of them
-    when fewer than all, else all of them."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is not None:  # oversample windows with fracture (with replacement)
-        drawn = torch.multinomial(weights, n_train, replacement=True, generator=g)
-        return Subset(train, drawn.tolist())
-    if n_train < len(train):
-        return Subset(train, torch.randperm(len(train), generator=g)[:n_train].tolist())
-    return train
+def loader_workers(requested: int, device: torch.device, cpus: float) -> int:
+    """DataLoader processes per training worker: ``requested`` when >= 0; ``-1`` (auto) is
+    none on CPU (the training process uses the cores) and ``cpus - 1`` (at most 8) on GPU."""
+    if requested >= 0:
+        return requested
+    return 0 if device.type != "cuda" else max(1, min(8, int(cpus) - 1))
 
 
 @dataclass
 class TrainData:
-    """One worker's data: the train split (drawn per epoch, then sharded by
-    `DistributedSampler`) and this rank's share of the validation split, without padding so
-    that every window is counted exactly once whatever the number of workers."""
+    """One worker's data: this rank's shard of each epoch's training windows, drawn and
+    ordered by `EpochSampler` (`vfsearch.core.sampling`: the same draw on every rank,
+    oversampling windows with fracture, vertebrae a few at a time so the crop cache hits),
+    and this rank's share of the validation split, without padding so that every window is
+    counted exactly once whatever the number of workers. The training loader and its worker
+    processes persist across epochs."""
 
     train: WindowDataset
     val: Dataset
@@ -187,14 +185,13 @@ class TrainData:
     loader_kw: dict[str, Any]
     n_train: int
     steps_per_epoch: int
-    weights: torch.Tensor | None  # per-window sampling weights (oversample_fracture > 0)
-    rank: int
-    world: int
-    seed: int
+    sampler: EpochSampler
+    loader: DataLoader
+    rank: int = 0
 
     @classmethod
     def open(cls, store: str | Path, config: Config, *, rank: int, world: int,
-             device: torch.device) -> TrainData:
+             device: torch.device, cpus: float = 1.0) -> TrainData:
         tc = config.train
         train_ds = WindowDataset(store, "train", config.data,
                                  augment=config.data.augment > 0, seed=tc.seed)
@@ -205,45 +202,46 @@ class TrainData:
         store_info = {"spacing": list(store_meta.get("spacing", [])),
                       "margin_mm": store_meta.get("margin_mm"),
                       "fingerprint": dict(store_meta.get("fingerprint", {}))}
-        loader_kw: dict[str, Any] = {"batch_size": tc.batch_size, "num_workers": tc.num_workers,
+        workers = loader_workers(tc.num_workers, device, cpus)
+        loader_kw: dict[str, Any] = {"batch_size": tc.batch_size, "num_workers": workers,
                                      "pin_memory": device.type == "cuda"}
-        if tc.num_workers > 0:
+        if workers > 0:
             loader_kw["multiprocessing_context"] = "spawn"  # zarr and fork do not mix
+            loader_kw["prefetch_factor"] = 4 if device.type == "cuda" else 2
         n_train = len(train_ds) if tc.max_windows_per_epoch <= 0 else \
             min(len(train_ds), tc.max_windows_per_epoch)
         steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / tc.batch_size))
-        weights = (torch.as_tensor(train_ds.sample_weights(), dtype=torch.double)
-                   if config.data.oversample_fracture > 0 else None)
+        sampler = EpochSampler(train_ds, n_train, rank=rank, world=world,
+                               open_vertebrae=config.data.open_vertebrae)
+        loader = DataLoader(train_ds, sampler=sampler, persistent_workers=workers > 0,
+                            **loader_kw)
         return cls(train=train_ds, val=val_part, store_info=store_info, loader_kw=loader_kw,
-                   n_train=n_train, steps_per_epoch=steps_per_epoch, weights=weights,
-                   rank=rank, world=world, seed=tc.seed)
+                   n_train=n_train, steps_per_epoch=steps_per_epoch, sampler=sampler,
+                   loader=loader, rank=rank)
 
     def train_loader(self, epoch: int) -> DataLoader:
-        """This rank's shard of the epoch's windows (`epoch_windows`), augmented per epoch."""
-        epoch_ds = epoch_windows(self.train, epoch, n_train=self.n_train, seed=self.seed,
-                                 weights=self.weights)
-        sampler: DistributedSampler[int] = DistributedSampler(
-            epoch_ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed,
-            drop_last=False)
-        sampler.set_epoch(epoch)
-        self.train.set_epoch(epoch)
-        return DataLoader(epoch_ds, sampler=sampler, **self.loader_kw)
+        """This rank's shard of the epoch's windows; the same loader (and processes) each
+        epoch, with the sampler moved on to ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        return self.loader
 
     def val_loader(self) -> DataLoader:
         return DataLoader(self.val, **self.loader_kw)
 
 
 def setup(store: str | Path, config: Config, *, rank: int, world: int, device: torch.device,
+          cpus: float = 1.0,
           prepare: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[Parts, TrainData]:
     """Models, loss, data and optimisers of one worker, in that order; ``prepare`` wraps a
-    model for distributed training (Ray's ``prepare_model``: device, DDP)."""
+    model for distributed training (Ray's ``prepare_model``: device, DDP); ``cpus``: the
+    worker's CPUs (sizes the automatic number of loader processes)."""
     # the same seed on every rank (DDP also broadcasts rank 0's weights)
     model, disc = build_models(config)
     loss_fn = build_loss(config.loss, gan=config.model.gan,
                          output_kind=getattr(model, "output_kind", "segmentation"))
     model = prepare(model)
     disc = prepare(disc) if disc is not None else None
-    data = TrainData.open(store, config, rank=rank, world=world, device=device)
+    data = TrainData.open(store, config, rank=rank, world=world, device=device, cpus=cpus)
     parts = Parts.build(config, model, disc, loss_fn, device=device,
                         steps_per_epoch=data.steps_per_epoch)
     return parts, data
@@ -392,7 +390,7 @@ __all__ = [
     "all_summer",
     "best_snapshot",
     "build_models",
-    "epoch_windows",
+    "loader_workers",
     "optimizer_digest",
     "run_epoch",
     "setup",

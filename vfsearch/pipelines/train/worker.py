@@ -1,7 +1,7 @@
 """What runs in each Ray Train worker: `train_loop_per_worker`, rank 0's MLflow run
 (`_RankZeroRun`), the progress lines (`format_epoch`, `LineRelay`) and the final evaluation.
 
-One process per worker: DDP (gloo on CPU, NCCL on GPU), a `DistributedSampler` shard of the
+One process per worker: DDP (gloo on CPU, NCCL on GPU), an `EpochSampler` shard of the
 train split, validation on the whole validation split every epoch from all-reduced TP/FP/FN,
 one ``ray.train.report`` (a barrier) with a checkpoint per epoch, early stopping, and at the
 end the fused 3D validation of the best weights. The pieces live in
@@ -74,7 +74,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     parts, data = setup(loop["store"], config, rank=rank, world=world, device=device,
-                        prepare=ray.train.torch.prepare_model)
+                        cpus=loop.get("cpus", 1.0), prepare=ray.train.torch.prepare_model)
     state = _restore_or_start(parts, rank=rank, world=world, seed=tc.seed)
 
     tracker = (_RankZeroRun(loop, run_id=state.run_id, resumed_from=state.resumed_from,
