@@ -20,7 +20,8 @@ from vfsearch.pipelines.evaluate import (
     fused_validation_metrics,
 )
 from vfsearch.core.metrics3d import counts, overlap
-from vfsearch.pipelines.predict import LoadedModel, predict
+from vfsearch.core.inference import LoadedModel
+from vfsearch.pipelines.predict import predict
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)  # 2-core machine shared with other test runs

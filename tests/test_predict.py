@@ -13,7 +13,8 @@ from vfsearch.adapters import volumes as io
 from vfsearch.core.geometry import Geometry, to_canonical
 from vfsearch.core.errors import UserError
 from vfsearch.core.metrics3d import counts, overlap
-from vfsearch.pipelines.predict import LoadedModel, load_model, predict
+from vfsearch.core.inference import LoadedModel
+from vfsearch.pipelines.predict import load_model, predict
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)  # 2-core machine shared with other test runs

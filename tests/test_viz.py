@@ -25,7 +25,7 @@ from vfsearch.adapters import plots as viz
 from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.adapters import volumes as io
 from vfsearch.core.geometry import Geometry
-from vfsearch.pipelines.predict import LoadedModel
+from vfsearch.core.inference import LoadedModel
 
 torch.set_num_threads(1)  # 2-core machine shared with other test runs
 

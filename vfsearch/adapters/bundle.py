@@ -10,7 +10,7 @@ Layout (`write_bundle`)::
                      chosen on validation, run / sweep ids, what each file is and how it was
                      checked
       weights.pt     state_dict + flat config + preprocessing, read by
-                     ``torch.load(..., weights_only=True)`` (`vfsearch.pipelines.predict.load_checkpoint`)
+                     ``torch.load(..., weights_only=True)`` (`load_checkpoint`)
       model.ts       TorchScript program: normalised window (B, T, H, W) float32 -> logits
                      (B, 1, H, W) (B, T, H, W with predict_all_slices); ``torch.jit.load`` only
       model.onnx     the same network as ONNX (opset 17), when it exports and onnxruntime
@@ -48,7 +48,10 @@ Inputs of the programs: the window is CT in HU normalised with the fingerprint
 `vfsearch predict --model BUNDLE` and the MLflow pyfunc flavour rebuild the eager network(s) from
 ``weights.pt`` (the fusion path reuses per-slice encoder features through the model's seams,
 which the flat programs do not expose); the programs are for consumers without vfsearch.
-Layer: pure compute + files (torch, json; onnx/onnxruntime optional, imported when used).
+Loading: `load_checkpoint` rebuilds a model from a training checkpoint (``weights.pt`` is
+one), `load_bundle`/`load_members` from a bundle; resolving other references (a run id,
+``models:/...``) is `vfsearch.pipelines.predict.load_model`'s.
+Layer: an adapter (torch files, json; onnx/onnxruntime optional, imported when used).
 """
 
 from __future__ import annotations
@@ -61,9 +64,17 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vfsearch.adapters.store import Store
+from vfsearch.core.config import Config
 from vfsearch.core.errors import UserError
+from vfsearch.core.inference import LoadedModel
+from vfsearch.core.models import build_model
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 FORMAT = "vfsearch-bundle"
 FORMAT_VERSION = 1  # a single-model bundle
@@ -111,7 +122,7 @@ def is_ensemble(config: dict[str, Any]) -> bool:
     return config.get("kind") == ENSEMBLE
 
 
-def _logits_module(model: Any) -> Any:
+def _logits_module(model: torch.nn.Module) -> torch.nn.Module:
     """Wrap ``model`` so that its forward returns the logits tensor alone (the programs'
     output): ``ModelOutput`` dicts carry a list of attention maps that ONNX cannot name."""
     from torch import nn
@@ -128,7 +139,7 @@ def _logits_module(model: Any) -> Any:
 
 
 def example_windows(seq_len: int, patch_size: int, multiple: int, *, seed: int = 0
-                    ) -> tuple[Any, Any]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random normalised windows for tracing and checking: ``(2, T, P, P)`` with ``P``
     the patch size rounded up to ``multiple``, and ``(3, T, P + m, P)``, a different batch
     and height, so a program whose shapes were frozen at trace time is caught."""
@@ -141,7 +152,8 @@ def example_windows(seq_len: int, patch_size: int, multiple: int, *, seed: int =
     return a, b
 
 
-def export_torchscript(model: Any, path: str | os.PathLike, example: Any) -> Any:
+def export_torchscript(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor
+                       ) -> torch.jit.ScriptModule:
     """Trace ``model`` (eval mode, logits only) on ``example`` (B, T, H, W) and save it to
     ``path``; returns the loaded program. Tracing, not scripting: the forward is straight-line
     for a given config, and shape checks evaluated at trace time hold for every input whose
@@ -156,7 +168,8 @@ def export_torchscript(model: Any, path: str | os.PathLike, example: Any) -> Any
     return torch.jit.load(str(path), map_location="cpu")
 
 
-def export_onnx(model: Any, path: str | os.PathLike, example: Any) -> None:
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor
+                ) -> None:
     """Export ``model`` (logits only) to ONNX with dynamic batch, height and width.
 
     The TorchScript-based exporter (``dynamo=False``): it handles ``nn.LSTM`` natively and
@@ -174,7 +187,8 @@ def export_onnx(model: Any, path: str | os.PathLike, example: Any) -> None:
                           opset_version=ONNX_OPSET)
 
 
-def export_program(model: Any, path: str | os.PathLike, example: Any, multiple: int) -> Any:
+def export_program(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor,
+                   multiple: int) -> torch.nn.Module:
     """``torch.export`` ``model`` (logits only) with dynamic batch and H, W multiples of
     ``multiple``; save it to ``path`` (.pt2) and return the reloaded program's module."""
     import torch
@@ -191,7 +205,7 @@ def export_program(model: Any, path: str | os.PathLike, example: Any, multiple: 
     return torch.export.load(str(path)).module()
 
 
-def onnx_logits(path: str | os.PathLike, window: Any) -> Any:
+def onnx_logits(path: str | os.PathLike, window: torch.Tensor | np.ndarray) -> np.ndarray:
     """Run an exported ONNX program with onnxruntime (CPU) on ``window`` (B, T, H, W)."""
     import numpy as np
     import onnxruntime as ort
@@ -204,7 +218,7 @@ def onnx_logits(path: str | os.PathLike, window: Any) -> Any:
     return sess.run(None, {"window": arr.astype(np.float32)})[0]
 
 
-def _max_diff(a: Any, b: Any) -> float:
+def _max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     import numpy as np
 
     a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
@@ -214,10 +228,11 @@ def _max_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | None = None,
+def write_bundle(loaded: LoadedModel, out: str | os.PathLike, *,
+                 info: dict[str, Any] | None = None,
                  card: str | None = None, onnx: bool = True, torch_export: bool = False,
                  replace: bool = True) -> Path:
-    """Write the bundle of ``loaded`` (a `vfsearch.pipelines.predict.LoadedModel`) to folder ``out``.
+    """Write the bundle of ``loaded`` (a `LoadedModel`) to folder ``out``.
 
     The folder appears complete or not at all: it is built beside ``out`` and renamed into
     place (an existing bundle at ``out`` is replaced when ``replace``; any other existing,
@@ -239,13 +254,13 @@ def write_bundle(loaded: Any, out: str | os.PathLike, *, info: dict[str, Any] | 
     return dst
 
 
-def write_ensemble(members: Sequence[Any], out: str | os.PathLike, *,
+def write_ensemble(members: Sequence[LoadedModel], out: str | os.PathLike, *,
                    threshold: float | None, info: dict[str, Any] | None = None,
                    member_info: Sequence[dict[str, Any]] | None = None,
                    card: str | None = None, onnx: bool = True, torch_export: bool = False,
                    replace: bool = True) -> Path:
-    """Write the ensemble bundle of ``members`` (`vfsearch.pipelines.predict.LoadedModel`, best first) to
-    folder ``out`` (layout in the module docstring; atomic and ``replace`` as `write_bundle`).
+    """Write the ensemble bundle of ``members`` (`LoadedModel`, best first) to folder ``out``
+    (layout in the module docstring; atomic and ``replace`` as `write_bundle`).
 
     ``threshold``: the ensemble's own threshold, chosen on validation for the averaged map
     (each member folder keeps the member's own). ``member_info``: provenance of each member
@@ -332,14 +347,14 @@ def _check_out(out: str | os.PathLike, replace: bool) -> Path:
     return dst
 
 
-def _check_segmenter(loaded: Any) -> None:
+def _check_segmenter(loaded: LoadedModel) -> None:
     kind = getattr(loaded.model, "output_kind", "segmentation")
     if kind != "segmentation":
         raise UserError(f"{loaded.source}: a {kind} model; the bundle holds fracture "
                         f"segmenters")
 
 
-def _write_model(loaded: Any, folder: Path, *, info: dict[str, Any] | None,
+def _write_model(loaded: LoadedModel, folder: Path, *, info: dict[str, Any] | None,
                  card: str | None, onnx: bool, torch_export: bool) -> dict[str, Any]:
     """Write one model's files and config.json into ``folder`` (created); return the config."""
     import torch
@@ -409,8 +424,8 @@ def _write_model(loaded: Any, folder: Path, *, info: dict[str, Any] | None,
     return config
 
 
-def _onnx_or_reason(model: Any, path: Path, a: Any, b: Any, eager_a: Any, eager_b: Any
-                    ) -> dict[str, Any]:
+def _onnx_or_reason(model: torch.nn.Module, path: Path, a: torch.Tensor, b: torch.Tensor,
+                    eager_a: torch.Tensor, eager_b: torch.Tensor) -> dict[str, Any]:
     """Export + onnxruntime check; on any failure remove the file and say why."""
     try:
         import onnxruntime  # noqa: F401 - only checked ONNX goes into a bundle
@@ -438,8 +453,9 @@ def _onnx_or_reason(model: Any, path: Path, a: Any, b: Any, eager_a: Any, eager_
             "(dynamo=False)"}
 
 
-def _pt2_or_reason(model: Any, path: Path, a: Any, b: Any, eager_a: Any, eager_b: Any,
-                   multiple: int) -> dict[str, Any]:
+def _pt2_or_reason(model: torch.nn.Module, path: Path, a: torch.Tensor, b: torch.Tensor,
+                   eager_a: torch.Tensor, eager_b: torch.Tensor, multiple: int
+                   ) -> dict[str, Any]:
     """torch.export + parity check; on failure remove the file and say why."""
     import torch
 
@@ -475,9 +491,80 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_bundle(path: str | os.PathLike, *, device: Any = None) -> Any:
-    """Rebuild the eager model of a bundle as a `vfsearch.pipelines.predict.LoadedModel` (eval mode);
-    an ensemble's as the list of its members (`load_members`: always a list).
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None,
+                    store: str | os.PathLike | Store | None = None) -> LoadedModel:
+    """Rebuild the model of a training checkpoint and load its weights (eval mode).
+
+    The checkpoint is a dict read with ``weights_only=True``: ``model`` (state_dict),
+    ``config`` (flat dotted config), and the training store's ``fingerprint``, ``spacing``
+    and ``margin_mm`` (top level or under ``store``; else read from ``store``, the training
+    store's path); ``threshold`` if one was chosen on validation.
+    """
+    import torch
+
+    p = Path(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise UserError(f"{p}: cannot read checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{p}: not a vfsearch checkpoint (expected a dict)")
+    state = next((ckpt[k] for k in ("model", "model_state", "state_dict") if k in ckpt), None)
+    flat = ckpt.get("config")
+    if state is None or not isinstance(flat, dict):
+        raise UserError(f"{p}: not a vfsearch checkpoint (needs 'model' weights and 'config'; "
+                        f"has {', '.join(sorted(map(str, ckpt))) or 'nothing'})")
+    config = Config.from_flat(flat, source=str(p))
+    info = dict(ckpt.get("store") or {})
+    fingerprint = ckpt.get("fingerprint") or info.get("fingerprint")
+    spacing = ckpt.get("spacing") or info.get("spacing")
+    margin = ckpt.get("margin_mm", info.get("margin_mm"))
+    if (not fingerprint or not spacing or margin is None) and store is not None:
+        meta = _store_meta(store)
+        fingerprint = fingerprint or meta["fingerprint"]
+        spacing = spacing or meta["spacing"]
+        margin = margin if margin is not None else meta["margin_mm"]
+    missing = [k for k, v in (("fingerprint", fingerprint), ("spacing", spacing),
+                              ("margin_mm", margin)) if v is None or v == {} or v == []]
+    if missing:
+        raise UserError(f"{p}: checkpoint lacks the training store's {', '.join(missing)} "
+                        f"(needed to preprocess a new scan like the training data); "
+                        f"pass --store with the training store")
+    # trained weights follow: a pretrained-encoder file named in the config is not needed
+    model = build_model(config.model, config.data.seq_len, load_weights=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{p}: weights do not fit the model of its config "
+                        f"({str(exc).splitlines()[0]})") from None
+    model.to(_device(device)).eval()
+    threshold = ckpt.get("threshold")
+    return LoadedModel(model, config, dict(fingerprint), tuple(float(s) for s in spacing),
+                       float(margin), source=str(p), run_id=ckpt.get("run_id"),
+                       threshold=float(threshold) if threshold is not None else None)
+
+
+def _store_meta(store: str | os.PathLike | Store) -> dict[str, Any]:
+    """Spacing, margin and fingerprint of a training store (path or `Store`)."""
+    s = store if isinstance(store, Store) else Store(store)
+    meta = s.meta
+    return {"spacing": meta.get("spacing"), "margin_mm": meta.get("margin_mm"),
+            "fingerprint": s.fingerprint}
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_bundle(path: str | os.PathLike, *, device: str | torch.device | None = None
+                ) -> LoadedModel | list[LoadedModel]:
+    """Rebuild the eager model of a bundle as a `LoadedModel` (eval mode); an ensemble's as
+    the list of its members (`load_members`: always a list).
 
     Preprocessing (spacing, margin, fingerprint) and the validation threshold come from
     config.json, which wins over what ``weights.pt`` carries.
@@ -486,13 +573,14 @@ def load_bundle(path: str | os.PathLike, *, device: Any = None) -> Any:
     return models if is_ensemble(read_config(path)) else models[0]
 
 
-def load_members(path: str | os.PathLike, *, device: Any = None) -> list[Any]:
-    """The `vfsearch.pipelines.predict.LoadedModel` of every model of a bundle: one for a single-model
-    bundle, the members (best first) for an ensemble. `vfsearch.pipelines.predict.crop_probability`
-    averages their maps.
+def load_members(path: str | os.PathLike, *, device: str | torch.device | None = None
+                 ) -> list[LoadedModel]:
+    """The `LoadedModel` of every model of a bundle: one for a single-model bundle, the
+    members (best first) for an ensemble. `vfsearch.core.inference.crop_probability` averages
+    their maps.
 
     Every member of an ensemble carries the ensemble's threshold (chosen on validation for
-    the averaged map: the one `vfsearch.pipelines.predict` applies); its own stays in
+    the averaged map: the one `vfsearch.core.inference.fuse_case` applies); its own stays in
     ``extra["member_threshold"]``.
     """
     p = Path(path)
@@ -518,9 +606,8 @@ def load_members(path: str | os.PathLike, *, device: Any = None) -> list[Any]:
     return models
 
 
-def _load_single(p: Path, data: dict[str, Any], device: Any) -> Any:
-    from vfsearch.pipelines.predict import load_checkpoint
-
+def _load_single(p: Path, data: dict[str, Any], device: str | torch.device | None
+                 ) -> LoadedModel:
     weights = p / data.get("files", {}).get("weights", WEIGHTS)
     if not weights.is_file():
         raise UserError(f"{p}: bundle lacks its weights file {weights.name}")
@@ -539,5 +626,5 @@ def _load_single(p: Path, data: dict[str, Any], device: Any) -> Any:
 __all__ = ["CARD", "CONFIG", "ENSEMBLE", "ENSEMBLE_FORMAT_VERSION", "EXPORTED", "FORMAT",
            "MEMBERS", "ONNX", "PARITY_ATOL", "TORCHSCRIPT", "WEIGHTS", "example_windows",
            "export_onnx", "export_program", "export_torchscript", "is_bundle", "is_ensemble",
-           "load_bundle", "load_members", "onnx_logits", "read_config", "write_bundle",
-           "write_ensemble"]
+           "load_bundle", "load_checkpoint", "load_members", "onnx_logits", "read_config",
+           "write_bundle", "write_ensemble"]

@@ -1,8 +1,8 @@
 """``vfsearch evaluate``: fused 3D evaluation of a model on a split of a store.
 
-For every case of the split, each stored vertebra crop is predicted slice by slice
-(`vfsearch.pipelines.predict.crop_probability`), mapped back onto the case's original CT grid and the
-crops are combined (`vfsearch.core.fusion`), exactly as ``vfsearch predict`` does for a new scan.
+For every case of the split, each stored vertebra crop is predicted slice by slice, mapped
+back onto the case's original CT grid and the crops are combined by the code ``vfsearch
+predict`` runs for a new scan (`vfsearch.core.inference.fuse_crops`, `combine_maps`).
 Scores are computed there, at the original resolution:
 
 * Ground truth in the original grid: the case's source files recorded by ingest (fracture
@@ -22,9 +22,10 @@ Scores are computed there, at the original resolution:
   sweep ranks trials by.
 * 2D slice level (crop grid, along the model's plane): pooled Dice/IoU over slices and mean
   Dice over slices with fracture; slice detection (slice score = highest probability).
-* Vertebra detection from a per-vertebra score (segmenter: 99th percentile of the fused
-  probability over the vertebra's voxels, positive at ``score >= threshold``): PR-AUC next to
-  the prevalence (its floor), ROC-AUC, sensitivity, specificity.
+* Vertebra detection from a per-vertebra score (segmenter: `vfsearch.core.inference.
+  vertebra_score`, the 99th percentile of the fused probability over the vertebra's voxels,
+  positive at ``score >= threshold``): PR-AUC next to the prevalence (its floor), ROC-AUC,
+  sensitivity, specificity.
 
 A slice classifier (``output_kind == "classification"``, e.g. ``resnet18_classifier``) gets
 the same slice- and vertebra-level detection figures on the same split and the same
@@ -44,28 +45,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vfsearch.core import fusion
-
-from vfsearch.core import metrics3d
-
-from vfsearch.adapters import progress
-from vfsearch.core.geometry import Geometry
-from vfsearch.core.labels import name as vertebra_name
-from vfsearch.core.errors import UserError
+from vfsearch.adapters import progress, tracking
+from vfsearch.adapters import volumes as io
 from vfsearch.adapters.files import atomic_path
-from vfsearch.pipelines.predict import (
-    CropMap,
+from vfsearch.adapters.store import Store
+from vfsearch.core import fusion, metrics3d
+from vfsearch.core.config import Config
+from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import Geometry
+from vfsearch.core.inference import (
     LoadedModel,
+    ModelCrop,
     combine_maps,
-    crop_probability,
     crop_slice_scores,
-    load_model,
-    to_ct_grid,
+    fuse_crops,
+    paste_crops,
+    vertebra_score,
 )
+from vfsearch.core.labels import name as vertebra_name
+from vfsearch.core.labels import to_verse
+from vfsearch.core.windows import PLANE_AXIS
+from vfsearch.pipelines.predict import ModelRef, load_model
+
+if TYPE_CHECKING:
+    import torch
 
 CSV_COLUMNS = ("case_id", "vertebra", "name", "tp", "fp", "fn", "dice", "iou", "precision",
                "recall", "score", "gt_positive", "pred_positive", "gt_voxels", "pred_voxels",
@@ -99,11 +106,8 @@ class CaseTruth:
         return tuple(self.ct_geometry.spacing[::-1])  # type: ignore[return-value]
 
 
-def case_truth(store: Any, case_id: str) -> CaseTruth:
+def case_truth(store: Store, case_id: str) -> CaseTruth:
     """Fracture mask and vertebra labels of a stored case in its original CT grid."""
-    from vfsearch.adapters import volumes as io
-    from vfsearch.core.labels import to_verse
-
     attrs = store.case_attrs(case_id)
     ct_geometry = Geometry.from_dict(attrs["ct_geometry"])
     ct_shape = tuple(int(v) for v in attrs["ct_shape"])
@@ -154,21 +158,13 @@ def case_truth(store: Any, case_id: str) -> CaseTruth:
     return CaseTruth(case_id, ct_geometry, ct_shape, box, fracture, labels, cells, outside, src)
 
 
-def _from_crops(store: Any, case_id: str, vids: Sequence[int], name: str,
+def _from_crops(store: Store, case_id: str, vids: Sequence[int], name: str,
                 ct_geometry: Geometry, ct_shape: Sequence[int]) -> np.ndarray:
     """A crop array of every vertebra mapped back (nearest); ``mask`` gives VerSe ids."""
-    out = np.zeros(tuple(ct_shape), np.uint8)
-    for vid in vids:
-        g = Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"])
-        mapped = to_ct_grid(store.read(case_id, vid, name), g, ct_geometry, ct_shape,
-                            nearest=True)
-        if mapped is None:
-            continue
-        values, lo, cover = mapped
-        dst = tuple(slice(a, a + n) for a, n in zip(lo, values.shape))
-        value = vid if name == "mask" else 1
-        out[dst] = np.where((values > 0) & cover, value, out[dst])
-    return out
+    items = ((vid if name == "mask" else 1, store.read(case_id, vid, name),
+              Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]))
+             for vid in vids)
+    return paste_crops(items, ct_geometry, ct_shape, resampler=io)
 
 
 # -- one case ------------------------------------------------------------------------------
@@ -206,7 +202,7 @@ def _hist_curve(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> 
     return np.stack([tp, fp, pos.sum() - tp], axis=1).astype(np.int64)
 
 
-def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
+def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
                   thresholds: Sequence[float], *, combine: str = "mean", details: bool = False,
                   hd95: bool = False, batch_size: int = 16, bar: Any = None) -> CaseResult:
     """Fused prediction of one stored case scored against its truth in the original grid.
@@ -218,24 +214,26 @@ def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
     """
     thresholds = np.round(np.asarray(thresholds, dtype=np.float64), 3)
     truth = case_truth(store, case_id)
-    axis = _plane_axis(models[0])
-    maps: list[CropMap] = []
+    axis = PLANE_AXIS[models[0].plane]
+    all_vids = store.vertebrae(case_id)
+    crops = [ModelCrop(vid, store.read(case_id, vid, "image"),
+                       Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]))
+             for vid in all_vids]
+
+    def tick(done: int, total: int) -> None:
+        if done:
+            _tick(bar, case_id, all_vids[done - 1])
+
+    fused = fuse_crops(models, crops, truth.ct_geometry, truth.ct_shape, resampler=io,
+                       batch_size=batch_size, progress=tick)
+    del crops
     slice_rows: list[np.ndarray] = []
     slice_scores: list[float] = []
     slice_labels: list[bool] = []
-    for vid in store.vertebrae(case_id):
-        image = store.read(case_id, vid, "image")
-        prob = crop_probability(models, image, batch_size=batch_size)
-        va = store.vertebra_attrs(case_id, vid)
-        mapped = to_ct_grid(prob, Geometry.from_dict(va["geometry"]), truth.ct_geometry,
-                            truth.ct_shape)
-        if mapped is not None:
-            values, lo, cover = mapped
-            maps.append(CropMap(vid, values, tuple(int(a - b) for a, b in
-                                                   zip(lo, truth.box[0])), cover))
-        if details:
+    if details:
+        for vid in all_vids:
             frac = store.read(case_id, vid, "fracture") > 0
-            p_sl = fusion.volume_to_slices(prob, axis)
+            p_sl = fusion.volume_to_slices(fused.probs[vid], axis)
             f_sl = fusion.volume_to_slices(frac, axis)
             pred = p_sl >= thresholds[0]
             tp = np.count_nonzero(pred & f_sl, axis=(1, 2))
@@ -243,28 +241,24 @@ def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
                                         np.count_nonzero(f_sl, axis=(1, 2)) - tp], axis=1))
             slice_scores += p_sl.reshape(len(p_sl), -1).max(axis=1).tolist()
             slice_labels += f_sl.reshape(len(f_sl), -1).any(axis=1).tolist()
-        _tick(bar, case_id, vid)
 
-    shape = tuple(b - a for a, b in zip(*truth.box))
+    maps, box = fused.maps, truth.box  # box: the crops' bounding box in the CT grid
     vids = [m.vid for m in maps]
     results: list[VertebraResult] = []
     if combine == "vote":
-        masks = [combine_maps(maps, ((0, 0, 0), shape), "vote", float(t)).mask() > 0
-                 for t in thresholds]
+        masks = [combine_maps(maps, box, "vote", float(t)).mask() > 0 for t in thresholds]
         # the vertebra score ranks by probability, not by a thresholded vote
-        prob_for_score = combine_maps(maps, ((0, 0, 0), shape), "mean", 0.5).result()
+        prob_for_score = combine_maps(maps, box, "mean", 0.5).result()
         case_curve = np.array([metrics3d.counts(m, truth.fracture) for m in masks])
     else:
-        acc = combine_maps(maps, ((0, 0, 0), shape), combine, 0.5)
+        acc = combine_maps(maps, box, combine, 0.5)
         prob_for_score = acc.result()
         masks = None
         case_curve = _hist_curve(prob_for_score, truth.fracture, thresholds)
     case_curve[:, 2] += truth.outside
     for vid in vids:
         cell = truth.cells == vid
-        own = truth.labels == vid
-        region = own if own.any() else cell
-        score = float(np.quantile(prob_for_score[region], 0.99)) if region.any() else 0.0
+        score = vertebra_score(prob_for_score, truth.labels, truth.cells, vid)
         if masks is None:
             curve = _hist_curve(prob_for_score[cell], truth.fracture[cell], thresholds)
         else:
@@ -283,13 +277,7 @@ def evaluate_case(models: Sequence[LoadedModel], store: Any, case_id: str,
     return out
 
 
-def _plane_axis(lm: LoadedModel) -> int:
-    from vfsearch.core.windows import PLANE_AXIS
-
-    return PLANE_AXIS[lm.plane]
-
-
-def vertebra_bar(store: Any, case_ids: Sequence[str], desc: str) -> Any:
+def vertebra_bar(store: Store, case_ids: Sequence[str], desc: str) -> Any:
     """A progress bar over every vertebra of ``case_ids`` (silent off a terminal), for the
     ``bar`` argument of `evaluate_case` and `classify_case`."""
     return progress.bar(desc=desc, unit="vertebra",
@@ -303,7 +291,7 @@ def _tick(bar: Any, case_id: str, vid: int) -> None:
 
 
 # -- the threshold --------------------------------------------------------------------------
-def choose_threshold(models: Sequence[LoadedModel], store: Any, split: str = "val", *,
+def choose_threshold(models: Sequence[LoadedModel], store: Store, split: str = "val", *,
                      combine: str = "mean", batch_size: int = 16,
                      cases: Sequence[str] | None = None) -> tuple[float, float, list[CaseResult]]:
     """The threshold maximising pooled 3D Dice on ``split``; returns (t, Dice, case results)."""
@@ -362,15 +350,13 @@ def crossfit_indices(results: Sequence[CaseResult], fixed: float = 0.5) -> list[
 def rows_at(results: Sequence[CaseResult], k: int | Sequence[int] = 0) -> list[dict[str, Any]]:
     """Per-vertebra rows (the CSV's) at threshold index ``k`` of each case result (one index
     for every case, or one per case as cross-fitting gives)."""
-    from vfsearch.core.labels import name
-
     rows = []
     for cr, k in zip(results, _per_case(k, len(results)), strict=True):
         threshold = float(cr.thresholds[k])
         for v in cr.vertebrae:
             tp, fp, fn = (int(x) for x in v.curve[k])
             s = metrics3d.overlap(tp, fp, fn)
-            rows.append({"case_id": cr.case_id, "vertebra": v.vid, "name": name(v.vid),
+            rows.append({"case_id": cr.case_id, "vertebra": v.vid, "name": vertebra_name(v.vid),
                          "tp": tp, "fp": fp, "fn": fn, **{key: round(val, 6) for key, val in
                                                           s.items()},
                          "score": round(v.score, 6), "gt_positive": v.gt_voxels > 0,
@@ -455,12 +441,12 @@ class ClassifierCase:
     slice_labels: list[bool]
 
 
-def classify_case(lm: LoadedModel, store: Any, case_id: str, batch_size: int = 32,
+def classify_case(lm: LoadedModel, store: Store, case_id: str, batch_size: int = 32,
                   bar: Any = None) -> ClassifierCase:
     """Slice scores of every crop and vertebra scores (max slice score) with 3D truth;
     ``bar`` (see `vertebra_bar`) advances by one per vertebra."""
     truth = case_truth(store, case_id)
-    axis = _plane_axis(lm)
+    axis = PLANE_AXIS[lm.plane]
     verts, scores, labels = [], [], []
     for vid in store.vertebrae(case_id):
         s = crop_slice_scores(lm, store.read(case_id, vid, "image"), batch_size=batch_size)
@@ -473,7 +459,7 @@ def classify_case(lm: LoadedModel, store: Any, case_id: str, batch_size: int = 3
     return ClassifierCase(case_id, verts, scores, labels)
 
 
-def _classify_all(lm: LoadedModel, store: Any, case_ids: Sequence[str], desc: str,
+def _classify_all(lm: LoadedModel, store: Store, case_ids: Sequence[str], desc: str,
                   batch_size: int = 32) -> list[ClassifierCase]:
     with vertebra_bar(store, case_ids, desc) as bar:
         return [classify_case(lm, store, c, batch_size, bar=bar) for c in case_ids]
@@ -505,10 +491,11 @@ def classifier_metrics(cases: Sequence[ClassifierCase], threshold: float, prefix
 
 
 # -- the command ----------------------------------------------------------------------------
-def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "test",
+def evaluate(model_ref: ModelRef, store: str | os.PathLike | Store, *, split: str = "test",
              out: str | os.PathLike = "evaluation", threshold: float | None = None,
              combine: str = "mean", hd95: bool = False, val_split: str = "val",
-             device: Any = None, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
+             device: str | torch.device | None = None, batch_size: int = 16,
+             n_boot: int = 1000, seed: int = 0,
              log_to_run: bool = True, workdir: str | os.PathLike = "mlruns",
              echo: Callable[[str], Any] = lambda _m: None) -> dict[str, Any]:
     """Evaluate ``model_ref`` on ``split`` of ``store``; write ``metrics.json`` and
@@ -521,8 +508,6 @@ def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "te
     (run ids, logging). Returns the metrics dict (``flat`` holds the
     figures with ``<split>_`` prefixes, as logged to MLflow).
     """
-    from vfsearch.adapters.store import Store
-
     if combine not in fusion.COMBINE_METHODS:
         raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
                         f"got {combine!r}")
@@ -601,8 +586,6 @@ def evaluate(model_ref: Any, store: str | os.PathLike | Any, *, split: str = "te
     report["files"] = [str(metrics_path), str(csv_path)]
     run_id = models[0].run_id if len(models) == 1 else None
     if log_to_run and run_id:
-        from vfsearch.adapters import tracking
-
         tracker = tracking.Tracker(tracking.tracking_uri(workdir))
         tracker.log_metrics(run_id, flat, step=0)
         tracker.set_tags(run_id, {f"eval.{split}.threshold": report["threshold"],
@@ -681,7 +664,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # -- end of training -------------------------------------------------------------------------
-def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config: Any = None, *,
+def fused_validation_metrics(model: torch.nn.Module | LoadedModel | list[LoadedModel]
+                             | tuple[LoadedModel, ...],
+                             store: str | os.PathLike | Store, config: Config | None = None, *,
                              split: str = "val", combine: str = "mean", batch_size: int = 16,
                              max_cases: int | None = None, fixed_threshold: float = 0.5
                              ) -> dict[str, float]:
@@ -703,8 +688,6 @@ def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config:
 
     Classifiers: vertebra/slice detection at 0.5.
     """
-    from vfsearch.adapters.store import Store
-
     st = store if isinstance(store, Store) else Store(store)
     if isinstance(model, LoadedModel):
         models = [model]
@@ -712,7 +695,9 @@ def fused_validation_metrics(model: Any, store: str | os.PathLike | Any, config:
         models = list(model)
     else:
         meta = st.meta
-        models = [LoadedModel(model.eval(), config, st.fingerprint, tuple(meta["spacing"]),
+        # a bare module comes with its config (the caller's contract, as in training)
+        models = [LoadedModel(model.eval(), config,  # type: ignore[arg-type]
+                              st.fingerprint, tuple(meta["spacing"]),
                               float(meta["margin_mm"]), source="training run")]
     ids = st.case_ids(split)[: max_cases or None]
     if not ids:

@@ -75,21 +75,24 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from vfsearch.adapters import progress
-from vfsearch.core.geometry import Geometry, to_canonical
-from vfsearch.core.labels import SCHEMES, TARGET_IDS, totalseg_to_verse, verse_id
-from vfsearch.core.labels import name as vertebra_name
+from vfsearch.adapters import volumes as io
+from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, hu_histogram
+from vfsearch.adapters.volumes import Volume
+from vfsearch.core import crops
+from vfsearch.core.crops import Box, Crop
 from vfsearch.core.errors import UserError
+from vfsearch.core.labels import SCHEMES, TARGET_IDS, to_verse, totalseg_to_verse, verse_id
+from vfsearch.core.labels import name as vertebra_name
 
 SPLITS = ("train", "val", "test")
-HU_MIN, HU_MAX = -1024, 3071
 FORMAT = 1
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                 "validation": "val", "test": "test", "testing": "test"}
@@ -265,15 +268,6 @@ def read_verse_tree(root: Path) -> list[CaseSpec]:
 # ---------------------------------------------------------------------------------------
 
 @dataclass
-class Crop:
-    """One vertebra crop: ``arrays`` image/fracture/mask (z, y, x) and its attributes."""
-
-    vid: int
-    arrays: dict[str, np.ndarray]
-    attrs: dict[str, Any]
-
-
-@dataclass
 class PreparedCase:
     """A case ready to write: case attributes, crops, HU histogram of the vertebra voxels."""
 
@@ -283,33 +277,7 @@ class PreparedCase:
     hist: np.ndarray
 
 
-def _check_grid(ct, other, ct_path: str, other_path: str, what: str) -> None:
-    if not ct.geometry.same_space(other.geometry, ct.shape, other.shape):
-        def desc(v) -> str:
-            g = v.geometry
-            return (f"size {'x'.join(str(n) for n in v.shape[::-1])}, spacing "
-                    f"{','.join(f'{s:.3g}' for s in g.spacing)}, origin "
-                    f"{','.join(f'{o:.1f}' for o in g.origin)}")
-        raise UserError(f"{other_path}: {what} grid differs from the CT's in physical space "
-                        f"({desc(other)} vs CT {Path(ct_path).name}: {desc(ct)})")
-
-
-def _fracture_values(arr: np.ndarray, path: str) -> np.ndarray:
-    """0/1 uint8 from a fracture mask of integers >= 0 (grades allowed: > 0 is fracture)."""
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise UserError(f"{path}: fracture mask contains NaN or infinite values")
-        frac = arr != np.rint(arr)
-        if frac.any():
-            raise UserError(f"{path}: fracture mask has non-integer values (e.g. "
-                            f"{float(arr[frac][0]):.3g}); expected 0/1 (or integer grades)")
-    if arr.size and arr.min() < 0:
-        raise UserError(f"{path}: fracture mask has negative values (min {arr.min()}); "
-                        f"expected 0/1 (or integer grades)")
-    return (arr > 0).astype(np.uint8)
-
-
-def _read_boxes(path: str, ct_shape_zyx: tuple[int, int, int], scheme: str) -> dict[int, tuple]:
+def _read_boxes(path: str, ct_shape_zyx: tuple[int, int, int], scheme: str) -> dict[int, Box]:
     """Bounding-box CSV -> {verse id: (z0, y0, x0, z1, y1, x1)} in the CT's stored index grid."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -322,7 +290,7 @@ def _read_boxes(path: str, ct_shape_zyx: tuple[int, int, int], scheme: str) -> d
         raise UserError(f"{path}: bounding-box CSV lacks column(s) {', '.join(missing)}")
     idx = [header.index(c) for c in _BOX_COLUMNS]
     nz, ny, nx = ct_shape_zyx
-    boxes: dict[int, tuple] = {}
+    boxes: dict[int, Box] = {}
     for line, row in enumerate(rows[1:], start=2):
         cells = [row[i].strip() if i < len(row) else "" for i in idx]
         try:
@@ -350,172 +318,67 @@ def _read_boxes(path: str, ct_shape_zyx: tuple[int, int, int], scheme: str) -> d
     return boxes
 
 
-def _box_in_grid(box_zyx: tuple, src: Geometry, dst: Geometry,
-                 dst_shape: tuple[int, int, int]) -> tuple[int, ...] | None:
-    """Half-open voxel box of ``src`` -> the voxels of ``dst`` whose centres lie inside it."""
-    z0, y0, x0, z1, y1, x1 = box_zyx
-    corners = np.array([[z, y, x] for z in (z0 - .5, z1 - .5) for y in (y0 - .5, y1 - .5)
-                        for x in (x0 - .5, x1 - .5)])
-    idx = dst.physical_to_index(src.zyx_to_physical(corners))[:, ::-1]  # (8, zyx)
-    lo = np.ceil(idx.min(axis=0) - 1e-6).astype(int)
-    hi = np.floor(idx.max(axis=0) + 1e-6).astype(int) + 1
-    lo = np.clip(lo, 0, dst_shape)
-    hi = np.clip(hi, 0, dst_shape)
-    if np.any(hi <= lo):
-        return None
-    return (*lo.tolist(), *hi.tolist())
+def read_ct(path: str) -> Volume:
+    """Read a CT (file or DICOM series folder) and check its voxels are finite numbers."""
+    ct = io.read_volume(path, what="CT")
+    crops.check_ct(ct.array, path)
+    return ct
 
 
-def _found_ids(labels: np.ndarray) -> str:
-    ids = np.unique(labels)
-    ids = [int(v) for v in ids if v != 0][:20]
-    return ", ".join(str(v) for v in ids) or "none"
-
-
-def _robust_bbox(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    """Bounding box of the connected components of at least 10 % of the largest one."""
-    from scipy import ndimage
-
-    cc, n = ndimage.label(mask)
-    if n > 1:
-        sizes = np.bincount(cc.ravel())[1:]
-        keep = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
-        mask = np.isin(cc, keep)
-    return ndimage.find_objects(mask.astype(np.uint8))[0]
+def read_vertebrae(path: str, ct: Volume, ct_path: str, label_scheme: str
+                   ) -> tuple[Volume | None, dict[int, Box] | None]:
+    """A case's vertebrae: its label map (ids as stored, grid checked against ``ct``'s, read
+    from ``ct_path``) and None, or, for a bounding-box CSV, None and the boxes (VerSe id ->
+    box in the CT's stored index grid)."""
+    if path.lower().endswith(".csv"):
+        if not Path(path).is_file():
+            raise UserError(f"{path}: bounding-box CSV not found")
+        return None, _read_boxes(path, ct.shape, label_scheme)
+    lab = io.read_volume(path, what="vertebra label map")
+    crops.check_same_grid(ct.shape, ct.geometry, lab.shape, lab.geometry, ct_source=ct_path,
+                          source=path, what="label map")
+    return lab, None
 
 
 def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
-    """Read, validate, reorient, resample and crop one case (in memory; nothing written)."""
-    from scipy import ndimage
+    """Read, validate, reorient, resample and crop one case (in memory; nothing written).
 
-    from vfsearch.adapters import volumes as io
-    from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, hu_histogram
-
-    ct = io.read_volume(spec.ct, what="CT")
-    if np.issubdtype(ct.array.dtype, np.floating) and not np.all(np.isfinite(ct.array)):
-        raise UserError(f"{spec.ct}: CT contains NaN or infinite values")
-    if not (np.issubdtype(ct.array.dtype, np.integer) or np.issubdtype(ct.array.dtype,
-                                                                        np.floating)):
-        raise UserError(f"{spec.ct}: CT voxels must be numbers, got {ct.array.dtype}")
-    ct_c, geom_c, ro = to_canonical(ct.array, ct.geometry)
-    shape_c = ct_c.shape
-
-    def onto_canonical(vol) -> np.ndarray:
-        arr, g, _ = to_canonical(vol.array, vol.geometry)
-        if arr.shape == shape_c and np.allclose(g.origin, geom_c.origin, atol=1e-3) and \
-                np.allclose(g.direction, geom_c.direction, atol=1e-4):
-            return arr
-        # Same space within tolerance but not voxel-for-voxel (oblique grid): nearest resample.
-        return io.resample_to(arr, g, geom_c, shape_c, nearest=True)
-
-    boxes = None
-    if spec.vertebrae.lower().endswith(".csv"):
-        if not Path(spec.vertebrae).is_file():
-            raise UserError(f"{spec.vertebrae}: bounding-box CSV not found")
-        boxes = _read_boxes(spec.vertebrae, ct.shape, params.label_scheme)
-        lab_c = None
-        canon_boxes = {v: _box_in_grid(b, ct.geometry, geom_c, shape_c) for v, b in boxes.items()}
-        present = [v for v in TARGET_IDS if canon_boxes.get(v)]
+    The array maths is `vfsearch.core.crops`'; each file is read when its stage needs it and
+    released after (large scans), and the checks run in the order of the module docstring.
+    """
+    ct = read_ct(spec.ct)
+    ct_c, canon = crops.canonical(ct.array, ct.geometry)
+    lab, boxes = read_vertebrae(spec.vertebrae, ct, spec.ct, params.label_scheme)
+    if lab is None:
+        assert boxes is not None
+        vertebrae = crops.vertebrae_from_boxes(boxes, ct.geometry, canon)
     else:
-        lab = io.read_volume(spec.vertebrae, what="vertebra label map")
-        _check_grid(ct, lab, spec.ct, spec.vertebrae, "label map")
-        from vfsearch.core.labels import to_verse
-
         lab.array = to_verse(lab.array, params.label_scheme, source=spec.vertebrae)
-        lab_c = onto_canonical(lab)
+        vertebrae = crops.vertebrae_from_labels(lab.array, lab.geometry, canon, io)
         del lab
-        # One pass gives every label's bounding box (and so which vertebrae are present).
-        objects = ndimage.find_objects(lab_c)
-        canon_boxes = {v: (*(s.start for s in objects[v - 1]), *(s.stop for s in objects[v - 1]))
-                       for v in TARGET_IDS if v - 1 < len(objects) and objects[v - 1]}
-        present = sorted(canon_boxes)
-        if not present:
+        if not vertebrae.present:
             raw = io.read_volume(spec.vertebrae, what="vertebra label map").array
-            raise UserError(f"{spec.vertebrae}: no T4..L5 vertebra label (label scheme "
-                            f"{params.label_scheme}: T4..L5 = "
-                            f"{'11..24' if params.label_scheme == 'verse' else '40..27'}; "
-                            f"found ids {_found_ids(raw)})")
+            raise crops.no_target_vertebra(spec.vertebrae, params.label_scheme, raw)
     frac_c = None
     if spec.fracture:
         frac = io.read_volume(spec.fracture, what="fracture mask")
-        _check_grid(ct, frac, spec.ct, spec.fracture, "fracture mask")
-        frac.array = _fracture_values(frac.array, spec.fracture)
-        frac_c = onto_canonical(frac)
+        crops.check_same_grid(ct.shape, ct.geometry, frac.shape, frac.geometry,
+                              ct_source=spec.ct, source=spec.fracture, what="fracture mask")
+        frac.array = crops.fracture_values(frac.array, spec.fracture)
+        frac_c = canon.onto(frac.array, frac.geometry, io)
         del frac
     ct_shape, ct_geometry = ct.shape, ct.geometry
     del ct
 
-    # Region of interest: every present vertebra + margin (+2 voxels for interpolation).
-    sp_c = np.asarray(geom_c.spacing)[::-1]  # zyx
-    pad = np.ceil(params.margin_mm / sp_c).astype(int) + 2
-    lo = np.min([canon_boxes[v][:3] for v in present], axis=0) - pad
-    hi = np.max([canon_boxes[v][3:] for v in present], axis=0) + pad
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, shape_c)
-    roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    geom_roi = geom_c.shifted(tuple(int(v) for v in lo))
-
-    target = tuple(float(s) for s in params.spacing)
-    ct_r = io.resample(ct_c[roi].astype(np.float32), geom_roi, target, default=HU_MIN)
+    region = crops.resample_region(ct_c, canon, vertebrae, spacing=params.spacing,
+                                   margin_mm=params.margin_mm, resampler=io)
     del ct_c
-    image = np.clip(np.rint(ct_r.array), HU_MIN, HU_MAX).astype(np.int16)
-    geom_r = ct_r.geometry
-    shape_r = image.shape
-    del ct_r
-    lab_r = (io.resample(lab_c[roi], geom_roi, target, nearest=True).array
-             if lab_c is not None else None)
-    frac_r = (io.resample(frac_c[roi], geom_roi, target, nearest=True).array
-              if frac_c is not None else np.zeros(shape_r, np.uint8))
-
-    sp_r = np.asarray(target)[::-1]  # zyx
-    margin = np.ceil(params.margin_mm / sp_r - 1e-6).astype(int)
-    objects = ndimage.find_objects(lab_r) if lab_r is not None else []
-    chunk_axis = PLANE_AXIS[params.chunk_plane]
-    crops: list[Crop] = []
+    case = crops.cut_vertebrae(region, canon, vertebrae, frac_c, ct_geometry=ct_geometry,
+                               ct_shape=ct_shape, margin_mm=params.margin_mm,
+                               grades=spec.grades, resampler=io, source=spec.vertebrae)
     hist = np.zeros_like(hu_histogram(np.zeros(0)))
-    for vid in present:
-        if lab_r is not None:
-            sl = objects[vid - 1] if vid - 1 < len(objects) else None
-            if sl is None:
-                continue  # too small to survive resampling
-            sub = _robust_bbox(lab_r[sl] == vid)
-            box_lo = np.array([s.start + t.start for s, t in zip(sl, sub)])
-            box_hi = np.array([s.start + t.stop for s, t in zip(sl, sub)])
-        else:
-            b = _box_in_grid(boxes[vid], ct_geometry, geom_r, shape_r)
-            if b is None:
-                continue
-            box_lo, box_hi = np.array(b[:3]), np.array(b[3:])
-        c_lo = np.maximum(box_lo - margin, 0)
-        c_hi = np.minimum(box_hi + margin, shape_r)
-        crop = tuple(slice(int(a), int(b)) for a, b in zip(c_lo, c_hi))
-        if lab_r is not None:
-            mask = (lab_r[crop] == vid).astype(np.uint8)
-        else:
-            mask = np.zeros(tuple(c_hi - c_lo), np.uint8)
-            mask[tuple(slice(int(a), int(b)) for a, b in zip(box_lo - c_lo, box_hi - c_lo))] = 1
-        img = image[crop]
-        fr = frac_r[crop]
-        hist += hu_histogram(img[mask > 0])
-        cb = canon_boxes[vid]
-        partial = bool(any(a == 0 for a in cb[:3]) or any(b == n for b, n in zip(cb[3:], shape_c)))
-        crops.append(Crop(vid, {"image": img, "fracture": fr, "mask": mask}, {
-            "verse_id": vid, "name": vertebra_name(vid), "grade": spec.grades.get(vid),
-            "crop_box": [int(v) for v in (*c_lo, *c_hi)],
-            "label_box": [int(v) for v in (*box_lo, *box_hi)],
-            "shape": [int(v) for v in img.shape],
-            "geometry": geom_r.shifted(tuple(int(v) for v in c_lo)).to_dict(),
-            "voxels": int(mask.sum()), "fracture_voxels": int(fr.sum()),
-            "fractured": bool(fr[mask > 0].any()), "partial": partial,
-            # fracture voxels per slice along each plane's axis (what the dataset's
-            # windows need to know without decoding the masks; windows.fracture_slice_counts)
-            "fracture_slices": {
-                plane: np.count_nonzero(fr, axis=tuple(a for a in range(3) if a != ax)).tolist()
-                for plane, ax in PLANE_AXIS.items()},
-        }))
-    if not crops:
-        raise UserError(f"{spec.vertebrae}: T4..L5 labels vanish when resampled to spacing "
-                        f"{','.join(f'{s:g}' for s in target)} mm")
+    for crop in case.crops:
+        hist += hu_histogram(crop.arrays["image"][crop.arrays["mask"] > 0])
     attrs = {
         "case_id": spec.case_id,
         "subject": spec.subject,
@@ -523,21 +386,12 @@ def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
                    "vertebrae": str(Path(spec.vertebrae).resolve()),
                    "fracture": str(Path(spec.fracture).resolve()) if spec.fracture else None},
         "label_scheme": params.label_scheme,
-        "vertebrae_source": "boxes" if boxes is not None else "labels",
-        "ct_geometry": ct_geometry.to_dict(), "ct_shape": [int(v) for v in ct_shape],
-        "reorientation": ro.to_dict(),
-        "orientation": "LPS (identity direction)",
-        "canonical_geometry": geom_c.to_dict(), "canonical_shape": [int(v) for v in shape_c],
-        "roi_box": [int(v) for v in (*lo, *hi)],
-        "resampled_geometry": geom_r.to_dict(), "resampled_shape": [int(v) for v in shape_r],
-        "resampling": {"spacing": list(target), "image": "linear", "labels": "nearest",
-                       "grid": "origin and direction of the canonical ROI, "
-                               "size round(extent / spacing)"},
-        "chunk_plane": params.chunk_plane, "chunk_axis": chunk_axis,
+        **case.attrs(),
+        "chunk_plane": params.chunk_plane, "chunk_axis": PLANE_AXIS[params.chunk_plane],
         "chunk_slices": CHUNK_SLICES,
         "grades": {str(k): v for k, v in spec.grades.items()},
     }
-    return PreparedCase(spec.case_id, attrs, crops, hist)
+    return PreparedCase(spec.case_id, attrs, case.crops, hist)
 
 
 def write_case(store, prepared: PreparedCase, split: str, chunk_axis: int) -> None:
@@ -815,6 +669,6 @@ def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[s
         bar.close()
 
 
-__all__ = ["ingest", "discover", "read_manifest", "read_verse_tree", "prepare_case",
-           "write_case", "assign_splits", "dataset_id", "CaseSpec", "Params", "PreparedCase",
-           "Crop", "SPLITS"]
+__all__ = ["ingest", "discover", "read_manifest", "read_verse_tree", "prepare_case", "read_ct",
+           "read_vertebrae", "write_case", "assign_splits", "dataset_id", "CaseSpec", "Params",
+           "PreparedCase", "Crop", "SPLITS"]

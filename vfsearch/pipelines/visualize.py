@@ -3,8 +3,9 @@
 Path of one case::
 
     CT + vertebra labels (+ fracture mask)       or   a case of a training store (crops)
-      │ predict.predict_case (the predict path)     │ crops pasted back into the case's
-      │ + to_canonical of every volume              │ resampled canonical grid
+      │ predict.predict_case (the predict path)     │ core.inference.fuse_crops: crops pasted
+      │ + to_canonical of every volume              │ back into the case's resampled canonical
+      │                                             │ grid
       ▼ CaseView: canonical (z, y, x) CT HU, fracture probability, labels, truth, crops
       │ flagged vertebrae: a predicted (mask) or true fracture voxel in the vertebra's cell
       ├─ heatmaps   sagittal / axial / coronal through each flagged vertebra's hottest
@@ -32,12 +33,36 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import ndimage
 
-from vfsearch.core.geometry import Geometry
+from vfsearch.adapters import meshes
+from vfsearch.adapters import plots as viz
+from vfsearch.adapters import volumes as io
+from vfsearch.adapters.store import Store
+from vfsearch.adapters.tracking import Tracker, tracking_uri
+from vfsearch.adapters.tracking.schema import IMPORTANCES_FILE, PARENT_RUN_TAG
+from vfsearch.core import fusion
+from vfsearch.core.config import Config
 from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import Geometry, canonical_reorientation, to_canonical
+from vfsearch.core.inference import (
+    DEFAULT_THRESHOLD,
+    LoadedModel,
+    ModelCrop,
+    combine_maps,
+    crop_attention,
+    fuse_crops,
+    vertebra_score,
+)
+from vfsearch.core.labels import name as vertebra_name
+from vfsearch.core.windows import PLANE_AXIS
+from vfsearch.pipelines.predict import RUN_ID, ModelRef, predict_case
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_RENDER_FACES = 40_000  # mplot3d sorts every face per view: bound the rendering time
 SPINE_RGB = ((0.93, 0.89, 0.80), (0.80, 0.76, 0.68))  # alternating vertebra tones
@@ -68,22 +93,20 @@ class CaseView:
     truth: np.ndarray | None
     geometry: Geometry
     threshold: float
-    models: list[Any]
+    models: list[LoadedModel]
     crops: dict[int, CropView] = field(default_factory=dict)
     spine: np.ndarray | None = None
 
 
 # -- building a view ------------------------------------------------------------------------
-def view_from_files(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.PathLike, *,
-                    fracture: str | os.PathLike | None = None, label_scheme: str = "verse",
-                    threshold: float | None = None, combine: str = "mean", device: Any = None,
-                    store: Any = None, workdir: str | os.PathLike = "mlruns") -> CaseView:
+def view_from_files(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os.PathLike,
+                    *, fracture: str | os.PathLike | None = None, label_scheme: str = "verse",
+                    threshold: float | None = None, combine: str = "mean",
+                    device: str | torch.device | None = None,
+                    store: str | os.PathLike | Store | None = None,
+                    workdir: str | os.PathLike = "mlruns") -> CaseView:
     """Predict one CT (the `vfsearch.pipelines.predict` path) and bring everything to canonical
     orientation at the CT's own resolution. ``fracture``: ground truth on the CT's grid."""
-    from vfsearch.adapters import volumes as io
-    from vfsearch.core.geometry import canonical_reorientation, to_canonical
-    from vfsearch.pipelines.predict import predict_case
-
     case = predict_case(model_ref, ct, vertebrae, label_scheme=label_scheme,
                         threshold=threshold, combine=combine, device=device, store=store,
                         workdir=workdir)
@@ -102,23 +125,21 @@ def view_from_files(model_ref: Any, ct: str | os.PathLike, vertebrae: str | os.P
     ct_c, geom_c, _ = to_canonical(vol.array, vol.geometry)
     labels_c = ro.apply(case.labels)
     spine = None
-    if case.prepared.attrs.get("vertebrae_source") == "boxes":
+    if case.prepared.vertebrae_source == "boxes":
         spine = (labels_c > 0) & (ct_c >= 150)  # boxes only: bone inside them
     crops = {c.vid: CropView(c.vid, c.arrays["image"], Geometry.from_dict(c.attrs["geometry"]))
              for c in case.prepared.crops}
-    return CaseView(case.prepared.case_id, ct_c, ro.apply(case.prob), labels_c,
+    return CaseView(case.case_id, ct_c, ro.apply(case.prob), labels_c,
                     ro.apply(truth) if truth is not None else None, geom_c, case.threshold,
                     case.models, crops, spine)
 
 
-def view_from_store(models: Sequence[Any], store: Any, case_id: str, *,
+def view_from_store(models: Sequence[LoadedModel], store: Store, case_id: str, *,
                     threshold: float | None = None, combine: str = "mean",
                     batch_size: int = 16) -> CaseView:
     """A stored case at the store's resolution: crops pasted into the case's resampled
-    canonical grid (outside the crops: -1024 HU), probability fused over the crops."""
-    from vfsearch.core import fusion
-    from vfsearch.pipelines.predict import DEFAULT_THRESHOLD, crop_probability
-
+    canonical grid (outside the crops: -1024 HU), probability fused over the crops
+    (`vfsearch.core.inference.fuse_crops`, on that grid: no resampling)."""
     attrs = store.case_attrs(case_id)
     geometry = Geometry.from_dict(attrs["resampled_geometry"])
     shape = tuple(int(v) for v in attrs["resampled_shape"])
@@ -127,19 +148,20 @@ def view_from_store(models: Sequence[Any], store: Any, case_id: str, *,
     ct = np.full(shape, -1024, np.int16)
     labels = np.zeros(shape, np.uint8)
     truth = np.zeros(shape, bool)
-    acc = fusion.CaseAccumulator(shape, combine, t)
     crops = {}
     for vid in store.vertebrae(case_id):
         va = store.vertebra_attrs(case_id, vid)
         lo = [int(v) for v in va["crop_box"][:3]]
         image = store.read(case_id, vid, "image")
-        dst = tuple(slice(a, a + n) for a, n in zip(lo, image.shape))
+        dst = tuple(slice(a, a + n) for a, n in zip(lo, image.shape, strict=True))
         ct[dst] = image
         labels[dst] = np.where(store.read(case_id, vid, "mask") > 0, vid, labels[dst])
         truth[dst] |= store.read(case_id, vid, "fracture") > 0
-        acc.add(crop_probability(models, image, batch_size=batch_size), lo)
         crops[vid] = CropView(vid, image, Geometry.from_dict(va["geometry"]))
-    return CaseView(case_id, ct, acc.result(), labels, truth, geometry, t, list(models), crops)
+    fused = fuse_crops(models, [ModelCrop(c.vid, c.image, c.geometry) for c in crops.values()],
+                       geometry, shape, resampler=None, batch_size=batch_size)
+    prob = combine_maps(fused.maps, ((0, 0, 0), shape), combine, t).result()
+    return CaseView(case_id, ct, prob, labels, truth, geometry, t, list(models), crops)
 
 
 # -- choosing what to draw ----------------------------------------------------------------------
@@ -181,11 +203,6 @@ def hottest_point(values: np.ndarray, region: np.ndarray) -> tuple[int, int, int
 def findings(view: CaseView, *, include_all: bool = False) -> list[Finding]:
     """Flagged vertebrae (a predicted or a true fracture voxel in the vertebra's nearest-label
     cell), ordered superior to inferior; ``include_all`` lists every vertebra."""
-    from scipy import ndimage
-
-    from vfsearch.core import fusion
-    from vfsearch.core.labels import name
-
     present = ndimage.find_objects(view.labels.astype(np.int64))
     if not any(s is not None for s in present):
         return []
@@ -193,7 +210,7 @@ def findings(view: CaseView, *, include_all: bool = False) -> list[Finding]:
     hi = np.max([[s.stop for s in sl] for sl in present if sl is not None], axis=0)
     pad = 8
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, view.labels.shape)
-    roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     labels = view.labels[roi]
     cells = fusion.nearest_label(labels, view.geometry.spacing[::-1])
     prob = view.prob[roi]
@@ -208,13 +225,13 @@ def findings(view: CaseView, *, include_all: bool = False) -> list[Finding]:
         is_pred, is_true = bool((pred & cell).any()), bool((truth & cell).any())
         if not (is_pred or is_true or include_all):
             continue
-        score = float(np.quantile(prob[own], 0.99)) if own.any() else 0.0
+        score = vertebra_score(prob, labels, cells, vid)
         # hottest point of probability + truth: lands in the overlap when both exist
         region = cell & (pred | truth) if (is_pred or is_true) else own
         focus = hottest_point(prob + truth, region) or hottest_point(prob, own)
-        focus = tuple(int(f + o) for f, o in zip(focus, lo))
+        focus = tuple(int(f + o) for f, o in zip(focus, lo, strict=True))
         box = (tuple(s.start for s in sl), tuple(s.stop for s in sl))
-        out.append(Finding(vid, name(vid), is_pred, is_true, score, focus, box))
+        out.append(Finding(vid, vertebra_name(vid), is_pred, is_true, score, focus, box))
     return sorted(out, key=lambda f: -f.focus[0])  # superior first
 
 
@@ -224,8 +241,6 @@ def _slug(text: str) -> str:
 
 
 def _heat_row(view: CaseView, f: Finding) -> list[Any]:
-    from vfsearch.adapters import plots as viz
-
     return viz.ortho_panels(view.ct, view.prob, view.truth, view.geometry.spacing,
                             view.geometry.origin, f.focus, box_zyx=f.box, label=f.name)
 
@@ -233,10 +248,6 @@ def _heat_row(view: CaseView, f: Finding) -> list[Any]:
 def _attention_rows(view: CaseView, f: Finding) -> list[list[Any]]:
     """Per model (plane): [CT + probability, gate level 0, 1, ...] on the model's slice of the
     vertebra's crop through the finding's focus."""
-    from vfsearch.adapters import plots as viz
-    from vfsearch.core.windows import PLANE_AXIS
-    from vfsearch.pipelines.predict import crop_attention
-
     crop = view.crops.get(f.vid)
     if crop is None:
         return []
@@ -272,9 +283,6 @@ def _mesh_for_render(build, n_faces: int):
 def render_3d(view: CaseView, out: Path, *, html: bool = False) -> dict[str, Any]:
     """Meshes (STL + PLY in physical LPS mm) and the headless 4-view rendering."""
     from matplotlib import colormaps
-
-    from vfsearch.adapters import meshes as meshes
-    from vfsearch.adapters import plots as viz
 
     labels, ids = _spine_mask_and_ids(view)
     spine = meshes.label_surfaces(labels, view.geometry, ids=ids)
@@ -331,8 +339,6 @@ def render_case(view: CaseView, out: str | os.PathLike, *, html: bool = False,
                 max_vertebrae: int | None = None) -> dict[str, Any]:
     """Every picture and mesh of one case into folder ``out``; returns a summary (files,
     flagged vertebrae, picture sizes) that is also written as ``pictures.json``."""
-    from vfsearch.adapters import plots as viz
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = findings(view)
@@ -444,31 +450,24 @@ def write_html(path: str | os.PathLike, parts: Sequence[tuple[str, Any, np.ndarr
 
 
 # -- curves -------------------------------------------------------------------------------------
-def run_history(tracker: Any, run_id: str) -> dict[str, list[tuple[float, float]]]:
+def run_history(tracker: Tracker, run_id: str) -> dict[str, list[tuple[float, float]]]:
     """Every metric of an MLflow run as ``{key: [(step, value), ...]}``."""
-    from vfsearch.adapters.tracking import _retry
-
-    run = _retry(lambda: tracker.client.get_run(run_id))
-    return {k: [(float(m.step), float(m.value)) for m in
-                _retry(lambda k=k: tracker.client.get_metric_history(run_id, k))]
+    run = tracker.get_run(run_id)
+    return {k: [(float(m.step), float(m.value)) for m in tracker.get_metric_history(run_id, k)]
             for k in run.data.metrics}
 
 
-def child_runs(tracker: Any, run_id: str) -> list[Any]:
+def child_runs(tracker: Tracker, run_id: str) -> list[Any]:
     """The nested runs of a parent (a sweep's trials)."""
-    from vfsearch.adapters.tracking import _retry
-
     exp = tracker.experiment_of(run_id)
-    return _retry(lambda: tracker.client.search_runs(
-        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000))
+    return tracker.search_runs([exp], f"tags.`{PARENT_RUN_TAG}` = '{run_id}'",
+                               max_results=5000)
 
 
-def sweep_data(tracker: Any, run_id: str, *, metric: str = "val_dice"
+def sweep_data(tracker: Tracker, run_id: str, *, metric: str = "val_dice"
                ) -> tuple[dict[str, list[tuple[float, float]]] | None, dict[str, float]]:
     """A sweep parent's trials ``{run name: [(epoch, metric), ...]}`` (None when the run has
     no nested runs) and the parameter importances it logged (``{}`` when none)."""
-    from vfsearch.adapters.tracking import _retry
-
     children = child_runs(tracker, run_id)
     if not children:
         return None, {}
@@ -476,13 +475,12 @@ def sweep_data(tracker: Any, run_id: str, *, metric: str = "val_dice"
     for child in children:
         name = child.data.tags.get("mlflow.runName") or child.info.run_id[:8]
         if metric in child.data.metrics:
-            trials[name] = [(float(m.step), float(m.value)) for m in _retry(
-                lambda c=child: tracker.client.get_metric_history(c.info.run_id, metric))]
+            trials[name] = [(float(m.step), float(m.value)) for m in
+                            tracker.get_metric_history(child.info.run_id, metric)]
     importances: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = _retry(lambda: tracker.client.download_artifacts(
-                run_id, "importances/param_importances.json", tmp))
+            local = tracker.download_artifacts(run_id, IMPORTANCES_FILE, tmp)
             importances = {str(k): float(v) for k, v in
                            json.loads(Path(local).read_text()).items()}
     except Exception:  # noqa: BLE001 - none logged (fewer than 2 finished trials)
@@ -490,13 +488,11 @@ def sweep_data(tracker: Any, run_id: str, *, metric: str = "val_dice"
     return trials, importances
 
 
-def curve_pictures(tracker: Any, run_id: str, out: str | os.PathLike, *,
+def curve_pictures(tracker: Tracker, run_id: str, out: str | os.PathLike, *,
                    metric: str = "val_dice") -> list[Path]:
     """Training curves of a run; for a sweep's parent run (one with nested runs) also
     ``metric`` against budget over its trials and the parameter importances it logged
     (``importances/param_importances.json``, written by `vfsearch.pipelines.tune`)."""
-    from vfsearch.adapters import plots as viz
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -514,7 +510,7 @@ def curve_pictures(tracker: Any, run_id: str, out: str | os.PathLike, *,
     return written
 
 
-def log_curves(tracker: Any, run_id: str, *, artifact_path: str = "curves",
+def log_curves(tracker: Tracker, run_id: str, *, artifact_path: str = "curves",
                metric: str = "val_dice") -> list[str]:
     """`curve_pictures` of ``run_id`` logged on that run under ``artifact_path``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -523,17 +519,14 @@ def log_curves(tracker: Any, run_id: str, *, artifact_path: str = "curves",
     return [f"{artifact_path}/{p.name}" for p in paths]
 
 
-def _log_folder(tracker: Any, run_id: str, folder: str | os.PathLike, artifact_path: str
-                ) -> None:
+def _log_folder(tracker: Tracker, run_id: str, folder: str | Path, artifact_path: str) -> None:
     """Every file of ``folder`` in one upload (one request per file is slow on a busy
     server)."""
-    from vfsearch.adapters.tracking import _retry
-
-    _retry(lambda: tracker.client.log_artifacts(run_id, str(folder), artifact_path))
+    tracker.log_artifacts(run_id, folder, artifact_path)
 
 
 # -- MLflow hook -------------------------------------------------------------------------------
-def pick_case(store: Any, split: str = "val") -> str | None:
+def pick_case(store: Store, split: str = "val") -> str | None:
     """The first case of ``split`` with a fractured vertebra, else its first case."""
     ids = store.case_ids(split)
     for cid in ids:
@@ -542,7 +535,8 @@ def pick_case(store: Any, split: str = "val") -> str | None:
     return ids[0] if ids else None
 
 
-def log_visualisations(tracker: Any, run_id: str, model: Any, store: Any, config: Any = None,
+def log_visualisations(tracker: Tracker, run_id: str, model: torch.nn.Module | LoadedModel,
+                       store: str | os.PathLike | Store, config: Config | None = None,
                        *, case_id: str | None = None, split: str = "val",
                        threshold: float | None = None, combine: str = "mean",
                        artifact_path: str = "visualisations", max_vertebrae: int = 4,
@@ -550,14 +544,11 @@ def log_visualisations(tracker: Any, run_id: str, model: Any, store: Any, config
     """Render one case of a training store for a trained model and log the pictures and
     meshes on MLflow run ``run_id`` under ``artifact_path/<case>/``.
 
-    ``model``: a `vfsearch.pipelines.predict.LoadedModel`, or a trained module with its
+    ``model``: a `vfsearch.core.inference.LoadedModel`, or a trained module with its
     `vfsearch.core.config.Config` as ``config`` (set to eval mode here; it stays on its device).
     ``store``: path or `Store`. ``case_id``: default the first ``split`` case with a
     fracture. Classifiers draw nothing. Returns the artifact paths logged.
     """
-    from vfsearch.adapters.store import Store
-    from vfsearch.pipelines.predict import LoadedModel
-
     st = store if isinstance(store, Store) else Store(store)
     if isinstance(model, LoadedModel):
         lm = model
@@ -583,11 +574,13 @@ def log_visualisations(tracker: Any, run_id: str, model: Any, store: Any, config
 
 
 # -- the command --------------------------------------------------------------------------------
-def visualize(out: str | os.PathLike, *, model: Any = None, ct: str | os.PathLike | None = None,
+def visualize(out: str | os.PathLike, *, model: ModelRef | None = None,
+              ct: str | os.PathLike | None = None,
               vertebrae: str | os.PathLike | None = None,
               fracture: str | os.PathLike | None = None, run: str | None = None,
               label_scheme: str = "verse", threshold: float | None = None,
-              combine: str = "mean", device: Any = None, store: Any = None,
+              combine: str = "mean", device: str | torch.device | None = None,
+              store: str | os.PathLike | Store | None = None,
               workdir: str | os.PathLike = "mlruns", html: bool = False,
               log_to: str | None = None) -> dict[str, Any]:
     """``vfsearch visualize``: pictures of a model on one CT and/or curves of an MLflow run.
@@ -597,8 +590,6 @@ def visualize(out: str | os.PathLike, *, model: Any = None, ct: str | os.PathLik
     curves, and for a sweep's parent run the budget and importance plots. ``log_to``: also
     log the case pictures on this MLflow run. Returns a summary with ``files``.
     """
-    from vfsearch.pipelines.predict import RUN_ID
-
     if ct is None and run is None:
         raise UserError("visualize: give a CT (with --model and --vertebrae) or --run")
     out_dir = Path(out)
@@ -607,12 +598,10 @@ def visualize(out: str | os.PathLike, *, model: Any = None, ct: str | os.PathLik
     summary: dict[str, Any] = {"files": []}
     tracker = None
     if run is not None or log_to is not None:
-        from vfsearch.adapters import tracking
-
         for option, value in (("--run", run), ("--log-to", log_to)):
             if value is not None and not RUN_ID.match(value):
                 raise UserError(f"{option}: {value!r} is not an MLflow run id (32 hex digits)")
-        tracker = tracking.Tracker(tracking.tracking_uri(workdir))
+        tracker = Tracker(tracking_uri(workdir))
     if ct is not None:
         if model is None or vertebrae is None:
             raise UserError("visualize: a CT needs --model and --vertebrae")
@@ -627,6 +616,7 @@ def visualize(out: str | os.PathLike, *, model: Any = None, ct: str | os.PathLik
         if tracker is not None and log_to is not None:
             _log_folder(tracker, log_to, out_dir, f"visualisations/{_slug(view.case_id)}")
     if run is not None:
+        assert tracker is not None  # opened above whenever a run is given
         try:
             paths = curve_pictures(tracker, run, out_dir / "curves")
         except UserError:
@@ -652,5 +642,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 __all__ = ["CaseView", "CropView", "Finding", "curve_pictures", "findings", "format_summary",
            "hottest_point", "log_curves", "log_visualisations", "pick_case", "render_3d",
-           "render_case", "run_history", "sweep_data", "view_from_files", "view_from_store", "visualize",
-           "write_html"]
+           "render_case", "run_history", "sweep_data", "view_from_files", "view_from_store",
+           "visualize", "write_html"]
