@@ -160,6 +160,11 @@ def train(
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(
         min=0, help="GPUs per worker (0: CPU with gloo; > 0: CUDA with NCCL and bf16).")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(
+        min=0.1, help="CPUs each worker reserves (its loader processes use them).")] = 1.0,
+    loader_workers: Annotated[Optional[int], typer.Option(
+        min=0, help="DataLoader processes per worker; shortcut for --set train.num_workers=N "
+        "(default auto: none on CPU, CPUs per worker - 1 up to 8 on GPU).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
         min=1, help="Shortcut for --set train.epochs=E.")] = None,
     name: Annotated[Optional[str], typer.Option(
@@ -186,8 +191,11 @@ def train(
         overrides = list(set_ or [])
         if epochs is not None:
             overrides.append(f"train.epochs={epochs}")
+        if loader_workers is not None:
+            overrides.append(f"train.num_workers={loader_workers}")
         cfg = load_config(str(config) if config else None, overrides)
         summary = train_fn(store, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
+                           cpus_per_worker=cpus_per_worker,
                            name=name, address=address, storage=storage, workdir=workdir,
                            experiment=experiment, config_file=config, verbose=verbose,
                            echo=progress.say)
@@ -318,13 +326,17 @@ def evaluate(
 @app.command()
 def tune(
     store: Annotated[Path, typer.Option("--store", help="Zarr store written by ingest.")],
-    space: Annotated[Path, typer.Option("--space", help="Search space: "
-                                        "a packaged space name (default, real, demo, ...) or a YAML path (schema in the README).")],
+    space: Annotated[Path, typer.Option("--space", help="Search space: a packaged name "
+                                        "(default, real, gan, ablation, pareto, demo, smoke) "
+                                        "or a YAML file (schema in the README).")],
     num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
     address: Annotated[Optional[str], typer.Option(
         help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial (all workers).")] = 0.0,
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(
+        min=0.1, help="CPUs each Ray Train worker reserves; its DataLoader processes "
+        "(train.num_workers in the space, default auto) use them.")] = 1.0,
     max_concurrent: Annotated[Optional[int], typer.Option(
         help="Trials at once (default: what the cluster's resources allow now; on a joined "
         "cluster a higher value lets the autoscaler add nodes).")] = None,
@@ -356,7 +368,7 @@ def tune(
     with _errors():
         summary = run_tune(store, space, num_samples=num_samples, address=address,
                            gpus_per_trial=gpus_per_trial, workers_per_trial=workers_per_trial,
-                           max_concurrent=max_concurrent, name=name, resume=resume,
+                           cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, name=name, resume=resume,
                            storage=storage, seed=seed, workdir=workdir, sampler=sampler,
                            driver_resource=driver_resource, verbose=verbose,
                            echo=progress.say)
