@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common import phantom_store
     from vfsearch.adapters import tracking
-    from vfsearch.pipelines.train import start_local_ray
+    from vfsearch.adapters.ray_runtime import start_local_ray
     from vfsearch.pipelines.tune import tune
 
     n_random = args.budget // args.epochs

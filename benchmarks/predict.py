@@ -37,7 +37,8 @@ from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.adapters import volumes as io
 from vfsearch.core.windows import PLANE_AXIS, normalise, normalised_floor
 from vfsearch.core.models import build_model
-from vfsearch.pipelines.predict import LoadedModel, predict
+from vfsearch.core.inference import LoadedModel
+from vfsearch.pipelines.predict import predict
 
 FINGERPRINT = {"p0_5": -1000.0, "p99_5": 1500.0, "mean": 150.0, "std": 350.0}
 

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from vfsearch.core.config import parse_overrides
-    from vfsearch.pipelines.train import start_local_ray
+    from vfsearch.adapters.ray_runtime import start_local_ray
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
     work.mkdir(parents=True, exist_ok=True)

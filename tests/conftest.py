@@ -38,7 +38,7 @@ def ray_local():
     State API). Shut down at the end only if this fixture started it."""
     import ray
 
-    from vfsearch.pipelines.train import start_local_ray
+    from vfsearch.adapters.ray_runtime import start_local_ray
 
     started = not ray.is_initialized()
     if started:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
+from vfsearch.adapters.tracking.schema import SWEEP_EXPERIMENT, SWEEP_TAG
 
 TINY = """
 version: 1
@@ -47,7 +47,7 @@ def client(uri: str):
 def children(uri: str, sweep: str):
     """(client, parent run, child runs) of ``sweep``; exactly one parent must exist."""
     c = client(uri)
-    exp = c.get_experiment_by_name(EXPERIMENT)
+    exp = c.get_experiment_by_name(SWEEP_EXPERIMENT)
     parents = c.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]

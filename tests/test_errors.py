@@ -237,19 +237,19 @@ def test_mlflow_nobody_listening_names_the_url(quick_mlflow):
 
     uri = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(UserError) as info:
-        tracking._retry(lambda: tracking.Tracker(uri).client.get_experiment_by_name("x"),
-                        attempts=1)
+        tracking.Tracker(uri).get_experiment_by_name("x", attempts=1)
     assert str(info.value) == f"MLflow tracking server: nothing answers at {uri}"
 
 
 def test_mlflow_server_that_dies_at_start_says_why(tmp_path, monkeypatch):
     """The embedded server's failure names the last line of its log, not just a timeout."""
     from vfsearch.adapters import tracking
+    from vfsearch.adapters.tracking import server
 
     fake = [sys.executable, "-c", "import sys; print('Traceback ...'); "
             "print('sqlalchemy.exc.OperationalError: unable to open database file'); "
             "sys.exit(3)"]
-    monkeypatch.setattr(tracking, "_mlflow_executable", lambda: fake)
+    monkeypatch.setattr(server, "_mlflow_executable", lambda: fake)
     with pytest.raises(UserError) as info:
         tracking.ensure_server(tmp_path, timeout=30)
     assert str(info.value) == (f"{tmp_path.resolve() / 'server.log'}: the MLflow server exited "

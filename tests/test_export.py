@@ -26,7 +26,7 @@ from vfsearch.adapters import bundle
 from vfsearch.core.config import Config
 from vfsearch.core.errors import UserError
 from vfsearch.pipelines.export import Candidate, choose, export, promotion_decision, rank
-from vfsearch.pipelines.predict import LoadedModel
+from vfsearch.core.inference import LoadedModel
 
 FINGERPRINT = {"p0_5": -1000.0, "p99_5": 1500.0, "mean": 100.0, "std": 400.0}
 SPACING = (1.0, 1.0, 1.0)
@@ -157,7 +157,8 @@ def test_out_never_overwrites_a_foreign_folder(tmp_path):
 def test_ensemble_bundle_loads_as_its_members_averaged(tmp_path):
     """write_ensemble: each member a bundle of its own, the ensemble's threshold on every
     member, and the loaded list predicting the mean of the members' maps (planes mixed)."""
-    from vfsearch.pipelines.predict import crop_probability, load_model
+    from vfsearch.core.inference import crop_probability
+    from vfsearch.pipelines.predict import load_model
 
     a = tiny_loaded(tiny_config(), seed=1)
     b = tiny_loaded(tiny_config(**{"data.plane": "axial"}), seed=2)
@@ -264,8 +265,8 @@ def _log_run(tr, folder: Path, experiment: str, name: str, metrics: dict, *,
     run_id = tr.start_run(experiment, name, tags={"dataset_fingerprint": "abc123",
                                                   **(tags or {})}, parent_run_id=parent)
     tr.log_params(run_id, cfg.flatten())
-    for k, v in metrics.items():  # Tracker.log_metrics drops NaN; the client keeps it
-        tr.client.log_metric(run_id, k, float(v), step=0)
+    for k, v in metrics.items():  # Tracker.log_metrics drops NaN; log_metric keeps it
+        tr.log_metric(run_id, k, float(v), step=0)
     if checkpoint:
         tr.log_artifact(run_id, _save_best(ckpt_dir / "best.pt", cfg, seed, **ckpt),
                         "checkpoints")
@@ -278,7 +279,8 @@ def _log_run(tr, folder: Path, experiment: str, name: str, metrics: dict, *,
 def world(mlflow_server, tmp_path_factory):
     """Sweeps and runs in the real server: returns their names and ids."""
     from vfsearch.adapters import tracking
-    from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters.tracking.schema import STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters.tracking.schema import SWEEP_EXPERIMENT as EXPERIMENT
 
     tmp = tmp_path_factory.mktemp("export-runs")
     tr = tracking.Tracker(mlflow_server)
@@ -531,8 +533,9 @@ def ens_world(mlflow_server, small_store, tmp_path_factory):
     from vfsearch.adapters import tracking
     from vfsearch.adapters.store import Store
     from vfsearch.pipelines.evaluate import fused_validation_metrics
-    from vfsearch.pipelines.predict import load_checkpoint
-    from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters.bundle import load_checkpoint
+    from vfsearch.adapters.tracking.schema import STATUS_TAG, SWEEP_TAG
+    from vfsearch.adapters.tracking.schema import SWEEP_EXPERIMENT as EXPERIMENT
 
     tmp = tmp_path_factory.mktemp("ensemble-runs")
     tr = tracking.Tracker(mlflow_server)
@@ -582,8 +585,11 @@ def test_top_k_bundle_holds_the_members_and_predicts_their_mean(ens_world, ensem
     from mlflow import MlflowClient
 
     from vfsearch.adapters.store import Store
-    from vfsearch.pipelines.predict import crop_probability, load_checkpoint, load_model
-    from vfsearch.adapters.tracking.pyfunc import version_of_run
+    from vfsearch.adapters.bundle import load_checkpoint
+    from vfsearch.core.inference import crop_probability
+    from vfsearch.pipelines.predict import load_model
+    from vfsearch.adapters.tracking import Tracker
+    from vfsearch.adapters.tracking.registry import version_of_run
 
     w = ens_world
     _, summary, again, out = ensemble
@@ -622,8 +628,9 @@ def test_top_k_bundle_holds_the_members_and_predicts_their_mean(ens_world, ensem
     # idempotent by the set of members; a single member never matches the ensemble
     assert (again.version, again.new_version, again.alias_moved) == \
         (summary.version, False, True)
-    assert version_of_run(client, w["name"], [w["Q"], w["P"]]).version == summary.version
-    assert version_of_run(client, w["name"], w["P"]) is None
+    tracker = Tracker(w["uri"])
+    assert version_of_run(tracker, w["name"], [w["Q"], w["P"]]).version == summary.version
+    assert version_of_run(tracker, w["name"], w["P"]) is None
 
 
 @pytest.mark.integration

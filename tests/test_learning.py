@@ -14,7 +14,8 @@ import torch
 
 from vfsearch.core.config import load_config
 from vfsearch.pipelines.evaluate import fused_validation_metrics
-from vfsearch.pipelines.train import build_models, run_training
+from vfsearch.pipelines.train import run_training
+from vfsearch.pipelines.train.loop import build_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -104,7 +104,7 @@ def test_durations():
 
 
 def test_epoch_line_has_losses_dice_rate_and_eta():
-    from vfsearch.pipelines.train import format_epoch
+    from vfsearch.pipelines.train.worker import format_epoch
 
     m = {"train/loss": 0.5, "train/dice": 0.3, "train/bce": 0.2, "train/grad_norm": 1.0,
          "val_dice": 0.25, "val_iou": 0.14, "lr": 1e-3, "windows_per_s": 40.0,

@@ -16,7 +16,7 @@ import pytest
 from loopback import LoopbackCluster
 from sweeps import children, client, write_space
 
-from vfsearch.pipelines.tune import STATUS_TAG
+from vfsearch.adapters.tracking.schema import STATUS_TAG
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from vfsearch.core.losses import build_loss, gan_d_loss
 from vfsearch.core.metrics import confusion_counts, scores
 from vfsearch.core.models.discriminator import DISC_NORMS, PatchDiscriminator
 from vfsearch.core.steps import eval_step, gan_step, seg_step
-from vfsearch.pipelines.train import build_models, optimizer_digest, warmup_cosine
+from vfsearch.pipelines.train.loop import build_models, optimizer_digest, warmup_cosine
 
 torch.set_num_threads(1)
 

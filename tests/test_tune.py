@@ -16,7 +16,8 @@ from sweeps import write_space
 from typer.testing import CliRunner
 
 from vfsearch.cli import app
-from vfsearch.pipelines.tune import EXPERIMENT, STATUS_TAG, driver_resources, max_concurrent_trials
+from vfsearch.adapters.tracking.schema import STATUS_TAG, SWEEP_EXPERIMENT
+from vfsearch.pipelines.tune import driver_resources, max_concurrent_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -152,7 +153,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, small_store, mlf
     deadline = time.time() + 400
     try:
         while time.time() < deadline:
-            exp = client.get_experiment_by_name(EXPERIMENT)
+            exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
             done = client.search_runs(
                 [exp.experiment_id], f"tags.`{STATUS_TAG}` = 'completed'") if exp else []
             done = [r for r in done if r.info.run_name.startswith("interrupted-")]
@@ -255,6 +256,6 @@ def test_driver_resource_missing_on_the_cluster_fails_clearly(tmp_path, small_st
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --driver-resource: no node of the Ray cluster offers"), last
     client = _client(mlflow_server)
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     assert not exp or not client.search_runs([exp.experiment_id],
                                              "tags.`vfsearch.sweep` = 'nodrv'")

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vfsearch.adapters import tracking
+from vfsearch.adapters.tracking.schema import SHARED_VIEW_TAG
 from vfsearch.cli import app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -127,7 +128,7 @@ def test_tune_prints_the_sweep_view(ui_sweep, mlflow_server):
     key = f"vfsearch-sweep-{parent.info.run_id}"
     assert f"MLflow runs: {mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?" \
         f"viewStateShareKey={key}" in str(summary)
-    tag = client.get_experiment(parent.info.experiment_id).tags[tracking.SHARED_VIEW_TAG + key]
+    tag = client.get_experiment(parent.info.experiment_id).tags[SHARED_VIEW_TAG + key]
     view = json.loads(tag)
     state = json.loads(view["state"])
     assert view["name"] == "sweep uisweep: trials by val_dice3d"

@@ -23,12 +23,13 @@ Steps (`export`):
    with ``minimum``, if the lower bound of its bootstrap interval (``<metric>_ci_low``,
    logged by ``vfsearch evaluate --split val``) beats ``minimum``. Otherwise `UserError`
    with both figures, unless ``force``. Checked before anything is written.
-3. **Bundle** (`vfsearch.adapters.bundle.write_bundle`) in ``out``: weights, TorchScript, ONNX when it
-   exports cleanly, config.json and MODEL_CARD.md (`model_card`).
-4. **Register** (`vfsearch.adapters.tracking.pyfunc.log_and_register`): the bundle as a pyfunc `LoggedModel`
-   linked to the run, a new version of the registered model tagged ``vfsearch.run_id``, and
-   the alias pointed at it. Re-exporting a run that already has a version reuses that
-   version (no new one): export is idempotent.
+3. **Bundle** (`vfsearch.adapters.bundle.write_bundle`) in ``out``: weights, TorchScript, ONNX
+   when it exports cleanly, config.json and MODEL_CARD.md (`model_card`).
+4. **Register** (`vfsearch.adapters.tracking.registry.log_and_register`): the bundle as a
+   pyfunc `LoggedModel` linked to the run, a new version of the registered model tagged
+   ``vfsearch.run_id`` (every tag name: `vfsearch.adapters.tracking.schema`), and the alias
+   pointed at it. Re-exporting a run that already has a version reuses that version (no new
+   one): export is idempotent.
 5. **Top-k ensembles** (``top_k`` K > 1, ``--top-k``): the K best candidates with a checkpoint
    (same ranking; fewer than K is a `UserError` before anything is written) become one model
    that averages their probability maps (`vfsearch.pipelines.predict.crop_probability`; planes may
@@ -42,13 +43,15 @@ Steps (`export`):
      those ``val_*`` figures; the deployment threshold is its ``val_threshold3d`` (chosen on
      all of val). The test split is never read. The members were ranked on val too, so the
      value still favours them, exactly as a single run's does.
-   * **Bundle**: `vfsearch.adapters.bundle.write_ensemble` (``members/<i>/`` each a full single-model
-     bundle, best first; a top-level config.json lists them with the ensemble's threshold).
+   * **Bundle**: `vfsearch.adapters.bundle.write_ensemble` (``members/<i>/`` each a full
+     single-model bundle, best first; a top-level config.json lists them with the ensemble's
+     threshold).
    * **Registry**: the LoggedModel and version are linked to the best member's run and tagged
      ``vfsearch.members`` (every member's run id, best first), ``vfsearch.member_values``
      (their metric) and ``vfsearch.metric_value`` (the ensemble's, what a later gate
-     compares with). Idempotence is by the set of members (`vfsearch.adapters.tracking.pyfunc.version_of_run`):
-     the same K runs reuse their version; a single run never matches an ensemble holding it.
+     compares with). Idempotence is by the set of members
+     (`vfsearch.adapters.tracking.registry.version_of_run`): the same K runs reuse their
+     version; a single run never matches an ensemble holding it.
    * Pictures of the model on a validation case are drawn for single runs only.
 """
 
@@ -62,23 +65,47 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import vfsearch
+from vfsearch.adapters import tracking
+from vfsearch.adapters.tracking import Tracker, registry
+from vfsearch.adapters.tracking.schema import (
+    BEST_CHECKPOINT,
+    BEST_TRIAL_TAG,
+    CHECKPOINTS_DIR,
+    CI_HIGH_SUFFIX,
+    CI_LOW_SUFFIX,
+    DEFAULT_METRIC,
+    EVAL_THRESHOLD_TAG,
+    FINGERPRINT_TAG,
+    GIT_COMMIT_TAG,
+    MEMBER_VALUES_TAG,
+    MEMBERS_TAG,
+    METRIC_MODE_TAG,
+    METRIC_TAG,
+    METRIC_VALUE_TAG,
+    PARENT_RUN_TAG,
+    SEARCH_SPACE_DIR,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    STORE_TAG,
+    SWEEP_EXPERIMENT,
+    SWEEP_TAG,
+    THRESHOLD_METRIC,
+    TOP_K_TAG,
+    TRIAL_TAG,
+    VERSION_RUN_TAG,
+    VISUALISATIONS_DIR,
+)
 from vfsearch.core.errors import UserError
 
-DEFAULT_METRIC = "val_dice3d"
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
 DEFAULT_NAME = "vfsearch-fracture"
 DEFAULT_ALIAS = "champion"
-CI_LOW_SUFFIX = "_ci_low"
-CI_HIGH_SUFFIX = "_ci_high"
-PARENT_TAG = "mlflow.parentRunId"
-# tags written on each model version (RUN_TAG from vfsearch.adapters.tracking.pyfunc: the idempotence key)
-METRIC_TAG = "vfsearch.metric"
-VALUE_TAG = "vfsearch.metric_value"
-MODE_TAG = "vfsearch.metric_mode"
-# an ensemble's version also carries MEMBERS_TAG (vfsearch.adapters.tracking.pyfunc) and these
-MEMBER_VALUES_TAG = "vfsearch.member_values"  # each member's metric, in MEMBERS_TAG's order
-TOP_K_TAG = "vfsearch.top_k"
 ENSEMBLE_SPLIT = "val"  # the split that judges an ensemble; export never reads test
 # figures of fused_validation_metrics selected on the cases they score: never a gate value
 OPTIMISTIC_SUFFIXES = ("_tuned", "_threshold3d")
@@ -102,8 +129,6 @@ class Candidate:
     @property
     def state(self) -> str:
         """How the run ended: the sweep's ``vfsearch.status`` tag, else the MLflow status."""
-        from vfsearch.pipelines.tune import STATUS_TAG
-
         return self.tags.get(STATUS_TAG) or self.status.lower()
 
     def value(self, metric: str) -> float | None:
@@ -111,7 +136,7 @@ class Candidate:
         return None if v is None else float(v)
 
     @classmethod
-    def from_run(cls, run: Any) -> Candidate:
+    def from_run(cls, run: Run) -> Candidate:
         """From an `mlflow.entities.Run`."""
         return cls(run_id=run.info.run_id, run_name=run.info.run_name or "",
                    experiment_id=run.info.experiment_id, status=run.info.status,
@@ -122,8 +147,6 @@ class Candidate:
 def is_finished(c: Candidate) -> bool:
     """Finished for export: MLflow FINISHED or a sweep trial tagged ``stopped early``; never a
     trial tagged ``failed`` (a run still RUNNING, FAILED or KILLED otherwise is not)."""
-    from vfsearch.pipelines.tune import STATUS_TAG
-
     tag = c.tags.get(STATUS_TAG, "")
     if tag == "failed" or c.status == "FAILED":
         return False
@@ -295,9 +318,6 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
     ``$MLFLOW_TRACKING_URI`` or the embedded server of ``workdir``. Every user-fixable
     problem is a one-line `UserError`; so is a refusal of the gate (exit code 2 in the CLI).
     """
-    from vfsearch.adapters.tracking import pyfunc
-    from vfsearch.adapters import tracking
-
     given = [o for o, v in (("--sweep", sweep), ("--experiment", experiment), ("--run", run))
              if v]
     if len(given) != 1:
@@ -319,7 +339,7 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
         raise UserError(f"--alias: {alias!r} is not a valid alias (letters, digits, _ and -; "
                         f"not 'latest' or v<number>)")
     uri = mlflow_uri or tracking.tracking_uri(workdir)
-    tracker = tracking.Tracker(uri)
+    tracker = Tracker(uri)
 
     ranked, what, sweep_parent = _candidates(tracker, sweep=sweep, experiment=experiment,
                                              run=run, metric=metric, mode=mode, uri=uri)
@@ -337,18 +357,18 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
              f"{chosen.metrics[metric]:.4f}")
     label = f"ensemble of runs {', '.join(runs)}" if ensemble else f"run {chosen.run_id}"
 
-    existing = pyfunc.version_of_run(tracker.client, name, runs)
-    champ = pyfunc.champion(tracker.client, name, alias)
-    previous = None
+    existing = registry.version_of_run(tracker, name, runs)
+    champ = registry.champion(tracker, name, alias)
+    previous: dict[str, Any] | None = None
     champ_value = None
     same = False
     if champ is not None:
-        champ_runs = pyfunc.exported_runs(champ)
+        champ_runs = registry.exported_runs(champ)
         champ_value = _champion_value(tracker, champ, metric)
         previous = {"version": str(champ.version), "value": champ_value,
-                    "run_id": champ.tags.get(pyfunc.RUN_TAG) or champ.run_id or ""}
-        if (champ.tags or {}).get(pyfunc.MEMBERS_TAG):
-            previous["members"] = champ.tags[pyfunc.MEMBERS_TAG].split(",")
+                    "run_id": champ.tags.get(VERSION_RUN_TAG) or champ.run_id or ""}
+        if (champ.tags or {}).get(MEMBERS_TAG):
+            previous["members"] = champ.tags[MEMBERS_TAG].split(",")
         same = champ_runs == frozenset(runs)
         if champ_value is None and not same and not force:
             theirs = "" if ensemble else f" {chosen.metrics[metric]:.4f}"
@@ -400,7 +420,7 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
                 "sweep": sweep_info.get("name"), "sweep_run_id": sweep_info.get("run_id"),
                 "registered_model": name}
         member_info = [_provenance(c, metric, mode) for c in members]
-        tags = {pyfunc.RUN_TAG: chosen.run_id, pyfunc.MEMBERS_TAG: ",".join(runs),
+        tags = {VERSION_RUN_TAG: chosen.run_id, MEMBERS_TAG: ",".join(runs),
                 MEMBER_VALUES_TAG: ",".join(repr(float(c.metrics[metric])) for c in members),
                 TOP_K_TAG: str(top_k)}
     else:
@@ -415,10 +435,10 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
                 "sweep": sweep_info.get("name"), "sweep_run_id": sweep_info.get("run_id"),
                 "registered_model": name}
         member_info = []
-        tags = {pyfunc.RUN_TAG: chosen.run_id}
+        tags = {VERSION_RUN_TAG: chosen.run_id}
 
     def write(folder: str | os.PathLike) -> Path:
-        from vfsearch.adapters.bundle import write_bundle, write_ensemble
+        from vfsearch.adapters.bundle import write_bundle, write_ensemble  # imports torch
 
         if ensemble:
             return write_ensemble(loaded, folder, threshold=threshold, info=info,
@@ -435,16 +455,16 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
         echo(f"wrote bundle {bundle_path} (ONNX: {onnx_status})")
     new_version = existing is None
     if existing is None:
-        tags.update({METRIC_TAG: metric, VALUE_TAG: repr(value), MODE_TAG: mode})
+        tags.update({METRIC_TAG: metric, METRIC_VALUE_TAG: repr(value), METRIC_MODE_TAG: mode})
         if sweep_info.get("name"):
-            tags["vfsearch.sweep"] = sweep_info["name"]
+            tags[SWEEP_TAG] = sweep_info["name"]
         with tempfile.TemporaryDirectory(prefix="vfsearch-export-") as tmp:
             src = bundle_path
             if src is None:
                 src = write(Path(tmp, "bundle"))
                 onnx_status = _onnx_status(src)
-            version = pyfunc.log_and_register(
-                src, client=tracker.client, run_id=chosen.run_id,
+            version = registry.log_and_register(
+                src, tracker=tracker, run_id=chosen.run_id,
                 experiment_id=chosen.experiment_id, name=name, tags=tags,
                 spacing=loaded[0].spacing)
         version_id = str(version.version)
@@ -453,13 +473,13 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
             echo("pictures: not drawn for an ensemble (vfsearch visualize --model BUNDLE "
                  "draws them)")
         else:
-            _log_pictures(tracker, chosen.run_id, loaded[0], store or chosen.tags.get("store"),
-                          f"visualisations/{name}-v{version_id}", echo)
+            _log_pictures(tracker, chosen.run_id, loaded[0], store or chosen.tags.get(STORE_TAG),
+                          f"{VISUALISATIONS_DIR}/{name}-v{version_id}", echo)
     else:
         version_id = str(existing.version)
     moved = not same or previous is None or previous["version"] != version_id
     if moved:
-        pyfunc.set_alias(tracker.client, name, alias, version_id)
+        registry.set_alias(tracker, name, alias, version_id)
     return ExportSummary(
         run_id=chosen.run_id, run_name=chosen.run_name, metric=metric, value=value,
         selected_from=what, model_name=name, alias=alias, version=version_id,
@@ -479,8 +499,8 @@ def _provenance(c: Candidate, metric: str, mode: str) -> dict[str, Any]:
     """A run's provenance for a bundle's config.json."""
     return {"run_id": c.run_id, "run_name": c.run_name, "experiment_id": c.experiment_id,
             "metric": metric, "metric_value": float(c.metrics[metric]), "metric_mode": mode,
-            "dataset_fingerprint": c.tags.get("dataset_fingerprint"),
-            "git_commit": c.tags.get("git_commit")}
+            "dataset_fingerprint": c.tags.get(FINGERPRINT_TAG),
+            "git_commit": c.tags.get(GIT_COMMIT_TAG)}
 
 
 def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str:
@@ -490,7 +510,7 @@ def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str
         if not Path(str(store)).exists():
             raise UserError(f"--store: {store} does not exist")
         return str(store)
-    tagged = {c.tags.get("store") for c in members}
+    tagged = {c.tags.get(STORE_TAG) for c in members}
     if len(tagged) == 1 and (only := tagged.pop()) and Path(only).exists():
         return only
     raise UserError(f"--top-k {top_k}: the ensemble is judged on the {ENSEMBLE_SPLIT} split of "
@@ -532,7 +552,7 @@ def _judge_ensemble(loaded: list[Any], store: str, metric: str, top_k: int
     return float(value), (None if ci_low is None else float(ci_low)), dict(validation)
 
 
-def _log_pictures(tracker: Any, run_id: str, loaded: Any, store: Any, artifact_path: str,
+def _log_pictures(tracker: Tracker, run_id: str, loaded: Any, store: Any, artifact_path: str,
                   echo: Callable[[str], Any]) -> None:
     """Heatmaps, attention maps and 3D renders of the exported model, on its training run.
 
@@ -551,36 +571,18 @@ def _log_pictures(tracker: Any, run_id: str, loaded: Any, store: Any, artifact_p
 
 
 def _onnx_status(bundle_dir: Path) -> str:
-    from vfsearch.adapters.bundle import read_config
+    from vfsearch.adapters.bundle import read_config  # imports torch
 
     o = read_config(bundle_dir).get("onnx") or {}
     return "ok" if o.get("status") == "ok" else f"skipped: {o.get('reason', 'unknown')}"
 
 
-def _search(tracker: Any, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
-    """All runs matching ``filter_string`` (every page)."""
-    from vfsearch.adapters.tracking import _retry
-
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = _retry(lambda token=token: tracker.client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token))
-        runs.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return runs
-
-
-def _candidates(tracker: Any, *, sweep: str | None, experiment: str | None, run: str | None,
+def _candidates(tracker: Tracker, *, sweep: str | None, experiment: str | None, run: str | None,
                 metric: str, mode: str, uri: str) -> tuple[list[Candidate], str, str | None]:
     """Ranked candidates, a description of where they came from, the sweep's parent run."""
-    from vfsearch.adapters.tracking import _retry
-    from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
-
     if run:
         try:
-            r = _retry(lambda: tracker.client.get_run(run))
+            r = tracker.get_run(run)
         except Exception as exc:  # noqa: BLE001 - MlflowException: RESOURCE_DOES_NOT_EXIST
             raise UserError(f"--run: no MLflow run {run!r} at {uri} "
                             f"({str(exc).splitlines()[0][:120]})") from None
@@ -595,22 +597,22 @@ def _candidates(tracker: Any, *, sweep: str | None, experiment: str | None, run:
             raise UserError(f"--metric: run {run} has {metric} = NaN")
         return [c], what, None
     if sweep:
-        parent = tracker.find_run(EXPERIMENT, SWEEP_TAG, sweep)
+        parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep)
         if parent is None:
             raise UserError(f"--sweep: no sweep named {sweep!r} in MLflow experiment "
-                            f"{EXPERIMENT} at {uri}")
+                            f"{SWEEP_EXPERIMENT} at {uri}")
         exp_id = tracker.experiment_of(parent)
         children = [Candidate.from_run(r) for r in
-                    _search(tracker, [exp_id], f"tags.`{PARENT_TAG}` = '{parent}'")]
+                    tracker.search_all_runs([exp_id], tracking.sweep_filter(parent))]
         what = f"sweep {sweep}"
         if not children:
             raise UserError(f"--sweep: sweep {sweep!r} has no trials yet (parent run "
                             f"{parent})")
         return choose(children, metric, mode, what), what, parent
-    exp = _retry(lambda: tracker.client.get_experiment_by_name(experiment))
+    exp = tracker.get_experiment_by_name(experiment) if experiment else None
     if exp is None or exp.lifecycle_stage == "deleted":
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {uri}")
-    runs = [Candidate.from_run(r) for r in _search(tracker, [exp.experiment_id])]
+    runs = [Candidate.from_run(r) for r in tracker.search_all_runs([exp.experiment_id])]
     runs = [c for c in runs if SWEEP_TAG not in c.tags]  # sweep parents hold no model
     what = f"experiment {experiment}"
     if not runs:
@@ -618,26 +620,25 @@ def _candidates(tracker: Any, *, sweep: str | None, experiment: str | None, run:
     return choose(runs, metric, mode, what), what, None
 
 
-def _checkpoint_artifact(tracker: Any, run_id: str) -> str | None:
+def _checkpoint_artifact(tracker: Tracker, run_id: str) -> str | None:
     """Path of the run's best checkpoint artifact (``checkpoints/best.pt`` preferred)."""
     from vfsearch.pipelines.predict import CHECKPOINT_SUFFIXES
-    from vfsearch.adapters.tracking import _retry
 
     try:
-        items = _retry(lambda: tracker.client.list_artifacts(run_id, "checkpoints"))
+        items = tracker.list_artifacts(run_id, CHECKPOINTS_DIR)
     except Exception:  # noqa: BLE001 - no artifact folder at all
         return None
     names = [a.path for a in items if not a.is_dir]
-    return next((n for n in names if n.endswith("best.pt")), None) or \
+    return next((n for n in names if n.endswith(BEST_CHECKPOINT)), None) or \
         next((n for n in names if n.endswith(CHECKPOINT_SUFFIXES)), None)
 
 
-def _with_checkpoints(tracker: Any, ranked: list[Candidate], what: str, metric: str, k: int
+def _with_checkpoints(tracker: Tracker, ranked: list[Candidate], what: str, metric: str, k: int
                       ) -> tuple[list[tuple[Candidate, str]], list[str]]:
     """The ``k`` best candidates that have a checkpoint artifact (with its name), best first,
     and the better ones passed over for lacking one; `UserError` when fewer than ``k``."""
     picked: list[tuple[Candidate, str]] = []
-    skipped = []
+    skipped: list[str] = []
     for c in ranked:
         name = _checkpoint_artifact(tracker, c.run_id)
         if name is not None:
@@ -655,22 +656,19 @@ def _with_checkpoints(tracker: Any, ranked: list[Candidate], what: str, metric: 
                     f"{len(picked)} or less")
 
 
-def _champion_value(tracker: Any, version: Any, metric: str) -> float | None:
+def _champion_value(tracker: Tracker, version: ModelVersion, metric: str) -> float | None:
     """The champion's ``metric``: from its version tags when exported for that metric, else
     from its run (not for an ensemble: its best member's run does not hold the ensemble's
     figure)."""
-    from vfsearch.adapters.tracking.pyfunc import MEMBERS_TAG
-    from vfsearch.adapters.tracking import _retry
-
     tags = dict(version.tags or {})
-    if tags.get(METRIC_TAG) == metric and VALUE_TAG in tags:
+    if tags.get(METRIC_TAG) == metric and METRIC_VALUE_TAG in tags:
         try:
-            return float(tags[VALUE_TAG])
+            return float(tags[METRIC_VALUE_TAG])
         except ValueError:
             pass
     if version.run_id and not tags.get(MEMBERS_TAG):
         try:
-            run = _retry(lambda: tracker.client.get_run(version.run_id))
+            run = tracker.get_run(version.run_id)
         except Exception:  # noqa: BLE001 - the champion's run may have been deleted
             return None
         v = run.data.metrics.get(metric)
@@ -678,57 +676,53 @@ def _champion_value(tracker: Any, version: Any, metric: str) -> float | None:
     return None
 
 
-def _load_candidate(tracker: Any, c: Candidate, ckpt_name: str, store: Any
+def _load_candidate(tracker: Tracker, c: Candidate, ckpt_name: str, store: Any
                     ) -> tuple[Any, str]:
     """Download the run's checkpoint and load it (CPU); the threshold's source in words."""
     from vfsearch.pipelines.predict import load_checkpoint
-    from vfsearch.adapters.tracking import _retry
 
-    tag_store = c.tags.get("store")
+    tag_store = c.tags.get(STORE_TAG)
     if store is None and tag_store and Path(tag_store).exists():
         store = tag_store
     with tempfile.TemporaryDirectory(prefix="vfsearch-export-ckpt-") as dst:
-        local = _retry(lambda: tracker.client.download_artifacts(c.run_id, ckpt_name, dst))
+        local = tracker.download_artifacts(c.run_id, ckpt_name, dst)
         loaded = load_checkpoint(local, device="cpu", store=store)
     loaded.run_id = c.run_id
     loaded.source = f"run {c.run_id} ({ckpt_name})"
     if loaded.threshold is not None:
         source = "checkpoint (chosen on validation)"
-    elif c.value("val_threshold3d") is not None and math.isfinite(c.metrics["val_threshold3d"]):
-        loaded.threshold = float(c.metrics["val_threshold3d"])
+    elif c.value(THRESHOLD_METRIC) is not None and math.isfinite(c.metrics[THRESHOLD_METRIC]):
+        loaded.threshold = float(c.metrics[THRESHOLD_METRIC])
         source = "run metric val_threshold3d (fused 3D Dice on validation)"
-    elif "eval.val.threshold" in c.tags:
-        loaded.threshold = float(c.tags["eval.val.threshold"])
+    elif EVAL_THRESHOLD_TAG.format(split="val") in c.tags:
+        loaded.threshold = float(c.tags[EVAL_THRESHOLD_TAG.format(split="val")])
         source = "vfsearch evaluate --split val"
     else:
         source = "none recorded (predict uses 0.5)"
     return loaded, source
 
 
-def _sweep_info(tracker: Any, c: Candidate, parent: str | None) -> dict[str, Any]:
+def _sweep_info(tracker: Tracker, c: Candidate, parent: str | None) -> dict[str, Any]:
     """Name, parent run id, search-space text and tags of the sweep the run belongs to."""
-    from vfsearch.adapters.tracking import _retry
-    from vfsearch.pipelines.tune import SWEEP_TAG, TRIAL_TAG
-
-    parent = parent or c.tags.get(PARENT_TAG)
+    parent = parent or c.tags.get(PARENT_RUN_TAG)
     if not parent:
         return {}
     try:
-        prun = _retry(lambda: tracker.client.get_run(parent))
+        prun = tracker.get_run(parent)
     except Exception:  # noqa: BLE001 - parent deleted: the card says less
         return {}
     if SWEEP_TAG not in prun.data.tags:
         return {}
     info: dict[str, Any] = {"name": prun.data.tags[SWEEP_TAG], "run_id": parent,
                             "trial_id": c.tags.get(TRIAL_TAG), "space_file":
-                            prun.data.tags.get("space_file"), "params": dict(prun.data.params),
-                            "best_trial": prun.data.tags.get("best_trial")}
+                            prun.data.tags.get(SPACE_FILE_TAG), "params": dict(prun.data.params),
+                            "best_trial": prun.data.tags.get(BEST_TRIAL_TAG)}
     try:
-        items = _retry(lambda: tracker.client.list_artifacts(parent, "search_space"))
+        items = tracker.list_artifacts(parent, SEARCH_SPACE_DIR)
         files = [a.path for a in items if not a.is_dir]
         if files:
             with tempfile.TemporaryDirectory() as tmp:
-                local = _retry(lambda: tracker.client.download_artifacts(parent, files[0], tmp))
+                local = tracker.download_artifacts(parent, files[0], tmp)
                 info["space_text"] = Path(local).read_text()[:20000]
     except Exception:  # noqa: BLE001, S110 - the search space is a nice-to-have in the card
         pass
@@ -755,8 +749,6 @@ def model_card(c: Candidate, loaded: Any, *, metric: str, mode: str, what: str, 
                tracking_uri: str = "") -> str:
     """MODEL_CARD.md text: intended use and limits, model, metrics with intervals, data,
     provenance, search space and hyperparameters."""
-    import vfsearch
-
     cfg = loaded.config
     m = c.metrics
     value = m[metric]
@@ -813,7 +805,7 @@ def model_card(c: Candidate, loaded: Any, *, metric: str, mode: str, what: str, 
         f"- Sweep: `{sweep['name']}` (parent run `{sweep['run_id']}`, trial "
         f"`{sweep.get('trial_id')}`, sweep's best trial `{sweep.get('best_trial')}`)"
         if sweep.get("name") else "- Sweep: none (a single training run)",
-        f"- git commit `{c.tags.get('git_commit', 'unknown')}`",
+        f"- git commit `{c.tags.get(GIT_COMMIT_TAG, 'unknown')}`",
         (f"- Selection: finished runs (trials stopped early only if they report `{metric}`), "
          "NaN skipped, ties to the run that finished first."),
         "",
@@ -831,8 +823,6 @@ def ensemble_card(members: Sequence[Candidate], loaded: Sequence[Any], *, metric
     """MODEL_CARD.md text of an ensemble (``export --top-k``): what `model_card` says, with a
     row per member, the ensemble's own validation figures and the hyperparameters side by
     side."""
-    import vfsearch
-
     k = len(members)
     lo, hi = validation.get(metric + CI_LOW_SUFFIX), validation.get(metric + CI_HIGH_SUFFIX)
     ci = f" (95% bootstrap CI [{lo:.4f}, {hi:.4f}])" if lo is not None and hi is not None \
@@ -885,7 +875,7 @@ def ensemble_card(members: Sequence[Candidate], loaded: Sequence[Any], *, metric
         "## Provenance",
         "",
         *[f"- member {i}: MLflow run `{c.run_id}` (name `{c.run_name}`, experiment "
-          f"{c.experiment_id}, git commit `{c.tags.get('git_commit', 'unknown')}`)"
+          f"{c.experiment_id}, git commit `{c.tags.get(GIT_COMMIT_TAG, 'unknown')}`)"
           for i, c in enumerate(members)],
         f"- MLflow server: {tracking_uri}" if tracking_uri else "- MLflow server: unknown",
         f"- Sweep: `{sweep['name']}` (parent run `{sweep['run_id']}`, sweep's best trial "
@@ -932,8 +922,8 @@ def _data_lines(c: Candidate, loaded: Any) -> list[str]:
     return [
         "## Data",
         "",
-        (f"- Dataset fingerprint: `{c.tags.get('dataset_fingerprint', 'unknown')}` "
-         f"(store `{c.tags.get('store', 'unknown')}`)"),
+        (f"- Dataset fingerprint: `{c.tags.get(FINGERPRINT_TAG, 'unknown')}` "
+         f"(store `{c.tags.get(STORE_TAG, 'unknown')}`)"),
         (f"- Preprocessing: resampled to spacing {tuple(loaded.spacing)} mm (x, y, z), crops of "
          f"each vertebra with a {loaded.margin_mm:g} mm margin"),
         "- Normalisation (HU): clip to [{p0_5}, {p99_5}], minus {mean}, over {std}".format(

@@ -1,11 +1,13 @@
-"""What people look at: the dashboards (``vfsearch ui``) and a sweep's report (``vfsearch report``).
+"""What people look at: the dashboards (``vfsearch ui``) and a sweep's report
+(``vfsearch report``).
 
-Dashboards (`ui`): the MLflow server of the working folder (`vfsearch.adapters.tracking.ensure_server`,
-or ``$MLFLOW_TRACKING_URI``) and an Optuna dashboard on the folder's study storage
-(``<workdir>/optuna.db``, `vfsearch.adapters.tracking.ensure_dashboard`), both started or found again;
-with a sweep name, the links to that sweep: its MLflow runs table (the trials, best first by
-the sweep metric, metric and parameter columns shown: `vfsearch.adapters.tracking.sweep_view`) and its
-study's page in the dashboard. `stop_ui` stops both.
+Dashboards (`ui`): the MLflow server of the working folder
+(`vfsearch.adapters.tracking.ensure_server`, or ``$MLFLOW_TRACKING_URI``) and an Optuna dashboard
+on the folder's study storage (``<workdir>/optuna.db``,
+`vfsearch.adapters.tracking.ensure_dashboard`), both started or found again; with a sweep name,
+the links to that sweep: its MLflow runs table (the trials, best first by the sweep metric,
+metric and parameter columns shown: `vfsearch.adapters.tracking.sweep_view`) and its study's
+page in the dashboard. `stop_ui` stops both.
 
 The report (`write_report`): one self-contained HTML page (every script and picture inline,
 nothing fetched when it is opened, so it can be mailed or archived) holding
@@ -16,9 +18,9 @@ nothing fetched when it is opened, so it can be mailed or archived) holding
   parameter importances, parallel coordinates, contour of the two most important
   parameters) as plotly figures, plotly.js inlined once;
 * the best trial: its training curves and the sweep's Dice against budget (drawn by
-  `vfsearch.adapters.plots` from the MLflow histories, as ``vfsearch visualize --run`` draws them) and
-  the pictures its run logged under ``visualisations/`` (heatmap and attention montages, 3D
-  rendering), as base64 PNGs;
+  `vfsearch.adapters.plots` from the MLflow histories, as ``vfsearch visualize --run`` draws
+  them) and the pictures its run logged under ``visualisations/`` (heatmap and attention
+  montages, 3D rendering), as base64 PNGs;
 * the promotion decision: the registry versions exported from the sweep's trials (tags
   written by `vfsearch.pipelines.export`: metric, value, mode) and the aliases on them, or "not
   exported yet".
@@ -41,9 +43,39 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vfsearch.adapters import plots as viz
+from vfsearch.adapters import tracking
+from vfsearch.adapters.search_space import SearchSpace, load_space
+from vfsearch.adapters.tracking import Tracker
+from vfsearch.adapters.tracking.schema import (
+    BEST_PREFIX,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_METRIC,
+    EPOCH_KEY,
+    EPOCH_METRIC,
+    GIT_COMMIT_TAG,
+    IMPORTANCES_FILE,
+    MEMBERS_TAG,
+    METRIC_MODE_TAG,
+    METRIC_TAG,
+    METRIC_VALUE_TAG,
+    SEARCH_SPACE_DIR,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    STORE_TAG,
+    SWEEP_EXPERIMENT,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    VISUALISATIONS_DIR,
+)
 from vfsearch.core.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 DEFAULT_WORKDIR = Path("mlruns")
 PICTURE_ORDER = ("heatmap_case", "attention_case", "render_3d")
@@ -58,9 +90,9 @@ class Sweep:
 
     name: str
     uri: str
-    parent: Any  # mlflow.entities.Run
-    children: list[Any]
-    space: Any | None  # vfsearch.adapters.search_space.SearchSpace, when its file was logged
+    parent: Run
+    children: list[Run]
+    space: SearchSpace | None  # when its file was logged
     metric: str
     mode: str
 
@@ -89,45 +121,36 @@ class Sweep:
         return sorted(keys)
 
 
-def find_sweep(tracker: Any, name: str) -> Sweep:
+def find_sweep(tracker: Tracker, name: str) -> Sweep:
     """The newest sweep named ``name`` (parent run tagged ``vfsearch.sweep``) with its trials and
     the search space it logged; `UserError` when there is none."""
-    from vfsearch.adapters.tracking import _retry
-    from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
-
-    parent_id = tracker.find_run(EXPERIMENT, SWEEP_TAG, name)
+    parent_id = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, name)
     if parent_id is None:
-        raise UserError(f"--sweep: no sweep {name!r} in MLflow experiment {EXPERIMENT!r} at "
-                        f"{tracker.uri}")
-    parent = _retry(lambda: tracker.client.get_run(parent_id))
-    children = _retry(lambda: tracker.client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-        max_results=5000))
+        raise UserError(f"--sweep: no sweep {name!r} in MLflow experiment "
+                        f"{SWEEP_EXPERIMENT!r} at {tracker.uri}")
+    parent = tracker.get_run(parent_id)
+    children = tracker.search_runs([parent.info.experiment_id],
+                                   tracking.sweep_filter(parent_id), max_results=5000)
     space = _logged_space(tracker, parent_id)
     if space is not None:
         metric, mode = space.metric, space.mode
     else:  # the tags the sweep's end wrote: best_<metric>
-        best = [k[5:] for k in parent.data.tags if k.startswith("best_") and
-                k not in ("best_trial", "best_run_id")]
-        metric, mode = (best[0] if best else "val_dice3d"), "max"
+        best = [k[len(BEST_PREFIX):] for k in parent.data.tags if k.startswith(BEST_PREFIX) and
+                k not in (BEST_TRIAL_TAG, BEST_RUN_TAG)]
+        metric, mode = (best[0] if best else DEFAULT_METRIC), "max"
     return Sweep(name=name, uri=tracker.uri, parent=parent, children=list(children),
                  space=space, metric=metric, mode=mode)
 
 
-def _logged_space(tracker: Any, parent_id: str) -> Any | None:
+def _logged_space(tracker: Tracker, parent_id: str) -> SearchSpace | None:
     """The search space file logged on the parent run (``search_space/``), parsed; or None."""
-    from vfsearch.adapters.search_space import load_space
-    from vfsearch.adapters.tracking import _retry
-
     try:
-        items = _retry(lambda: tracker.client.list_artifacts(parent_id, "search_space"),
-                       attempts=3)
+        items = tracker.list_artifacts(parent_id, SEARCH_SPACE_DIR, attempts=3)
         files = [a.path for a in items if not a.is_dir]
         if not files:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            local = _retry(lambda: tracker.client.download_artifacts(parent_id, files[0], tmp),
-                           attempts=3)
+            local = tracker.download_artifacts(parent_id, files[0], tmp, attempts=3)
             return load_space(local)
     except Exception:  # noqa: BLE001 - an old or edited space file: fall back on the tags
         return None
@@ -169,11 +192,9 @@ def study_url(dashboard_url: str, storage: str, study: str) -> str | None:
 
 def ui(workdir: str | os.PathLike = DEFAULT_WORKDIR, *, port: int | None = None,
        dashboard_port: int | None = None, sweep: str | None = None,
-       experiment: str = "vfsearch") -> UiLinks:
+       experiment: str = DEFAULT_EXPERIMENT) -> UiLinks:
     """``vfsearch ui``: start or find the MLflow server (unless ``$MLFLOW_TRACKING_URI``) and
     the Optuna dashboard of ``workdir``; with ``sweep``, also that sweep's two links."""
-    from vfsearch.adapters import tracking
-
     mlflow_url = tracking.ui_url(workdir, port=port, experiment=experiment)
     try:
         board = tracking.ensure_dashboard(workdir, port=dashboard_port)
@@ -186,7 +207,7 @@ def ui(workdir: str | os.PathLike = DEFAULT_WORKDIR, *, port: int | None = None,
         links = UiLinks(mlflow=mlflow_url, optuna=f"{board.url}/dashboard")
     if sweep:
         uri = tracking.tracking_uri(workdir)
-        found = find_sweep(tracking.Tracker(uri), sweep)
+        found = find_sweep(Tracker(uri), sweep)
         links.sweep = sweep
         links.sweep_mlflow = tracking.sweep_view(uri, found.parent_id, sweep, found.space,
                                                  metric=found.metric, mode=found.mode)
@@ -196,8 +217,6 @@ def ui(workdir: str | os.PathLike = DEFAULT_WORKDIR, *, port: int | None = None,
 
 def stop_ui(workdir: str | os.PathLike = DEFAULT_WORKDIR) -> str:
     """``vfsearch ui --stop``: stop the MLflow server and the Optuna dashboard of ``workdir``."""
-    from vfsearch.adapters import tracking
-
     server = tracking.stop_server(workdir)
     board = tracking.stop_dashboard(workdir)
     return "\n".join([
@@ -227,8 +246,6 @@ def rank_rows(rows: Sequence[dict[str, Any]], metric: str, mode: str = "max"
 def trial_rows(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per trial (child run), ranked: trial, run, status, objectives, val_dice, epochs
     and the sampled values."""
-    from vfsearch.pipelines.tune import STATUS_TAG, TRIAL_TAG
-
     rows = []
     for c in sorted(sweep.children, key=lambda c: c.info.start_time or 0):
         m, tags = c.data.metrics, c.data.tags
@@ -238,8 +255,8 @@ def trial_rows(sweep: Sweep) -> list[dict[str, Any]]:
             "status": tags.get(STATUS_TAG) or c.info.status.lower()}
         for name, _ in sweep.objectives:
             row[name] = m.get(name)
-        row["val_dice"] = m.get("val_dice")
-        row["epochs"] = int(m["epoch"]) if _finite(m.get("epoch")) else None
+        row["val_dice"] = m.get(EPOCH_METRIC)
+        row["epochs"] = int(m[EPOCH_KEY]) if _finite(m.get(EPOCH_KEY)) else None
         row["params"] = {k: c.data.params.get(k) for k in sweep.param_keys}
         rows.append(row)
     return rank_rows(rows, sweep.metric, sweep.mode)
@@ -284,7 +301,8 @@ def optuna_figures(study: Any, metric: str, *, logged_importances: dict[str, flo
 
     multi = len(study.directions) > 1
     target = (lambda t: t.values[0]) if multi else None
-    # Optuna's default importance evaluator ranks a value to minimise (as vfsearch.pipelines.tune does)
+    # Optuna's default importance evaluator ranks a value to minimise (as
+    # vfsearch.pipelines.tune does)
     maximise = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     imp_target = (lambda t: (-1.0 if maximise else 1.0) * t.values[0]) if multi else None
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -339,11 +357,11 @@ def _png(path: str | os.PathLike) -> bytes:
     return Path(path).read_bytes()
 
 
-def curve_figures(tracker: Any, sweep: Sweep, best: dict[str, Any] | None,
+def curve_figures(tracker: Tracker, sweep: Sweep, best: dict[str, Any] | None,
                   tmp: Path) -> list[Figure]:
     """The best trial's training curves and the sweep's ``val_dice`` against budget, drawn by
-    `vfsearch.adapters.plots` from the MLflow histories (`vfsearch.pipelines.visualize.run_history`/`sweep_data`)."""
-    from vfsearch.adapters import plots as viz
+    `vfsearch.adapters.plots` from the MLflow histories
+    (`vfsearch.pipelines.visualize.run_history`/`sweep_data`)."""
     from vfsearch.pipelines.visualize import run_history, sweep_data
 
     figures = []
@@ -351,7 +369,7 @@ def curve_figures(tracker: Any, sweep: Sweep, best: dict[str, Any] | None,
         history = run_history(tracker, best["run_id"])
         # the per-epoch curves; the end-of-trial figures (one point each) and the raw
         # TP/FP/FN counts would only crowd the panels
-        curves = {k: v for k, v in history.items() if len(v) > 1 and k != "epoch"
+        curves = {k: v for k, v in history.items() if len(v) > 1 and k != EPOCH_KEY
                   and not k.endswith(("_tp", "_fp", "_fn"))}
         history = curves or history
         if history:
@@ -361,19 +379,17 @@ def curve_figures(tracker: Any, sweep: Sweep, best: dict[str, Any] | None,
                                       title=f"trial {best['trial']} ({best['run_name']})"))))
         else:
             figures.append(Figure("curves", "Training curves", note="the run logged no metric"))
-    trials, _ = sweep_data(tracker, sweep.parent_id, metric="val_dice")
+    trials, _ = sweep_data(tracker, sweep.parent_id, metric=EPOCH_METRIC)
     if trials:
         figures.append(Figure("budget", "val_dice against budget, every trial",
                               png=_png(viz.plot_budget(trials, tmp / "budget.png",
-                                                       metric="val_dice"))))
+                                                       metric=EPOCH_METRIC))))
     return figures
 
 
-def _walk(tracker: Any, run_id: str, path: str, depth: int = 0) -> list[str]:
-    from vfsearch.adapters.tracking import _retry
-
+def _walk(tracker: Tracker, run_id: str, path: str, depth: int = 0) -> list[str]:
     out = []
-    for item in _retry(lambda: tracker.client.list_artifacts(run_id, path), attempts=3):
+    for item in tracker.list_artifacts(run_id, path, attempts=3):
         if item.is_dir:
             if depth < 3:
                 out += _walk(tracker, run_id, item.path, depth + 1)
@@ -393,14 +409,13 @@ def _caption(stem: str) -> str:
     return f"{kind} of {what}" if what else stem
 
 
-def picture_figures(tracker: Any, run_id: str, tmp: Path) -> tuple[list[Figure], list[str]]:
+def picture_figures(tracker: Tracker, run_id: str, tmp: Path
+                    ) -> tuple[list[Figure], list[str]]:
     """The pictures the run logged under ``visualisations/``: of the shallowest folder holding
     PNGs (the training-time case folder; `export` logs deeper ones), its case montages
     (heatmaps, attention, 3D rendering; else every PNG); and the names of what is left out."""
-    from vfsearch.adapters.tracking import _retry
-
     try:
-        files = [f for f in _walk(tracker, run_id, "visualisations") if f.endswith(".png")]
+        files = [f for f in _walk(tracker, run_id, VISUALISATIONS_DIR) if f.endswith(".png")]
     except Exception:  # noqa: BLE001 - no artifacts at all
         files = []
     folders = sorted({f.rsplit("/", 1)[0] for f in files}, key=lambda d: (d.count("/"), d))
@@ -419,8 +434,7 @@ def picture_figures(tracker: Any, run_id: str, tmp: Path) -> tuple[list[Figure],
 
     figures = []
     for path in sorted(pngs, key=order)[:MAX_PICTURES]:
-        local = _retry(lambda p=path: tracker.client.download_artifacts(run_id, p, str(tmp)),
-                       attempts=3)
+        local = tracker.download_artifacts(run_id, path, tmp, attempts=3)
         stem = Path(path).stem
         figures.append(Figure(f"pic-{stem}", path, png=_png(local), caption=_caption(stem)))
     return figures, [f"{chosen}/{n}" for n in others] + folders[1:]
@@ -428,24 +442,22 @@ def picture_figures(tracker: Any, run_id: str, tmp: Path) -> tuple[list[Figure],
 
 # -- the promotion decision ------------------------------------------------------------------
 
-def promotion(tracker: Any, sweep: Sweep) -> dict[str, Any]:
+def promotion(tracker: Tracker, sweep: Sweep) -> dict[str, Any]:
     """The registry versions exported from the sweep's trials and the aliases of their models:
     ``{"versions": [{name, version, aliases, run_id, trial, metric, value, mode, created}],
     "aliases": {model: {alias: version}}}`` (empty lists: not exported yet)."""
-    from vfsearch.adapters.tracking import _retry
-
     by_id = {c.info.run_id: c for c in sweep.children}
     ids = sorted(by_id)
     versions = []
     for i in range(0, len(ids), 100):
         chunk = ", ".join(f"'{r}'" for r in ids[i:i + 100])
-        versions += _retry(lambda chunk=chunk: tracker.client.search_model_versions(
-            f"run_id IN ({chunk})"), attempts=3)
-    rows, aliases = [], {}
+        versions += tracker.search_model_versions(f"run_id IN ({chunk})", attempts=3)
+    rows: list[dict[str, Any]] = []
+    aliases: dict[str, dict[str, str]] = {}
     for v in sorted(versions, key=lambda v: (v.name, int(v.version))):
         tags = dict(v.tags or {})
         child = by_id.get(v.run_id)
-        value = tags.get("vfsearch.metric_value")
+        value: Any = tags.get(METRIC_VALUE_TAG)
         try:
             value = float(value) if value is not None else None
         except ValueError:
@@ -453,14 +465,13 @@ def promotion(tracker: Any, sweep: Sweep) -> dict[str, Any]:
         rows.append({"name": v.name, "version": str(v.version),
                      "aliases": sorted(getattr(v, "aliases", None) or []),
                      "run_id": v.run_id, "trial": child.info.run_name if child else v.run_id,
-                     "metric": tags.get("vfsearch.metric"), "value": value,
-                     "mode": tags.get("vfsearch.metric_mode"),
-                     "members": tags.get("vfsearch.members", ""),
+                     "metric": tags.get(METRIC_TAG), "value": value,
+                     "mode": tags.get(METRIC_MODE_TAG),
+                     "members": tags.get(MEMBERS_TAG, ""),
                      "created": v.creation_timestamp})
         if v.name not in aliases:
             try:
-                model = _retry(lambda n=v.name: tracker.client.get_registered_model(n),
-                               attempts=3)
+                model = tracker.get_registered_model(v.name, attempts=3)
                 aliases[v.name] = {a: str(ver) for a, ver in (model.aliases or {}).items()}
             except Exception:  # noqa: BLE001 - deleted meanwhile
                 aliases[v.name] = {}
@@ -547,11 +558,11 @@ def render_html(*, sweep: Sweep, rows: list[dict[str, Any]], optuna_figs: list[F
              ("MLflow runs table", f"<a href='{e(sweep_link)}'>{e(sweep_link)}</a>"),
              ("started / ended", f"{_when(parent.info.start_time)} / "
                                  f"{_when(parent.info.end_time)}"),
-             ("search space", e(tags.get("space_file", "-"))),
-             ("store", e(tags.get("store", "-"))),
+             ("search space", e(tags.get(SPACE_FILE_TAG, "-"))),
+             ("store", e(tags.get(STORE_TAG, "-"))),
              ("seed / sampler", f"{e(parent.data.params.get('sweep.seed', '-'))} / "
                                 f"{e(parent.data.params.get('sweep.sampler', '-'))}"),
-             ("git commit", e(tags.get("git_commit", "-")))]
+             ("git commit", e(tags.get(GIT_COMMIT_TAG, "-")))]
     out.append("<h2 id='summary'>Summary</h2><table>" + "".join(
         f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>")
     out.append(f"<p class='decision' id='decision'>Promotion: "
@@ -673,13 +684,11 @@ def write_report(sweep: str, out: str | os.PathLike, *,
     module docstring says what it holds) and, with ``log``, log it on the sweep's parent run
     under ``report/``. ``mlflow_uri``: default ``$MLFLOW_TRACKING_URI`` or the embedded server
     of ``workdir``; the Optuna study is read from ``<workdir>/optuna.db``."""
-    from vfsearch.adapters import tracking
-
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out: {out} is a folder; give the path of the .html file")
     uri = mlflow_uri or tracking.tracking_uri(workdir)
-    tracker = tracking.Tracker(uri)
+    tracker = Tracker(uri)
     found = find_sweep(tracker, sweep)
     rows = trial_rows(found)
     best = rows[0] if rows and _finite(rows[0].get(found.metric)) else None
@@ -716,14 +725,11 @@ def write_report(sweep: str, out: str | os.PathLike, *,
         sweep_link=link)
 
 
-def _logged_importances(tracker: Any, parent_id: str) -> dict[str, float]:
+def _logged_importances(tracker: Tracker, parent_id: str) -> dict[str, float]:
     """The parameter importances `vfsearch.pipelines.tune` logged on the parent run, or {}."""
-    from vfsearch.adapters.tracking import _retry
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = _retry(lambda: tracker.client.download_artifacts(
-                parent_id, "importances/param_importances.json", tmp), attempts=2)
+            local = tracker.download_artifacts(parent_id, IMPORTANCES_FILE, tmp, attempts=2)
             return {str(k): float(v) for k, v in json.loads(Path(local).read_text()).items()}
     except Exception:  # noqa: BLE001 - none logged (fewer than 2 finished trials)
         return {}

@@ -28,14 +28,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vfsearch.adapters import progress
+from vfsearch.adapters import progress, tracking
+from vfsearch.adapters.plots import plot_importances
+from vfsearch.adapters.search_space import SearchSpace, load_space, resolve_space
+from vfsearch.adapters.store import Store
+from vfsearch.adapters.tracking import Tracker
+from vfsearch.adapters.tracking.schema import (
+    BEST_PREFIX,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    FINGERPRINT_TAG,
+    GIT_COMMIT_TAG,
+    IMPORTANCES_DIR,
+    IMPORTANCES_FILE,
+    RAY_RUN_TAG,
+    SEARCH_SPACE_DIR,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    STORE_TAG,
+    SWEEP_EXPERIMENT,
+    SWEEP_OF_TRIAL_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 from vfsearch.core.errors import UserError
-from vfsearch.adapters.search_space import resolve_space, SearchSpace, load_space
 
-SWEEP_TAG = "vfsearch.sweep"
-TRIAL_TAG = "vfsearch.trial_id"
-STATUS_TAG = "vfsearch.status"
-EXPERIMENT = "vfsearch-sweeps"
 DRIVER_CPUS = 0.05  # the trial driver only waits on its TorchTrainer
 DRIVER_SHARE = 0.01  # of the custom resource named by --driver-resource (one unit: 100 drivers)
 SAMPLERS = ("tpe", "random")
@@ -77,7 +94,7 @@ def _trial_driver(config: dict[str, Any], ctx: SweepContext) -> None:
                  cpus_per_worker=ctx.cpus_per_worker, mlflow_uri=ctx.mlflow_uri,
                  experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
                  callbacks=[TuneReportCallback()], progress=False,
-                 extra_tags={SWEEP_TAG + ".trial": ctx.sweep, TRIAL_TAG: trial_id,
+                 extra_tags={SWEEP_OF_TRIAL_TAG: ctx.sweep, TRIAL_TAG: trial_id,
                              STATUS_TAG: "running"})
 
 
@@ -85,23 +102,19 @@ def _status_callback(ctx: SweepContext):
     """A Tune callback that tags each trial's child run with how the trial ended."""
     from ray.tune import Callback
 
-    from vfsearch.pipelines.train import RUN_TAG
-
     class TrialStatus(Callback):
         def _tag(self, trial, status: str) -> None:
             if not ctx.mlflow_uri:
                 return
-            from vfsearch.adapters.tracking import Tracker
-
             tracker = Tracker(ctx.mlflow_uri)
-            run_id = tracker.find_run(ctx.experiment, RUN_TAG,
+            run_id = tracker.find_run(ctx.experiment, RAY_RUN_TAG,
                                       trial_run_name(ctx.sweep, trial.trial_id))
             if run_id is None:  # stopped before its first step: nothing was logged
                 return
             tracker.set_tags(run_id, {STATUS_TAG: status})
             # a trial stopped by ASHA or killed by an error cannot end its own run
             if status != "completed" and \
-                    tracker.client.get_run(run_id).info.status == "RUNNING":
+                    tracker.get_run(run_id).info.status == "RUNNING":
                 tracker.end_run(run_id, "KILLED" if status == "stopped early" else "FAILED")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -142,7 +155,7 @@ def _trial_lines(space: SearchSpace, total: int, concurrency: int):
 
     from ray.tune import Callback
 
-    from vfsearch.pipelines.train import format_epoch
+    from vfsearch.pipelines.train.worker import format_epoch
 
     class TrialLines(Callback):
         def __init__(self) -> None:
@@ -272,8 +285,6 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     status table, worker logs) only with ``verbose``. A resumed sweep keeps the output
     settings it was started with (Tune restores its run config).
     """
-    from vfsearch.adapters.store import Store
-
     space = load_space(space_path)  # a bad space fails here, before Ray starts
     space_path = resolve_space(space_path)  # a packaged name -> its shipped file
     if num_samples < 1:
@@ -298,8 +309,8 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
-    from vfsearch.adapters import tracking
-    from vfsearch.pipelines.train import connect_ray, git_commit
+    from vfsearch.adapters.ray_runtime import connect_ray
+    from vfsearch.pipelines.train.driver import git_commit
     from vfsearch.adapters.ray_searcher import FinalMetricOptunaSearch
 
     exists = rtune.Tuner.can_restore(sweep_dir)
@@ -310,8 +321,8 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
                         f"pass --resume to continue it or choose another --name")
 
     mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
-    tracker = tracking.Tracker(mlflow_uri)
-    parent = tracker.find_run(EXPERIMENT, SWEEP_TAG, sweep) if resume else None
+    tracker = Tracker(mlflow_uri)
+    parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     gpus_per_worker = gpus_per_trial / workers_per_trial
     connect_ray(address, num_cpus_needed=workers_per_trial + DRIVER_CPUS,
                 num_gpus_needed=gpus_per_trial,
@@ -332,10 +343,10 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     concurrent = max_concurrent if (max_concurrent and joined) else \
         min(max_concurrent or auto, auto)
     if parent is None:
-        parent = tracker.start_run(EXPERIMENT, sweep, tags={
-            SWEEP_TAG: sweep, "space_file": str(space_path), "seed": seed,
-            "git_commit": git_commit(), "store": str(store),
-            "dataset_fingerprint": json.dumps(fingerprint, sort_keys=True)[:5000],
+        parent = tracker.start_run(SWEEP_EXPERIMENT, sweep, tags={
+            SWEEP_TAG: sweep, SPACE_FILE_TAG: str(space_path), "seed": seed,
+            GIT_COMMIT_TAG: git_commit(), STORE_TAG: str(store),
+            FINGERPRINT_TAG: json.dumps(fingerprint, sort_keys=True)[:5000],
             "ray.version": ray.__version__, "ray.nodes": len(ray.nodes()),
             "ray.cluster_resources": json.dumps(cluster, sort_keys=True)})
         tracker.log_params(parent, {"sweep.num_samples": num_samples, "sweep.seed": seed,
@@ -345,7 +356,7 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
                                     "sweep.max_concurrent": concurrent,
                                     "sweep.epochs": space.epochs, "sweep.sampler": sampler,
                                     "sweep.driver_resource": driver_resource or "cpu"})
-        tracker.log_artifact(parent, space_path, "search_space")
+        tracker.log_artifact(parent, space_path, SEARCH_SPACE_DIR)
     else:
         tracker.resume_run(parent)
     runs_url = tracking.runs_url(mlflow_uri, tracker.experiment_of(parent))
@@ -355,7 +366,7 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     ctx = SweepContext(store=str(Path(store).resolve()), space=space, sweep=sweep,
                        storage=str(Path(storage) / sweep / "trials") if "://" not in storage
                        else f"{sweep_dir}/trials",
-                       mlflow_uri=mlflow_uri, experiment=EXPERIMENT, parent_run_id=parent,
+                       mlflow_uri=mlflow_uri, experiment=SWEEP_EXPERIMENT, parent_run_id=parent,
                        workers=workers_per_trial, gpus_per_worker=gpus_per_worker,
                        cpus_per_worker=cpus_per_worker)
     trainable = rtune.with_resources(rtune.with_parameters(_trial_driver, ctx=ctx),
@@ -449,15 +460,14 @@ def study_storage(workdir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
+def _summarise(grid, space: SearchSpace, sweep: str, tracker: Tracker, parent: str,
                optuna_db: str) -> SweepSummary:
-    from vfsearch.pipelines.train import RUN_TAG
-
     rows = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        row = {"trial_id": str(trial_id), **{name: m.get(name) for name, _ in space.objectives}}
+        row: dict[str, Any] = {"trial_id": str(trial_id),
+                               **{name: m.get(name) for name, _ in space.objectives}}
         row.update({"val_dice": m.get("best_val_dice", m.get("val_dice")),
                     "epoch": m.get("epoch"),
                     "status": "failed" if result.error else
@@ -481,10 +491,11 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
     tags: dict[str, Any] = {"vfsearch.finished_trials": sum(r["status"] == "completed"
                                                             for r in rows)}
     if best is not None:
-        best_run = tracker.find_run(EXPERIMENT, RUN_TAG, trial_run_name(sweep, best["trial_id"]))
-        tags.update({"best_trial": best["trial_id"], "best_run_id": best_run or "",
-                     f"best_{space.metric}": best[space.metric]})
-        tracker.log_metrics(parent, {f"best_{space.metric}": best[space.metric]}, 0)
+        best_run = tracker.find_run(SWEEP_EXPERIMENT, RAY_RUN_TAG,
+                                    trial_run_name(sweep, best["trial_id"]))
+        tags.update({BEST_TRIAL_TAG: best["trial_id"], BEST_RUN_TAG: best_run or "",
+                     f"{BEST_PREFIX}{space.metric}": best[space.metric]})
+        tracker.log_metrics(parent, {f"{BEST_PREFIX}{space.metric}": best[space.metric]}, 0)
         summary.export_command = f"vfsearch export --sweep {sweep} --metric {space.metric}"
     if space.multi_objective:
         tags["pareto_trials"] = ",".join(r["trial_id"] for r in rows if r.get("pareto"))
@@ -494,7 +505,8 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker, parent: str,
     return summary
 
 
-def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, float]:
+def _importances(sweep: str, optuna_db: str, tracker: Tracker, parent: str
+                 ) -> dict[str, float]:
     """Optuna's parameter importances, logged on the parent as JSON and a bar plot."""
     import optuna
 
@@ -512,14 +524,12 @@ def _importances(sweep: str, optuna_db: str, tracker, parent: str) -> dict[str, 
     except (RuntimeError, ValueError, KeyError):  # too few distinct values to rank
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "param_importances.json")
+        path = Path(tmp, Path(IMPORTANCES_FILE).name)  # read back by report and visualize
         path.write_text(json.dumps(importances, indent=2))
-        tracker.log_artifact(parent, path, "importances")
+        tracker.log_artifact(parent, path, IMPORTANCES_DIR)
         png = Path(tmp, "param_importances.png")
-        from vfsearch.adapters.plots import plot_importances
-
         plot_importances(importances, png)
-        tracker.log_artifact(parent, png, "importances")
+        tracker.log_artifact(parent, png, IMPORTANCES_DIR)
     return importances
 
 
