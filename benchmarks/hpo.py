@@ -7,7 +7,8 @@ where the learning rate matters most), for each seed:
 * TPE + ASHA: the product's default (`vfsearch tune`, TPE with ``startup_trials`` random
   trials first, ASHA on the per-epoch Dice), given enough trials to spend the same budget.
 
-Both run through `vfsearch.pipelines.tune.tune` on one local Ray with one trial at a time, so a trial's
+Both run through `vfsearch.pipelines.tune.tune` on one local Ray with one trial at a time, so
+a trial's
 cost in trial-epochs is counted in the order trials ran. From MLflow's child runs: the best
 fused validation Dice (``val_dice3d``) found against the trial-epochs spent, per method and
 seed; the share of the budget TPE + ASHA needs to reach random search's final best (goal: at
@@ -67,14 +68,16 @@ def trial_costs(uri: str, sweep: str) -> list[dict]:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     parent = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")[0]
-    kids = client.search_runs([exp.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    kids = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     rows = []
     for kid in sorted(kids, key=lambda r: r.info.start_time):
         steps = {m.step for m in client.get_metric_history(kid.info.run_id, "val_dice")}
         train = sum(m.value for m in client.get_metric_history(kid.info.run_id, "train_time"))
-        rows.append({"epochs": len(steps), "value": kid.data.metrics.get("val_dice3d"),
-                     "train_time": train})
+        rows.append(
+            {"epochs": len(steps), "value": kid.data.metrics.get("val_dice3d"), "train_time": train}
+        )
     return rows
 
 
@@ -108,13 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=24, help="trial-epochs per method")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of a full trial")
     parser.add_argument("--startup", type=int, default=4, help="TPE's random start trials")
-    parser.add_argument("--tpe-trials", type=int, default=None,
-                        help="trials TPE + ASHA may start (default: 2 x budget / epochs)")
+    parser.add_argument(
+        "--tpe-trials",
+        type=int,
+        default=None,
+        help="trials TPE + ASHA may start (default: 2 x budget / epochs)",
+    )
     args = parser.parse_args(argv)
     if args.budget % args.epochs:
         parser.error("--budget must be a multiple of --epochs")
 
     from common import phantom_store
+
     from vfsearch.adapters import tracking
     from vfsearch.adapters.ray_runtime import start_local_ray
     from vfsearch.pipelines.tune import tune
@@ -128,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         spaces = {}
         for method, grace in (("random", args.epochs), ("tpe_asha", 1)):
             spaces[method] = root / f"{method}.yaml"
-            spaces[method].write_text(SPACE.format(epochs=args.epochs, grace=grace,
-                                                   startup=args.startup))
+            spaces[method].write_text(
+                SPACE.format(epochs=args.epochs, grace=grace, startup=args.startup)
+            )
         import ray
 
         curves: dict[str, list[list[float]]] = {"random": [], "tpe_asha": []}
@@ -140,24 +149,38 @@ def main(argv: list[str] | None = None) -> int:
                 for method in ("random", "tpe_asha"):
                     sweep = f"{method}-s{seed}"
                     t0 = time.perf_counter()
-                    tune(store, spaces[method], seed=seed, name=sweep,
-                         num_samples=n_random if method == "random" else n_tpe,
-                         sampler="random" if method == "random" else "tpe",
-                         max_concurrent=1, workdir=root / "mlruns",
-                         storage=root / "ray", mlflow_uri=uri, echo=lambda s: None)
+                    tune(
+                        store,
+                        spaces[method],
+                        seed=seed,
+                        name=sweep,
+                        num_samples=n_random if method == "random" else n_tpe,
+                        sampler="random" if method == "random" else "tpe",
+                        max_concurrent=1,
+                        workdir=root / "mlruns",
+                        storage=root / "ray",
+                        mlflow_uri=uri,
+                        echo=lambda s: None,
+                    )
                     wall += time.perf_counter() - t0
                     rows = trial_costs(uri, sweep)
                     train += sum(r["train_time"] for r in rows)
                     curves[method].append(best_curve(rows, args.budget))
                     used = sum(r["epochs"] for r in rows)
                     done = [r["value"] for r in rows if r["value"] is not None]
-                    print(f"seed {seed} {method:>8}: {len(rows)} trials, {used} trial-epochs "
-                          f"run, {len(done)} finished, best within budget "
-                          f"{curves[method][-1][-1]:.4f}", flush=True)
+                    print(
+                        f"seed {seed} {method:>8}: {len(rows)} trials, {used} trial-epochs "
+                        f"run, {len(done)} finished, best within budget "
+                        f"{curves[method][-1][-1]:.4f}",
+                        flush=True,
+                    )
                 target = curves["random"][-1][-1]
                 shares.append(share_to_reach(curves["tpe_asha"][-1], target))
-                print(f"seed {seed}: TPE+ASHA reaches random's best {target:.4f} at "
-                      f"{shares[-1]:.3f} of the budget", flush=True)
+                print(
+                    f"seed {seed}: TPE+ASHA reaches random's best {target:.4f} at "
+                    f"{shares[-1]:.3f} of the budget",
+                    flush=True,
+                )
         finally:
             ray.shutdown()
             tracking.stop_server(root / "mlruns")
@@ -165,14 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest val_dice3d (mean of {args.seeds} seeds) against trial-epochs spent:")
     print(f"{'budget':>8}" + "".join(f"{m:>12}" for m in curves))
     for b in sorted({max(1, round(args.budget * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 1)}):
-        print(f"{b:>8}" + "".join(f"{statistics.mean(c[b] for c in curves[m]):>12.4f}"
-                                  for m in curves))
+        print(
+            f"{b:>8}"
+            + "".join(f"{statistics.mean(c[b] for c in curves[m]):>12.4f}" for m in curves)
+        )
     share = statistics.median(shares)
     share_of_wall = train / wall if wall else float("nan")
-    print(f"per-seed shares: {', '.join(f'{s:.3f}' for s in shares)}; sweeps' wall time "
-          f"{wall:.0f} s, of which training steps {train:.0f} s")
-    print(f"RESULT budget_share_to_random_best={share:.3f} "
-          f"train_share_of_wall={share_of_wall:.3f}")
+    print(
+        f"per-seed shares: {', '.join(f'{s:.3f}' for s in shares)}; sweeps' wall time "
+        f"{wall:.0f} s, of which training steps {train:.0f} s"
+    )
+    print(f"RESULT budget_share_to_random_best={share:.3f} train_share_of_wall={share_of_wall:.3f}")
     return 0
 
 

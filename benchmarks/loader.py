@@ -35,19 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vfsearch.core.config import DataConfig
-from vfsearch.core import windows as W
 from vfsearch.adapters.dataset import WindowDataset
-from vfsearch.core.geometry import Geometry
 from vfsearch.adapters.store import Store, fingerprint_from_hist, hu_histogram
+from vfsearch.core import windows as W
+from vfsearch.core.config import DataConfig
+from vfsearch.core.geometry import Geometry
 
 VERTEBRAE = tuple(range(11, 25))  # T4..L5 (VerSe ids)
 
 
 # -- building the store -------------------------------------------------------------------
 
-def synthetic_crop(rng: np.random.Generator, shape: tuple[int, int, int],
-                   fractured: bool) -> tuple[np.ndarray, np.ndarray]:
+
+def synthetic_crop(
+    rng: np.random.Generator, shape: tuple[int, int, int], fractured: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """One vertebra-like crop (z, y, x) at 1 mm: HU int16 and a fracture mask uint8.
 
     Soft tissue with CT-like noise, a cylindrical body (cortical shell, trabecular core) and
@@ -63,8 +65,11 @@ def synthetic_crop(rng: np.random.Generator, shape: tuple[int, int, int],
     shell = body & ((radial > r - 2.5) | (z < z0 + 2) | (z > z1 - 2))
     img[body] = rng.normal(180.0, 40.0, size=int(body.sum()))
     img[shell] = rng.normal(650.0, 80.0, size=int(shell.sum()))
-    arch = (np.hypot(y - ny * 0.72, x - cx) < r * 0.9) & \
-        (np.hypot(y - ny * 0.72, x - cx) > r * 0.55) & (np.abs(z - nz / 2) < nz * 0.15)
+    arch = (
+        (np.hypot(y - ny * 0.72, x - cx) < r * 0.9)
+        & (np.hypot(y - ny * 0.72, x - cx) > r * 0.55)
+        & (np.abs(z - nz / 2) < nz * 0.15)
+    )
     img[arch] = rng.normal(550.0, 80.0, size=int(arch.sum()))
     fracture = np.zeros(shape, np.uint8)
     if fractured:
@@ -85,13 +90,18 @@ def write_direct_store(path: Path, cases: int, size: int, seed: int) -> None:
         hist = np.zeros(4096, np.int64)
         for vid in VERTEBRAE:
             jitter = rng.integers(-4, 5, size=3)
-            shape = (int(size * 0.45) + jitter[0], size - 8 + jitter[1], int(size * 0.8) +
-                     jitter[2])
+            shape = (
+                int(size * 0.45) + jitter[0],
+                size - 8 + jitter[1],
+                int(size * 0.8) + jitter[2],
+            )
             img, fr = synthetic_crop(rng, shape, fractured=bool(rng.random() < 0.3))
-            store.write_vertebra(case_id, vid, {"image": img, "fracture": fr,
-                                                "mask": (img > 150).astype(np.uint8)},
-                                 {"name": str(vid),
-                                  "fracture_slices": W.fracture_slice_counts(fr)})
+            store.write_vertebra(
+                case_id,
+                vid,
+                {"image": img, "fracture": fr, "mask": (img > 150).astype(np.uint8)},
+                {"name": str(vid), "fracture_slices": W.fracture_slice_counts(fr)},
+            )
             hist += hu_histogram(img)
         store.finish_case(case_id, hist, {})
         total += hist
@@ -106,14 +116,24 @@ def write_ingested_store(path: Path, work: Path, cases: int, seed: int) -> bool:
     except ImportError:
         return False
     src = work / "synth"
-    synth_mod.synth_dataset(src, cases=cases, seed=seed, spacing=None, small=False,
-                            fracture_rate=0.3)
-    ingest_mod.ingest(src, path, spacing=(1.0, 1.0, 1.0), margin_mm=8.0,
-                      label_scheme="verse", split=(1.0, 0.0, 0.0), seed=seed, workers=1)
+    synth_mod.synth_dataset(
+        src, cases=cases, seed=seed, spacing=None, small=False, fracture_rate=0.3
+    )
+    ingest_mod.ingest(
+        src,
+        path,
+        spacing=(1.0, 1.0, 1.0),
+        margin_mm=8.0,
+        label_scheme="verse",
+        split=(1.0, 0.0, 0.0),
+        seed=seed,
+        workers=1,
+    )
     return True
 
 
 # -- the other two sources, behind the dataset's I/O seam ---------------------------------
+
 
 class MemmapWindows(WindowDataset):
     """The same crops from one raw memmap per array, stored plane-first.
@@ -135,23 +155,25 @@ class MemmapWindows(WindowDataset):
     def write(self, folder: Path) -> None:
         store, offsets = self._open(), self._layout()
         for name, dtype in (("image", np.int16), ("fracture", np.uint8)):
-            mm = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
-                                           shape=(offsets[-1],))
+            mm = np.lib.format.open_memmap(
+                folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(offsets[-1],)
+            )
             for k, (case, vid) in enumerate(self.items):
                 vol = W.plane_first(store.read(case, vid, name), self.axis)
-                mm[offsets[k]:offsets[k + 1]] = np.ascontiguousarray(vol).ravel()
+                mm[offsets[k] : offsets[k + 1]] = np.ascontiguousarray(vol).ravel()
             mm.flush()
             del mm
 
     def _read_window(self, k, t):
         if not hasattr(self, "_mm"):
-            self._mm = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r")
-                        for n in ("image", "fracture")}
+            self._mm = {
+                n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("image", "fracture")
+            }
             self._offs = self._layout()
         idx = W.window_indices(t, self.data.seq_len, self._plane_shape(k)[0])
         out = []
         for name in ("image", "fracture"):
-            vol = self._mm[name][self._offs[k]:self._offs[k + 1]].reshape(self._plane_shape(k))
+            vol = self._mm[name][self._offs[k] : self._offs[k + 1]].reshape(self._plane_shape(k))
             out.append(np.asarray(vol[idx]))
         return out[0], out[1]
 
@@ -168,8 +190,9 @@ class NiftiWindows(WindowDataset):
         for case, vid in self.items:
             geom = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
             for name in ("image", "fracture"):
-                write_volume(folder / f"{case}_{vid}_{name}.nii.gz", store.read(case, vid, name),
-                             geom)
+                write_volume(
+                    folder / f"{case}_{vid}_{name}.nii.gz", store.read(case, vid, name), geom
+                )
 
     def _read_window(self, k, t):
         from vfsearch.adapters.volumes import read_volume
@@ -184,8 +207,17 @@ class NiftiWindows(WindowDataset):
 
 # -- data larger than the cache ----------------------------------------------------------
 
-def large_run(work: Path, *, cases: int, size: int, cache_mb: float, open_vertebrae: int,
-              shuffle_windows: int, seed: int) -> dict[str, float]:
+
+def large_run(
+    work: Path,
+    *,
+    cases: int,
+    size: int,
+    cache_mb: float,
+    open_vertebrae: int,
+    shuffle_windows: int,
+    seed: int,
+) -> dict[str, float]:
     """Zarr through the product's sampler vs a global shuffle vs the memmap, on a store of
     at least 10x the cache (more cases are added until it is)."""
     path = work / "large.zarr"
@@ -199,13 +231,17 @@ def large_run(work: Path, *, cases: int, size: int, cache_mb: float, open_verteb
     n = len(probe)
     decoded = sum(probe._crop_bytes(k) for k in range(len(probe.items)))
     largest = max(probe._crop_bytes(k) for k in range(len(probe.items)))
-    print(f"\nlarge store ({time.perf_counter() - t0:.1f} s): {len(probe.items)} crops, {n} "
-          f"windows, {decoded / 2**20:.0f} MiB decoded = {decoded / cache:.1f}x the "
-          f"{cache_mb:g} MiB cache (holds ~{cache // largest} of the largest crops; "
-          f"{open_vertebrae} open)")
+    print(
+        f"\nlarge store ({time.perf_counter() - t0:.1f} s): {len(probe.items)} crops, {n} "
+        f"windows, {decoded / 2**20:.0f} MiB decoded = {decoded / cache:.1f}x the "
+        f"{cache_mb:g} MiB cache (holds ~{cache // largest} of the largest crops; "
+        f"{open_vertebrae} open)"
+    )
     if decoded < 10 * cache:
-        raise SystemExit(f"--large-cases {cases}: the store is only {decoded / cache:.1f}x "
-                         "the cache; give more cases or a smaller --large-cache-mb")
+        raise SystemExit(
+            f"--large-cases {cases}: the store is only {decoded / cache:.1f}x "
+            "the cache; give more cases or a smaller --large-cache-mb"
+        )
     mm_folder = work / "mm_large"
     mm_folder.mkdir(exist_ok=True)
     MemmapWindows(path, None, data).write(mm_folder)
@@ -215,25 +251,30 @@ def large_run(work: Path, *, cases: int, size: int, cache_mb: float, open_verteb
     eighth = np.asarray(probe.epoch_order(n // 8, 0, open_vertebrae=open_vertebrae))
     shuffled = np.random.default_rng(seed).permutation(n)[:shuffle_windows]
     out: dict[str, float] = {}
-    for name, cls, order in (("zarr_local", WindowDataset, local),
-                             ("memmap_local", MemmapWindows, local),
-                             ("zarr_local_eighth", WindowDataset, eighth),
-                             ("zarr_shuffle", WindowDataset, shuffled)):
+    for name, cls, order in (
+        ("zarr_local", WindowDataset, local),
+        ("memmap_local", MemmapWindows, local),
+        ("zarr_local_eighth", WindowDataset, eighth),
+        ("zarr_shuffle", WindowDataset, shuffled),
+    ):
         ds = cls(path, None, data, cache_bytes=cache)
         if cls is MemmapWindows:
             ds.folder = mm_folder
         len(ds)
         out[name], _ = rate(ds, order)
         print(f"  {name:<14}{out[name]:>9.0f} windows/s over {len(order)} windows")
-    return {"zarr_vs_memmap_large": out["zarr_local"] / out["memmap_local"],
-            "local_vs_shuffle_large": out["zarr_local"] / out["zarr_shuffle"],
-            "zarr_vs_memmap_large_eighth": out["zarr_local_eighth"] / out["memmap_local"],
-            "zarr_large_windows_per_s": out["zarr_local"],
-            "zarr_shuffle_large_windows_per_s": out["zarr_shuffle"],
-            "large_vs_cache": decoded / cache}
+    return {
+        "zarr_vs_memmap_large": out["zarr_local"] / out["memmap_local"],
+        "local_vs_shuffle_large": out["zarr_local"] / out["zarr_shuffle"],
+        "zarr_vs_memmap_large_eighth": out["zarr_local_eighth"] / out["memmap_local"],
+        "zarr_large_windows_per_s": out["zarr_local"],
+        "zarr_shuffle_large_windows_per_s": out["zarr_shuffle"],
+        "large_vs_cache": decoded / cache,
+    }
 
 
 # -- timing -------------------------------------------------------------------------------
+
 
 def rate(ds: WindowDataset, order: np.ndarray) -> tuple[float, float]:
     """Windows per wall-clock second and per CPU second (all threads of this process) over
@@ -255,29 +296,60 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=2, help="phantom cases (14 vertebrae each)")
     parser.add_argument("--size", type=int, default=128, help="largest crop side, voxels")
-    parser.add_argument("--windows", type=int, default=0,
-                        help="windows timed per Zarr/memmap run (0: one whole epoch)")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=0,
+        help="windows timed per Zarr/memmap run (0: one whole epoch)",
+    )
     parser.add_argument("--nifti-windows", type=int, default=150)
-    parser.add_argument("--source", choices=("auto", "direct", "ingest"), default="auto",
-                        help="direct: synthetic crops; ingest: synth + ingest; auto: ingest "
-                        "when available")
+    parser.add_argument(
+        "--source",
+        choices=("auto", "direct", "ingest"),
+        default="auto",
+        help="direct: synthetic crops; ingest: synth + ingest; auto: ingest when available",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the files here")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="passes of the fast runs (no augmentation); the best counts")
-    parser.add_argument("--repeat-all", action="store_true",
-                        help="repeat the augmented and uncached runs as well")
-    parser.add_argument("--chunk-slices", type=int, default=0,
-                        help="what-if: slices per Zarr chunk instead of the store's "
-                        "CHUNK_SLICES (e.g. 1000: one chunk per crop)")
-    parser.add_argument("--large-cases", type=int, default=9,
-                        help="direct synthetic cases of the store larger than the cache")
-    parser.add_argument("--large-cache-mb", type=float, default=24.0,
-                        help="per-process crop cache of the large run (the store must be "
-                        ">= 10x it)")
-    parser.add_argument("--open-vertebrae", type=int, default=8,
-                        help="vertebrae open at a time in the product's sampler")
-    parser.add_argument("--shuffle-windows", type=int, default=1500,
-                        help="windows timed under a global shuffle in the large run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="passes of the fast runs (no augmentation); the best counts",
+    )
+    parser.add_argument(
+        "--repeat-all", action="store_true", help="repeat the augmented and uncached runs as well"
+    )
+    parser.add_argument(
+        "--chunk-slices",
+        type=int,
+        default=0,
+        help="what-if: slices per Zarr chunk instead of the store's "
+        "CHUNK_SLICES (e.g. 1000: one chunk per crop)",
+    )
+    parser.add_argument(
+        "--large-cases",
+        type=int,
+        default=9,
+        help="direct synthetic cases of the store larger than the cache",
+    )
+    parser.add_argument(
+        "--large-cache-mb",
+        type=float,
+        default=24.0,
+        help="per-process crop cache of the large run (the store must be >= 10x it)",
+    )
+    parser.add_argument(
+        "--open-vertebrae",
+        type=int,
+        default=8,
+        help="vertebrae open at a time in the product's sampler",
+    )
+    parser.add_argument(
+        "--shuffle-windows",
+        type=int,
+        default=1500,
+        help="windows timed under a global shuffle in the large run",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -294,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(store_path)
         t0 = time.perf_counter()
         used = "direct"
-        if args.source in ("auto", "ingest") and write_ingested_store(store_path, work,
-                                                                      args.cases, args.seed):
+        if args.source in ("auto", "ingest") and write_ingested_store(
+            store_path, work, args.cases, args.seed
+        ):
             used = "synth+ingest"
         elif args.source == "ingest":
             print("vfsearch.pipelines.synth / ingest not available", file=sys.stderr)
@@ -306,10 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         probe = WindowDataset(store_path, None, data)
         n = len(probe)
         shapes = np.array(probe._shapes)
-        print(f"store ({used}, {time.perf_counter() - t0:.1f} s): {len(probe.items)} vertebra "
-              f"crops, {n} sagittal windows; crop shape z,y,x median "
-              f"{tuple(int(v) for v in np.median(shapes, 0))}, max "
-              f"{tuple(int(v) for v in shapes.max(0))}")
+        print(
+            f"store ({used}, {time.perf_counter() - t0:.1f} s): {len(probe.items)} vertebra "
+            f"crops, {n} sagittal windows; crop shape z,y,x median "
+            f"{tuple(int(v) for v in np.median(shapes, 0))}, max "
+            f"{tuple(int(v) for v in shapes.max(0))}"
+        )
         folders = {MemmapWindows: work / "mm", NiftiWindows: work / "nii"}
         for cls, folder in folders.items():
             folder.mkdir(exist_ok=True)
@@ -318,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(n)[: args.windows or n]
         nifti_order = order[: args.nifti_windows]
-        runs = [("zarr", WindowDataset, False, order, {}),
-                ("memmap", MemmapWindows, False, order, {}),
-                ("nifti", NiftiWindows, False, nifti_order, {}),
-                ("zarr_aug", WindowDataset, True, order, {}),
-                ("memmap_aug", MemmapWindows, True, order, {}),
-                ("nifti_aug", NiftiWindows, True, nifti_order, {}),
-                ("zarr_nocache", WindowDataset, False, order, {"cache_bytes": 0})]
+        runs = [
+            ("zarr", WindowDataset, False, order, {}),
+            ("memmap", MemmapWindows, False, order, {}),
+            ("nifti", NiftiWindows, False, nifti_order, {}),
+            ("zarr_aug", WindowDataset, True, order, {}),
+            ("memmap_aug", MemmapWindows, True, order, {}),
+            ("nifti_aug", NiftiWindows, True, nifti_order, {}),
+            ("zarr_nocache", WindowDataset, False, order, {"cache_bytes": 0}),
+        ]
         results: dict[str, float] = {}
         cpu_results: dict[str, float] = {}
         # repetitions interleaved and the best kept (like timeit): on a shared machine the
@@ -341,17 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = max(results.get(name, 0.0), wall)
                 cpu_results[name] = max(cpu_results.get(name, 0.0), cpu)
 
-        print(f"\nwindows/s (seq_len 5, 128x128 sagittal, 1 process, 1 torch thread; one pass "
-              f"over {len(order)} windows in random order from a cold cache, NIfTI "
-              f"{len(nifti_order)}; best of {args.repeat} without augmentation)")
+        print(
+            f"\nwindows/s (seq_len 5, 128x128 sagittal, 1 process, 1 torch thread; one pass "
+            f"over {len(order)} windows in random order from a cold cache, NIfTI "
+            f"{len(nifti_order)}; best of {args.repeat} without augmentation)"
+        )
         print(f"{'':<14}{'per wall-clock second':>22}{'per CPU second':>22}")
         print(f"{'source':<14}" + f"{'no aug':>11}{'augment':>11}" * 2)
         for name in ("zarr", "memmap", "nifti", "zarr_nocache"):
             line = f"{name:<14}"
             for res in (results, cpu_results):
                 aug_rate = res.get(name + "_aug")
-                line += f"{res[name]:>11.0f}" + (f"{aug_rate:>11.0f}" if aug_rate else
-                                                  f"{'-':>11}")
+                line += f"{res[name]:>11.0f}" + (f"{aug_rate:>11.0f}" if aug_rate else f"{'-':>11}")
             print(line)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"(load average {load:.1f} on {os.cpu_count()} CPUs)")
@@ -371,17 +449,28 @@ def main(argv: list[str] | None = None) -> int:
             "zarr_windows_per_cpu_s": cpu_results["zarr"],
             "load_average": load,
         }
-        ratios.update(large_run(work, cases=args.large_cases, size=args.size,
-                                cache_mb=args.large_cache_mb,
-                                open_vertebrae=args.open_vertebrae,
-                                shuffle_windows=args.shuffle_windows, seed=args.seed))
-        print(f"\nzarr / memmap = {ratios['zarr_vs_memmap']:.2f} (goal >= 0.5), "
-              f"zarr / nifti = {ratios['zarr_vs_nifti']:.1f} (goal >= 20); data "
-              f"{ratios['large_vs_cache']:.0f}x the cache: zarr / memmap = "
-              f"{ratios['zarr_vs_memmap_large']:.2f} (goal >= 0.5), product sampler / global "
-              f"shuffle = {ratios['local_vs_shuffle_large']:.1f}x")
-        print("RESULT " + " ".join(
-            f"{k}={v:.3f}" if "vs" in k else f"{k}={v:.1f}" for k, v in ratios.items()))
+        ratios.update(
+            large_run(
+                work,
+                cases=args.large_cases,
+                size=args.size,
+                cache_mb=args.large_cache_mb,
+                open_vertebrae=args.open_vertebrae,
+                shuffle_windows=args.shuffle_windows,
+                seed=args.seed,
+            )
+        )
+        print(
+            f"\nzarr / memmap = {ratios['zarr_vs_memmap']:.2f} (goal >= 0.5), "
+            f"zarr / nifti = {ratios['zarr_vs_nifti']:.1f} (goal >= 20); data "
+            f"{ratios['large_vs_cache']:.0f}x the cache: zarr / memmap = "
+            f"{ratios['zarr_vs_memmap_large']:.2f} (goal >= 0.5), product sampler / global "
+            f"shuffle = {ratios['local_vs_shuffle_large']:.1f}x"
+        )
+        print(
+            "RESULT "
+            + " ".join(f"{k}={v:.3f}" if "vs" in k else f"{k}={v:.1f}" for k, v in ratios.items())
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -39,13 +39,16 @@ def monai_attention_unet() -> torch.nn.Module:
     from monai.networks.nets import AttentionUnet
 
     channels = tuple(BASE.base_channels * 2**lv for lv in range(BASE.depth + 1))
-    return AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=channels,
-                         strides=(2,) * BASE.depth)
+    return AttentionUnet(
+        spatial_dims=2, in_channels=1, out_channels=1, channels=channels, strides=(2,) * BASE.depth
+    )
 
 
-def step_time(model: torch.nn.Module, x: torch.Tensor, ours: bool, iters: int,
-              device: str) -> float:
+def step_time(
+    model: torch.nn.Module, x: torch.Tensor, ours: bool, iters: int, device: str
+) -> float:
     """Seconds per forward+backward of one batch (mean over ``iters``)."""
+
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -74,10 +77,11 @@ def main() -> None:
     torch.manual_seed(0)
     dev = args.device
     window = torch.randn(args.batch, SEQ_LEN, SIDE, SIDE, device=dev)
-    centre = window[:, SEQ_LEN // 2: SEQ_LEN // 2 + 1].contiguous()
+    centre = window[:, SEQ_LEN // 2 : SEQ_LEN // 2 + 1].contiguous()
     models: dict[str, tuple[torch.nn.Module, torch.Tensor, bool]] = {
         name: (build_model(cfg, SEQ_LEN).to(dev).train(), window, True)
-        for name, cfg in VARIANTS.items()}
+        for name, cfg in VARIANTS.items()
+    }
     models["monai"] = (monai_attention_unet().to(dev).train(), centre, False)
     for model, x, ours in models.values():  # warm-up (allocator, lazy init)
         step_time(model, x, ours, 1, dev)
@@ -86,14 +90,18 @@ def main() -> None:
         for name, (model, x, ours) in models.items():
             times[name].append(step_time(model, x, ours, args.iters, dev))
     per_window = {name: statistics.median(ts) / args.batch for name, ts in times.items()}
-    print(f"device={dev} threads={torch.get_num_threads()} batch={args.batch} "
-          f"side={SIDE} seq_len={SEQ_LEN} rounds={args.rounds}x{args.iters}")
+    print(
+        f"device={dev} threads={torch.get_num_threads()} batch={args.batch} "
+        f"side={SIDE} seq_len={SEQ_LEN} rounds={args.rounds}x{args.iters}"
+    )
     print(f"{'model':<20}{'params':>12}{'windows/s':>12}{'ms/window':>12}{'vs MONAI':>10}")
     for name, (model, _, _) in models.items():
         params = sum(p.numel() for p in model.parameters())
         t = per_window[name]
-        print(f"{name:<20}{params:>12,}{1 / t:>12.2f}{1000 * t:>12.1f}"
-              f"{t / per_window['monai']:>10.2f}")
+        print(
+            f"{name:<20}{params:>12,}{1 / t:>12.2f}{1000 * t:>12.1f}"
+            f"{t / per_window['monai']:>10.2f}"
+        )
     ratio = {k: per_window[k] / per_window["monai"] for k in ("lstm", "convlstm", "none")}
     print("RESULT " + " ".join(f"{k}_vs_monai={v:.2f}" for k, v in ratio.items()))
 

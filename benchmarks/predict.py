@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vfsearch.adapters import volumes as io
 from vfsearch.core import fusion
 from vfsearch.core.config import Config, DataConfig, ModelConfig
-from vfsearch.adapters import volumes as io
-from vfsearch.core.windows import PLANE_AXIS, normalise, normalised_floor
-from vfsearch.core.models import build_model
 from vfsearch.core.inference import LoadedModel
+from vfsearch.core.models import build_model
+from vfsearch.core.windows import PLANE_AXIS, normalise, normalised_floor
 from vfsearch.pipelines.predict import predict
 
 FINGERPRINT = {"p0_5": -1000.0, "p99_5": 1500.0, "mean": 150.0, "std": 350.0}
@@ -47,8 +47,9 @@ def monai_attention_unet(cfg: ModelConfig) -> torch.nn.Module:
     from monai.networks.nets import AttentionUnet
 
     channels = tuple(cfg.base_channels * 2**lv for lv in range(cfg.depth + 1))
-    return AttentionUnet(spatial_dims=2, in_channels=1, out_channels=1, channels=channels,
-                         strides=(2,) * cfg.depth)
+    return AttentionUnet(
+        spatial_dims=2, in_channels=1, out_channels=1, channels=channels, strides=(2,) * cfg.depth
+    )
 
 
 def _sync(device: str) -> None:
@@ -72,9 +73,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = args.device
-    config = Config(model=ModelConfig(depth=4, base_channels=16, temporal="lstm"),
-                    data=DataConfig(seq_len=args.seq_len, plane="sagittal",
-                                    patch_size=args.patch))
+    config = Config(
+        model=ModelConfig(depth=4, base_channels=16, temporal="lstm"),
+        data=DataConfig(seq_len=args.seq_len, plane="sagittal", patch_size=args.patch),
+    )
     model = build_model(config.model, args.seq_len).to(dev).eval()
     lm = LoadedModel(model, config, FINGERPRINT, (args.spacing,) * 3, 8.0, source="random")
 
@@ -82,32 +84,42 @@ def main() -> None:
 
     t = time.perf_counter()
     case = make_case(args.seed)
-    print(f"phantom {case.ct.shape} (z, y, x) at {case.geometry.spacing} mm in "
-          f"{time.perf_counter() - t:.1f} s; crops at {args.spacing} mm, patch {args.patch}, "
-          f"seq_len {args.seq_len}, device {dev}, threads {torch.get_num_threads()}")
+    print(
+        f"phantom {case.ct.shape} (z, y, x) at {case.geometry.spacing} mm in "
+        f"{time.perf_counter() - t:.1f} s; crops at {args.spacing} mm, patch {args.patch}, "
+        f"seq_len {args.seq_len}, device {dev}, threads {torch.get_num_threads()}"
+    )
     from vfsearch.pipelines.ingest import CaseSpec, Params, prepare_case
 
     with tempfile.TemporaryDirectory(prefix="vfsearch-bench-") as tmp:
         ct = io.write_volume(Path(tmp, "ct.nii.gz"), case.ct, case.geometry)
         labels = io.write_volume(Path(tmp, "vertebrae.nii.gz"), case.vertebrae, case.geometry)
         # the comparisons run on the slices of a few crops, prepared like predict does
-        prepared = prepare_case(CaseSpec("bench", str(ct), str(labels)),
-                                Params((args.spacing,) * 3, 8.0, "verse", "sagittal"))
+        prepared = prepare_case(
+            CaseSpec("bench", str(ct), str(labels)),
+            Params((args.spacing,) * 3, 8.0, "verse", "sagittal"),
+        )
         warm = normalise(prepared.crops[0].arrays["image"], FINGERPRINT)
-        fusion.infer_slices(model, fusion.volume_to_slices(warm, PLANE_AXIS["sagittal"]),
-                            args.seq_len, batch_size=args.batch, multiple=16,
-                            min_size=args.patch)  # warm-up (allocator, lazy init)
+        fusion.infer_slices(
+            model,
+            fusion.volume_to_slices(warm, PLANE_AXIS["sagittal"]),
+            args.seq_len,
+            batch_size=args.batch,
+            multiple=16,
+            min_size=args.patch,
+        )  # warm-up (allocator, lazy init)
         _sync(dev)
         summary = predict(lm, ct, labels, Path(tmp, "out"), batch_size=args.batch)
         sec = summary["seconds"]
         n_vert = len(summary["vertebrae"])
     axis = PLANE_AXIS["sagittal"]
     crops = prepared.crops[: args.crops]
-    stacks = [fusion.volume_to_slices(normalise(c.arrays["image"], FINGERPRINT), axis)
-              for c in crops]
+    stacks = [
+        fusion.volume_to_slices(normalise(c.arrays["image"], FINGERPRINT), axis) for c in crops
+    ]
     n_slices = sum(len(s) for s in stacks)
     pad = normalised_floor(FINGERPRINT)
-    multiple = 2 ** config.model.depth
+    multiple = 2**config.model.depth
     padded = []
     for s in stacks:
         ph = fusion.padded_size(s.shape[1], multiple, args.patch)
@@ -119,8 +131,16 @@ def main() -> None:
         _sync(dev)
         start = time.perf_counter()
         for s in stacks:
-            fusion.infer_slices(model, s, args.seq_len, reuse=reuse, batch_size=args.batch,
-                                pad_value=pad, multiple=multiple, min_size=args.patch)
+            fusion.infer_slices(
+                model,
+                s,
+                args.seq_len,
+                reuse=reuse,
+                batch_size=args.batch,
+                pad_value=pad,
+                multiple=multiple,
+                min_size=args.patch,
+            )
         _sync(dev)
         return time.perf_counter() - start
 
@@ -130,12 +150,15 @@ def main() -> None:
         with torch.inference_mode():
             for x in padded:
                 for i in range(0, len(x), args.batch):
-                    torch.sigmoid(monai(x[i:i + args.batch, None])).cpu()
+                    torch.sigmoid(monai(x[i : i + args.batch, None])).cpu()
         _sync(dev)
         return time.perf_counter() - start
 
-    runners = {"reuse": lambda: run_ours(True), "naive": lambda: run_ours(False),
-               "monai": run_monai}
+    runners = {
+        "reuse": lambda: run_ours(True),
+        "naive": lambda: run_ours(False),
+        "monai": run_monai,
+    }
     for fn in runners.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -154,8 +177,10 @@ def main() -> None:
     print(f"comparison on {len(crops)} crops, {n_slices} slices, median of {args.rounds}:")
     for k in runners:
         print(f"  {k:<8}{med[k]:>8.3f} s {1000 * med[k] / n_slices:>8.2f} ms/slice")
-    print(f"RESULT reuse_speedup={reuse_speedup:.2f} per_slice_vs_monai={vs_monai:.2f} "
-          f"non_model_share={non_model:.3f} seconds_per_case={sec['total']:.2f}")
+    print(
+        f"RESULT reuse_speedup={reuse_speedup:.2f} per_slice_vs_monai={vs_monai:.2f} "
+        f"non_model_share={non_model:.3f} seconds_per_case={sec['total']:.2f}"
+    )
 
 
 if __name__ == "__main__":

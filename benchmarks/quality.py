@@ -55,10 +55,22 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 # (output name, scan folder, CT, labels, label scheme, fractures)
 REAL_CASES = [
     ("real_tptbox_l3", "tptbox_l3", "ct.nii.gz", "vertebrae_verse.nii.gz", "verse", "L3:2:wedge"),
-    ("real_abdomen_l1", "totalseg_abdomen", "ct.nii.gz", "vertebrae_totalseg.nii.gz",
-     "totalsegmentator", "L1:2:wedge"),
-    ("real_abdomen_l2_l4", "totalseg_abdomen", "ct.nii.gz", "vertebrae_totalseg.nii.gz",
-     "totalsegmentator", "L2:3:crush,L4:1:biconcave"),  # T12 is cut by the scan's edge
+    (
+        "real_abdomen_l1",
+        "totalseg_abdomen",
+        "ct.nii.gz",
+        "vertebrae_totalseg.nii.gz",
+        "totalsegmentator",
+        "L1:2:wedge",
+    ),
+    (
+        "real_abdomen_l2_l4",
+        "totalseg_abdomen",
+        "ct.nii.gz",
+        "vertebrae_totalseg.nii.gz",
+        "totalsegmentator",
+        "L2:3:crush,L4:1:biconcave",
+    ),  # T12 is cut by the scan's edge
 ]
 SPACING = (2.0, 2.0, 2.0)
 MARGIN_MM = 6.0
@@ -74,8 +86,11 @@ def variants() -> dict[str, dict[str, Any]]:
         "attention+lstm_pooled": {"model.temporal": "lstm_pooled"},
         "attention+convlstm": {"model.temporal": "convlstm"},
         # the product's default staging: the segmenter alone for the first half of the run
-        "attention+lstm+gan": {"model.temporal": "lstm", "model.gan": True,
-                               "loss.adv_weight": 0.01},
+        "attention+lstm+gan": {
+            "model.temporal": "lstm",
+            "model.gan": True,
+            "loss.adv_weight": 0.01,
+        },
     }
 
 
@@ -95,13 +110,16 @@ def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, 
     for seed, n in ((0, train_cases), (1, test_cases)):
         folder = raw / f"phantom_s{seed}"
         if not (folder / "manifest.csv").is_file():
-            synth_dataset(folder, cases=n, seed=seed, spacing=None, small=True,
-                          fracture_rate=0.3)
+            synth_dataset(folder, cases=n, seed=seed, spacing=None, small=True, fracture_rate=0.3)
         for i, r in enumerate(_manifest_rows(folder)):
             split = "test" if seed == 1 else ("val" if i >= n - max(1, n // 4) else "train")
-            rows.append({"case_id": f"s{seed}_{r['case_id']}", "split": split,
-                         **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae",
-                                                                 "fracture")}})
+            rows.append(
+                {
+                    "case_id": f"s{seed}_{r['case_id']}",
+                    "split": split,
+                    **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
+                }
+            )
     phantom_manifest = raw / "phantoms.csv"
     _write_manifest(phantom_manifest, rows)
     phantoms = work / "phantoms.zarr"
@@ -111,11 +129,22 @@ def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, 
     for name, scan, ct, labels, scheme, fractures in REAL_CASES:
         folder = raw / name
         if not (folder / "manifest.csv").is_file():
-            synth_on_background(REAL / scan / ct, REAL / scan / labels, folder,
-                                fracture=fractures, seed=0, label_scheme=scheme)
+            synth_on_background(
+                REAL / scan / ct,
+                REAL / scan / labels,
+                folder,
+                fracture=fractures,
+                seed=0,
+                label_scheme=scheme,
+            )
         r = _manifest_rows(folder)[0]
-        rows.append({"case_id": name, "split": "test",
-                     **{k: f"{name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")}})
+        rows.append(
+            {
+                "case_id": name,
+                "split": "test",
+                **{k: f"{name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
+            }
+        )
     real_manifest = raw / "real.csv"
     _write_manifest(real_manifest, rows)
     real = work / "real.zarr"
@@ -131,8 +160,9 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 # -- training and evaluation ------------------------------------------------------------------
-def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus: float,
-              cpus: float) -> tuple[Path, dict[str, float], float]:
+def train_one(
+    name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus: float, cpus: float
+) -> tuple[Path, dict[str, float], float]:
     """Fit one model with `run_training`; returns (best.pt, final metrics, seconds)."""
     import torch
 
@@ -141,9 +171,17 @@ def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus:
 
     t0 = time.perf_counter()
     shutil.rmtree(work / "checkpoints" / name, ignore_errors=True)  # a fresh run, never a resume
-    summary = run_training(store, Config.from_flat(flat, source=name), name=name,
-                           storage=work / "checkpoints", workers=1, gpus_per_worker=gpus,
-                           cpus_per_worker=cpus, mlflow_uri=None, progress=False)
+    summary = run_training(
+        store,
+        Config.from_flat(flat, source=name),
+        name=name,
+        storage=work / "checkpoints",
+        workers=1,
+        gpus_per_worker=gpus,
+        cpus_per_worker=cpus,
+        mlflow_uri=None,
+        progress=False,
+    )
     best = Path(summary.checkpoint) / "best.pt"
     state = torch.load(best, map_location="cpu", weights_only=True)
     metrics = {k: float(v) for k, v in summary.metrics.items() if isinstance(v, (int, float))}
@@ -151,25 +189,39 @@ def train_one(name: str, store: Path, flat: dict[str, Any], work: Path, *, gpus:
     return best, metrics, time.perf_counter() - t0
 
 
-def score(models: Any, store: Path, out: Path, *, threshold: float | None,
-          device: str) -> dict[str, Any]:
+def score(
+    models: Any, store: Path, out: Path, *, threshold: float | None, device: str
+) -> dict[str, Any]:
     """`vfsearch evaluate` on the store's test split (threshold None: chosen on its val)."""
     from vfsearch.pipelines.evaluate import evaluate
 
-    return evaluate(models, store, split="test", out=out, threshold=threshold, device=device,
-                    n_boot=1000, log_to_run=False)
+    return evaluate(
+        models,
+        store,
+        split="test",
+        out=out,
+        threshold=threshold,
+        device=device,
+        n_boot=1000,
+        log_to_run=False,
+    )
 
 
 def figures(report: dict[str, Any]) -> dict[str, float]:
     f = report["flat"]
-    keys = {"dice3d": "test_dice3d", "dice3d_mean": "test_dice3d_mean",
-            "pr_auc": "test_vertebra_pr_auc", "roc_auc": "test_vertebra_roc_auc",
-            "prevalence": "test_vertebra_prevalence"}
+    keys = {
+        "dice3d": "test_dice3d",
+        "dice3d_mean": "test_dice3d_mean",
+        "pr_auc": "test_vertebra_pr_auc",
+        "roc_auc": "test_vertebra_roc_auc",
+        "prevalence": "test_vertebra_prevalence",
+    }
     return {k: float(f.get(v, float("nan"))) for k, v in keys.items()}
 
 
-def paired_gain(a: dict[str, Any], b: dict[str, Any], *, n_boot: int = 2000, seed: int = 0
-                ) -> tuple[float, float, float]:
+def paired_gain(
+    a: dict[str, Any], b: dict[str, Any], *, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Pooled 3D Dice of report ``a`` minus that of ``b`` on the same cases, with a paired
     bootstrap 95 % interval (cases resampled with replacement, seeded)."""
     ca = np.array([[c["tp"], c["fp"], c["fn"]] for c in a["per_case"]], float)
@@ -192,17 +244,24 @@ def _row(name: str, ph: dict[str, float], re: dict[str, float], extra: str = "")
     def f(v: float) -> str:
         return "  n/a" if not np.isfinite(v) else f"{v:5.3f}"
 
-    return (f"{name:<22}{f(ph['dice3d']):>7}{f(ph['dice3d_mean']):>7}{f(ph['pr_auc']):>7}"
-            f"{f(ph['roc_auc']):>7}  |{f(re['dice3d']):>7}{f(re['dice3d_mean']):>7}"
-            f"{f(re['pr_auc']):>7}{f(re['roc_auc']):>7}  {extra}")
+    return (
+        f"{name:<22}{f(ph['dice3d']):>7}{f(ph['dice3d_mean']):>7}{f(ph['pr_auc']):>7}"
+        f"{f(ph['roc_auc']):>7}  |{f(re['dice3d']):>7}{f(re['dice3d_mean']):>7}"
+        f"{f(re['pr_auc']):>7}{f(re['roc_auc']):>7}  {extra}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=None,
-                        help="working folder (default: a fresh temporary one, removed after)")
-    parser.add_argument("--train-cases", type=int, default=16,
-                        help="seed-0 phantoms (a quarter of them validation)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="working folder (default: a fresh temporary one, removed after)",
+    )
+    parser.add_argument(
+        "--train-cases", type=int, default=16, help="seed-0 phantoms (a quarter of them validation)"
+    )
     parser.add_argument("--test-cases", type=int, default=6, help="seed-1 phantoms (test)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--windows", type=int, default=512, help="training windows per epoch")
@@ -213,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per training)")
     parser.add_argument("--cpus", type=float, default=2.0, help="CPUs per training worker")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
-    parser.add_argument("--set", action="append", default=[],
-                        help="extra config override for every model, key=value")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extra config override for every model, key=value",
+    )
     args = parser.parse_args(argv)
     if not REAL.is_dir():
         print(f"real CT samples not found at {REAL}", file=sys.stderr)
@@ -224,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from vfsearch.core.config import parse_overrides
     from vfsearch.adapters.ray_runtime import start_local_ray
+    from vfsearch.core.config import parse_overrides
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -233,15 +296,25 @@ def main(argv: list[str] | None = None) -> int:
     phantoms, real = build_data(work, train_cases=args.train_cases, test_cases=args.test_cases)
     print(f"data ready in {time.perf_counter() - t_start:.0f} s: {phantoms}, {real}", flush=True)
 
-    base = {"data.patch_size": args.patch, "model.base_channels": args.base,
-            "model.depth": args.depth, "model.norm": "group", "data.augment": 0.5,
-            "train.batch_size": args.batch, "train.max_windows_per_epoch": args.windows,
-            "train.epochs": args.epochs, "train.warmup_epochs": 1, "train.lr": 2e-3,
-            "train.log_pictures": False, "train.seed": 0,
-            **parse_overrides(args.set)}
+    base = {
+        "data.patch_size": args.patch,
+        "model.base_channels": args.base,
+        "model.depth": args.depth,
+        "model.norm": "group",
+        "data.augment": 0.5,
+        "train.batch_size": args.batch,
+        "train.max_windows_per_epoch": args.windows,
+        "train.epochs": args.epochs,
+        "train.warmup_epochs": 1,
+        "train.lr": 2e-3,
+        "train.log_pictures": False,
+        "train.seed": 0,
+        **parse_overrides(args.set),
+    }
     gpus = 1.0 if args.device == "cuda" else 0.0
-    start_local_ray(num_cpus=max(2, int(args.cpus)), num_gpus=int(gpus) or None,
-                    log_to_driver=False)
+    start_local_ray(
+        num_cpus=max(2, int(args.cpus)), num_gpus=int(gpus) or None, log_to_driver=False
+    )
     chosen = [v for v in args.only.split(",") if v]
     todo = {k: v for k, v in variants().items() if not chosen or k in chosen}
     ckpts: dict[str, Path] = {}
@@ -251,67 +324,124 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, overrides in todo.items():
             ckpts[name], val[name], train_s[name] = train_one(
-                name, phantoms, {**base, **overrides}, work, gpus=gpus, cpus=args.cpus)
+                name, phantoms, {**base, **overrides}, work, gpus=gpus, cpus=args.cpus
+            )
             threshold = val[name]["val_threshold3d"]  # chosen on phantom val by training
             reports[name] = {
-                "phantom": score(ckpts[name], phantoms, work / "eval" / name / "phantom",
-                                 threshold=threshold, device=args.device),
-                "real": score(ckpts[name], real, work / "eval" / name / "real",
-                              threshold=threshold, device=args.device)}
-            print(f"{name}: trained in {train_s[name]:.0f} s (best epoch "
-                  f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
-                  f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
-                  f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}", flush=True)
+                "phantom": score(
+                    ckpts[name],
+                    phantoms,
+                    work / "eval" / name / "phantom",
+                    threshold=threshold,
+                    device=args.device,
+                ),
+                "real": score(
+                    ckpts[name],
+                    real,
+                    work / "eval" / name / "real",
+                    threshold=threshold,
+                    device=args.device,
+                ),
+            }
+            print(
+                f"{name}: trained in {train_s[name]:.0f} s (best epoch "
+                f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
+                f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
+                f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}",
+                flush=True,
+            )
 
         # the earlier study's baseline: the slice classifier, vertebra score = max slice score
         cls_name = "resnet18_classifier"
         cls_ckpt, _, train_s[cls_name] = train_one(
-            cls_name, phantoms, {**base, "model.family": cls_name, "model.norm": "batch"},
-            work, gpus=gpus, cpus=args.cpus)
-        cls_ph = score(cls_ckpt, phantoms, work / "eval" / cls_name / "phantom", threshold=None,
-                       device=args.device)
-        cls_re = score(cls_ckpt, real, work / "eval" / cls_name / "real",
-                       threshold=min(max(float(cls_ph["threshold"]), 1e-3), 0.999),
-                       device=args.device)
+            cls_name,
+            phantoms,
+            {**base, "model.family": cls_name, "model.norm": "batch"},
+            work,
+            gpus=gpus,
+            cpus=args.cpus,
+        )
+        cls_ph = score(
+            cls_ckpt,
+            phantoms,
+            work / "eval" / cls_name / "phantom",
+            threshold=None,
+            device=args.device,
+        )
+        cls_re = score(
+            cls_ckpt,
+            real,
+            work / "eval" / cls_name / "real",
+            threshold=min(max(float(cls_ph["threshold"]), 1e-3), 0.999),
+            device=args.device,
+        )
 
         # top-3 ensemble, members chosen on the honest val_dice3d; threshold chosen on val
         ranked = sorted(val, key=lambda k: -val[k].get("val_dice3d", -1.0))
         members = ranked[:3]
-        ens_ph = score([str(ckpts[m]) for m in members], phantoms, work / "eval" / "ensemble"
-                       / "phantom", threshold=None, device=args.device)
-        ens_re = score([str(ckpts[m]) for m in members], real, work / "eval" / "ensemble" /
-                       "real", threshold=float(ens_ph["threshold"]), device=args.device)
+        ens_ph = score(
+            [str(ckpts[m]) for m in members],
+            phantoms,
+            work / "eval" / "ensemble" / "phantom",
+            threshold=None,
+            device=args.device,
+        )
+        ens_re = score(
+            [str(ckpts[m]) for m in members],
+            real,
+            work / "eval" / "ensemble" / "real",
+            threshold=float(ens_ph["threshold"]),
+            device=args.device,
+        )
     finally:
         ray.shutdown()
 
-    print(f"\nheld-out test cases: {len(reports[next(iter(reports))]['phantom']['cases'])} "
-          f"phantoms (seed 1), {len(REAL_CASES)} real scans with simulated fractures; "
-          f"{args.train_cases} seed-0 phantoms for train+val; model {args.patch}px, base "
-          f"{args.base}, depth {args.depth}, {args.epochs} epochs x {args.windows} windows")
+    print(
+        f"\nheld-out test cases: {len(reports[next(iter(reports))]['phantom']['cases'])} "
+        f"phantoms (seed 1), {len(REAL_CASES)} real scans with simulated fractures; "
+        f"{args.train_cases} seed-0 phantoms for train+val; model {args.patch}px, base "
+        f"{args.base}, depth {args.depth}, {args.epochs} epochs x {args.windows} windows"
+    )
     print(f"{'':<22}{'phantom test':^28}  |{'real anatomy test':^28}")
-    print(f"{'model':<22}{'Dice':>7}{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  |{'Dice':>7}"
-          f"{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  val_dice3d  train s")
+    print(
+        f"{'model':<22}{'Dice':>7}{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  |{'Dice':>7}"
+        f"{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  val_dice3d  train s"
+    )
     for name in reports:
-        print(_row(name, figures(reports[name]["phantom"]), figures(reports[name]["real"]),
-                   f"{val[name].get('val_dice3d', float('nan')):9.3f}  {train_s[name]:6.0f}"))
-    print(_row(f"ensemble top-3", figures(ens_ph), figures(ens_re),
-               "members " + ", ".join(members)))
+        print(
+            _row(
+                name,
+                figures(reports[name]["phantom"]),
+                figures(reports[name]["real"]),
+                f"{val[name].get('val_dice3d', float('nan')):9.3f}  {train_s[name]:6.0f}",
+            )
+        )
+    print(_row("ensemble top-3", figures(ens_ph), figures(ens_re), "members " + ", ".join(members)))
     nan = {"dice3d": float("nan"), "dice3d_mean": float("nan")}
-    print(_row(cls_name, {**nan, **figures(cls_ph)}, {**nan, **figures(cls_re)},
-               f"{'':9}  {train_s[cls_name]:6.0f}"))
-    print(f"vertebra prevalence (PR-AUC floor): phantom "
-          f"{figures(cls_ph)['prevalence']:.3f}, real {figures(cls_re)['prevalence']:.3f}")
+    print(
+        _row(
+            cls_name,
+            {**nan, **figures(cls_ph)},
+            {**nan, **figures(cls_re)},
+            f"{'':9}  {train_s[cls_name]:6.0f}",
+        )
+    )
+    print(
+        f"vertebra prevalence (PR-AUC floor): phantom "
+        f"{figures(cls_ph)['prevalence']:.3f}, real {figures(cls_re)['prevalence']:.3f}"
+    )
 
     gains: dict[str, tuple[float, float, float]] = {}
     if PLAN in reports and "plain" in reports:
-        gains["temporal_gain"] = paired_gain(reports[PLAN]["phantom"],
-                                             reports["plain"]["phantom"])
+        gains["temporal_gain"] = paired_gain(reports[PLAN]["phantom"], reports["plain"]["phantom"])
         gains["real_temporal_gain"] = paired_gain(reports[PLAN]["real"], reports["plain"]["real"])
     if "attention+lstm+gan" in reports and PLAN in reports:
-        gains["gan_gain"] = paired_gain(reports["attention+lstm+gan"]["phantom"],
-                                        reports[PLAN]["phantom"])
-        gains["real_gan_gain"] = paired_gain(reports["attention+lstm+gan"]["real"],
-                                             reports[PLAN]["real"])
+        gains["gan_gain"] = paired_gain(
+            reports["attention+lstm+gan"]["phantom"], reports[PLAN]["phantom"]
+        )
+        gains["real_gan_gain"] = paired_gain(
+            reports["attention+lstm+gan"]["real"], reports[PLAN]["real"]
+        )
     best_single = ranked[0]
     gains["ensemble_gain"] = paired_gain(ens_ph, reports[best_single]["phantom"])
     gains["real_ensemble_gain"] = paired_gain(ens_re, reports[best_single]["real"])
@@ -320,8 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ensemble against the best single model by val_dice3d ({best_single})")
     wall = time.perf_counter() - t_start
     print(f"wall time {wall / 60:.1f} min")
-    summary = {"reports": {k: {s: figures(v) for s, v in r.items()} for k, r in reports.items()},
-               "val": val, "gains": gains, "ensemble_members": members, "wall_s": wall}
+    summary = {
+        "reports": {k: {s: figures(v) for s, v in r.items()} for k, r in reports.items()},
+        "val": val,
+        "gains": gains,
+        "ensemble_members": members,
+        "wall_s": wall,
+    }
     (work / "quality.json").write_text(json.dumps(summary, indent=2))
     print(f"details: {work / 'quality.json'} and {work / 'eval'}/*/*/metrics.json")
 
@@ -330,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         "phantom_dice3d": figures(plan["phantom"])["dice3d"],
         "real_dice3d": figures(plan["real"])["dice3d"],
         "real_vertebra_auc": figures(plan["real"])["roc_auc"],
-        "plain_dice3d": figures(reports["plain"]["phantom"])["dice3d"] if "plain" in reports
+        "plain_dice3d": figures(reports["plain"]["phantom"])["dice3d"]
+        if "plain" in reports
         else float("nan"),
         "temporal_gain": gains.get("temporal_gain", (float("nan"),))[0],
         "classifier_pr_auc": figures(cls_re)["pr_auc"],

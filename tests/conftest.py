@@ -20,10 +20,12 @@ def real_data() -> Path:
 
 # -- training and tracking (issue 4): real MLflow server, one local Ray, a phantom store --------
 
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """URI of a real ``mlflow server`` on 127.0.0.1 (SQLite + served artifacts in a temp dir),
-    started once per session by `vfsearch.adapters.tracking.ensure_server` and stopped at the end."""
+    started once per session by `vfsearch.adapters.tracking.ensure_server` and stopped at the
+    end."""
     from vfsearch.adapters import tracking
 
     workdir = tmp_path_factory.mktemp("mlflow")
@@ -57,6 +59,12 @@ def small_store(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("small_store")
     synth_dataset(root / "raw", cases=3, seed=0, spacing=None, small=True, fracture_rate=0.3)
-    ingest(root / "raw" / "manifest.csv", root / "store.zarr", spacing=(2.0, 2.0, 2.0),
-           margin_mm=6.0, split=(0.34, 0.33, 0.33), seed=0)
+    ingest(
+        root / "raw" / "manifest.csv",
+        root / "store.zarr",
+        spacing=(2.0, 2.0, 2.0),
+        margin_mm=6.0,
+        split=(0.34, 0.33, 0.33),
+        seed=0,
+    )
     return root / "store.zarr"

@@ -4,6 +4,7 @@ way a cloud VM disappears) without touching any other Ray on the machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,13 +40,24 @@ class LoopbackCluster:
     temp_dirs: list[str] = field(default_factory=list)
 
     def _ports(self) -> list[str]:
-        return ["--node-manager-port", str(_free_port()),
-                "--object-manager-port", str(_free_port()),
-                "--dashboard-agent-listen-port", str(_free_port()),
-                "--dashboard-agent-grpc-port", str(_free_port()),
-                "--metrics-export-port", str(_free_port()),
-                "--runtime-env-agent-port", str(_free_port()),
-                "--min-worker-port", "0", "--max-worker-port", "0"]
+        return [
+            "--node-manager-port",
+            str(_free_port()),
+            "--object-manager-port",
+            str(_free_port()),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--dashboard-agent-grpc-port",
+            str(_free_port()),
+            "--metrics-export-port",
+            str(_free_port()),
+            "--runtime-env-agent-port",
+            str(_free_port()),
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+        ]
 
     def _start(self, args: list[str], resources: dict[str, float] | None, num_cpus: int) -> str:
         before = set(self.node_ids(alive_only=False)) if self.address else set()
@@ -54,15 +66,33 @@ class LoopbackCluster:
         # killed would send every later address-less `ray.init()` on this machine to it
         temp_dir = tempfile.mkdtemp(prefix="vfray-")  # short: Ray's socket paths live here
         self.temp_dirs.append(temp_dir)
-        cmd = [_ray_executable(), "start", "--block", "--temp-dir", temp_dir,
-               "--num-cpus", str(num_cpus),
-               "--num-gpus", "0", "--object-store-memory", str(150 * 2**20),
-               "--node-ip-address", "127.0.0.1", *self._ports(), *args]
+        cmd = [
+            _ray_executable(),
+            "start",
+            "--block",
+            "--temp-dir",
+            temp_dir,
+            "--num-cpus",
+            str(num_cpus),
+            "--num-gpus",
+            "0",
+            "--object-store-memory",
+            str(150 * 2**20),
+            "--node-ip-address",
+            "127.0.0.1",
+            *self._ports(),
+            *args,
+        ]
         if resources:
             cmd += ["--resources", json.dumps(resources)]
         env = {**os.environ, **self.env}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -92,10 +122,21 @@ class LoopbackCluster:
         # Ray's own processes (Train V2's placement-group cleaner) must find this cluster
         # and no other Ray on the machine
         self.env = {**self.env, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
-        return self._start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                            "--dashboard-port", str(_free_port()),
-                            "--ray-client-server-port", str(_free_port())],
-                           resources, num_cpus)
+        return self._start(
+            [
+                "--head",
+                "--port",
+                str(port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(_free_port()),
+                "--ray-client-server-port",
+                str(_free_port()),
+            ],
+            resources,
+            num_cpus,
+        )
 
     def add_node(self, *, num_cpus: int, resources: dict[str, float] | None = None) -> str:
         return self._start(["--address", self.address], resources, num_cpus)
@@ -105,8 +146,7 @@ class LoopbackCluster:
 
         client = GcsClient(address=self.address)
         infos = client.get_all_node_info(timeout=10)
-        return [{"id": node_id.hex(), "alive": info.state == 0}
-                for node_id, info in infos.items()]
+        return [{"id": node_id.hex(), "alive": info.state == 0} for node_id, info in infos.items()]
 
     def node_ids(self, *, alive_only: bool = True) -> list[str]:
         host, port = self.address.rsplit(":", 1)
@@ -122,10 +162,8 @@ class LoopbackCluster:
     def kill_node(self, node_id: str) -> None:
         """SIGKILL the node's raylet, its workers and everything else it started."""
         proc = self.procs.pop(node_id)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
     def wait_dead(self, node_id: str, timeout: float = 120) -> None:
@@ -147,9 +185,7 @@ class LoopbackCluster:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     break
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
         for temp_dir in self.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)

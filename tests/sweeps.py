@@ -29,8 +29,9 @@ fixed:
 """
 
 
-def write_space(folder: Path, *, epochs: int, grace: int, params: str,
-                fixed: dict[str, object] | None = None) -> Path:
+def write_space(
+    folder: Path, *, epochs: int, grace: int, params: str, fixed: dict[str, object] | None = None
+) -> Path:
     """A tiny space YAML in ``folder`` (``fixed`` adds or overrides fixed keys)."""
     extra = "".join(f"  {k}: {v}\n" for k, v in (fixed or {}).items())
     path = folder / "space.yaml"
@@ -51,6 +52,5 @@ def children(uri: str, sweep: str):
     parents = c.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
-    kids = c.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    kids = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return c, parent, kids

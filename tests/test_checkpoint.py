@@ -41,8 +41,16 @@ from vfsearch.pipelines.train.loop import (
 )
 
 CPU = torch.device("cpu")
-TINY = ["model.depth=3", "model.base_channels=4", "data.patch_size=32", "data.seq_len=3",
-        "model.norm=group", "train.epochs=3", "train.warmup_epochs=1", "train.lr=0.01"]
+TINY = [
+    "model.depth=3",
+    "model.base_channels=4",
+    "data.patch_size=32",
+    "data.seq_len=3",
+    "model.norm=group",
+    "train.epochs=3",
+    "train.warmup_epochs=1",
+    "train.lr=0.01",
+]
 GAN = ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2", "model.disc_channels=4"]
 STEPS_PER_EPOCH = 4
 
@@ -56,8 +64,10 @@ def _parts(cfg, seed: int | None = None) -> Parts:
 def _random_batch() -> dict[str, torch.Tensor]:
     """A batch drawn from every RNG a worker seeds: torch, numpy and Python."""
     scale = 1.0 + float(np.random.rand()) + random.random()
-    return {"image": torch.randn(2, 3, 32, 32) * scale,
-            "target": (torch.rand(2, 1, 32, 32) > 0.7).float()}
+    return {
+        "image": torch.randn(2, 3, 32, 32) * scale,
+        "target": (torch.rand(2, 1, 32, 32) > 0.7).float(),
+    }
 
 
 def _weights(parts: Parts) -> dict[str, torch.Tensor]:
@@ -68,6 +78,7 @@ def _weights(parts: Parts) -> dict[str, torch.Tensor]:
 
 
 # -- checkpoint round trip ----------------------------------------------------------------
+
 
 def test_restored_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     """Weights, both optimisers, the scheduler and every RNG come back: the steps after a
@@ -85,8 +96,10 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
 
     fresh = _parts(cfg, seed=123)  # other initial weights, fresh optimiser states
     seed_everything(999)  # other RNG streams
-    assert not all(torch.equal(a, b) for a, b in zip(_weights(fresh).values(),
-                                                      _weights(run).values(), strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(_weights(fresh).values(), _weights(run).values(), strict=True)
+    )
     back = restore(tmp_path, fresh, rank=0, world=1, seed=cfg.train.seed)
     got = [fresh.step(_random_batch(), gan_active=True) for _ in range(2)]
 
@@ -95,8 +108,13 @@ def test_restored_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
         assert torch.equal(_weights(fresh)[key], value), key
     assert fresh.opt_g.param_groups[0]["lr"] == expected_lr
     assert fresh.sched.last_epoch == run.sched.last_epoch == 5
-    assert (back.epoch, back.resumed_from, back.best_metric, back.best_epoch, back.run_id) == \
-        (1, 1, 0.25, 1, "run-1")
+    assert (back.epoch, back.resumed_from, back.best_metric, back.best_epoch, back.run_id) == (
+        1,
+        1,
+        0.25,
+        1,
+        "run-1",
+    )
 
 
 def test_checkpoint_files_and_keys(tmp_path):
@@ -104,28 +122,70 @@ def test_checkpoint_files_and_keys(tmp_path):
     loadable with ``weights_only=True``; a non-zero rank writes its RNG state only."""
     cfg = load_config(None, TINY)
     parts = _parts(cfg)
-    best = best_snapshot(parts.inner, 2, 0.5, config=cfg.flatten(), seq_len=3,
-                         store_info={"spacing": [2.0, 2.0, 2.0]})
+    best = best_snapshot(
+        parts.inner,
+        2,
+        0.5,
+        config=cfg.flatten(),
+        seq_len=3,
+        store_info={"spacing": [2.0, 2.0, 2.0]},
+    )
     state = TrainState(epoch=3, best_metric=0.5, best_epoch=2, since_best=1, best=best)
-    save_checkpoint(tmp_path, parts, state, rank=0, world=2, config=cfg.flatten(), name="run",
-                    experiment_id="7", metrics={"val_dice": 0.4, "epoch": 3, "note": "x"})
+    save_checkpoint(
+        tmp_path,
+        parts,
+        state,
+        rank=0,
+        world=2,
+        config=cfg.flatten(),
+        name="run",
+        experiment_id="7",
+        metrics={"val_dice": 0.4, "epoch": 3, "note": "x"},
+    )
     save_checkpoint(tmp_path, parts, state, rank=1, world=2, config=cfg.flatten())
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "meta.json", "rng_rank0.pt",
-                                            "rng_rank1.pt", "state.pt"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "best.pt",
+        "meta.json",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "state.pt",
+    ]
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert list(saved) == ["model", "disc", "opt_g", "opt_d", "sched", "scaler", "epoch",
-                           "best_metric", "best_epoch", "since_best", "config",
-                           "mlflow_run_id", "world_size"]
-    assert (saved["epoch"], saved["best_epoch"], saved["since_best"], saved["world_size"]) == \
-        (3, 2, 1, 2)
+    assert list(saved) == [
+        "model",
+        "disc",
+        "opt_g",
+        "opt_d",
+        "sched",
+        "scaler",
+        "epoch",
+        "best_metric",
+        "best_epoch",
+        "since_best",
+        "config",
+        "mlflow_run_id",
+        "world_size",
+    ]
+    assert (saved["epoch"], saved["best_epoch"], saved["since_best"], saved["world_size"]) == (
+        3,
+        2,
+        1,
+        2,
+    )
     assert saved["disc"] == {} and saved["opt_d"] == {} and saved["mlflow_run_id"] == ""
     best_pt = torch.load(tmp_path / "best.pt", weights_only=True)
     assert list(best_pt) == ["model", "epoch", "val_dice", "config", "seq_len", "store"]
     assert best_pt["epoch"] == 2 and best_pt["store"]["spacing"] == [2.0, 2.0, 2.0]
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta == {"epoch": 3, "best_epoch": 2, "best_val_dice": 0.5, "mlflow_run_id": "",
-                    "name": "run", "mlflow_experiment_id": "7",
-                    "metrics": {"val_dice": 0.4, "epoch": 3}}
+    assert meta == {
+        "epoch": 3,
+        "best_epoch": 2,
+        "best_val_dice": 0.5,
+        "mlflow_run_id": "",
+        "name": "run",
+        "mlflow_experiment_id": "7",
+        "metrics": {"val_dice": 0.4, "epoch": 3},
+    }
     for rank in (0, 1):
         set_rng_state(torch.load(tmp_path / f"rng_rank{rank}.pt", weights_only=True))
     # no best model yet: no best.pt
@@ -164,6 +224,7 @@ def test_rng_state_round_trip():
 
 # -- best-model tracking -------------------------------------------------------------------
 
+
 def test_best_model_tracking_keeps_the_best_epoch(tmp_path):
     model = nn.Linear(2, 1)
     state = TrainState()
@@ -196,12 +257,12 @@ def test_best_model_tracking_keeps_the_best_epoch(tmp_path):
 
 # -- the fault drill ------------------------------------------------------------------------
 
+
 def test_kill_point_fires_once_at_its_epoch_batch_and_rank(tmp_path, monkeypatch):
     waits: list[float] = []
     monkeypatch.setattr(hooks_mod.time, "sleep", waits.append)
     pid_file = tmp_path / "victim.pid"
-    hooks = fault_hooks({"pid_file": str(pid_file), "epoch": 3, "batch": 2, "rank": 1,
-                         "wait_s": 7})
+    hooks = fault_hooks({"pid_file": str(pid_file), "epoch": 3, "batch": 2, "rank": 1, "wait_s": 7})
     for epoch, batch, rank in [(3, 2, 0), (3, 1, 1), (2, 2, 1), (4, 2, 1)]:
         hooks.batch(epoch, batch, rank)
     assert not pid_file.exists() and waits == []
@@ -241,6 +302,7 @@ def test_no_fault_no_hooks():
 
 # -- validation counts ---------------------------------------------------------------------
 
+
 class _CentreSlice(nn.Module):
     """Deterministic segmenter: the logit of a pixel is its centre-slice value minus 0.5."""
 
@@ -249,7 +311,7 @@ class _CentreSlice(nn.Module):
         self.unused = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, x.shape[1] // 2: x.shape[1] // 2 + 1] - 0.5
+        return x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1] - 0.5
 
 
 class _Windows(Dataset):
@@ -257,9 +319,13 @@ class _Windows(Dataset):
 
     def __init__(self, n: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.items = [{"image": torch.rand(3, 32, 32, generator=g),
-                       "target": (torch.rand(1, 32, 32, generator=g) > 0.6).float()}
-                      for _ in range(n)]
+        self.items = [
+            {
+                "image": torch.rand(3, 32, 32, generator=g),
+                "target": (torch.rand(1, 32, 32, generator=g) > 0.6).float(),
+            }
+            for _ in range(n)
+        ]
         self.epochs: list[int] = []
 
     def __len__(self) -> int:
@@ -274,9 +340,13 @@ class _Windows(Dataset):
 
 def _batches(windows: _Windows, indices, size: int = 3):
     idx = list(indices)
-    return [{"image": torch.stack([windows[i]["image"] for i in idx[j:j + size]]),
-             "target": torch.stack([windows[i]["target"] for i in idx[j:j + size]])}
-            for j in range(0, len(idx), size)]
+    return [
+        {
+            "image": torch.stack([windows[i]["image"] for i in idx[j : j + size]]),
+            "target": torch.stack([windows[i]["target"] for i in idx[j : j + size]]),
+        }
+        for j in range(0, len(idx), size)
+    ]
 
 
 def test_validate_counts_add_up_over_batches_and_ranks():
@@ -289,8 +359,7 @@ def test_validate_counts_add_up_over_batches_and_ranks():
     assert torch.equal(counts, confusion_counts(image[:, 1:2] > 0.5, target))
     assert counts[0] + counts[2] == target.sum()  # TP + FN: every positive pixel
     # two ranks' shares (every window once, as TrainData splits validation) sum to the whole
-    shares = [validate(model, _batches(windows, range(r, 8, 2)), 0.5, device=CPU)
-              for r in (0, 1)]
+    shares = [validate(model, _batches(windows, range(r, 8, 2)), 0.5, device=CPU) for r in (0, 1)]
     assert torch.equal(shares[0] + shares[1], counts)
     assert torch.equal(all_summer(CPU, 1)(counts), counts)  # one worker: nothing to reduce
     tp, fp, fn = counts.tolist()
@@ -303,6 +372,7 @@ def test_validate_counts_add_up_over_batches_and_ranks():
 
 
 # -- one epoch -----------------------------------------------------------------------------
+
 
 def test_loader_workers_default_to_none_on_cpu_and_to_the_spare_cpus_on_gpu():
     cuda = torch.device("cuda")
@@ -334,12 +404,21 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
     train, val = _Windows(6, seed=1), _Windows(5, seed=2)
     loader_kw = {"batch_size": 2, "num_workers": 0, "pin_memory": False}
     sampler = _Sampler([0, 3, 1, 5], train)
-    data = TrainData(train=train, val=val, store_info={}, n_train=4, loader_kw=loader_kw,
-                     steps_per_epoch=2, sampler=sampler,
-                     loader=torch.utils.data.DataLoader(train, sampler=sampler, **loader_kw))
+    data = TrainData(
+        train=train,
+        val=val,
+        store_info={},
+        n_train=4,
+        loader_kw=loader_kw,
+        steps_per_epoch=2,
+        sampler=sampler,
+        loader=torch.utils.data.DataLoader(train, sampler=sampler, **loader_kw),
+    )
     calls: list[tuple] = []
-    hooks = Hooks(on_batch=[lambda *a: calls.append(("batch", *a))],
-                  after_step=[lambda *a: calls.append(("step", *a))])
+    hooks = Hooks(
+        on_batch=[lambda *a: calls.append(("batch", *a))],
+        after_step=[lambda *a: calls.append(("step", *a))],
+    )
     state = TrainState()
     kept: list[int] = []
 
@@ -347,16 +426,41 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
         kept.append(epoch)
         return {"epoch": epoch, "val_dice": dice}
 
-    metrics, stop = run_epoch(parts, data, state, cfg.train, epoch=1, hooks=hooks,
-                              all_sum=all_summer(CPU, 1), keep_best=keep_best)
-    assert calls == [("batch", 1, 0, 0), ("step", 1, 0, 0), ("batch", 1, 1, 0),
-                     ("step", 1, 1, 0)]
+    metrics, stop = run_epoch(
+        parts,
+        data,
+        state,
+        cfg.train,
+        epoch=1,
+        hooks=hooks,
+        all_sum=all_summer(CPU, 1),
+        keep_best=keep_best,
+    )
+    assert calls == [("batch", 1, 0, 0), ("step", 1, 0, 0), ("batch", 1, 1, 0), ("step", 1, 1, 0)]
     assert train.epochs == [1] and parts.sched.last_epoch == 2
     assert list(metrics) == [
-        "train/bce", "train/dice", "train/grad_norm", "train/loss",
-        "val_dice", "val_iou", "val_precision", "val_recall", "val_tp", "val_fp", "val_fn",
-        "best_val_dice", "best_epoch", "lr", "epoch_time", "train_time", "windows_per_s",
-        "gan_active", "epoch", "resumed_from_epoch", "early_stopped"]
+        "train/bce",
+        "train/dice",
+        "train/grad_norm",
+        "train/loss",
+        "val_dice",
+        "val_iou",
+        "val_precision",
+        "val_recall",
+        "val_tp",
+        "val_fp",
+        "val_fn",
+        "best_val_dice",
+        "best_epoch",
+        "lr",
+        "epoch_time",
+        "train_time",
+        "windows_per_s",
+        "gan_active",
+        "epoch",
+        "resumed_from_epoch",
+        "early_stopped",
+    ]
     positives = float(sum(w["target"].sum() for w in val.items))
     assert metrics["val_tp"] + metrics["val_fn"] == positives
     assert metrics["epoch"] == 1 and metrics["best_epoch"] == 1 and not stop
@@ -365,7 +469,15 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
 
     # an epoch without a gain stops the run at patience 1 and keeps the best weights
     monkeypatch.setattr(state, "best_metric", 2.0)  # nothing can beat a Dice of 2
-    metrics, stop = run_epoch(parts, data, state, cfg.train, epoch=2, hooks=Hooks(),
-                              all_sum=all_summer(CPU, 1), keep_best=keep_best)
+    metrics, stop = run_epoch(
+        parts,
+        data,
+        state,
+        cfg.train,
+        epoch=2,
+        hooks=Hooks(),
+        all_sum=all_summer(CPU, 1),
+        keep_best=keep_best,
+    )
     assert stop and metrics["early_stopped"] == 1.0 and kept == [1]
     assert state.epoch == 2 and state.since_best == 1

@@ -43,6 +43,7 @@ MLFLOW_CLIENT_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW
 
 # -- helpers -----------------------------------------------------------------------------------
 
+
 def load_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
@@ -57,8 +58,12 @@ def yaml_files() -> list[Path]:
 
 def k8s_docs() -> list[tuple[Path, dict]]:
     """Every Kubernetes object under cluster/ (documents with apiVersion and kind)."""
-    return [(p, d) for p in yaml_files() for d in load_docs(p)
-            if isinstance(d, dict) and "apiVersion" in d and "kind" in d]
+    return [
+        (p, d)
+        for p in yaml_files()
+        for d in load_docs(p)
+        if isinstance(d, dict) and "apiVersion" in d and "kind" in d
+    ]
 
 
 def k8s_of_kind(kind: str) -> list[tuple[Path, dict]]:
@@ -84,13 +89,16 @@ def ray_start_resources(value: str) -> dict:
 def ray_cluster_specs() -> list[tuple[str, dict]]:
     """(label, RayCluster spec) for the RayCluster and every RayJob's rayClusterSpec."""
     specs = [(f"{p.name}:{d['metadata']['name']}", d["spec"]) for p, d in k8s_of_kind("RayCluster")]
-    specs += [(f"{p.name}:{d['metadata']['name']}.rayClusterSpec", d["spec"]["rayClusterSpec"])
-              for p, d in k8s_of_kind("RayJob")]
+    specs += [
+        (f"{p.name}:{d['metadata']['name']}.rayClusterSpec", d["spec"]["rayClusterSpec"])
+        for p, d in k8s_of_kind("RayJob")
+    ]
     return specs
 
 
-SPECS = pytest.mark.parametrize("label, spec", ray_cluster_specs(),
-                                ids=[label for label, _ in ray_cluster_specs()])
+SPECS = pytest.mark.parametrize(
+    "label, spec", ray_cluster_specs(), ids=[label for label, _ in ray_cluster_specs()]
+)
 
 
 def pod_specs(doc: dict) -> list[dict]:
@@ -152,8 +160,11 @@ def head_type(config: dict) -> dict:
 
 
 def gpu_types(config: dict) -> dict[str, dict]:
-    return {name: t for name, t in config["available_node_types"].items()
-            if name != config["head_node_type"] and t.get("resources", {}).get("GPU", 0) >= 1}
+    return {
+        name: t
+        for name, t in config["available_node_types"].items()
+        if name != config["head_node_type"] and t.get("resources", {}).get("GPU", 0) >= 1
+    }
 
 
 def head_ray_start(config: dict) -> str:
@@ -164,11 +175,12 @@ def head_ray_start(config: dict) -> str:
 
 def ray_start_argv(command: str) -> list[str]:
     """The `ray start ...` part of a shell command line, split like the shell would."""
-    start = command[command.index("ray start"):]
+    start = command[command.index("ray start") :]
     return shlex.split(start.split(";")[0])
 
 
 # -- (a) the launcher config against the schema that ships in ray -------------------------------
+
 
 def test_launcher_config_validates_against_ray_schema(launcher):
     """`ray up` fills in the provider's defaults, then validates against
@@ -199,13 +211,16 @@ def _min_workers_above_global_max(c):
     next(iter(gpu_types(c).values()))["min_workers"] = c["max_workers"] + 1
 
 
-@pytest.mark.parametrize("breakage, error", [
-    (_misspelt_top_level_key, jsonschema.ValidationError),
-    (_fractional_custom_resource, jsonschema.ValidationError),
-    (_unknown_node_type_key, jsonschema.ValidationError),
-    (_head_type_not_defined, ValueError),
-    (_min_workers_above_global_max, ValueError),
-])
+@pytest.mark.parametrize(
+    "breakage, error",
+    [
+        (_misspelt_top_level_key, jsonschema.ValidationError),
+        (_fractional_custom_resource, jsonschema.ValidationError),
+        (_unknown_node_type_key, jsonschema.ValidationError),
+        (_head_type_not_defined, ValueError),
+        (_min_workers_above_global_max, ValueError),
+    ],
+)
 def test_launcher_schema_check_rejects_a_broken_copy(launcher, breakage, error):
     from ray.autoscaler._private.util import validate_config
 
@@ -217,6 +232,7 @@ def test_launcher_schema_check_rejects_a_broken_copy(launcher, breakage, error):
 
 # -- (b) what vfsearch needs from the launcher cluster -----------------------------------------
 
+
 def test_launcher_head_offers_the_driver_resource_and_no_cpu(launcher):
     resources = head_type(launcher)["resources"]
     assert resources.get("CPU") == 0, "training workers must not land on the head"
@@ -226,8 +242,9 @@ def test_launcher_head_offers_the_driver_resource_and_no_cpu(launcher):
     argv = ray_start_argv(head_ray_start(launcher))
     assert "--head" in argv
     assert option_value(argv, "--num-cpus") == "0"
-    assert json.loads(option_value(argv, "--resources")) == \
-        {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    assert json.loads(option_value(argv, "--resources")) == {
+        k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")
+    }
     assert option_value(argv, "--autoscaling-config") == "~/ray_bootstrap_config.yaml"
 
 
@@ -245,8 +262,10 @@ def test_launcher_gpu_workers_and_autoscaling_bounds(launcher):
         assert DRIVER_RESOURCE not in node_type["resources"], name
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= launcher["max_workers"]
         assert node_type["max_workers"] >= 1
-    assert sum(t.get("min_workers", 0) for t in launcher["available_node_types"].values()) \
+    assert (
+        sum(t.get("min_workers", 0) for t in launcher["available_node_types"].values())
         <= launcher["max_workers"]
+    )
     assert launcher["idle_timeout_minutes"] > 0
 
 
@@ -270,8 +289,11 @@ def test_launcher_installs_vfsearch_with_the_pinned_versions(launcher):
         assert any(install.search(c) for c in prepared[key]), (key, prepared[key])
     ray_version = pinned("ray")
     docker = launcher["docker"]
-    for image in (docker["image"], docker.get("head_image", docker["image"]),
-                  docker.get("worker_image", docker["image"])):
+    for image in (
+        docker["image"],
+        docker.get("head_image", docker["image"]),
+        docker.get("worker_image", docker["image"]),
+    ):
         assert image.startswith(f"rayproject/ray:{ray_version}-py311"), image
     # the repository travels without the virtualenv, the data or the runs
     excluded = set(launcher["rsync_exclude"])
@@ -281,8 +303,9 @@ def test_launcher_installs_vfsearch_with_the_pinned_versions(launcher):
 def test_launcher_nodes_start_ray_with_the_environment_file(launcher):
     """Ray workers inherit the environment of `ray start`: every node sources the file that
     write-env.sh wrote, which file_mounts copies from outside the repository."""
-    remote, local = next((r, lo) for r, lo in launcher["file_mounts"].items()
-                         if r.endswith("cluster.env"))
+    remote, local = next(
+        (r, lo) for r, lo in launcher["file_mounts"].items() if r.endswith("cluster.env")
+    )
     assert local.startswith("~/") and not (ROOT / local).exists()
     sourced = remote.replace("/home/ray", "~")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -292,31 +315,61 @@ def test_launcher_nodes_start_ray_with_the_environment_file(launcher):
 
 def test_write_env_writes_a_private_file_the_shell_reads_back(tmp_path):
     tricky = "p@ss w'rd\"$HOME;`x`"
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
-           "MLFLOW_TRACKING_URI": "http://10.0.1.20:5000", "MLFLOW_TRACKING_USERNAME": "vfsearch",
-           "MLFLOW_TRACKING_PASSWORD": tricky, "AWS_ACCESS_KEY_ID": "id-for-test"}
-    run = subprocess.run(["bash", str(CLUSTER / "write-env.sh")], env=env, capture_output=True,
-                         encoding="utf-8", errors="replace", timeout=60, check=False)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "MLFLOW_TRACKING_URI": "http://10.0.1.20:5000",
+        "MLFLOW_TRACKING_USERNAME": "vfsearch",
+        "MLFLOW_TRACKING_PASSWORD": tricky,
+        "AWS_ACCESS_KEY_ID": "id-for-test",
+    }
+    run = subprocess.run(
+        ["bash", str(CLUSTER / "write-env.sh")],
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     out = tmp_path / ".vfsearch" / "cluster.env"
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     echo = subprocess.run(
-        ["bash", "-c", (f'. "{out}" && printf "%s\\n" "$MLFLOW_TRACKING_PASSWORD" '
-                        '"$VFSEARCH_DRIVER_RESOURCE" "$AWS_ACCESS_KEY_ID" '
-                        '"${AWS_SECRET_ACCESS_KEY-unset}"')],
-        env={"PATH": os.environ["PATH"]}, capture_output=True, encoding="utf-8",
-        errors="replace", timeout=60, check=False)
+        [
+            "bash",
+            "-c",
+            (
+                f'. "{out}" && printf "%s\\n" "$MLFLOW_TRACKING_PASSWORD" '
+                '"$VFSEARCH_DRIVER_RESOURCE" "$AWS_ACCESS_KEY_ID" '
+                '"${AWS_SECRET_ACCESS_KEY-unset}"'
+            ),
+        ],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
     assert echo.stdout.splitlines() == [tricky, DRIVER_RESOURCE, "id-for-test", "unset"]
 
     del env["MLFLOW_TRACKING_PASSWORD"]
-    missing = subprocess.run(["bash", str(CLUSTER / "write-env.sh"), str(tmp_path / "x.env")],
-                             env=env, capture_output=True, encoding="utf-8",
-                             errors="replace", timeout=60, check=False)
+    missing = subprocess.run(
+        ["bash", str(CLUSTER / "write-env.sh"), str(tmp_path / "x.env")],
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
     assert missing.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in missing.stderr
     assert not (tmp_path / "x.env").exists()
 
 
 # -- (c) KubeRay manifests ----------------------------------------------------------------------
+
 
 def test_kuberay_objects_are_ray_io_v1_with_name_and_namespace():
     objects = k8s_of_kind("RayCluster") + k8s_of_kind("RayJob")
@@ -332,8 +385,9 @@ def test_kuberay_cluster_spec_has_the_fields_kuberay_requires(label, spec):
     assert spec.get("rayVersion") == pinned("ray")
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
-    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), \
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), (
         "rayStartParams values must be strings"
+    )
     head_containers = head["template"]["spec"]["containers"]
     assert head_containers and all(c.get("name") and c.get("image") for c in head_containers)
     workers = spec["workerGroupSpecs"]
@@ -356,9 +410,14 @@ def test_kuberay_head_offers_the_driver_resource_and_workers_the_gpus(label, spe
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in (head.get("resources", {}).get("limits") or {})
     assert env_of(head)["VFSEARCH_DRIVER_RESOURCE"]["value"] == DRIVER_RESOURCE
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
-                         .get("nvidia.com/gpu", 0)) >= 1]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if int(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        )
+        >= 1
+    ]
     assert gpu_groups, "no worker group has a GPU"
     for group in spec["workerGroupSpecs"]:
         if "resources" in group["rayStartParams"]:
@@ -368,8 +427,9 @@ def test_kuberay_head_offers_the_driver_resource_and_workers_the_gpus(label, spe
 @SPECS
 def test_kuberay_pods_log_to_mlflow_and_mount_the_shared_volume(label, spec):
     pvcs = {d["metadata"]["name"]: d for _, d in k8s_of_kind("PersistentVolumeClaim")}
-    pods = [spec["headGroupSpec"]["template"]["spec"]] + \
-        [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in spec["workerGroupSpecs"]
+    ]
     for pod in pods:
         ray = pod["containers"][0]
         assert ray["image"].split("/")[-1].startswith("vfsearch-ray:"), ray["image"]
@@ -385,8 +445,9 @@ def test_kuberay_pods_log_to_mlflow_and_mount_the_shared_volume(label, spec):
 def test_ray_pods_reach_mlflow_through_a_service_whose_host_it_accepts():
     """MLFLOW_TRACKING_URI names the MLflow Service (name.namespace), on a port it exposes, and
     the server's Host-header allowlist accepts it (MLflow answers 403 otherwise)."""
-    services = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
-                for _, d in k8s_of_kind("Service")}
+    services = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d for _, d in k8s_of_kind("Service")
+    }
     (deployment,) = [d for _, d in k8s_of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
     pod = deployment["spec"]["template"]
     allowed = env_of(pod["spec"]["containers"][0])["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"]
@@ -397,8 +458,9 @@ def test_ray_pods_reach_mlflow_through_a_service_whose_host_it_accepts():
 
     assert accepts("localhost:5000"), "kubectl port-forward must keep working"
     for label, spec in ray_cluster_specs():
-        pods = [spec["headGroupSpec"]["template"]["spec"]] + \
-            [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+        pods = [spec["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in spec["workerGroupSpecs"]
+        ]
         for ray_pod in pods:
             uri = urlparse(env_of(ray_pod["containers"][0])["MLFLOW_TRACKING_URI"]["value"])
             name, namespace = uri.hostname.split(".")[:2]
@@ -409,7 +471,7 @@ def test_ray_pods_reach_mlflow_through_a_service_whose_host_it_accepts():
 
 
 def test_rayjob_runs_vfsearch_tune_on_the_cluster():
-    (_, job), = k8s_of_kind("RayJob")
+    ((_, job),) = k8s_of_kind("RayJob")
     spec = job["spec"]
     assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -431,13 +493,14 @@ def test_rayjob_runs_vfsearch_tune_on_the_cluster():
 
 
 def test_raycluster_and_rayjob_describe_the_same_cluster():
-    (_, cluster), = k8s_of_kind("RayCluster")
-    (_, job), = k8s_of_kind("RayJob")
+    ((_, cluster),) = k8s_of_kind("RayCluster")
+    ((_, job),) = k8s_of_kind("RayJob")
     a, b = cluster["spec"], job["spec"]["rayClusterSpec"]
     assert a["headGroupSpec"]["rayStartParams"] == b["headGroupSpec"]["rayStartParams"]
     assert a["headGroupSpec"]["template"] == b["headGroupSpec"]["template"]
-    assert [g["template"] for g in a["workerGroupSpecs"]] == \
-        [g["template"] for g in b["workerGroupSpecs"]]
+    assert [g["template"] for g in a["workerGroupSpecs"]] == [
+        g["template"] for g in b["workerGroupSpecs"]
+    ]
     image = a["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image
 
@@ -445,8 +508,11 @@ def test_raycluster_and_rayjob_describe_the_same_cluster():
 def test_ray_network_policy_limits_gcs_and_dashboard():
     """Ray pods: every port from Ray pods; the dashboard (8265) from the operator and labelled
     clients (the RayJob submitter); nothing else, in particular not the GCS (6379)."""
-    policies = [d for _, d in k8s_of_kind("NetworkPolicy")
-                if d["spec"]["podSelector"].get("matchLabels") == {"ray.io/is-ray-node": "yes"}]
+    policies = [
+        d
+        for _, d in k8s_of_kind("NetworkPolicy")
+        if d["spec"]["podSelector"].get("matchLabels") == {"ray.io/is-ray-node": "yes"}
+    ]
     assert len(policies) == 1
     spec = policies[0]["spec"]
     assert "Ingress" in spec["policyTypes"]
@@ -462,14 +528,15 @@ def test_ray_network_policy_limits_gcs_and_dashboard():
             assert peer.get("podSelector", {}).get("matchLabels"), peer
             if "namespaceSelector" not in peer:
                 client_labels |= set(peer["podSelector"]["matchLabels"].items())
-    (_, job), = k8s_of_kind("RayJob")
+    ((_, job),) = k8s_of_kind("RayJob")
     assert set(job["spec"]["submitterPodTemplate"]["metadata"]["labels"].items()) & client_labels
 
 
 def test_mlflow_stack_is_reachable_only_by_who_needs_it():
     policies = {d["metadata"]["name"]: d["spec"] for _, d in k8s_of_kind("NetworkPolicy")}
-    by_target = {s["podSelector"]["matchLabels"].get("app.kubernetes.io/name"): s
-                 for s in policies.values()}
+    by_target = {
+        s["podSelector"]["matchLabels"].get("app.kubernetes.io/name"): s for s in policies.values()
+    }
     server = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
     for backend, port in (("mlflow-postgres", 5432), ("mlflow-minio", 9000)):
         (rule,) = by_target[backend]["ingress"]
@@ -480,6 +547,7 @@ def test_mlflow_stack_is_reachable_only_by_who_needs_it():
 
 
 # -- (d) security ------------------------------------------------------------------------------
+
 
 def test_no_public_service_ingress_or_host_port():
     for path, doc in k8s_docs():
@@ -591,11 +659,14 @@ def _entrypoint():
     return module
 
 
-SERVER_ENV = {"POSTGRES_USER": "mlflow@corp", "PGPASSWORD": "db-pass-not-on-cmdline",
-              "POSTGRES_HOST": "mlflow-postgres",
-              "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-              "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pass-0123456",
-              "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts"}
+SERVER_ENV = {
+    "POSTGRES_USER": "mlflow@corp",
+    "PGPASSWORD": "db-pass-not-on-cmdline",
+    "POSTGRES_HOST": "mlflow-postgres",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pass-0123456",
+    "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts",
+}
 
 
 def test_mlflow_entrypoint_keeps_passwords_off_the_command_line_and_config():
@@ -642,38 +713,49 @@ def test_mlflow_auth_config_is_what_the_installed_mlflow_reads(tmp_path, monkeyp
 
 # A value that is not a reference ($VAR, ${VAR}, $(cmd)) after a secret-looking variable name.
 LITERAL_SECRET_PATTERNS = [
-    re.compile(r"(?<![\w{$])[A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|ACCESS_KEY)[A-Z0-9_]*"
-               r"[ \t]*[=:][ \t]*"
-               r"(?![\"']?\$)(?![\"']?\s*$)([\"']?[^\s\"'{]+)", re.MULTILINE),
+    re.compile(
+        r"(?<![\w{$])[A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|ACCESS_KEY)[A-Z0-9_]*"
+        r"[ \t]*[=:][ \t]*"
+        r"(?![\"']?\$)(?![\"']?\s*$)([\"']?[^\s\"'{]+)",
+        re.MULTILINE,
+    ),
     re.compile(r"(?i)^[ \t]*admin_password[ \t]*=[ \t]*\S", re.MULTILINE),
-    re.compile(r"--from-literal=[\w.-]*(?:password|secret|token|key)[\w.-]*=(?![\"']?\$)\S",
-               re.IGNORECASE),
+    re.compile(
+        r"--from-literal=[\w.-]*(?:password|secret|token|key)[\w.-]*=(?![\"']?\$)\S", re.IGNORECASE
+    ),
     re.compile(r"\b\w+://[^/\s:@'\"]+:(?![\"']?\$)[^@\s/'\"]+@"),  # user:password@host
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 ]
 
 
-@pytest.mark.parametrize("sample", [
-    "MLFLOW_TRACKING_PASSWORD=hunter2hunter2",
-    "    AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI",
-    "admin_password = changeme123",
-    "postgresql://mlflow:s3cret@postgres:5432/mlflow",
-    "aws_access_key_id = AKIAIOSFODNN7EXAMPLE",
-    "kubectl create secret generic x --from-literal=password=hunter2hunter2",
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "MLFLOW_TRACKING_PASSWORD=hunter2hunter2",
+        "    AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI",
+        "admin_password = changeme123",
+        "postgresql://mlflow:s3cret@postgres:5432/mlflow",
+        "aws_access_key_id = AKIAIOSFODNN7EXAMPLE",
+        "kubectl create secret generic x --from-literal=password=hunter2hunter2",
+    ],
+)
 def test_secret_scanner_catches_literal_secrets(sample):
     assert any(p.search(sample) for p in LITERAL_SECRET_PATTERNS)
 
 
-@pytest.mark.parametrize("sample", [
-    "PGPASSWORD: ${POSTGRES_PASSWORD:?export POSTGRES_PASSWORD}",
-    'export POSTGRES_PASSWORD=$(openssl rand -base64 24)',
-    "- name: MLFLOW_TRACKING_PASSWORD",
-    '--from-literal=password="$POSTGRES_PASSWORD"',
-    "MLFLOW_AUTH_ADMIN_PASSWORD: ${MLFLOW_AUTH_ADMIN_PASSWORD:?export MLFLOW_AUTH_ADMIN_PASSWORD}",
-    "read -rs MLFLOW_TRACKING_PASSWORD && export MLFLOW_TRACKING_PASSWORD",
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "PGPASSWORD: ${POSTGRES_PASSWORD:?export POSTGRES_PASSWORD}",
+        "export POSTGRES_PASSWORD=$(openssl rand -base64 24)",
+        "- name: MLFLOW_TRACKING_PASSWORD",
+        '--from-literal=password="$POSTGRES_PASSWORD"',
+        "MLFLOW_AUTH_ADMIN_PASSWORD: "
+        "${MLFLOW_AUTH_ADMIN_PASSWORD:?export MLFLOW_AUTH_ADMIN_PASSWORD}",
+        "read -rs MLFLOW_TRACKING_PASSWORD && export MLFLOW_TRACKING_PASSWORD",
+    ],
+)
 def test_secret_scanner_lets_references_pass(sample):
     assert not any(p.search(sample) for p in LITERAL_SECRET_PATTERNS)
 
@@ -687,6 +769,7 @@ def test_no_literal_secret_in_any_file_under_cluster():
 
 
 # -- (e) images --------------------------------------------------------------------------------
+
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
@@ -736,6 +819,7 @@ def test_all_cluster_yaml_parses():
 
 # -- the READMEs' commands ---------------------------------------------------------------------
 
+
 def readme_commands(path: Path) -> list[str]:
     text = path.read_text()
     if path == ROOT / "README.md":  # the scale-out section; the rest runs on one machine
@@ -744,8 +828,9 @@ def readme_commands(path: Path) -> list[str]:
     return [ln.strip() for b in blocks for ln in b.replace("\\\n", " ").splitlines() if ln.strip()]
 
 
-@pytest.mark.parametrize("readme", [ROOT / "README.md", CLUSTER / "README.md"],
-                         ids=["README", "cluster"])
+@pytest.mark.parametrize(
+    "readme", [ROOT / "README.md", CLUSTER / "README.md"], ids=["README", "cluster"]
+)
 def test_readme_scale_out_commands_match_the_files_and_the_cli(readme):
     commands = readme_commands(readme)
     text = "\n".join(commands)
@@ -758,7 +843,7 @@ def test_readme_scale_out_commands_match_the_files_and_the_cli(readme):
     assert tunes
     known = tune_options()
     for command in tunes:
-        argv = shlex.split(command[command.index("vfsearch tune"):].rstrip("'"), posix=True)
+        argv = shlex.split(command[command.index("vfsearch tune") :].rstrip("'"), posix=True)
         assert set(option_flags(argv)) <= known, set(option_flags(argv)) - known
         assert option_value(argv, "--driver-resource") == DRIVER_RESOURCE
         assert option_value(argv, "--address") == "auto"

@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.core.config import Config, DataConfig, with_overrides
-from vfsearch.core import windows as W
 from vfsearch.adapters.dataset import EpochSampler, WindowDataset
 from vfsearch.adapters.store import PLANE_AXIS, Store, hu_histogram
+from vfsearch.core import windows as W
+from vfsearch.core.config import Config, DataConfig, with_overrides
 from vfsearch.core.errors import UserError
 
 # identity-like normalisation: HU values come out unchanged (clip range wider than the data)
 IDENTITY_FP = {"p0_5": -5000.0, "p50": 0.0, "p99_5": 5000.0, "mean": 0.0, "std": 1.0}
 
 
-def write_store(path: Path, cases: dict, fingerprint: dict | None = None,
-                vertebra_attrs: dict | None = None) -> Path:
+def write_store(
+    path: Path, cases: dict, fingerprint: dict | None = None, vertebra_attrs: dict | None = None
+) -> Path:
     """cases: {case_id: (split, {vid: (image int16, fracture uint8)})} → a real Zarr store."""
     store = Store(path, "a")
     store.set_meta(format=1, **({"fingerprint": fingerprint} if fingerprint else {}))
@@ -30,8 +31,12 @@ def write_store(path: Path, cases: dict, fingerprint: dict | None = None,
         hist = np.zeros(4096, np.int64)
         for vid, (image, fracture) in verts.items():
             attrs = (vertebra_attrs or {}).get((case_id, vid), {})
-            store.write_vertebra(case_id, vid, {"image": image, "fracture": fracture,
-                                                "mask": np.ones_like(fracture)}, attrs)
+            store.write_vertebra(
+                case_id,
+                vid,
+                {"image": image, "fracture": fracture, "mask": np.ones_like(fracture)},
+                attrs,
+            )
             hist += hu_histogram(image)
         store.finish_case(case_id, hist, {})
     return path
@@ -44,6 +49,7 @@ def index_volume(shape=(6, 7, 8)) -> np.ndarray:
 
 
 # -- pure window arithmetic -----------------------------------------------------------------
+
 
 def test_window_indices_replicate_edges():
     assert W.window_indices(0, 5, 10).tolist() == [0, 0, 0, 1, 2]
@@ -115,9 +121,11 @@ def test_fit_to_patch_centres_and_crops():
 def test_augment_window_same_transform_for_all_slices_and_mask():
     yy, xx = np.mgrid[0:48, 0:48]
     # an asymmetric shape (L plus a dot), so rotation and scaling change the mask
-    shape = ((yy > 10) & (yy < 36) & (xx > 12) & (xx < 20)) | \
-            ((yy > 28) & (yy < 36) & (xx > 12) & (xx < 34)) | \
-            ((yy - 14) ** 2 + (xx - 32) ** 2 < 16)
+    shape = (
+        ((yy > 10) & (yy < 36) & (xx > 12) & (xx < 20))
+        | ((yy > 28) & (yy < 36) & (xx > 12) & (xx < 34))
+        | ((yy - 14) ** 2 + (xx - 32) ** 2 < 16)
+    )
     image = torch.from_numpy(np.where(shape, 8.0, -1.0).astype(np.float32)).repeat(5, 1, 1)
     mask = torch.from_numpy(shape.astype(np.float32))[None]
     changed = 0
@@ -141,6 +149,7 @@ def test_augment_window_same_transform_for_all_slices_and_mask():
 
 # -- the dataset over a real Zarr store ------------------------------------------------------
 
+
 @pytest.fixture
 def plane_store(tmp_path):
     """One vertebra whose image is its own index volume; fracture marks voxel (z=2, y=3, x=4)
@@ -149,8 +158,11 @@ def plane_store(tmp_path):
     fr = np.zeros(img.shape, np.uint8)
     fr[2, 3, 4] = 1
     fr[5] = 1
-    return write_store(tmp_path / "s.zarr", {"c1": ("train", {22: (img, fr)})}, IDENTITY_FP), \
-        img, fr
+    return (
+        write_store(tmp_path / "s.zarr", {"c1": ("train", {22: (img, fr)})}, IDENTITY_FP),
+        img,
+        fr,
+    )
 
 
 @pytest.mark.integration
@@ -159,8 +171,11 @@ def plane_store(tmp_path):
 def test_dataset_windows_and_targets(plane_store, plane, all_slices):
     path, img, fr = plane_store
     axis = PLANE_AXIS[plane]
-    ds = WindowDataset(path, "train", DataConfig(seq_len=3, plane=plane, patch_size=16,
-                                                 target_all_slices=all_slices))
+    ds = WindowDataset(
+        path,
+        "train",
+        DataConfig(seq_len=3, plane=plane, patch_size=16, target_all_slices=all_slices),
+    )
     n = img.shape[axis]
     assert len(ds) == n
     in_plane = [s for a, s in enumerate(img.shape) if a != axis]
@@ -189,8 +204,9 @@ def test_dataset_normalises_with_store_fingerprint(tmp_path):
     rng = np.random.default_rng(1)
     img = rng.integers(-1000, 2000, size=(5, 9, 10)).astype(np.int16)
     fp = {"p0_5": -200.0, "p50": 100.0, "p99_5": 900.0, "mean": 150.0, "std": 300.0}
-    path = write_store(tmp_path / "s.zarr",
-                       {"c": ("val", {20: (img, np.zeros(img.shape, np.uint8))})}, fp)
+    path = write_store(
+        tmp_path / "s.zarr", {"c": ("val", {20: (img, np.zeros(img.shape, np.uint8))})}, fp
+    )
     ds = WindowDataset(path, "val", DataConfig(seq_len=1, plane="axial", patch_size=10))
     got = ds[2]["image"].numpy()
     # 9 rows centred in 10: one row of padding on top, which reads as the clipped floor
@@ -226,7 +242,7 @@ def _phantom_cases(n_cases=2, verts=(20, 21), shape=(12, 20, 18), seed=0):
             img[3:9, 5:15, 4:14] += 600
             fr = np.zeros(shape, np.uint8)
             x0 = int(rng.integers(4, 12))
-            fr[6:8, 6:12, x0:x0 + 2] = 1
+            fr[6:8, 6:12, x0 : x0 + 2] = 1
             out[v] = (img, fr)
         cases[f"case{c}"] = (split, out)
     return cases
@@ -261,8 +277,9 @@ def test_augmentation_deterministic_under_seed(phantom_store):
 
 @pytest.mark.integration
 def test_partial_reads_match_cached_reads(phantom_store):
-    data = DataConfig(seq_len=3, plane="coronal", patch_size=16, augment=0.7,
-                      target_all_slices=True)
+    data = DataConfig(
+        seq_len=3, plane="coronal", patch_size=16, augment=0.7, target_all_slices=True
+    )
     cached = WindowDataset(phantom_store, None, data, augment=True)
     uncached = WindowDataset(phantom_store, None, data, augment=True, cache_bytes=0)
     for i in range(0, len(cached), 7):
@@ -299,8 +316,10 @@ def test_oversampling_raises_fracture_share(phantom_store):
     expected = 5 * base / (5 * base + 1 - base)
     assert flags[plain].mean() < base + 0.05
     assert abs(flags[over].mean() - expected) < 0.05 and flags[over].mean() > base + 0.2
-    assert np.array_equal(np.array(list(ds.sampler(4.0, num_samples=50))),
-                          np.array(list(ds.sampler(4.0, num_samples=50))))
+    assert np.array_equal(
+        np.array(list(ds.sampler(4.0, num_samples=50))),
+        np.array(list(ds.sampler(4.0, num_samples=50))),
+    )
     ranks = [list(ds.sampler(4.0, rank=r, num_replicas=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == -(-len(ds) // 2) and ranks[0] != ranks[1]
     # the windows flagged really have fracture in their target
@@ -317,15 +336,23 @@ def test_fracture_flags_from_ingest_attr(tmp_path):
     assert counts["sagittal"] == [0, 20, 0, 0, 0, 0] and counts["axial"] == [5, 5, 5, 5]
     # a stored attr that disagrees with the mask proves the attr is what is read
     fake = {"sagittal": [0, 0, 0, 0, 0, 7]}
-    path = write_store(tmp_path / "s.zarr", {"c": ("train", {20: (img, fr)})}, IDENTITY_FP,
-                       vertebra_attrs={("c", 20): {"fracture_slices": fake}})
+    path = write_store(
+        tmp_path / "s.zarr",
+        {"c": ("train", {20: (img, fr)})},
+        IDENTITY_FP,
+        vertebra_attrs={("c", 20): {"fracture_slices": fake}},
+    )
     ds = WindowDataset(path, "train", DataConfig(seq_len=3, plane="sagittal"))
     assert ds.fracture_flags().tolist() == [False] * 5 + [True]
     ds_axial = WindowDataset(path, "train", DataConfig(seq_len=3, plane="axial"))
     assert ds_axial.fracture_flags().tolist() == [True] * 4  # no attr: read from the mask
     bad = {"sagittal": [1, 2]}  # wrong length: ignored, the mask is read
-    write_store(tmp_path / "b.zarr", {"c": ("train", {20: (img, fr)})}, IDENTITY_FP,
-                vertebra_attrs={("c", 20): {"fracture_slices": bad}})
+    write_store(
+        tmp_path / "b.zarr",
+        {"c": ("train", {20: (img, fr)})},
+        IDENTITY_FP,
+        vertebra_attrs={("c", 20): {"fracture_slices": bad}},
+    )
     ds_bad = WindowDataset(tmp_path / "b.zarr", "train", DataConfig(seq_len=3))
     assert ds_bad.fracture_flags().tolist() == [False, True] + [False] * 4
 
@@ -334,9 +361,12 @@ def test_fracture_flags_from_ingest_attr(tmp_path):
 def test_vertebra_without_fracture_skips_mask_decoding(tmp_path):
     img = index_volume((4, 5, 6))
     fr = np.zeros(img.shape, np.uint8)
-    path = write_store(tmp_path / "s.zarr", {"c": ("train", {20: (img, fr)})}, IDENTITY_FP,
-                       vertebra_attrs={("c", 20): {"fracture_slices":
-                                                   W.fracture_slice_counts(fr)}})
+    path = write_store(
+        tmp_path / "s.zarr",
+        {"c": ("train", {20: (img, fr)})},
+        IDENTITY_FP,
+        vertebra_attrs={("c", 20): {"fracture_slices": W.fracture_slice_counts(fr)}},
+    )
     del Store(path, "a").root["cases/c/20/fracture"]  # proves the mask is never read
     ds = WindowDataset(path, "train", DataConfig(seq_len=3, patch_size=8))
     assert all(ds[i]["target"].sum() == 0 for i in range(len(ds)))
@@ -372,8 +402,9 @@ def test_dataloader_workers_after_parent_read(phantom_store, context):
     data = DataConfig(seq_len=5, plane="sagittal", patch_size=32, augment=1.0)
     ds = WindowDataset(phantom_store, "train", data, augment=True, seed=1)
     reference = {i: (ds[i]["image"], ds[i]["target"]) for i in range(len(ds))}  # parent reads
-    loader = torch.utils.data.DataLoader(_Indexed(ds), batch_size=8, shuffle=True,
-                                         num_workers=2, multiprocessing_context=context)
+    loader = torch.utils.data.DataLoader(
+        _Indexed(ds), batch_size=8, shuffle=True, num_workers=2, multiprocessing_context=context
+    )
     got = _collect(loader)
     assert sorted(got) == list(range(len(ds)))
     for i, (img, tgt) in got.items():
@@ -387,17 +418,23 @@ def test_dataloader_workers_after_parent_read(phantom_store, context):
 @pytest.mark.timeout(120)
 def test_phantom_through_ingest_into_windows(tmp_path):
     """The real path: synthetic phantom → ingest → WindowDataset → DataLoader batch."""
-    from vfsearch.pipelines import ingest
-    from vfsearch.pipelines import synth
+    from vfsearch.pipelines import ingest, synth
 
-    synth.synth_dataset(tmp_path / "src", cases=1, seed=0, spacing=None, small=True,
-                        fracture_rate=0.5)
-    ingest.ingest(tmp_path / "src", tmp_path / "s.zarr", spacing=(2.0, 2.0, 2.0),
-                  margin_mm=8.0, label_scheme="verse", split=(1.0, 0.0, 0.0), seed=0,
-                  workers=1)
+    synth.synth_dataset(
+        tmp_path / "src", cases=1, seed=0, spacing=None, small=True, fracture_rate=0.5
+    )
+    ingest.ingest(
+        tmp_path / "src",
+        tmp_path / "s.zarr",
+        spacing=(2.0, 2.0, 2.0),
+        margin_mm=8.0,
+        label_scheme="verse",
+        split=(1.0, 0.0, 0.0),
+        seed=0,
+        workers=1,
+    )
     store = Store(tmp_path / "s.zarr")
-    ds = WindowDataset(store.path, "train", DataConfig(seq_len=5, plane="sagittal",
-                                                       patch_size=64))
+    ds = WindowDataset(store.path, "train", DataConfig(seq_len=5, plane="sagittal", patch_size=64))
     masks = {(c, v): store.read(c, v, "fracture") for c, v in store.items("train")}
     assert ds.items == list(masks)
     assert len(ds) == sum(m.shape[2] for m in masks.values())
@@ -411,8 +448,9 @@ def test_phantom_through_ingest_into_windows(tmp_path):
     image = store.read(*key, "image")
     t = item["slice"]
     start = W.patch_start(image.shape[:2], 64)  # sagittal in-plane (z, y)
-    expect_img = W.normalise(W.fit_to_patch(W.cut_window(image, t, 5, 2), 64, start,
-                                            W.HU_AIR), store.fingerprint)
+    expect_img = W.normalise(
+        W.fit_to_patch(W.cut_window(image, t, 5, 2), 64, start, W.HU_AIR), store.fingerprint
+    )
     expect_tgt = W.fit_to_patch(masks[key][None, :, :, t], 64, start, 0)
     assert np.allclose(item["image"].numpy(), expect_img)
     assert np.array_equal(item["target"].numpy(), expect_tgt) and expect_tgt.sum() > 0
@@ -426,8 +464,9 @@ def test_epoch_order_feeds_persistent_workers_fresh_augmentation(phantom_store):
     """The product's sampler over a real store: repeats of a window are augmented afresh,
     the next epoch differs without set_epoch reaching the (persistent) workers, and a plain
     index still reads the same window."""
-    data = DataConfig(seq_len=5, plane="sagittal", patch_size=32, augment=1.0,
-                      oversample_fracture=4.0)
+    data = DataConfig(
+        seq_len=5, plane="sagittal", patch_size=32, augment=1.0, oversample_fracture=4.0
+    )
     ds = WindowDataset(phantom_store, "train", data, augment=True, seed=1)
     n = len(ds)
     order = ds.epoch_order(3 * n, epoch=1, open_vertebrae=2)
@@ -440,8 +479,9 @@ def test_epoch_order_feeds_persistent_workers_fresh_augmentation(phantom_store):
     assert not torch.equal(images[0], images[1])
     assert ds[repeats[0]]["slice"] == ds[window]["slice"]  # same window, other augmentation
     sampler = EpochSampler(ds, 16, open_vertebrae=2)
-    loader = torch.utils.data.DataLoader(_Indexed(ds), batch_size=8, num_workers=1,
-                                         persistent_workers=True, sampler=sampler)
+    loader = torch.utils.data.DataLoader(
+        _Indexed(ds), batch_size=8, num_workers=1, persistent_workers=True, sampler=sampler
+    )
     sampler.set_epoch(1)
     first = _collect(loader)
     assert len(first) == len(sampler) == 16

@@ -51,33 +51,39 @@ _TRACEBACK = (
     '  File "python/ray/includes/gcs_client.pxi", line 78, in '
     "ray._raylet.InnerGcsClient.standalone\n"
     '  File "python/ray/includes/common.pxi", line 146, in '
-    "ray._raylet.check_status_timeout_as_rpc_error\n")
+    "ray._raylet.check_status_timeout_as_rpc_error\n"
+)
 _TOKEN_HELP = (
     " Ensure that the token for the cluster is available in a local file (e.g., "
     "~/.ray/auth_token or via RAY_AUTH_TOKEN_PATH) or as the `RAY_AUTH_TOKEN` environment "
     "variable. To generate a token for local development, use `ray get-auth-token --generate` "
     "For remote clusters, ensure that the token is propagated to all nodes of the cluster when "
     "token authentication is enabled. For more information, see: "
-    "https://docs.ray.io/en/latest/ray-security/token-auth.html\n")
+    "https://docs.ray.io/en/latest/ray-security/token-auth.html\n"
+)
 # a head with token authentication (the default of a Ray 2.60 head), joined without
 # RAY_AUTH_MODE=token: refused whether or not RAY_AUTH_TOKEN holds the right token
 JOIN_MODE_OFF = (
     _TRACEBACK + "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: "
     "Authentication token is missing or incorrect. Note: RAY_AUTH_MODE is currently "
-    "'disabled' (not 'token')." + _TOKEN_HELP)
+    "'disabled' (not 'token')." + _TOKEN_HELP
+)
 # joined with RAY_AUTH_MODE=token and a wrong RAY_AUTH_TOKEN
 JOIN_WRONG_TOKEN = (
     _TRACEBACK + "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: "
-    "Authentication token is missing or incorrect." + _TOKEN_HELP)
+    "Authentication token is missing or incorrect." + _TOKEN_HELP
+)
 # an address where nothing listens (RAY_gcs_server_port_wait_time_s=1: one try)
 JOIN_NOBODY = (
-    _TRACEBACK + "ray.exceptions.RpcError: Timed out while waiting for GCS to become "
-    "available.\n")
+    _TRACEBACK + "ray.exceptions.RpcError: Timed out while waiting for GCS to become available.\n"
+)
 
 
 def _join_failure(address: str, last_error: str) -> BaseException:
-    return _chain((ConnectionError, GCS_JOIN.format(address=address)),
-                  (RuntimeError, f"Failed to connect to GCS. Last connection error: {last_error}"))
+    return _chain(
+        (ConnectionError, GCS_JOIN.format(address=address)),
+        (RuntimeError, f"Failed to connect to GCS. Last connection error: {last_error}"),
+    )
 
 
 def test_causes_follow_cause_then_context_once():
@@ -100,14 +106,19 @@ def test_version_mismatch_names_both_versions():
 
     ray_here, python_here = compute_version_info()[:2]
     with pytest.raises(RuntimeError) as info:  # Ray's own check, as a driver runs it
-        check_version_info({"ray_version": "2.59.0", "python_version": "3.10.14"},
-                           "node 10.0.0.7", raise_on_mismatch=True)
+        check_version_info(
+            {"ray_version": "2.59.0", "python_version": "3.10.14"},
+            "node 10.0.0.7",
+            raise_on_mismatch=True,
+        )
     assert "\n" in str(info.value)  # Ray's text spans lines
     assert classify(info.value) == VERSION
     line = explain(info.value, address="10.0.0.5:6379")
-    assert line == (f"version mismatch: the cluster runs Ray 2.59.0 on Python 3.10.14, this "
-                    f"machine Ray {ray_here} on Python {python_here}; install the cluster's "
-                    f"versions here")
+    assert line == (
+        f"version mismatch: the cluster runs Ray 2.59.0 on Python 3.10.14, this "
+        f"machine Ray {ray_here} on Python {python_here}; install the cluster's "
+        f"versions here"
+    )
 
 
 def test_missing_token_is_an_authentication_failure():
@@ -120,32 +131,48 @@ def test_missing_token_is_an_authentication_failure():
 
     exc = AuthenticationError(TOKEN_AUTH_ENABLED_BUT_NO_TOKEN_FOUND_ERROR_MESSAGE)
     assert classify(exc) == AUTH
-    assert explain(exc) == ("authentication failed: RAY_AUTH_MODE=token but no token here; "
-                            "set RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the head")
+    assert explain(exc) == (
+        "authentication failed: RAY_AUTH_MODE=token but no token here; "
+        "set RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the head"
+    )
 
 
-@pytest.mark.parametrize("last_error, advice", [
-    (JOIN_MODE_OFF, "the cluster wants a token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
-                    "(or copy ~/.ray/auth_token from the head)"),
-    (JOIN_WRONG_TOKEN, "the cluster refused this token; set RAY_AUTH_TOKEN or copy "
-                       "~/.ray/auth_token from the head"),
-    # the server interceptor's own words, for a client that reports them as they come
-    ("grpc status UNAUTHENTICATED: Invalid or missing authentication token",
-     "the cluster refused this token; set RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the "
-     "head"),
-])
+@pytest.mark.parametrize(
+    "last_error, advice",
+    [
+        (
+            JOIN_MODE_OFF,
+            "the cluster wants a token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "(or copy ~/.ray/auth_token from the head)",
+        ),
+        (
+            JOIN_WRONG_TOKEN,
+            "the cluster refused this token; set RAY_AUTH_TOKEN or copy "
+            "~/.ray/auth_token from the head",
+        ),
+        # the server interceptor's own words, for a client that reports them as they come
+        (
+            "grpc status UNAUTHENTICATED: Invalid or missing authentication token",
+            "the cluster refused this token; set RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the "
+            "head",
+        ),
+    ],
+)
 def test_refused_token_is_an_authentication_failure(last_error, advice):
     exc = _join_failure("10.0.0.5:6379", last_error)
     assert classify(exc) == AUTH  # not "unreachable", although the outer text says "connect"
     assert explain(exc, address="10.0.0.5:6379") == f"authentication failed: {advice}"
 
 
-@pytest.mark.parametrize("last_error", [
-    JOIN_NOBODY,
-    "ray.exceptions.RpcError: failed to connect to all addresses; last error: UNKNOWN: "
-    "ipv4:127.0.0.1:6553: Failed to connect to remote host: Connection refused",
-    "RpcError: Deadline Exceeded",
-])
+@pytest.mark.parametrize(
+    "last_error",
+    [
+        JOIN_NOBODY,
+        "ray.exceptions.RpcError: failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:127.0.0.1:6553: Failed to connect to remote host: Connection refused",
+        "RpcError: Deadline Exceeded",
+    ],
+)
 def test_unreachable_gcs_says_nothing_answers(last_error):
     exc = _join_failure("127.0.0.1:6553", last_error)
     assert classify(exc) == UNREACHABLE
@@ -153,20 +180,25 @@ def test_unreachable_gcs_says_nothing_answers(last_error):
 
 
 def test_no_local_ray_and_other_errors():
-    auto = ConnectionError("Could not find any running Ray instance. Please specify the one to "
-                           "connect to by setting `--address` flag or `RAY_ADDRESS` environment "
-                           "variable.")
+    auto = ConnectionError(
+        "Could not find any running Ray instance. Please specify the one to "
+        "connect to by setting `--address` flag or `RAY_ADDRESS` environment "
+        "variable."
+    )
     assert classify(auto) == UNREACHABLE
     assert explain(auto, address="auto").startswith("no Ray cluster runs on this machine")
     bad = ValueError("Unable to parse port number from x (full address = host:x)\nmore")
     assert classify(bad) is None
-    assert explain(bad, address="host:x") == \
-        "Unable to parse port number from x (full address = host:x)"
+    assert (
+        explain(bad, address="host:x")
+        == "Unable to parse port number from x (full address = host:x)"
+    )
     assert explain(RuntimeError()) == "RuntimeError"
     assert classify(ConnectionRefusedError(111, "refused")) == UNREACHABLE
 
 
 # -- MLflow: real client, real HTTP -------------------------------------------------------------
+
 
 @pytest.fixture
 def quick_mlflow(monkeypatch):
@@ -203,9 +235,12 @@ def test_mlflow_401_names_the_credentials(quick_mlflow, monkeypatch):
     from vfsearch.adapters import tracking
 
     # the body a basic-auth MLflow server sends (mlflow.server.auth.make_basic_auth_response)
-    server = _answering(401, b"You are not authenticated. Please see "
-                             b"https://www.mlflow.org/docs/latest/auth/index.html"
-                             b"#authenticating-to-mlflow on how to authenticate.")
+    server = _answering(
+        401,
+        b"You are not authenticated. Please see "
+        b"https://www.mlflow.org/docs/latest/auth/index.html"
+        b"#authenticating-to-mlflow on how to authenticate.",
+    )
     uri = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:
@@ -214,8 +249,10 @@ def test_mlflow_401_names_the_credentials(quick_mlflow, monkeypatch):
     finally:
         server.shutdown()
     line = str(info.value)
-    assert line == (f"MLFLOW_TRACKING_URI {uri}: authentication failed (HTTP 401): set "
-                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), line
+    assert line == (
+        f"MLFLOW_TRACKING_URI {uri}: authentication failed (HTTP 401): set "
+        f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    ), line
     assert classify(info.value.__cause__) == AUTH  # the MlflowException stays attached
 
 
@@ -225,8 +262,11 @@ def test_mlflow_403_is_a_permission_problem(quick_mlflow):
     server = _answering(403, b"Permission denied")
     uri = f"http://127.0.0.1:{server.server_port}"
     try:
-        with pytest.raises(UserError, match=r"^MLflow tracking server: permission denied "
-                                            r"\(HTTP 403\)"):
+        with pytest.raises(
+            UserError,
+            match=r"^MLflow tracking server: permission denied "
+            r"\(HTTP 403\)",
+        ):
             tracking.Tracker(uri).experiment_id("vfsearch")
     finally:
         server.shutdown()
@@ -246,40 +286,68 @@ def test_mlflow_server_that_dies_at_start_says_why(tmp_path, monkeypatch):
     from vfsearch.adapters import tracking
     from vfsearch.adapters.tracking import server
 
-    fake = [sys.executable, "-c", "import sys; print('Traceback ...'); "
-            "print('sqlalchemy.exc.OperationalError: unable to open database file'); "
-            "sys.exit(3)"]
+    fake = [
+        sys.executable,
+        "-c",
+        "import sys; print('Traceback ...'); "
+        "print('sqlalchemy.exc.OperationalError: unable to open database file'); "
+        "sys.exit(3)",
+    ]
     monkeypatch.setattr(server, "_mlflow_executable", lambda: fake)
     with pytest.raises(UserError) as info:
         tracking.ensure_server(tmp_path, timeout=30)
-    assert str(info.value) == (f"{tmp_path.resolve() / 'server.log'}: the MLflow server exited "
-                               f"with code 3 while starting (sqlalchemy.exc.OperationalError: "
-                               f"unable to open database file)")
+    assert str(info.value) == (
+        f"{tmp_path.resolve() / 'server.log'}: the MLflow server exited "
+        f"with code 3 while starting (sqlalchemy.exc.OperationalError: "
+        f"unable to open database file)"
+    )
 
 
 # -- a real failed join, through the command line ----------------------------------------------
+
 
 @pytest.mark.integration
 def test_train_address_where_nothing_listens_exits_2_naming_it(small_store, tmp_path):
     """`vfsearch train --address 127.0.0.1:<free port>`: exit code 2 and one line on stderr
     saying nothing answers there (a fresh process: this one may already run a Ray)."""
     address = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))}
-    env.update({
-        # one GCS try with short connect timeouts (Ray 2.60 reads these at start): seconds, not
-        # the ~2 minutes of vfsearch's default 3 tries
-        "RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "2",
-        "RAY_gcs_rpc_server_connect_timeout_s": "1",
-        # the tracking URI is only resolved before the join: no MLflow server starts
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
-        "PYTHONIOENCODING": "utf-8",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))
+    }
+    env.update(
+        {
+            # one GCS try with short connect timeouts (Ray 2.60 reads these at start): seconds, not
+            # the ~2 minutes of vfsearch's default 3 tries
+            "RAY_gcs_server_port_wait_time_s": "1",
+            "RAY_py_gcs_connect_timeout_s": "2",
+            "RAY_gcs_rpc_server_connect_timeout_s": "1",
+            # the tracking URI is only resolved before the join: no MLflow server starts
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            "PYTHONIOENCODING": "utf-8",
+        }
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "vfsearch", "train", "--store", str(small_store), "--address",
-         address, "--workdir", str(tmp_path / "mlruns")],
-        capture_output=True, encoding="utf-8", env=env, timeout=180)
+        [
+            sys.executable,
+            "-m",
+            "vfsearch",
+            "train",
+            "--store",
+            str(small_store),
+            "--address",
+            address,
+            "--workdir",
+            str(tmp_path / "mlruns"),
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        env=env,
+        timeout=180,
+    )
     assert out.returncode == 2, (out.stdout, out.stderr)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: --address: cannot join the Ray cluster at {address}: nothing "
-                      f"answers at {address}"], out.stderr
+    assert errors == [
+        f"error: --address: cannot join the Ray cluster at {address}: nothing answers at {address}"
+    ], out.stderr

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.adapters import volumes as io
+from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.core.errors import UserError
+from vfsearch.core.inference import LoadedModel
+from vfsearch.core.metrics3d import counts, overlap
 from vfsearch.pipelines.evaluate import (
     CSV_COLUMNS,
     case_truth,
@@ -19,8 +21,6 @@ from vfsearch.pipelines.evaluate import (
     format_report,
     fused_validation_metrics,
 )
-from vfsearch.core.metrics3d import counts, overlap
-from vfsearch.core.inference import LoadedModel
 from vfsearch.pipelines.predict import predict
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ class MarkedVoxels(torch.nn.Module):
 
     def forward(self, window):
         t = window.shape[1] // 2
-        return {"logits": (window[:, t:t + 1] - self.offset) * self.gain, "attention": []}
+        return {"logits": (window[:, t : t + 1] - self.offset) * self.gain, "attention": []}
 
 
 class MarkedSlices(torch.nn.Module):
@@ -76,17 +76,19 @@ def _csv(path) -> list[dict[str, str]]:
 
 
 def _loaded(module, plane="sagittal") -> LoadedModel:
-    config = Config(model=ModelConfig(depth=3), data=DataConfig(seq_len=3, plane=plane,
-                                                                patch_size=32))
-    return LoadedModel(module.eval(), config, FINGERPRINT, (2.0, 2.0, 2.0), 4.0,
-                       source=type(module).__name__)
+    config = Config(
+        model=ModelConfig(depth=3), data=DataConfig(seq_len=3, plane=plane, patch_size=32)
+    )
+    return LoadedModel(
+        module.eval(), config, FINGERPRINT, (2.0, 2.0, 2.0), 4.0, source=type(module).__name__
+    )
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Three small phantom cases (train / val / test) whose CT marks the fracture voxels."""
-    from vfsearch.pipelines.ingest import ingest
     from vfsearch.core.phantom import make_case
+    from vfsearch.pipelines.ingest import ingest
 
     root = tmp_path_factory.mktemp("evalstore")
     lines = ["case_id,ct,vertebrae,fracture,split"]
@@ -107,15 +109,24 @@ def store(tmp_path_factory):
 
 
 def test_perfect_segmenter_scores_one_everywhere(store, tmp_path):
-    report = evaluate(_loaded(MarkedVoxels()), store["path"], split="test", out=tmp_path,
-                      n_boot=50)
+    report = evaluate(_loaded(MarkedVoxels()), store["path"], split="test", out=tmp_path, n_boot=50)
     f = report["flat"]
     assert report["threshold_source"].startswith("val")
     assert report["gt_source"] == ["files"]
-    for key in ("test_dice3d", "test_iou3d", "test_precision3d", "test_recall3d",
-                "test_dice3d_mean", "test_dice2d", "test_iou2d", "test_vertebra_pr_auc",
-                "test_vertebra_roc_auc", "test_vertebra_sensitivity",
-                "test_vertebra_specificity", "val_dice3d_tuned"):
+    for key in (
+        "test_dice3d",
+        "test_iou3d",
+        "test_precision3d",
+        "test_recall3d",
+        "test_dice3d_mean",
+        "test_dice2d",
+        "test_iou2d",
+        "test_vertebra_pr_auc",
+        "test_vertebra_roc_auc",
+        "test_vertebra_sensitivity",
+        "test_vertebra_specificity",
+        "val_dice3d_tuned",
+    ):
         assert f[key] == pytest.approx(1.0), key
     assert 0 < f["test_vertebra_prevalence"] < 1
     rows = _csv(tmp_path / "per_vertebra.csv")
@@ -136,12 +147,18 @@ def test_perfect_segmenter_scores_one_everywhere(store, tmp_path):
 def test_evaluate_counts_equal_predict_on_the_source_files(store, tmp_path):
     """The store path and the new-scan path give the same voxels at the original grid."""
     soft = _loaded(MarkedVoxels(gain=3.0, offset=0.3))
-    report = evaluate(soft, store["path"], split="test", out=tmp_path / "eval", threshold=0.4,
-                      n_boot=0, hd95=True)
+    report = evaluate(
+        soft, store["path"], split="test", out=tmp_path / "eval", threshold=0.4, n_boot=0, hd95=True
+    )
     case = report["per_case"][0]
     root = store["root"]
-    predict(soft, root / "c2" / "ct.nii.gz", root / "c2" / "vertebrae.nii.gz",
-            tmp_path / "pred", threshold=0.4)
+    predict(
+        soft,
+        root / "c2" / "ct.nii.gz",
+        root / "c2" / "vertebrae.nii.gz",
+        tmp_path / "pred",
+        threshold=0.4,
+    )
     mask = io.read_volume(tmp_path / "pred" / "fracture_mask.nii.gz").array
     truth = io.read_volume(root / "c2" / "fracture.nii.gz").array
     tp, fp, fn = counts(mask, truth)
@@ -173,8 +190,14 @@ def test_truth_rebuilt_from_crops_when_sources_are_gone(store, tmp_path):
 
 def test_vote_and_max_combinations_run(store, tmp_path):
     for combine in ("vote", "max"):
-        report = evaluate(_loaded(MarkedVoxels()), store["path"], split="test",
-                          out=tmp_path / combine, combine=combine, n_boot=0)
+        report = evaluate(
+            _loaded(MarkedVoxels()),
+            store["path"],
+            split="test",
+            out=tmp_path / combine,
+            combine=combine,
+            n_boot=0,
+        )
         assert report["flat"]["test_dice3d"] == pytest.approx(1.0), combine
 
 
@@ -182,8 +205,13 @@ def test_classifier_baseline_gets_slice_and_vertebra_detection(store, tmp_path):
     report = evaluate(_loaded(MarkedSlices()), store["path"], split="test", out=tmp_path)
     f = report["flat"]
     assert report["kind"] == "classification"
-    for key in ("test_slice_pr_auc", "test_slice_roc_auc", "test_slice_sensitivity",
-                "test_slice_specificity", "test_vertebra_sensitivity"):
+    for key in (
+        "test_slice_pr_auc",
+        "test_slice_roc_auc",
+        "test_slice_sensitivity",
+        "test_slice_specificity",
+        "test_vertebra_sensitivity",
+    ):
         assert f[key] == pytest.approx(1.0), key
     # a crop's margin reaches into its neighbours, so a perfect slice classifier also flags
     # the neighbour of a fractured vertebra: vertebra-level PR-AUC sits below 1
@@ -198,22 +226,44 @@ def test_checkpoint_in_training_format_and_fused_validation(store, tmp_path):
     from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="lstm"),
-                    data=DataConfig(seq_len=3, plane="sagittal", patch_size=32))
+    config = Config(
+        model=ModelConfig(depth=3, base_channels=2, temporal="lstm"),
+        data=DataConfig(seq_len=3, plane="sagittal", patch_size=32),
+    )
     model = build_model(config.model, config.data.seq_len)
     ckpt = tmp_path / "best.pt"
     # the layout vfsearch.pipelines.train writes for best.pt
-    torch.save({"model": model.state_dict(), "epoch": 1, "val_dice": 0.0,
-                "config": config.flatten(), "seq_len": 3}, ckpt)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "epoch": 1,
+            "val_dice": 0.0,
+            "config": config.flatten(),
+            "seq_len": 3,
+        },
+        ckpt,
+    )
     with pytest.raises(UserError, match="--store"):
-        predict(ckpt, store["root"] / "c2" / "ct.nii.gz", store["root"] / "c2" /
-                "vertebrae.nii.gz", tmp_path / "p")
-    report = evaluate(ckpt, store["path"], split="test", out=tmp_path / "e", threshold=0.5,
-                      n_boot=0)
+        predict(
+            ckpt,
+            store["root"] / "c2" / "ct.nii.gz",
+            store["root"] / "c2" / "vertebrae.nii.gz",
+            tmp_path / "p",
+        )
+    report = evaluate(
+        ckpt, store["path"], split="test", out=tmp_path / "e", threshold=0.5, n_boot=0
+    )
     assert 0.0 <= report["flat"]["test_dice3d"] <= 1.0
     val = fused_validation_metrics(model, store["path"], config)
-    for key in ("val_dice3d", "val_iou3d", "val_precision3d", "val_recall3d",
-                "val_threshold3d", "val_dice3d_mean", "val_vertebra_pr_auc"):
+    for key in (
+        "val_dice3d",
+        "val_iou3d",
+        "val_precision3d",
+        "val_recall3d",
+        "val_threshold3d",
+        "val_dice3d_mean",
+        "val_vertebra_pr_auc",
+    ):
         assert key in val, key
     assert 0.0 < val["val_threshold3d"] < 1.0
 
@@ -234,21 +284,46 @@ def test_cli_predict_and_evaluate(store, tmp_path):
     from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="none"),
-                    data=DataConfig(seq_len=1, plane="axial", patch_size=16))
+    config = Config(
+        model=ModelConfig(depth=3, base_channels=2, temporal="none"),
+        data=DataConfig(seq_len=1, plane="axial", patch_size=16),
+    )
     ckpt = tmp_path / "best.pt"
-    torch.save({"model": build_model(config.model, 1).state_dict(), "config": config.flatten()},
-               ckpt)
+    torch.save(
+        {"model": build_model(config.model, 1).state_dict(), "config": config.flatten()}, ckpt
+    )
     runner = CliRunner()
-    r = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--store", str(store["path"]),
-                            "--split", "test", "--threshold", "0.5", "--out",
-                            str(tmp_path / "e")])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(ckpt),
+            "--store",
+            str(store["path"]),
+            "--split",
+            "test",
+            "--threshold",
+            "0.5",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "pooled (micro)" in r.output and (tmp_path / "e" / "per_vertebra.csv").is_file()
     c2 = store["root"] / "c2"
-    args = ["predict", str(c2 / "ct.nii.gz"), "--model", str(ckpt), "--vertebrae",
-            str(c2 / "vertebrae.nii.gz"), "--out", str(tmp_path / "p"), "--store",
-            str(store["path"])]
+    args = [
+        "predict",
+        str(c2 / "ct.nii.gz"),
+        "--model",
+        str(ckpt),
+        "--vertebrae",
+        str(c2 / "vertebrae.nii.gz"),
+        "--out",
+        str(tmp_path / "p"),
+        "--store",
+        str(store["path"]),
+    ]
     r = runner.invoke(app, args + ["--combine", "median"])
     assert r.exit_code == 2 and "--combine" in r.output
     r = runner.invoke(app, args)
@@ -257,27 +332,38 @@ def test_cli_predict_and_evaluate(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, mlflow_server,
-                                                             monkeypatch):
+def test_mlflow_run_reference_loads_and_receives_the_figures(
+    store, tmp_path, mlflow_server, monkeypatch
+):
     from vfsearch.adapters import tracking
     from vfsearch.core.models import build_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="none"),
-                    data=DataConfig(seq_len=1, plane="axial", patch_size=16))
+    config = Config(
+        model=ModelConfig(depth=3, base_channels=2, temporal="none"),
+        data=DataConfig(seq_len=1, plane="axial", patch_size=16),
+    )
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
-    torch.save({"model": build_model(config.model, 1).state_dict(), "epoch": 1,
-                "val_dice": 0.0, "config": config.flatten(), "seq_len": 1},
-               ckpt_dir / "best.pt")
+    torch.save(
+        {
+            "model": build_model(config.model, 1).state_dict(),
+            "epoch": 1,
+            "val_dice": 0.0,
+            "config": config.flatten(),
+            "seq_len": 1,
+        },
+        ckpt_dir / "best.pt",
+    )
     tracker = tracking.Tracker(mlflow_server)
     # what vfsearch.pipelines.train leaves in a run: the store tag and checkpoints/best.pt
     run_id = tracker.start_run("eval-test", "trained", tags={"store": str(store["path"])})
     tracker.log_artifact(run_id, ckpt_dir / "best.pt", "checkpoints")
     tracker.end_run(run_id)
-    report = evaluate(run_id, store["path"], split="test", out=tmp_path / "e", threshold=0.5,
-                      n_boot=0)
+    report = evaluate(
+        run_id, store["path"], split="test", out=tmp_path / "e", threshold=0.5, n_boot=0
+    )
     assert report["logged_to_run"] == run_id
     run = tracker.client.get_run(run_id)
     assert run.data.metrics["test_dice3d"] == pytest.approx(report["flat"]["test_dice3d"])
@@ -292,8 +378,7 @@ def test_mlflow_run_reference_loads_and_receives_the_figures(store, tmp_path, ml
 def _case(case_id: str, curve: list[tuple[int, int, int]]):
     from vfsearch.pipelines.evaluate import CaseResult
 
-    return CaseResult(case_id, np.array([0.25, 0.5, 0.75]), [], np.array(curve, np.int64),
-                      "files")
+    return CaseResult(case_id, np.array([0.25, 0.5, 0.75]), [], np.array(curve, np.int64), "files")
 
 
 def test_crossfit_scores_each_half_at_the_other_halfs_threshold():

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.core import fusion
+from vfsearch.core import fusion, windows
 from vfsearch.core.config import ModelConfig
-from vfsearch.core import windows
 
 
 @pytest.mark.parametrize("n, seq_len", [(1, 1), (1, 5), (4, 3), (9, 5), (7, 9)])
@@ -70,8 +69,10 @@ def test_accumulator_mean_max_vote_with_cover_and_clipping():
     # x1: a yes, b no -> 1/2 (tie counts as fracture); x2: a yes, b no -> 1/2
     assert np.allclose(vote.result()[0, 0], [0.0, 0.5, 0.5, 0.0, 1.0])
     assert vote.mask()[0, 0].tolist() == [0, 1, 1, 0, 1]
-    assert np.allclose(fusion.combine([(a, (0, 0, 0), None), (b, (0, 0, 1), b_cover)],
-                                      shape, "mean")[0, 0], [0.2, 0.6, 0.4, 0.0, 0.0])
+    assert np.allclose(
+        fusion.combine([(a, (0, 0, 0), None), (b, (0, 0, 1), b_cover)], shape, "mean")[0, 0],
+        [0.2, 0.6, 0.4, 0.0, 0.0],
+    )
     with pytest.raises(ValueError):
         fusion.CaseAccumulator(shape, "median")
 
@@ -88,15 +89,16 @@ class _GroundTruthModel(torch.nn.Module):
     """Test double: 'predicts' the centre slice of its window, as logits of 0/1 input."""
 
     def forward(self, window):
-        centre = window[:, window.shape[1] // 2: window.shape[1] // 2 + 1]
+        centre = window[:, window.shape[1] // 2 : window.shape[1] // 2 + 1]
         return {"logits": (centre - 0.5) * 40.0, "attention": []}
 
 
 def test_infer_slices_places_each_centre_slice():
     rng = np.random.default_rng(0)
     mask = (rng.random((6, 10, 13)) > 0.5).astype(np.float32)
-    probs = fusion.infer_slices(_GroundTruthModel(), mask, seq_len=3, reuse=False,
-                                batch_size=4, multiple=8)
+    probs = fusion.infer_slices(
+        _GroundTruthModel(), mask, seq_len=3, reuse=False, batch_size=4, multiple=8
+    )
     assert probs.shape == mask.shape
     assert np.array_equal(probs >= 0.5, mask > 0.5)
 
@@ -126,10 +128,12 @@ def test_encoder_reuse_equals_naive_window_inference(kwargs):
             mod.running_var.uniform_(0.5, 1.5)
     rng = np.random.default_rng(1)
     slices = rng.normal(size=(7, 13, 10)).astype(np.float32)  # padded to 16x16 inside
-    reuse = fusion.infer_slices(model, slices, 5, reuse=True, batch_size=3, pad_value=-1.0,
-                                multiple=8)
-    naive = fusion.infer_slices(model, slices, 5, reuse=False, batch_size=3, pad_value=-1.0,
-                                multiple=8)
+    reuse = fusion.infer_slices(
+        model, slices, 5, reuse=True, batch_size=3, pad_value=-1.0, multiple=8
+    )
+    naive = fusion.infer_slices(
+        model, slices, 5, reuse=False, batch_size=3, pad_value=-1.0, multiple=8
+    )
     assert reuse.shape == slices.shape
     assert np.abs(reuse - naive).max() < 1e-5
     assert reuse.std() > 0  # not a constant map that would make the check vacuous
@@ -138,8 +142,10 @@ def test_encoder_reuse_equals_naive_window_inference(kwargs):
 def test_classifier_slice_scores_follow_windows():
     class Centre(torch.nn.Module):
         def forward(self, window):  # logit = mean of the centre slice
-            return {"logits": window[:, window.shape[1] // 2].mean(dim=(1, 2))[:, None],
-                    "attention": []}
+            return {
+                "logits": window[:, window.shape[1] // 2].mean(dim=(1, 2))[:, None],
+                "attention": [],
+            }
 
     slices = np.stack([np.full((5, 6), v, np.float32) for v in (-2.0, 0.0, 3.0)])
     scores = fusion.infer_slice_scores(Centre(), slices, seq_len=3, multiple=1)

@@ -37,8 +37,9 @@ def test_index_physical_round_trip():
     np.testing.assert_allclose(back, ijk, atol=1e-9)
     # Index (0, 0, 0) is the origin; one step along x moves spacing_x along direction column 0.
     np.testing.assert_allclose(GEOM.index_to_physical([0, 0, 0]), GEOM.origin)
-    np.testing.assert_allclose(GEOM.index_to_physical([1, 0, 0]) - GEOM.origin,
-                               0.7 * GEOM.matrix[:, 0])
+    np.testing.assert_allclose(
+        GEOM.index_to_physical([1, 0, 0]) - GEOM.origin, 0.7 * GEOM.matrix[:, 0]
+    )
 
 
 def test_to_canonical_preserves_every_voxel_position():

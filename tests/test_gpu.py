@@ -28,8 +28,10 @@ from vfsearch.core.losses import build_loss
 from vfsearch.core.models import build_model
 from vfsearch.core.steps import logits_of, seg_step
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -51,12 +53,21 @@ def phantom(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("gpu")
     synth_dataset(root / "raw", cases=1, seed=0, spacing=None, small=True, fracture_rate=1.0)
-    ingest(root / "raw" / "manifest.csv", root / "store.zarr", spacing=(2.0, 2.0, 2.0),
-           margin_mm=6.0, split=(1.0, 0.0, 0.0), seed=0)
+    ingest(
+        root / "raw" / "manifest.csv",
+        root / "store.zarr",
+        spacing=(2.0, 2.0, 2.0),
+        margin_mm=6.0,
+        split=(1.0, 0.0, 0.0),
+        seed=0,
+    )
     with (root / "raw" / "manifest.csv").open() as f:
         row = next(csv.DictReader(f))
-    return {"store": root / "store.zarr", "ct": root / "raw" / row["ct"],
-            "vertebrae": root / "raw" / row["vertebrae"]}
+    return {
+        "store": root / "store.zarr",
+        "ct": root / "raw" / row["ct"],
+        "vertebrae": root / "raw" / row["vertebrae"],
+    }
 
 
 @pytest.fixture
@@ -93,17 +104,24 @@ def _batch(store: Path, size: int = 8) -> dict[str, torch.Tensor]:
     flags = ds.fracture_flags()
     with_f, without = np.flatnonzero(flags), np.flatnonzero(~flags)
     assert len(with_f) >= size // 2
-    pick = [*with_f[np.linspace(0, len(with_f) - 1, size // 2).astype(int)],
-            *without[np.linspace(0, len(without) - 1, size - size // 2).astype(int)]]
+    pick = [
+        *with_f[np.linspace(0, len(with_f) - 1, size // 2).astype(int)],
+        *without[np.linspace(0, len(without) - 1, size - size // 2).astype(int)],
+    ]
     batch = default_collate([ds[int(i)] for i in pick])
     return {"image": batch["image"], "target": batch["target"]}
 
 
 def _loaded(model: torch.nn.Module, store: Path) -> LoadedModel:
     s = Store(store)
-    return LoadedModel(model.eval(), CONFIG, dict(s.fingerprint),
-                       tuple(float(v) for v in s.meta["spacing"]), float(s.meta["margin_mm"]),
-                       source="test")
+    return LoadedModel(
+        model.eval(),
+        CONFIG,
+        dict(s.fingerprint),
+        tuple(float(v) for v in s.meta["spacing"]),
+        float(s.meta["margin_mm"]),
+        source="test",
+    )
 
 
 def _fractured_crop(store: Path) -> np.ndarray:
@@ -122,8 +140,9 @@ def _device_bytes(fn: Callable[[], T]) -> tuple[T, int]:
     return out, torch.cuda.max_memory_allocated() - base
 
 
-def _close(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray,
-           tol: float) -> float:
+def _close(
+    actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray, tol: float
+) -> float:
     """Largest difference as a share of the expected output's scale; asserts it is <= tol."""
     a = torch.as_tensor(actual).float().cpu()
     e = torch.as_tensor(expected).float().cpu()
@@ -136,13 +155,18 @@ def _close(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarra
 
 # -- (a) bf16 training ------------------------------------------------------------------------
 
+
 def test_bf16_training_steps_lower_the_loss_on_cuda(phantom):
     batch = {k: v.to(CUDA) for k, v in _batch(phantom["store"]).items()}
     model = _model().to(CUDA).train()
     loss_fn = build_loss(CONFIG.loss, output_kind=model.output_kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = [seg_step(model, batch, loss_fn, opt, grad_clip=1.0, amp_dtype=torch.bfloat16,
-                       device=CUDA)["loss"] for _ in range(40)]
+    losses = [
+        seg_step(model, batch, loss_fn, opt, grad_clip=1.0, amp_dtype=torch.bfloat16, device=CUDA)[
+            "loss"
+        ]
+        for _ in range(40)
+    ]
     assert np.isfinite(losses).all(), losses
     assert np.mean(losses[-5:]) < 0.75 * losses[0], losses
     # autocast reached the model (bf16 activations), the weights stayed fp32 on the device
@@ -152,6 +176,7 @@ def test_bf16_training_steps_lower_the_loss_on_cuda(phantom):
 
 
 # -- (b) inference on the device --------------------------------------------------------------
+
 
 def test_crop_inference_runs_on_cuda(phantom, no_tf32):
     crop = _fractured_crop(phantom["store"])
@@ -177,15 +202,37 @@ def test_predict_command_on_cuda_matches_cpu(phantom, tmp_path, no_tf32):
 
     s = Store(phantom["store"])
     ckpt = tmp_path / "model.pt"
-    torch.save({"model": _calibrated(phantom["store"]).state_dict(), "config": CONFIG.flatten(),
-                "fingerprint": dict(s.fingerprint), "spacing": list(s.meta["spacing"]),
-                "margin_mm": float(s.meta["margin_mm"]), "threshold": 0.5}, ckpt)
+    torch.save(
+        {
+            "model": _calibrated(phantom["store"]).state_dict(),
+            "config": CONFIG.flatten(),
+            "fingerprint": dict(s.fingerprint),
+            "spacing": list(s.meta["spacing"]),
+            "margin_mm": float(s.meta["margin_mm"]),
+            "threshold": 0.5,
+        },
+        ckpt,
+    )
     maps = {}
     for name, device in (("device", CUDA), ("cpu", CPU)):
         out = tmp_path / name
-        result, used = _device_bytes(lambda out=out, device=device: CliRunner().invoke(app, [
-            "predict", str(phantom["ct"]), "--model", str(ckpt), "--vertebrae",
-            str(phantom["vertebrae"]), "--out", str(out), "--device", str(device)]))
+        result, used = _device_bytes(
+            lambda out=out, device=device: CliRunner().invoke(
+                app,
+                [
+                    "predict",
+                    str(phantom["ct"]),
+                    "--model",
+                    str(ckpt),
+                    "--vertebrae",
+                    str(phantom["vertebrae"]),
+                    "--out",
+                    str(out),
+                    "--device",
+                    str(device),
+                ],
+            )
+        )
         assert result.exit_code == 0, result.output
         assert (used > 0) == (name == "device"), (name, used)  # --device picks where it runs
         maps[name] = read_volume(out / "fracture_prob.nii.gz").array
@@ -197,6 +244,7 @@ def test_predict_command_on_cuda_matches_cpu(phantom, tmp_path, no_tf32):
 
 
 # -- (c) the device computes what the CPU computes --------------------------------------------
+
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_output_matches_cpu(phantom, no_tf32, precision):
@@ -216,5 +264,6 @@ def test_cuda_output_matches_cpu(phantom, no_tf32, precision):
         _close(a, r, tol)
     # the verdict that matters: the same pixels above 0.5 (all but a sliver in bf16)
     same = (torch.sigmoid(out["logits"].float().cpu()) > 0.5) == (
-        torch.sigmoid(ref["logits"]) > 0.5)
+        torch.sigmoid(ref["logits"]) > 0.5
+    )
     assert same.float().mean() > (0.95 if precision == "bf16" else 0.9999)

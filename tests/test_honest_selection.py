@@ -34,34 +34,64 @@ def _make_unreadable(store_path: Path, case_id: str) -> None:
 
 
 def test_train_tune_and_export_never_read_the_test_split(tmp_path, mlflow_server, ray_local):
-    from vfsearch.pipelines.ingest import ingest
     from vfsearch.adapters.store import Store
-    from vfsearch.pipelines.synth import synth_dataset
     from vfsearch.pipelines.evaluate import evaluate
     from vfsearch.pipelines.export import export
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_dataset
     from vfsearch.pipelines.tune import tune
 
-    synth_dataset(tmp_path / "raw", cases=4, seed=5, spacing=None, small=True,
-                  fracture_rate=0.3)
+    synth_dataset(tmp_path / "raw", cases=4, seed=5, spacing=None, small=True, fracture_rate=0.3)
     store = tmp_path / "store.zarr"
-    ingest(tmp_path / "raw" / "manifest.csv", store, spacing=(2.0, 2.0, 2.0), margin_mm=6.0,
-           split=(0.5, 0.25, 0.25), seed=0)
+    ingest(
+        tmp_path / "raw" / "manifest.csv",
+        store,
+        spacing=(2.0, 2.0, 2.0),
+        margin_mm=6.0,
+        split=(0.5, 0.25, 0.25),
+        seed=0,
+    )
     test_ids = Store(store).case_ids("test")
     assert len(test_ids) == 1
     _make_unreadable(store, test_ids[0])
 
-    space = write_space(tmp_path, epochs=1, grace=1, fixed={"train.log_pictures": "true"},
-                        params="  loss.dice_weight: {type: float, low: 0.5, high: 1.5}")
-    summary = tune(store, space, num_samples=1, name="no-test", seed=0, workdir=tmp_path,
-                   storage=tmp_path / "ray", mlflow_uri=mlflow_server)
+    space = write_space(
+        tmp_path,
+        epochs=1,
+        grace=1,
+        fixed={"train.log_pictures": "true"},
+        params="  loss.dice_weight: {type: float, low: 0.5, high: 1.5}",
+    )
+    summary = tune(
+        store,
+        space,
+        num_samples=1,
+        name="no-test",
+        seed=0,
+        workdir=tmp_path,
+        storage=tmp_path / "ray",
+        mlflow_uri=mlflow_server,
+    )
     assert [row["status"] for row in summary.table] == ["completed"], summary.table
     client, _, kids = children(mlflow_server, "no-test")
     # pictures swallow their own errors: check that they were drawn (from val), not skipped
     assert client.list_artifacts(kids[0].info.run_id, "visualisations")
-    exported = export(sweep="no-test", out=tmp_path / "bundle", store=store,
-                      mlflow_uri=mlflow_server, force=True, alias="no-test")
+    exported = export(
+        sweep="no-test",
+        out=tmp_path / "bundle",
+        store=store,
+        mlflow_uri=mlflow_server,
+        force=True,
+        alias="no-test",
+    )
     assert (tmp_path / "bundle" / "config.json").is_file() and exported.version
 
     with pytest.raises(Exception):  # noqa: B017 - any failure to read the damaged case
-        evaluate(tmp_path / "bundle", store, split="test", out=tmp_path / "eval",
-                 threshold=0.5, log_to_run=False)
+        evaluate(
+            tmp_path / "bundle",
+            store,
+            split="test",
+            out=tmp_path / "eval",
+            threshold=0.5,
+            log_to_run=False,
+        )

@@ -36,8 +36,10 @@ FINGERPRINT = {"p0_5": -1000.0, "p99_5": 2000.0, "mean": 100.0, "std": 500.0}
 GAIN = 1.5
 MARGIN_MM = 2.0
 # z, y, x blocks of the two vertebrae (VerSe 19 = T12, 20 = L1) in the canonical array
-BLOCKS = {19: (slice(4, 10), slice(5, 14), slice(6, 15)),
-          20: (slice(12, 19), slice(4, 13), slice(5, 16))}
+BLOCKS = {
+    19: (slice(4, 10), slice(5, 14), slice(6, 15)),
+    20: (slice(12, 19), slice(4, 13), slice(5, 16)),
+}
 
 
 class VoxelFunction(torch.nn.Module):
@@ -58,14 +60,22 @@ class VoxelFunction(torch.nn.Module):
 
     def forward(self, window):  # (B, T, H, W)
         t = window.shape[1] // 2
-        return {"logits": window[:, t:t + 1] * GAIN, "attention": []}
+        return {"logits": window[:, t : t + 1] * GAIN, "attention": []}
 
 
 def _model(plane: str = "sagittal", spacing=(1.0, 1.0, 1.0), threshold=None) -> LoadedModel:
-    config = Config(model=ModelConfig(depth=2), data=DataConfig(seq_len=3, plane=plane,
-                                                                patch_size=16))
-    return LoadedModel(VoxelFunction().eval(), config, FINGERPRINT, tuple(spacing), MARGIN_MM,
-                       source="voxel function", threshold=threshold)
+    config = Config(
+        model=ModelConfig(depth=2), data=DataConfig(seq_len=3, plane=plane, patch_size=16)
+    )
+    return LoadedModel(
+        VoxelFunction().eval(),
+        config,
+        FINGERPRINT,
+        tuple(spacing),
+        MARGIN_MM,
+        source="voxel function",
+        threshold=threshold,
+    )
 
 
 def _expected_prob(ct_hu: np.ndarray) -> np.ndarray:
@@ -79,8 +89,12 @@ def _covered(shape) -> np.ndarray:
     out = np.zeros(shape, bool)
     m = int(MARGIN_MM)
     for box in BLOCKS.values():
-        out[tuple(slice(max(s.start - m, 0), min(s.stop + m, n))
-                  for s, n in zip(box, shape, strict=True))] = True
+        out[
+            tuple(
+                slice(max(s.start - m, 0), min(s.stop + m, n))
+                for s, n in zip(box, shape, strict=True)
+            )
+        ] = True
     return out
 
 
@@ -104,12 +118,20 @@ def case():
 def test_fused_map_is_the_models_voxel_function_on_the_covered_voxels(case, stored, combine):
     ct, labels, covered = case["ct"], case["labels"], _covered(case["ct"].shape)
     if stored == "flipped":  # the same voxels, stored with x and y reversed
-        ct, labels, covered = (np.ascontiguousarray(a[:, ::-1, ::-1])
-                               for a in (ct, labels, covered))
+        ct, labels, covered = (
+            np.ascontiguousarray(a[:, ::-1, ::-1]) for a in (ct, labels, covered)
+        )
     expected = np.where(covered, _expected_prob(ct), 0.0)
     progress: list[tuple[int, int]] = []
-    fused = fuse_case([_model()], ct, case[stored], labels=labels, combine=combine,
-                      resampler=io, progress=lambda done, total: progress.append((done, total)))
+    fused = fuse_case(
+        [_model()],
+        ct,
+        case[stored],
+        labels=labels,
+        combine=combine,
+        resampler=io,
+        progress=lambda done, total: progress.append((done, total)),
+    )
 
     assert fused.prob.shape == ct.shape and fused.prob.dtype == np.float32
     np.testing.assert_allclose(fused.prob, expected, atol=1e-6)
@@ -132,8 +154,9 @@ def test_vote_combination_and_model_threshold(case):
     """Vote: each crop votes at the threshold (the model's own here); overlaps agree, so the
     vote share is 1 where the function reaches the threshold, 0 below."""
     lm = _model(threshold=0.7)
-    fused = fuse_case([lm], case["ct"], case["canonical"], labels=case["labels"],
-                      combine="vote", resampler=io)
+    fused = fuse_case(
+        [lm], case["ct"], case["canonical"], labels=case["labels"], combine="vote", resampler=io
+    )
     expected = _expected_prob(case["ct"])
     covered = _covered(case["ct"].shape)
     assert fused.threshold == 0.7
@@ -143,12 +166,15 @@ def test_vote_combination_and_model_threshold(case):
 def test_two_planes_average_and_boxes_stand_in_for_labels(case):
     """Per-plane models average (the same function: the same map); vertebrae given as boxes
     in the stored grid crop the same voxels, and the labels come back as the box masks."""
-    boxes = {vid: (*(s.start for s in box), *(s.stop for s in box))
-             for vid, box in BLOCKS.items()}
-    one = fuse_case([_model()], case["ct"], case["canonical"], labels=case["labels"],
-                    resampler=io)
-    two = fuse_case([_model("sagittal"), _model("axial")], case["ct"], case["canonical"],
-                    boxes=boxes, resampler=io)
+    boxes = {vid: (*(s.start for s in box), *(s.stop for s in box)) for vid, box in BLOCKS.items()}
+    one = fuse_case([_model()], case["ct"], case["canonical"], labels=case["labels"], resampler=io)
+    two = fuse_case(
+        [_model("sagittal"), _model("axial")],
+        case["ct"],
+        case["canonical"],
+        boxes=boxes,
+        resampler=io,
+    )
     np.testing.assert_allclose(two.prob, one.prob, atol=1e-6)
     np.testing.assert_array_equal(two.labels, case["labels"])  # the blocks are the boxes
     assert two.crops.vertebrae_source == "boxes" and one.crops.vertebrae_source == "labels"
@@ -157,8 +183,9 @@ def test_two_planes_average_and_boxes_stand_in_for_labels(case):
 def test_fuse_crops_pastes_crops_cut_out_of_the_grid_itself(case):
     """Without a resampler the crops are placed at their voxel offset on the grid (a stored
     case's resampled grid): the same map as mapping them through SimpleITK."""
-    fused = fuse_case([_model()], case["ct"], case["canonical"], labels=case["labels"],
-                      resampler=io)
+    fused = fuse_case(
+        [_model()], case["ct"], case["canonical"], labels=case["labels"], resampler=io
+    )
     crops = [ModelCrop.of(c) for c in fused.crops.crops]
     grid, shape = case["canonical"], case["ct"].shape
     pasted = fuse_crops([_model()], crops, grid, shape, resampler=None)
@@ -176,7 +203,8 @@ def test_vertebra_score_rule():
     cells = np.full(prob.shape, 20, np.uint8)
     cells[1] = 21
     assert vertebra_score(prob, labels, cells, 20) == pytest.approx(
-        np.quantile(prob[0], SCORE_QUANTILE))
+        np.quantile(prob[0], SCORE_QUANTILE)
+    )
     # no labelled voxel in the region: its nearest-label cell
     assert vertebra_score(prob, labels, cells, 21) == pytest.approx(np.quantile(prob[1], 0.99))
     assert vertebra_score(prob, labels, cells, 22) == 0.0  # neither
@@ -203,12 +231,15 @@ def test_predict_arrays_writes_no_file_and_equals_the_cli_path(case, tmp_path, m
     monkeypatch.setattr(tempfile, "mkdtemp", no_files)
     monkeypatch.setattr(tempfile, "mkstemp", no_files)
     before = set(os.listdir(tempfile.gettempdir()))
-    params = {"spacing": list(geometry.spacing), "origin": list(geometry.origin),
-              "direction": list(geometry.direction), "combine": "max"}
+    params = {
+        "spacing": list(geometry.spacing),
+        "origin": list(geometry.origin),
+        "direction": list(geometry.direction),
+        "combine": "max",
+    }
     y = predict_arrays(_model(), {"ct": ct, "vertebrae": labels.astype(np.int32)}, params)
     assert set(os.listdir(tempfile.gettempdir())) == before
     assert y.dtype == np.float32 and y.shape == ct.shape
     np.testing.assert_array_equal(y, from_files)
-    several = predict_arrays([_model(), _model("axial")], {"ct": ct, "vertebrae": labels},
-                             params)
+    several = predict_arrays([_model(), _model("axial")], {"ct": ct, "vertebrae": labels}, params)
     np.testing.assert_allclose(several, y, atol=1e-6)

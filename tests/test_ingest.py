@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from vfsearch.cli import app
 from vfsearch.adapters import volumes as io
+from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, Store, fingerprint_from_hist
+from vfsearch.cli import app
+from vfsearch.core.errors import UserError
 from vfsearch.core.geometry import Geometry
 from vfsearch.pipelines.ingest import assign_splits, ingest, read_manifest, read_verse_tree
-from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, Store, fingerprint_from_hist
-from vfsearch.core.errors import UserError
 
 pytestmark = pytest.mark.integration
 
@@ -27,24 +27,33 @@ SHAPE = (44, 16, 14)  # (z, y, x)
 VERTEBRAE = (11, 12, 13, 14)
 
 
-def make_case(folder: Path, *, vertebrae=VERTEBRAE, fracture: dict | None = None,
-              ct_dtype=np.int16, geom: Geometry = GEOM, seed: int = 0) -> dict[str, Path]:
+def make_case(
+    folder: Path,
+    *,
+    vertebrae=VERTEBRAE,
+    fracture: dict | None = None,
+    ct_dtype=np.int16,
+    geom: Geometry = GEOM,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Tiny CT: a stack of boxes (one per vertebra) in -1000 HU noise, with labels."""
     rng = np.random.default_rng(seed)
     ct = rng.normal(-900, 30, SHAPE)
     lab = np.zeros(SHAPE, np.uint8)
     for i, vid in enumerate(vertebrae):
         z0 = 4 + 9 * i
-        lab[z0:z0 + 7, 4:12, 3:11] = vid
-        ct[z0:z0 + 7, 4:12, 3:11] = rng.normal(250 + 10 * i, 20, (7, 8, 8))
+        lab[z0 : z0 + 7, 4:12, 3:11] = vid
+        ct[z0 : z0 + 7, 4:12, 3:11] = rng.normal(250 + 10 * i, 20, (7, 8, 8))
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"ct": io.write_volume(folder / "ct.nii.gz", ct.astype(ct_dtype), geom),
-             "vertebrae": io.write_volume(folder / "vertebrae.nii.gz", lab, geom)}
+    paths = {
+        "ct": io.write_volume(folder / "ct.nii.gz", ct.astype(ct_dtype), geom),
+        "vertebrae": io.write_volume(folder / "vertebrae.nii.gz", lab, geom),
+    }
     if fracture is not None:
         frac = np.zeros(SHAPE, np.uint8)
         for vid, value in fracture.items():  # the vertebra's two lowest slices
             zz = np.argwhere(lab == vid)[:, 0].min()
-            frac[zz:zz + 2][lab[zz:zz + 2] == vid] = value
+            frac[zz : zz + 2][lab[zz : zz + 2] == vid] = value
         paths["fracture"] = io.write_volume(folder / "fracture.nii.gz", frac, geom)
     return paths
 
@@ -77,8 +86,9 @@ def assert_crops_map_back(store: Store, case_id: str, labels: np.ndarray, label_
     assert labels.shape == ct_shape
     for vid in store.vertebrae(case_id):
         mask = store.read(case_id, vid, "mask")
-        back = io.resample_to(mask, store.crop_geometry(case_id, vid), ct_geom, ct_shape,
-                              nearest=True)
+        back = io.resample_to(
+            mask, store.crop_geometry(case_id, vid), ct_geom, ct_shape, nearest=True
+        )
         original = labels == label_ids[vid]
         dist = np.linalg.norm(centroid_mm(back, ct_geom) - centroid_mm(original, ct_geom))
         assert dist <= min(ct_geom.spacing), (vid, dist)
@@ -105,10 +115,13 @@ def run_cli(*args) -> tuple[int, str]:
 # Real samples
 # ---------------------------------------------------------------------------------------
 
+
 def test_real_tptbox_verse_ids_map_back_to_scanner(real_data, tmp_path):
     d = real_data / "tptbox_l3"
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "tptbox", "ct": d / "ct.nii.gz", "vertebrae": d / "vertebrae_verse.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [{"case_id": "tptbox", "ct": d / "ct.nii.gz", "vertebrae": d / "vertebrae_verse.nii.gz"}],
+    )
     out = tmp_path / "s.zarr"
     summary = ingest(manifest, out)
     assert "1 case(s) ingested" in summary
@@ -117,12 +130,19 @@ def test_real_tptbox_verse_ids_map_back_to_scanner(real_data, tmp_path):
     attrs = store.case_attrs("tptbox")
     assert attrs["complete"] and attrs["split"] in ("train", "val", "test")
     assert attrs["ct_shape"] == [73, 47, 73]
-    for key in ("ct_geometry", "reorientation", "canonical_geometry", "resampled_geometry",
-                "roi_box", "resampling"):
+    for key in (
+        "ct_geometry",
+        "reorientation",
+        "canonical_geometry",
+        "resampled_geometry",
+        "roi_box",
+        "resampling",
+    ):
         assert key in attrs
     np.testing.assert_allclose(attrs["resampled_geometry"]["spacing"], (1, 1, 1))
-    np.testing.assert_allclose(np.reshape(attrs["canonical_geometry"]["direction"], (3, 3)),
-                               np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(
+        np.reshape(attrs["canonical_geometry"]["direction"], (3, 3)), np.eye(3), atol=1e-6
+    )
     image = store.array("tptbox", 22, "image")
     assert image.dtype == np.int16 and store.array("tptbox", 22, "fracture").dtype == np.uint8
     # Consecutive sagittal slices share chunks: full in-plane extent, 8 slices deep.
@@ -148,9 +168,16 @@ def test_real_tptbox_verse_ids_map_back_to_scanner(real_data, tmp_path):
 
 def test_real_totalseg_ids_map_back_to_scanner(real_data, tmp_path):
     d = real_data / "totalseg_abdomen"
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "abdomen", "ct": d / "ct.nii.gz",
-         "vertebrae": d / "vertebrae_totalseg.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {
+                "case_id": "abdomen",
+                "ct": d / "ct.nii.gz",
+                "vertebrae": d / "vertebrae_totalseg.nii.gz",
+            }
+        ],
+    )
     out = tmp_path / "s.zarr"
     ingest(manifest, out, label_scheme="totalsegmentator", spacing=(1.5, 1.5, 1.5))
     store = Store(out)
@@ -167,6 +194,7 @@ def test_real_totalseg_ids_map_back_to_scanner(real_data, tmp_path):
 # DICOM
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("compressor", [None, "JPEG2000"])
 def test_dicom_series_written_from_nifti_is_ingested(real_data, tmp_path, compressor):
     d = real_data / "tptbox_l3"
@@ -174,11 +202,21 @@ def test_dicom_series_written_from_nifti_is_ingested(real_data, tmp_path, compre
     io.write_dicom_series(tmp_path / "dicom", ct.array, ct.geometry, compressor=compressor)
     if compressor:
         assert b"1.2.840.10008.1.2.4.90" in (tmp_path / "dicom" / "slice_0000.dcm").read_bytes()
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "from_dicom", "ct": tmp_path / "dicom",
-         "vertebrae": d / "vertebrae_verse.nii.gz"},
-        {"case_id": "from_nifti", "ct": d / "ct.nii.gz",
-         "vertebrae": d / "vertebrae_verse.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {
+                "case_id": "from_dicom",
+                "ct": tmp_path / "dicom",
+                "vertebrae": d / "vertebrae_verse.nii.gz",
+            },
+            {
+                "case_id": "from_nifti",
+                "ct": d / "ct.nii.gz",
+                "vertebrae": d / "vertebrae_verse.nii.gz",
+            },
+        ],
+    )
     ingest(manifest, tmp_path / "s.zarr")
     store = Store(tmp_path / "s.zarr")
     assert store.case_ids() == ["from_dicom", "from_nifti"]
@@ -187,8 +225,10 @@ def test_dicom_series_written_from_nifti_is_ingested(real_data, tmp_path, compre
     np.testing.assert_allclose(g_dicom.origin, g_nifti.origin, atol=1e-3)
     np.testing.assert_allclose(g_dicom.direction, g_nifti.direction, atol=1e-5)
     for vid in (21, 22, 23):
-        assert store.vertebra_attrs("from_dicom", vid)["crop_box"] == \
-            store.vertebra_attrs("from_nifti", vid)["crop_box"]
+        assert (
+            store.vertebra_attrs("from_dicom", vid)["crop_box"]
+            == store.vertebra_attrs("from_nifti", vid)["crop_box"]
+        )
         a = store.read("from_dicom", vid).astype(int)
         b = store.read("from_nifti", vid).astype(int)
         assert np.abs(a - b).max() <= 1
@@ -197,6 +237,7 @@ def test_dicom_series_written_from_nifti_is_ingested(real_data, tmp_path, compre
 # ---------------------------------------------------------------------------------------
 # Synthetic cases: geometry, fracture, split, boxes, VerSe tree, resume, workers
 # ---------------------------------------------------------------------------------------
+
 
 def test_flipped_anisotropic_case_maps_back_and_keeps_fracture(tmp_path):
     paths = make_case(tmp_path / "c", fracture={12: 1, 13: 3}, ct_dtype=np.float32)
@@ -218,12 +259,18 @@ def test_flipped_anisotropic_case_maps_back_and_keeps_fracture(tmp_path):
     # The crop's fracture, mapped back, lands on the original fracture voxels.
     ct_geom, ct_shape = store.ct_grid("c")
     frac = io.read_volume(paths["fracture"]).array > 0
-    back = io.resample_to(store.read("c", 13, "fracture"), store.crop_geometry("c", 13),
-                          ct_geom, ct_shape, nearest=True)
+    back = io.resample_to(
+        store.read("c", 13, "fracture"),
+        store.crop_geometry("c", 13),
+        ct_geom,
+        ct_shape,
+        nearest=True,
+    )
     assert (back.astype(bool) & frac).sum() >= 0.7 * (frac & (labels == 13)).sum()
     # Margin 4 mm at 1 mm: the crop is the label box + 4 voxels each side (inside the image).
     a = store.vertebra_attrs("c", 12)
-    assert [c - lb for c, lb in zip(a["crop_box"][:3], a["label_box"][:3])] == [-4, -4, -4]
+    corners = zip(a["crop_box"][:3], a["label_box"][:3], strict=True)
+    assert [c - lb for c, lb in corners] == [-4, -4, -4]
     # Axial chunking.
     img = store.array("c", 12, "image")
     assert img.chunks == (min(CHUNK_SLICES, img.shape[0]), *img.shape[1:])
@@ -241,14 +288,23 @@ def test_same_grid_with_other_axis_order_is_no_error(tmp_path):
     origin = lab.geometry.zyx_to_physical([0, 0, SHAPE[2] - 1])
     geom = Geometry((sp[1], sp[2], sp[0]), tuple(origin), tuple(new_dir.ravel()))
     io.write_volume(tmp_path / "c" / "lab_transposed.nii.gz", arr, geom)
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "plain", **paths},
-        {"case_id": "transposed", **paths, "vertebrae": tmp_path / "c" / "lab_transposed.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {"case_id": "plain", **paths},
+            {
+                "case_id": "transposed",
+                **paths,
+                "vertebrae": tmp_path / "c" / "lab_transposed.nii.gz",
+            },
+        ],
+    )
     ingest(manifest, tmp_path / "s.zarr")
     store = Store(tmp_path / "s.zarr")
     for vid in VERTEBRAE:
-        np.testing.assert_array_equal(store.read("plain", vid, "mask"),
-                                      store.read("transposed", vid, "mask"))
+        np.testing.assert_array_equal(
+            store.read("plain", vid, "mask"), store.read("transposed", vid, "mask")
+        )
 
 
 def test_float_label_map_with_other_structures(tmp_path):
@@ -258,8 +314,10 @@ def test_float_label_map_with_other_structures(tmp_path):
     arr[0:2] = 5.0  # a cervical vertebra id and an "organ" id: ignored
     arr[-2:] = 1000.0
     io.write_volume(tmp_path / "c" / "float_lab.nii.gz", arr, lab.geometry)
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "c", "ct": paths["ct"], "vertebrae": tmp_path / "c" / "float_lab.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [{"case_id": "c", "ct": paths["ct"], "vertebrae": tmp_path / "c" / "float_lab.nii.gz"}],
+    )
     ingest(manifest, tmp_path / "s.zarr")
     assert Store(tmp_path / "s.zarr").vertebrae("c") == list(VERTEBRAE)
 
@@ -268,10 +326,12 @@ def test_bounding_box_csv_stands_in_for_labels(tmp_path):
     paths = make_case(tmp_path / "c")
     boxes = tmp_path / "c" / "boxes.csv"
     # Box of vertebra 11 is x 3..11, y 4..12, z 4..11 in CT voxels; name or id both accepted.
-    boxes.write_text("vertebra,x0,y0,z0,x1,y1,z1\nT4,3,4,4,11,12,11\n12,3,4,13,11,12,20\n"
-                     "C5,0,0,0,2,2,2\n")
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "c", "ct": paths["ct"], "vertebrae": boxes}])
+    boxes.write_text(
+        "vertebra,x0,y0,z0,x1,y1,z1\nT4,3,4,4,11,12,11\n12,3,4,13,11,12,20\nC5,0,0,0,2,2,2\n"
+    )
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"case_id": "c", "ct": paths["ct"], "vertebrae": boxes}]
+    )
     ingest(manifest, tmp_path / "s.zarr", margin_mm=2.0)
     store = Store(tmp_path / "s.zarr")
     assert store.vertebrae("c") == [11, 12]
@@ -287,8 +347,9 @@ def test_verse_tree(tmp_path):
         (root / "rawdata" / sub).mkdir(parents=True)
         (root / "derivatives" / sub).mkdir(parents=True)
         shutil.copy(paths["ct"], root / "rawdata" / sub / f"{sub}_dir-ax_ct.nii.gz")
-        shutil.copy(paths["vertebrae"],
-                    root / "derivatives" / sub / f"{sub}_dir-ax_seg-vert_msk.nii.gz")
+        shutil.copy(
+            paths["vertebrae"], root / "derivatives" / sub / f"{sub}_dir-ax_seg-vert_msk.nii.gz"
+        )
     summary = ingest(root, tmp_path / "s.zarr")
     assert "2 case(s) ingested" in summary
     store = Store(tmp_path / "s.zarr")
@@ -309,10 +370,16 @@ def test_split_is_seeded_case_level_and_manifest_wins(tmp_path):
     # Through ingest: the manifest's split column is stored on the case and in the meta.
     rows = []
     for i in range(3):
-        rows.append({"case_id": f"c{i}", **make_case(tmp_path / f"c{i}", seed=i),
-                     "split": "test" if i == 0 else ""})
-    manifest = write_manifest(tmp_path / "m.csv", rows,
-                              ["case_id", "ct", "vertebrae", "fracture", "split"])
+        rows.append(
+            {
+                "case_id": f"c{i}",
+                **make_case(tmp_path / f"c{i}", seed=i),
+                "split": "test" if i == 0 else "",
+            }
+        )
+    manifest = write_manifest(
+        tmp_path / "m.csv", rows, ["case_id", "ct", "vertebrae", "fracture", "split"]
+    )
     ingest(manifest, tmp_path / "s.zarr", seed=1)
     store = Store(tmp_path / "s.zarr")
     assert store.case_attrs("c0")["split"] == "test"
@@ -338,8 +405,7 @@ def test_split_draws_subjects_not_cases():
     plan = assign_splits(ids, {}, {"a3": "test"}, fractions, 0, subjects)
     assert plan["a1"] == plan["a2"] == plan["a3"] == "test"
     # Cases of one subject split apart by an earlier version: the most held-out split wins.
-    plan = assign_splits(ids, {}, {"a1": "train", "a2": "test", "b": "val"}, fractions, 0,
-                         subjects)
+    plan = assign_splits(ids, {}, {"a1": "train", "a2": "test", "b": "val"}, fractions, 0, subjects)
     assert plan["a1"] == plan["a2"] == plan["a3"] == "test"
 
 
@@ -347,8 +413,10 @@ def make_verse_tree(root: Path, tmp: Path, scans: list[tuple[str, str]]) -> Path
     """A VerSe tree of ``(subject folder, scan stem)`` scans, all copies of one tiny case."""
     paths = make_case(tmp / "verse_case")
     for sub, stem in scans:
-        for top, src, suffix in (("rawdata", paths["ct"], "ct"),
-                                 ("derivatives", paths["vertebrae"], "seg-vert_msk")):
+        for top, src, suffix in (
+            ("rawdata", paths["ct"], "ct"),
+            ("derivatives", paths["vertebrae"], "seg-vert_msk"),
+        ):
             folder = root / top / sub / (stem.split("_")[1] if "_ses-" in stem else "")
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, folder / f"{stem}_{suffix}.nii.gz")
@@ -356,16 +424,23 @@ def make_verse_tree(root: Path, tmp: Path, scans: list[tuple[str, str]]) -> Path
 
 
 def test_verse_scans_of_one_subject_share_a_split(tmp_path):
-    scans = [("sub-verse004", "sub-verse004_ses-a"), ("sub-verse004", "sub-verse004_ses-b"),
-             ("sub-verse005", "sub-verse005_dir-ax"), ("sub-verse005", "sub-verse005_dir-sag"),
-             ("sub-verse006", "sub-verse006"), ("sub-verse007", "sub-verse007"),
-             ("sub-verse008", "sub-verse008")]
+    scans = [
+        ("sub-verse004", "sub-verse004_ses-a"),
+        ("sub-verse004", "sub-verse004_ses-b"),
+        ("sub-verse005", "sub-verse005_dir-ax"),
+        ("sub-verse005", "sub-verse005_dir-sag"),
+        ("sub-verse006", "sub-verse006"),
+        ("sub-verse007", "sub-verse007"),
+        ("sub-verse008", "sub-verse008"),
+    ]
     root = make_verse_tree(tmp_path / "verse", tmp_path, scans)
     subjects = {s.case_id: s.subject for s in read_verse_tree(root)}
     assert subjects == {stem: sub for sub, stem in scans}
     ids = sorted(subjects)
-    pairs = [("sub-verse004_ses-a", "sub-verse004_ses-b"),
-             ("sub-verse005_dir-ax", "sub-verse005_dir-sag")]
+    pairs = [
+        ("sub-verse004_ses-a", "sub-verse004_ses-b"),
+        ("sub-verse005_dir-ax", "sub-verse005_dir-sag"),
+    ]
     fractions = (0.7, 0.15, 0.15)
     apart = 0
     for seed in range(20):
@@ -381,8 +456,9 @@ def test_verse_scans_of_one_subject_share_a_split(tmp_path):
         store = Store(tmp_path / f"s{seed}.zarr")
         assert store.case_ids() == ids
         splits = {c: store.case_attrs(c)["split"] for c in ids}
-        assert splits == store.meta["splits"] == assign_splits(ids, {}, {}, fractions, seed,
-                                                               subjects)
+        assert (
+            splits == store.meta["splits"] == assign_splits(ids, {}, {}, fractions, seed, subjects)
+        )
         assert all(splits[a] == splits[b] for a, b in pairs)
         assert {c: store.case_attrs(c)["subject"] for c in ids} == subjects
         assert store.meta["subjects"] == subjects
@@ -390,8 +466,16 @@ def test_verse_scans_of_one_subject_share_a_split(tmp_path):
 
 def test_manifest_subject_column_groups_cases(tmp_path):
     paths = make_case(tmp_path / "c")
-    table = [("p1_a", "P1", ""), ("p1_b", "P1", ""), ("p1_c", "P1", ""), ("q_a", "Q", "test"),
-             ("q_b", "Q", ""), ("solo1", "", ""), ("solo2", "", ""), ("solo3", "", "")]
+    table = [
+        ("p1_a", "P1", ""),
+        ("p1_b", "P1", ""),
+        ("p1_c", "P1", ""),
+        ("q_a", "Q", "test"),
+        ("q_b", "Q", ""),
+        ("solo1", "", ""),
+        ("solo2", "", ""),
+        ("solo3", "", ""),
+    ]
     columns = ["case_id", "ct", "vertebrae", "subject", "split"]
     rows = [{"case_id": c, **paths, "subject": subj, "split": split} for c, subj, split in table]
     manifest = write_manifest(tmp_path / "m.csv", rows, columns)
@@ -521,7 +605,7 @@ def test_parallel_workers_match_serial(tmp_path):
     assert a.fingerprint == b.fingerprint
     # A bad case in a parallel run: one error, the other cases complete, no half case.
     bad = make_case(tmp_path / "bad", vertebrae=(1, 2))
-    rows = list(csv.DictReader(open(manifest)))
+    rows = list(csv.DictReader(manifest.open()))  # noqa: SIM115 - read in full at once
     write_manifest(tmp_path / "m2.csv", rows + [{"case_id": "bad", **bad}])
     with pytest.raises(UserError, match="bad/vertebrae.nii.gz: no T4..L5"):
         ingest(tmp_path / "m2.csv", tmp_path / "p2.zarr", workers=2)
@@ -534,6 +618,7 @@ def test_parallel_workers_match_serial(tmp_path):
 # Bad input: one line, exit code 2, nothing half-written
 # ---------------------------------------------------------------------------------------
 
+
 def assert_one_line_error(code: int, stderr: str, *fragments: str):
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
@@ -545,8 +630,9 @@ def assert_one_line_error(code: int, stderr: str, *fragments: str):
 
 def test_missing_file(tmp_path):
     paths = make_case(tmp_path / "c")
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "c", **paths, "ct": tmp_path / "c" / "nope.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"case_id": "c", **paths, "ct": tmp_path / "c" / "nope.nii.gz"}]
+    )
     code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
     assert_one_line_error(code, err, "nope.nii.gz", "not found")
     assert not (tmp_path / "s.zarr").exists()
@@ -555,8 +641,11 @@ def test_missing_file(tmp_path):
 def test_unreadable_image(tmp_path):
     paths = make_case(tmp_path / "c")
     paths["vertebrae"].write_bytes(b"this is not an image")
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "vertebrae.nii.gz", "cannot read")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -567,7 +656,7 @@ def test_truncated_image(tmp_path, suffix):
     ct = io.read_volume(paths["ct"])
     truncated = io.write_volume(tmp_path / "c" / f"ct_cut{suffix}", ct.array, ct.geometry)
     data = truncated.read_bytes()
-    truncated.write_bytes(data[:len(data) // 2])
+    truncated.write_bytes(data[: len(data) // 2])
     manifest = write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths, "ct": truncated}])
     with pytest.raises(UserError, match=f"ct_cut{suffix}.*(truncated|corrupt)"):
         ingest(manifest, tmp_path / "s.zarr")
@@ -579,16 +668,22 @@ def test_grid_mismatch(tmp_path):
     lab = io.read_volume(paths["vertebrae"])
     moved = Geometry(lab.geometry.spacing, (41.0, 25.0, -300.0), lab.geometry.direction)
     io.write_volume(paths["vertebrae"], lab.array, moved)
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "vertebrae.nii.gz", "differs from the CT")
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_no_target_vertebra(tmp_path):
     paths = make_case(tmp_path / "c", vertebrae=(3, 4, 25, 26))
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "vertebrae.nii.gz", "no T4..L5", "found ids 3, 4, 25, 26")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -598,8 +693,7 @@ def test_fracture_probability_map_rejected(tmp_path):
     frac = io.read_volume(paths["fracture"])
     io.write_volume(paths["fracture"], frac.array.astype(np.float32) * 0.7, frac.geometry)
     with pytest.raises(UserError, match="fracture.nii.gz: fracture mask has non-integer"):
-        ingest(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-               tmp_path / "s.zarr")
+        ingest(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]), tmp_path / "s.zarr")
     assert_nothing_half_written(tmp_path / "s.zarr")
 
 
@@ -608,8 +702,7 @@ def test_fracture_negative_values_rejected(tmp_path):
     frac = io.read_volume(paths["fracture"])
     io.write_volume(paths["fracture"], frac.array.astype(np.int16) - 1, frac.geometry)
     with pytest.raises(UserError, match="negative values"):
-        ingest(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-               tmp_path / "s.zarr")
+        ingest(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]), tmp_path / "s.zarr")
     assert_nothing_half_written(tmp_path / "s.zarr")
 
 
@@ -618,8 +711,11 @@ def test_nan_in_ct(tmp_path):
     ct = io.read_volume(paths["ct"])
     ct.array[3, 4, 5] = np.nan
     io.write_volume(paths["ct"], ct.array, ct.geometry)
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "ct.nii.gz", "NaN")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -639,9 +735,11 @@ def test_dicom_folder_with_several_series(tmp_path):
     io.write_dicom_series(other, ct.array[:5], ct.geometry, series_uid="1.2.826.0.1.3680043.2.2")
     for f in other.iterdir():
         shutil.copy(f, folder / f"b_{f.name}")
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths,
-                                                             "ct": folder}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths, "ct": folder}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "dicom", "2 DICOM series")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -649,17 +747,18 @@ def test_dicom_folder_with_several_series(tmp_path):
 def test_dicom_missing_slice(tmp_path):
     paths, folder = _dicom_case(tmp_path)
     (folder / "slice_0020.dcm").unlink()
-    code, err = run_cli(write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths,
-                                                             "ct": folder}]),
-                        "--out", tmp_path / "s.zarr")
+    code, err = run_cli(
+        write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths, "ct": folder}]),
+        "--out",
+        tmp_path / "s.zarr",
+    )
     assert_one_line_error(code, err, "dicom", "missing slice")
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_manifest_missing_columns(tmp_path):
     paths = make_case(tmp_path / "c")
-    manifest = write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}],
-                              ["case_id", "ct"])
+    manifest = write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths}], ["case_id", "ct"])
     code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
     assert_one_line_error(code, err, "m.csv", "lacks column(s) vertebrae")
     assert not (tmp_path / "s.zarr").exists()
@@ -667,8 +766,9 @@ def test_manifest_missing_columns(tmp_path):
 
 def test_manifest_duplicate_case_ids(tmp_path):
     paths = make_case(tmp_path / "c")
-    manifest = write_manifest(tmp_path / "m.csv", [{"case_id": "c", **paths},
-                                                   {"case_id": "c", **paths}])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"case_id": "c", **paths}, {"case_id": "c", **paths}]
+    )
     code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
     assert_one_line_error(code, err, "m.csv", "duplicate case_id 'c' (lines 2 and 3)")
     assert not (tmp_path / "s.zarr").exists()
@@ -676,14 +776,17 @@ def test_manifest_duplicate_case_ids(tmp_path):
 
 def test_manifest_subject_in_two_splits(tmp_path):
     paths = make_case(tmp_path / "c")
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"case_id": "a", **paths, "subject": "S", "split": "train"},
-        {"case_id": "b", **paths},
-        {"case_id": "c", **paths, "subject": "S", "split": "test"}],
-        ["case_id", "ct", "vertebrae", "subject", "split"])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {"case_id": "a", **paths, "subject": "S", "split": "train"},
+            {"case_id": "b", **paths},
+            {"case_id": "c", **paths, "subject": "S", "split": "test"},
+        ],
+        ["case_id", "ct", "vertebrae", "subject", "split"],
+    )
     code, err = run_cli(manifest, "--out", tmp_path / "s.zarr")
-    assert_one_line_error(code, err, "m.csv", "subject 'S'", "train on line 2",
-                          "test on line 4")
+    assert_one_line_error(code, err, "m.csv", "subject 'S'", "train on line 2", "test on line 4")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -707,8 +810,9 @@ def test_store_of_another_dataset(tmp_path):
 def test_bad_case_stops_run_and_keeps_complete_cases(tmp_path):
     good = make_case(tmp_path / "good")
     bad = make_case(tmp_path / "bad", vertebrae=(2, 3))
-    manifest = write_manifest(tmp_path / "m.csv", [{"case_id": "a_good", **good},
-                                                   {"case_id": "b_bad", **bad}])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"case_id": "a_good", **good}, {"case_id": "b_bad", **bad}]
+    )
     out = tmp_path / "s.zarr"
     with pytest.raises(UserError, match="bad/vertebrae.nii.gz: no T4..L5"):
         ingest(manifest, out)
@@ -724,14 +828,16 @@ def test_bad_case_stops_run_and_keeps_complete_cases(tmp_path):
 @pytest.mark.slow
 def test_synth_folder_end_to_end(tmp_path):
     synth = pytest.importorskip("vfsearch.pipelines.synth")
-    synth.synth_dataset(tmp_path / "ph", cases=2, seed=0, spacing=None, small=True,
-                        fracture_rate=0.3)
+    synth.synth_dataset(
+        tmp_path / "ph", cases=2, seed=0, spacing=None, small=True, fracture_rate=0.3
+    )
     summary = ingest(tmp_path / "ph", tmp_path / "s.zarr")
     assert "2 case(s) ingested" in summary
     store = Store(tmp_path / "s.zarr")
     assert store.meta["kind"] == "synth"
     assert len(store.case_ids()) == 2
-    rows = {r["case_id"]: r for r in csv.DictReader(open(tmp_path / "ph" / "manifest.csv"))}
+    with (tmp_path / "ph" / "manifest.csv").open() as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
     n_fractured = 0
     for cid in store.case_ids():
         grades = dict(item.split(":") for item in rows[cid]["grades"].split(";"))

@@ -40,8 +40,7 @@ def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def imports(path: Path, modules: set[str], here: str | None = None
-            ) -> list[tuple[str, int, bool]]:
+def imports(path: Path, modules: set[str], here: str | None = None) -> list[tuple[str, int, bool]]:
     """(imported module, line, only under TYPE_CHECKING) for each import in the file."""
     tree = ast.parse(path.read_text(), filename=str(path))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -58,8 +57,9 @@ def imports(path: Path, modules: set[str], here: str | None = None
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                     for a in node.names]
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
         for name in names:
             found.append((name, node.lineno, _type_checking_only(node, parents)))
     return found
@@ -117,7 +117,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -132,26 +132,35 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_in_package_import_graph_has_no_cycle():
     mods, found = graph()
-    edges = {m: {t for t, _, tc in f if t in mods and t != m and not tc
-                 and not m.startswith(t + ".")}  # a module may import its own package
-             for m, f in found.items()}
+    edges = {
+        m: {
+            t for t, _, tc in f if t in mods and t != m and not tc and not m.startswith(t + ".")
+        }  # a module may import its own package
+        for m, f in found.items()
+    }
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges) or [])
 
 
-@pytest.mark.parametrize("edges, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
-])
+@pytest.mark.parametrize(
+    "edges, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ],
+)
 def test_cycle_finder_finds_a_planted_cycle(edges, expected):
     assert find_cycle(edges) == expected
 
 
 def test_layer_check_catches_a_planted_upward_import(tmp_path):
     planted = tmp_path / "geometry.py"
-    planted.write_text((PACKAGE / "core" / "geometry.py").read_text()
-                       + "\n\ndef late():\n    from vfsearch.pipelines import predict\n")
+    planted.write_text(
+        (PACKAGE / "core" / "geometry.py").read_text()
+        + "\n\ndef late():\n    from vfsearch.pipelines import predict\n"
+    )
     mods = set(all_modules())
     found = imports(planted, mods, here="vfsearch.core.geometry")
     assert upward({"vfsearch.core.geometry": found}) == [
         f"vfsearch.core.geometry:{len(planted.read_text().splitlines())} imports "
-        "vfsearch.pipelines.predict"]
+        "vfsearch.pipelines.predict"
+    ]

@@ -19,10 +19,22 @@ from vfsearch.pipelines.train.loop import build_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SMALL = ["model.depth=3", "model.base_channels=8", "data.patch_size=48", "data.seq_len=3",
-         "model.temporal=lstm", "model.norm=group", "train.batch_size=8", "train.epochs=5",
-         "train.max_windows_per_epoch=256", "train.warmup_epochs=1", "train.lr=3e-3",
-         "data.augment=0", "data.oversample_fracture=2", "train.log_pictures=false"]
+SMALL = [
+    "model.depth=3",
+    "model.base_channels=8",
+    "data.patch_size=48",
+    "data.seq_len=3",
+    "model.temporal=lstm",
+    "model.norm=group",
+    "train.batch_size=8",
+    "train.epochs=5",
+    "train.max_windows_per_epoch=256",
+    "train.warmup_epochs=1",
+    "train.lr=3e-3",
+    "data.augment=0",
+    "data.oversample_fracture=2",
+    "train.log_pictures=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +45,14 @@ def learning_store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learning")
     synth_dataset(root / "raw", cases=8, seed=3, spacing=None, small=True, fracture_rate=0.4)
-    ingest(root / "raw" / "manifest.csv", root / "store.zarr", spacing=(2.0, 2.0, 2.0),
-           margin_mm=6.0, split=(0.625, 0.25, 0.125), seed=0)
+    ingest(
+        root / "raw" / "manifest.csv",
+        root / "store.zarr",
+        spacing=(2.0, 2.0, 2.0),
+        margin_mm=6.0,
+        split=(0.625, 0.25, 0.125),
+        seed=0,
+    )
     return root / "store.zarr"
 
 
@@ -43,14 +61,17 @@ def test_training_raises_fused_dice_well_above_untrained(learning_store, ray_loc
     untrained, _ = build_models(cfg)  # the very initial weights of the run below
     before = fused_validation_metrics(untrained, learning_store, cfg)["val_dice3d"]
 
-    summary = run_training(learning_store, cfg, name="learn", storage=tmp_path / "ray",
-                           cpus_per_worker=2)
+    summary = run_training(
+        learning_store, cfg, name="learn", storage=tmp_path / "ray", cpus_per_worker=2
+    )
     after = summary.metrics["val_dice3d"]
     print(f"fused validation Dice: untrained {before:.3f}, trained {after:.3f}")
     assert before < 0.1
     assert after > 0.35 and after - before > 0.3
     # the checkpoint on disk carries the deployment threshold chosen on validation
-    best = torch.load(tmp_path / "ray" / "learn" / summary.checkpoint.split("/")[-1] /
-                      "best.pt", weights_only=True)
+    best = torch.load(
+        tmp_path / "ray" / "learn" / summary.checkpoint.split("/")[-1] / "best.pt",
+        weights_only=True,
+    )
     assert 0.0 < best["threshold"] < 1.0
     assert best["threshold"] == pytest.approx(summary.metrics["val_threshold3d"])

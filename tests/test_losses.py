@@ -37,12 +37,12 @@ def test_dice_hand_values():
     # p = 0.5 everywhere: 1 - 2*0.5 / (2 + 1) = 2/3
     assert soft_dice_loss(t4(0, 0, 0, 0), target).item() == pytest.approx(2 / 3, abs=1e-5)
     # p = [1, 0, 1, 0]: 1 - 2*1 / (2 + 1) = 1/3
-    assert soft_dice_loss(t4(BIG, -BIG, BIG, -BIG), target).item() == pytest.approx(
-        1 / 3, abs=1e-5)
+    assert soft_dice_loss(t4(BIG, -BIG, BIG, -BIG), target).item() == pytest.approx(1 / 3, abs=1e-5)
     # perfect prediction, and empty prediction on empty target (smoothing: 0/0 -> Dice 1)
     assert soft_dice_loss(t4(BIG, -BIG, -BIG, -BIG), target).item() == pytest.approx(0, abs=1e-5)
     assert soft_dice_loss(t4(-BIG, -BIG, -BIG, -BIG), t4(0, 0, 0, 0)).item() == pytest.approx(
-        0, abs=1e-5)
+        0, abs=1e-5
+    )
 
 
 def test_batch_dice_differs_from_per_sample_dice():
@@ -73,7 +73,8 @@ def test_bce_hand_values_and_pos_weight():
     assert bce_loss(t4(0, 0, 0, 0), target).item() == pytest.approx(LN2, rel=1e-6)
     # the one foreground pixel counts 3 times: (3 ln2 + 3 ln2) / 4
     assert bce_loss(t4(0, 0, 0, 0), target, pos_weight=3.0).item() == pytest.approx(
-        1.5 * LN2, rel=1e-6)
+        1.5 * LN2, rel=1e-6
+    )
 
 
 def test_focal_and_tversky_hand_values():
@@ -84,23 +85,28 @@ def test_focal_and_tversky_hand_values():
     assert focal_loss(zeros, target, gamma=0.0).item() == pytest.approx(LN2, rel=1e-6)
     # p = 0.5: TP 0.5, FP 1.5, FN 0.5 -> 1 - 0.5 / (0.5 + 0.3*1.5 + 0.7*0.5)
     assert tversky_loss(zeros, target, alpha=0.3, beta=0.7).item() == pytest.approx(
-        1 - 0.5 / 1.3, rel=1e-5)
+        1 - 0.5 / 1.3, rel=1e-5
+    )
     # alpha = beta = 0.5 is the Dice loss
     logits = torch.randn(2, 1, 5, 5, generator=torch.Generator().manual_seed(1))
     tgt = (torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     assert tversky_loss(logits, tgt, alpha=0.5, beta=0.5).item() == pytest.approx(
-        soft_dice_loss(logits, tgt).item(), rel=1e-5)
+        soft_dice_loss(logits, tgt).item(), rel=1e-5
+    )
 
 
 def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
 
-@pytest.mark.parametrize("mode, d_expected, g_expected", [
-    ("vanilla", 0.5 * (softplus(-2.0) + softplus(0.5)), softplus(-0.5)),
-    ("lsgan", 0.5 * ((2.0 - 1) ** 2 + 0.5**2), (0.5 - 1) ** 2),
-    ("hinge", max(0.0, 1 - 2.0) + max(0.0, 1 + 0.5), -0.5),
-])
+@pytest.mark.parametrize(
+    "mode, d_expected, g_expected",
+    [
+        ("vanilla", 0.5 * (softplus(-2.0) + softplus(0.5)), softplus(-0.5)),
+        ("lsgan", 0.5 * ((2.0 - 1) ** 2 + 0.5**2), (0.5 - 1) ** 2),
+        ("hinge", max(0.0, 1 - 2.0) + max(0.0, 1 + 0.5), -0.5),
+    ],
+)
 def test_gan_losses_hand_values(mode, d_expected, g_expected):
     real, fake = torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), 0.5)
     assert gan_d_loss(mode, real, fake).item() == pytest.approx(d_expected, rel=1e-6)
@@ -152,16 +158,25 @@ def test_weighted_sum_and_parts():
     logits = torch.randn(2, 1, 8, 8, generator=g)
     target = (torch.rand(2, 1, 8, 8, generator=g) > 0.8).float()
     fake = torch.randn(2, 1, 2, 2, generator=g)
-    cfg = LossConfig(dice_weight=0.7, bce_weight=2.0, pos_weight=4.0, extra="tversky",
-                     extra_weight=0.5, adv_weight=0.1, gan_mode="hinge", batch_dice=False)
+    cfg = LossConfig(
+        dice_weight=0.7,
+        bce_weight=2.0,
+        pos_weight=4.0,
+        extra="tversky",
+        extra_weight=0.5,
+        adv_weight=0.1,
+        gan_mode="hinge",
+        batch_dice=False,
+    )
     loss = build_loss(cfg, gan=True)
     total, parts = loss(logits, target, disc_fake_logits=fake)
     dice = soft_dice_loss(logits, target, batch=False)
     bce = bce_loss(logits, target, pos_weight=4.0)
     tv = tversky_loss(logits, target, alpha=0.3, beta=0.7, batch=False)
     adv = -fake.mean()
-    assert total.item() == pytest.approx((0.7 * dice + 2 * bce + 0.5 * tv + 0.1 * adv).item(),
-                                         rel=1e-6)
+    assert total.item() == pytest.approx(
+        (0.7 * dice + 2 * bce + 0.5 * tv + 0.1 * adv).item(), rel=1e-6
+    )
     assert set(parts) == {"dice", "bce", "tversky", "adv"}
     assert parts["dice"].item() == pytest.approx(dice.item())
     # without discriminator logits (GAN warm-up) the adversarial term is left out
@@ -173,7 +188,8 @@ def test_weighted_sum_and_parts():
 def test_loss_is_float32_and_differentiable_under_half_inputs():
     logits = torch.randn(2, 1, 4, 4, dtype=torch.bfloat16, requires_grad=True)
     total, _ = build_loss(LossConfig(extra="focal", extra_weight=1.0))(
-        logits, torch.ones(2, 1, 4, 4))
+        logits, torch.ones(2, 1, 4, 4)
+    )
     assert total.dtype == torch.float32 and torch.isfinite(total)
     total.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
@@ -194,23 +210,38 @@ def test_classification_loss_is_bce_on_slice_labels():
     assert total.item() == pytest.approx(bce_loss(logits, labels, pos_weight=2.0).item())
 
 
-@pytest.mark.parametrize("changes, gan, kind, needle", [
-    ({"dice_weight": -1.0}, False, "segmentation", "loss.dice_weight must be >= 0"),
-    ({"dice_weight": 0.0, "bce_weight": 0.0}, False, "segmentation", "all 0"),
-    ({"adv_weight": 0.5}, False, "segmentation", "needs model.gan=true"),
-    ({}, True, "segmentation", "needs loss.adv_weight > 0"),
-    ({"adv_weight": 0.5}, True, "classification", "slice classifier has no mask"),
-    ({"extra": "tversky", "extra_weight": 1.0, "tversky_alpha": 1.5}, False, "segmentation",
-     "tversky_alpha"),
-    ({"extra": "tversky", "extra_weight": 1.0, "tversky_alpha": 0.0, "tversky_beta": 0.0},
-     False, "segmentation", "not both 0"),
-    ({"extra": "focal"}, False, "segmentation", "needs loss.extra_weight > 0"),
-    ({"extra_weight": 0.3}, False, "segmentation", "needs loss.extra focal or tversky"),
-    ({"extra": "focal", "extra_weight": 1.0, "focal_gamma": -1.0}, False, "segmentation",
-     "focal_gamma"),
-    ({"pos_weight": 0.0}, False, "segmentation", "pos_weight must be > 0"),
-    ({"gan_mode": "wgan"}, False, "segmentation", "gan_mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "changes, gan, kind, needle",
+    [
+        ({"dice_weight": -1.0}, False, "segmentation", "loss.dice_weight must be >= 0"),
+        ({"dice_weight": 0.0, "bce_weight": 0.0}, False, "segmentation", "all 0"),
+        ({"adv_weight": 0.5}, False, "segmentation", "needs model.gan=true"),
+        ({}, True, "segmentation", "needs loss.adv_weight > 0"),
+        ({"adv_weight": 0.5}, True, "classification", "slice classifier has no mask"),
+        (
+            {"extra": "tversky", "extra_weight": 1.0, "tversky_alpha": 1.5},
+            False,
+            "segmentation",
+            "tversky_alpha",
+        ),
+        (
+            {"extra": "tversky", "extra_weight": 1.0, "tversky_alpha": 0.0, "tversky_beta": 0.0},
+            False,
+            "segmentation",
+            "not both 0",
+        ),
+        ({"extra": "focal"}, False, "segmentation", "needs loss.extra_weight > 0"),
+        ({"extra_weight": 0.3}, False, "segmentation", "needs loss.extra focal or tversky"),
+        (
+            {"extra": "focal", "extra_weight": 1.0, "focal_gamma": -1.0},
+            False,
+            "segmentation",
+            "focal_gamma",
+        ),
+        ({"pos_weight": 0.0}, False, "segmentation", "pos_weight must be > 0"),
+        ({"gan_mode": "wgan"}, False, "segmentation", "gan_mode must be one of"),
+    ],
+)
 def test_invalid_combinations_fail_at_build(changes, gan, kind, needle):
     with pytest.raises(UserError, match=needle):
         build_loss(replace(LossConfig(), **changes), gan=gan, output_kind=kind)

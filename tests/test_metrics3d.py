@@ -57,11 +57,14 @@ def test_precision_recall_from_hand_counts():
     assert m.counts(pred, target, region).tolist() == [5, 0, 0]
 
 
-@pytest.mark.parametrize("gt_empty, pred_empty, expected", [
-    (True, True, {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}),
-    (True, False, {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 1.0}),
-    (False, True, {"dice": 0.0, "iou": 0.0, "precision": 1.0, "recall": 0.0}),
-])
+@pytest.mark.parametrize(
+    "gt_empty, pred_empty, expected",
+    [
+        (True, True, {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}),
+        (True, False, {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 1.0}),
+        (False, True, {"dice": 0.0, "iou": 0.0, "precision": 1.0, "recall": 0.0}),
+    ],
+)
 def test_empty_mask_policy(gt_empty, pred_empty, expected):
     target = np.zeros((4, 4, 4), dtype=np.uint8)
     pred = np.zeros_like(target)
@@ -74,10 +77,10 @@ def test_empty_mask_policy(gt_empty, pred_empty, expected):
 
 def test_summarize_means_follow_policy_and_pooled_is_micro():
     rows = [
-        {"case_id": "a", "tp": 8, "fp": 2, "fn": 0},   # positive, dice 16/18
-        {"case_id": "a", "tp": 0, "fp": 0, "fn": 0},   # clean negative: dice 1
-        {"case_id": "b", "tp": 0, "fp": 4, "fn": 0},   # false alarm: dice 0
-        {"case_id": "b", "tp": 0, "fp": 0, "fn": 6},   # missed: dice 0
+        {"case_id": "a", "tp": 8, "fp": 2, "fn": 0},  # positive, dice 16/18
+        {"case_id": "a", "tp": 0, "fp": 0, "fn": 0},  # clean negative: dice 1
+        {"case_id": "b", "tp": 0, "fp": 4, "fn": 0},  # false alarm: dice 0
+        {"case_id": "b", "tp": 0, "fp": 0, "fn": 6},  # missed: dice 0
     ]
     s = m.summarize(rows)
     assert s["pooled_dice"] == pytest.approx(16 / (16 + 6 + 6))
@@ -112,8 +115,8 @@ def _ap_reference(scores, labels):
 
 
 def _auc_reference(scores, labels):
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    pos = [s for s, y in zip(scores, labels, strict=False) if y]
+    neg = [s for s, y in zip(scores, labels, strict=False) if not y]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
     return wins / (len(pos) * len(neg))
 
@@ -151,8 +154,15 @@ def test_detection_sens_spec_prevalence():
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_estimate():
     rng = np.random.default_rng(0)
-    rows = [{"case_id": f"c{i // 3}", "tp": int(rng.integers(0, 20)),
-             "fp": int(rng.integers(0, 10)), "fn": int(rng.integers(0, 10))} for i in range(30)]
+    rows = [
+        {
+            "case_id": f"c{i // 3}",
+            "tp": int(rng.integers(0, 20)),
+            "fp": int(rng.integers(0, 10)),
+            "fn": int(rng.integers(0, 10)),
+        }
+        for i in range(30)
+    ]
     a = m.bootstrap_ci(rows, m.pooled_dice, n_boot=300, seed=5)
     b = m.bootstrap_ci(rows, m.pooled_dice, n_boot=300, seed=5)
     assert a == b
@@ -174,7 +184,7 @@ def test_threshold_sweep_matches_direct_counts():
     other = m.ThresholdSweep(bins=20)
     other.add(prob[3:], target[3:])
     sweep.merge(other)  # summable like every count
-    for t, row in zip(sweep.thresholds, sweep.counts()):
+    for t, row in zip(sweep.thresholds, sweep.counts(), strict=False):
         assert row.tolist() == m.counts(prob >= t, target).tolist(), t
     t_best, d_best = sweep.best()
     direct = [m.overlap(*m.counts(prob >= t, target))["dice"] for t in sweep.thresholds]

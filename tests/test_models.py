@@ -24,21 +24,32 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "lstm_unidirectional": {"bidirectional": False, "temporal_hidden": 8},
         "lstm_pooled": {"temporal": "lstm_pooled"},
         "convlstm": {"temporal": "convlstm"},
-        "convlstm_unidirectional_group": {"temporal": "convlstm", "bidirectional": False,
-                                          "norm": "group", "dropout": 0.2},
+        "convlstm_unidirectional_group": {
+            "temporal": "convlstm",
+            "bidirectional": False,
+            "norm": "group",
+            "dropout": 0.2,
+        },
         "none": {"temporal": "none"},
         "no_attention_instance": {"attention": False, "norm": "instance"},
         "all_slices": {"predict_all_slices": True},
         "all_slices_none": {"predict_all_slices": True, "temporal": "none"},
         "depth5": {"depth": 5},
-        "resnet18_depth5": {"encoder": "resnet18", "depth": 5, "temporal": "convlstm",
-                            "temporal_hidden": 16},
+        "resnet18_depth5": {
+            "encoder": "resnet18",
+            "depth": 5,
+            "temporal": "convlstm",
+            "temporal_hidden": 16,
+        },
         "resnet34": {"encoder": "resnet34", "norm": "group"},
     },
     "resnet18_classifier": {"classifier": {"dropout": 0.1}},
 }
-CASES = [pytest.param(fam, replace(SMALL, family=fam, **kw), id=f"{fam}-{name}")
-         for fam, variants in VARIANTS.items() for name, kw in variants.items()]
+CASES = [
+    pytest.param(fam, replace(SMALL, family=fam, **kw), id=f"{fam}-{name}")
+    for fam, variants in VARIANTS.items()
+    for name, kw in variants.items()
+]
 
 
 def window(b: int = 2, seed: int = 0) -> torch.Tensor:
@@ -183,15 +194,21 @@ def convlstm_params(c: int, hidden: int, dirs: int) -> int:
 def test_default_temporal_hidden_width_is_capped():
     big = ModelConfig(depth=5, base_channels=32)  # bottleneck C = 32 * 2**5 = 1024
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
-        none, conv, lstm, conv16 = (build_model(replace(big, **kw), T) for kw in (
-            {"temporal": "none"}, {"temporal": "convlstm"}, {"temporal": "lstm"},
-            {"temporal": "convlstm", "temporal_hidden": 16}))
+        none, conv, lstm, conv16 = (
+            build_model(replace(big, **kw), T)
+            for kw in (
+                {"temporal": "none"},
+                {"temporal": "convlstm"},
+                {"temporal": "lstm"},
+                {"temporal": "convlstm", "temporal_hidden": 16},
+            )
+        )
 
     def count(m: torch.nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
     c = conv.encoder.bottleneck_channels
-    assert c == 1024 and HIDDEN_CAP < c
+    assert c == 1024 and c > HIDDEN_CAP
     assert convlstm_params(c, c, 2) > 150e6  # the uncapped default: most of the model
     assert count(conv) <= count(none) + convlstm_params(c, HIDDEN_CAP, 2) < 40e6
     assert count(conv.temporal_module) == convlstm_params(c, HIDDEN_CAP, 2)
@@ -217,12 +234,15 @@ def test_forward_features_on_separately_encoded_slices(temporal):
         bottleneck, skips = model.encode(stack)  # (6, C, h, w), [(6, C_l, H_l, W_l)]
         for start in range(6 - T + 1):  # windows [start, start + T)
             centre = start + T // 2
-            out = model.forward_features(bottleneck[start:start + T][None],
-                                         [s[centre:centre + 1] for s in skips])
-            ref = model(stack[start:start + T, 0][None])
+            out = model.forward_features(
+                bottleneck[start : start + T][None], [s[centre : centre + 1] for s in skips]
+            )
+            ref = model(stack[start : start + T, 0][None])
             assert torch.allclose(out["logits"], ref["logits"], atol=1e-5)
-            assert all(torch.allclose(a, b, atol=1e-6)
-                       for a, b in zip(out["attention"], ref["attention"], strict=True))
+            assert all(
+                torch.allclose(a, b, atol=1e-6)
+                for a, b in zip(out["attention"], ref["attention"], strict=True)
+            )
 
 
 def test_all_slice_prediction_decodes_every_position_with_its_own_skips():
@@ -231,8 +251,8 @@ def test_all_slice_prediction_decodes_every_position_with_its_own_skips():
     with torch.no_grad():
         out = model(x)["logits"]  # (B, T, H, W)
         for t in range(T):
-            single, _ = model.decode(*model.encode(x[:, t:t + 1]))  # (B, 1, H, W)
-            assert torch.allclose(out[:, t:t + 1], single, atol=1e-5)
+            single, _ = model.decode(*model.encode(x[:, t : t + 1]))  # (B, 1, H, W)
+            assert torch.allclose(out[:, t : t + 1], single, atol=1e-5)
 
 
 def test_unknown_family_and_bad_inputs():
@@ -254,6 +274,7 @@ def test_unknown_family_and_bad_inputs():
 
 # -- pretrained ResNet weights -------------------------------------------------------------
 
+
 def torchvision_resnet_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """What ``torchvision.models.<arch>().state_dict()`` holds (names and shapes), written
     out independently of vfsearch so the test checks compatibility, not self-consistency."""
@@ -274,8 +295,9 @@ def torchvision_resnet_state_dict(arch: str, seed: int = 0) -> dict[str, torch.T
     for s, (n, c) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True), 1):
         for i in range(n):
             p = f"layer{s}.{i}"
-            sd[f"{p}.conv1.weight"] = torch.randn(c, in_ch if i == 0 else c, 3, 3,
-                                                  generator=g) * 0.05
+            sd[f"{p}.conv1.weight"] = (
+                torch.randn(c, in_ch if i == 0 else c, 3, 3, generator=g) * 0.05
+            )
             bn(f"{p}.bn1", c)
             sd[f"{p}.conv2.weight"] = torch.randn(c, c, 3, 3, generator=g) * 0.05
             bn(f"{p}.bn2", c)
@@ -303,24 +325,30 @@ def test_segmenter_loads_torchvision_weights_from_a_local_file(tmp_path, arch, d
     model = build_model(cfg, T)
     enc = model.encoder.state_dict()
     assert torch.allclose(enc["conv1.weight"], sd["conv1.weight"].mean(1, keepdim=True))
-    for key in ("layer1.0.conv1.weight", "layer1.1.bn2.running_var", "bn1.bias",
-                "layer2.0.downsample.0.weight"):
+    for key in (
+        "layer1.0.conv1.weight",
+        "layer1.1.bn2.running_var",
+        "bn1.bias",
+        "layer2.0.downsample.0.weight",
+    ):
         assert torch.equal(enc[key], sd[key]), key
     deepest = f"layer{depth - 1}.0.conv2.weight"
     assert torch.equal(enc[deepest], sd[deepest])
     assert f"layer{depth}.0.conv1.weight" not in enc  # stages past the bottleneck not built
     # random init by default, and a different file gives different weights
-    assert not torch.equal(build_model(replace(cfg, encoder_weights=""), T)
-                           .encoder.state_dict()["layer1.0.conv1.weight"],
-                           sd["layer1.0.conv1.weight"])
+    assert not torch.equal(
+        build_model(replace(cfg, encoder_weights=""), T).encoder.state_dict()[
+            "layer1.0.conv1.weight"
+        ],
+        sd["layer1.0.conv1.weight"],
+    )
 
 
 def test_classifier_loads_weights_with_conv1_spread_over_the_window(tmp_path):
     sd = torchvision_resnet_state_dict("resnet18")
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": sd}, path)  # wrapped checkpoints are unwrapped
-    model = build_model(replace(SMALL, family="resnet18_classifier",
-                                encoder_weights=str(path)), T)
+    model = build_model(replace(SMALL, family="resnet18_classifier", encoder_weights=str(path)), T)
     msd = model.state_dict()
     expected = sd["conv1.weight"].mean(1, keepdim=True).repeat(1, T, 1, 1) / T
     assert torch.allclose(msd["conv1.weight"], expected)
@@ -348,8 +376,10 @@ def test_bad_weight_files_are_user_errors(tmp_path):
 
 # -- overfit on phantom windows ------------------------------------------------------------
 
-def phantom_windows(n: int = 6, side: int = 32, seq_len: int = 5
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def phantom_windows(
+    n: int = 6, side: int = 32, seq_len: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sagittal windows ``(n, seq_len, side, side)`` centred on fractured slices of one small
     phantom case, HU normalised as ``(hu - 100) / 300`` clipped to [-3, 5], and the centre
     slice's fracture mask ``(n, 1, side, side)``. Each patch is centred on the fracture."""
@@ -368,9 +398,9 @@ def phantom_windows(n: int = 6, side: int = 32, seq_len: int = 5
         zz, yy = np.nonzero(frac[:, :, x])
         z0 = int(np.clip(zz.mean() - side // 2, 0, frac.shape[0] - side))
         y0 = int(np.clip(yy.mean() - side // 2, 0, frac.shape[1] - side))
-        patch = img[z0:z0 + side, y0:y0 + side, x - seq_len // 2: x + seq_len // 2 + 1]
+        patch = img[z0 : z0 + side, y0 : y0 + side, x - seq_len // 2 : x + seq_len // 2 + 1]
         windows.append(np.moveaxis(patch, -1, 0))  # (T, side, side)
-        masks.append(frac[z0:z0 + side, y0:y0 + side, x][None].astype(np.float32))
+        masks.append(frac[z0 : z0 + side, y0 : y0 + side, x][None].astype(np.float32))
     return torch.from_numpy(np.stack(windows)), torch.from_numpy(np.stack(masks))
 
 
@@ -416,8 +446,9 @@ def test_rebuild_from_flat_config_and_state_dict(tmp_path):
 
     weights = tmp_path / "r18.pth"
     torch.save(torchvision_resnet_state_dict("resnet18"), weights)
-    cfg = Config(model=replace(SMALL, encoder="resnet18", encoder_weights=str(weights),
-                               temporal="convlstm"))
+    cfg = Config(
+        model=replace(SMALL, encoder="resnet18", encoder_weights=str(weights), temporal="convlstm")
+    )
     model = build_model(cfg.model, T).eval()
     state = model.state_dict()
     flat = cfg.flatten()
@@ -433,15 +464,32 @@ def test_rebuild_from_flat_config_and_state_dict(tmp_path):
         assert torch.equal(model(x)["logits"], rebuilt(x)["logits"])
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["model.predict_all_slices=true"], "data.target_all_slices must be equal"),
-    (["model.family=resnet18_classifier", "model.predict_all_slices=true",
-      "data.target_all_slices=true"], "must be false"),
-    (["model.norm=instance", "model.depth=5", "data.patch_size=32"], "at least 2x2"),
-    (["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=4", "data.patch_size=32",
-      "model.depth=3"], "too small for model.disc_layers=4"),
-    (["model.dropout=1.0"], "model.dropout must be >= 0 and < 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.predict_all_slices=true"], "data.target_all_slices must be equal"),
+        (
+            [
+                "model.family=resnet18_classifier",
+                "model.predict_all_slices=true",
+                "data.target_all_slices=true",
+            ],
+            "must be false",
+        ),
+        (["model.norm=instance", "model.depth=5", "data.patch_size=32"], "at least 2x2"),
+        (
+            [
+                "model.gan=true",
+                "loss.adv_weight=0.1",
+                "model.disc_layers=4",
+                "data.patch_size=32",
+                "model.depth=3",
+            ],
+            "too small for model.disc_layers=4",
+        ),
+        (["model.dropout=1.0"], "model.dropout must be >= 0 and < 1"),
+    ],
+)
 def test_model_config_combinations_fail_at_load(overrides, needle):
     from vfsearch.core.config import load_config
 

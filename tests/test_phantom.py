@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from vfsearch.cli import app
 from vfsearch.core import phantom
-from vfsearch.core.geometry import to_canonical
 from vfsearch.core.errors import UserError
+from vfsearch.core.geometry import to_canonical
 
 IDS = range(11, 25)
 
@@ -172,8 +172,9 @@ def _tissue_stats(case) -> dict[str, float]:
     for vid in IDS:
         body, *_ = body_of(labels, vid)
         zs = np.nonzero(body.any(axis=(1, 2)))[0]
-        for k in range(zs.min() + (zs.max() - zs.min()) // 2 - 1,
-                       zs.min() + (zs.max() - zs.min()) // 2 + 2):
+        for k in range(
+            zs.min() + (zs.max() - zs.min()) // 2 - 1, zs.min() + (zs.max() - zs.min()) // 2 + 2
+        ):
             sl = body[k]
             ring.append(ct[k][sl & ~ndi.binary_erosion(sl)])
         if case.meta[vid]["grade"] == 0:  # the core: 3 mm or more inside the body
@@ -185,20 +186,27 @@ def _tissue_stats(case) -> dict[str, float]:
     # the side of the midline (clear of the spinous, articular and transverse processes)
     body, _y0, y1, x_mid = body_of(labels, 22)
     zs = np.nonzero(body.any(axis=(1, 2)))[0]
-    behind = (labels[zs.min():zs.max() + 1, :, x_mid] == 22).any(axis=0)
+    behind = (labels[zs.min() : zs.max() + 1, :, x_mid] == 22).any(axis=0)
     y2 = y1 + int(np.argmax(behind[y1:]))  # first posterior-element voxel behind the canal
-    soft = ct[zs.min():zs.max() + 1, y2 + int(np.ceil(6 / sy)):y2 + int(16 / sy) + 1,
-              x_mid + int(np.ceil(6 / sx)):x_mid + int(14 / sx) + 1]
+    soft = ct[
+        zs.min() : zs.max() + 1,
+        y2 + int(np.ceil(6 / sy)) : y2 + int(16 / sy) + 1,
+        x_mid + int(np.ceil(6 / sx)) : x_mid + int(14 / sx) + 1,
+    ]
     hx = int(8 / sx)
     # fat: 4-9 mm inside the anterior skin at the midline, over the lumbar levels
-    column = ct[zs.min():zs.max() + 1, :, x_mid - hx:x_mid + hx + 1]
+    column = ct[zs.min() : zs.max() + 1, :, x_mid - hx : x_mid + hx + 1]
     skin = int(np.argmax(np.median(column, axis=(0, 2)) > -500))
-    fat = column[:, skin + int(np.ceil(4 / sy)):skin + int(9 / sy) + 1]
+    fat = column[:, skin + int(np.ceil(4 / sy)) : skin + int(9 / sy) + 1]
     air = np.concatenate([ct[:, :3, :3].ravel(), ct[:, -3:, -3:].ravel()])
-    return {"ring": float(np.mean(np.concatenate(ring))),
-            "core": float(np.median(np.concatenate(core))), "soft": float(np.median(soft)),
-            "noise": float(soft.std()), "fat": float(np.median(fat)),
-            "air": float(np.median(air))}
+    return {
+        "ring": float(np.mean(np.concatenate(ring))),
+        "core": float(np.median(np.concatenate(core))),
+        "soft": float(np.median(soft)),
+        "noise": float(soft.std()),
+        "fat": float(np.median(fat)),
+        "air": float(np.median(air)),
+    }
 
 
 def test_hu_statistics_per_tissue_default_spacing(default_case):
@@ -266,7 +274,7 @@ def test_simulate_fracture_on_canonical_phantom_arrays():
     fv = res.fracture > 0
     assert fv.any() and set(np.unique(res.vertebrae[fv])) == {21}
     # untouched vertebrae keep their voxels
-    far = (labels == 15)
+    far = labels == 15
     assert np.array_equal(res.ct[far], ct[far])
 
 
@@ -276,31 +284,37 @@ def test_simulate_fracture_on_canonical_phantom_arrays():
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.integration
 def test_synth_dataset_writes_deterministic_cases(tmp_path):
-    from vfsearch.pipelines import synth
     from vfsearch.adapters.volumes import read_volume
+    from vfsearch.pipelines import synth
 
-    summary = synth.synth_dataset(tmp_path / "a", cases=2, seed=3, spacing=None, small=True,
-                                  fracture_rate=0.22)
+    summary = synth.synth_dataset(
+        tmp_path / "a", cases=2, seed=3, spacing=None, small=True, fracture_rate=0.22
+    )
     assert "2 synthetic case" in summary and "\n" not in summary
-    synth.synth_dataset(tmp_path / "b", cases=2, seed=3, spacing=None, small=True,
-                        fracture_rate=0.22)
+    synth.synth_dataset(
+        tmp_path / "b", cases=2, seed=3, spacing=None, small=True, fracture_rate=0.22
+    )
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert set(a) == {"manifest.csv"} | {f"synth_00{k}/{f}" for k in range(2)
-                                         for f in synth.CASE_FILES}
+    assert set(a) == {"manifest.csv"} | {
+        f"synth_00{k}/{f}" for k in range(2) for f in synth.CASE_FILES
+    }
     assert a == b  # same seed, same bytes
     # case k does not depend on --cases; another seed gives another case
-    synth.synth_dataset(tmp_path / "c", cases=1, seed=3, spacing=None, small=True,
-                        fracture_rate=0.22)
+    synth.synth_dataset(
+        tmp_path / "c", cases=1, seed=3, spacing=None, small=True, fracture_rate=0.22
+    )
     c = _files(tmp_path / "c")
     assert all(c[f"synth_000/{f}"] == a[f"synth_000/{f}"] for f in synth.CASE_FILES)
-    synth.synth_dataset(tmp_path / "d", cases=1, seed=4, spacing=None, small=True,
-                        fracture_rate=0.22)
+    synth.synth_dataset(
+        tmp_path / "d", cases=1, seed=4, spacing=None, small=True, fracture_rate=0.22
+    )
     assert _files(tmp_path / "d")["synth_000/ct.nii.gz"] != a["synth_000/ct.nii.gz"]
 
     rows = list(csv.DictReader((tmp_path / "a" / "manifest.csv").open()))
@@ -325,16 +339,16 @@ def test_synth_dataset_refuses_foreign_folder_and_replaces_own(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        synth.synth_dataset(foreign, cases=1, seed=0, spacing=None, small=True,
-                            fracture_rate=0.2)
+        synth.synth_dataset(foreign, cases=1, seed=0, spacing=None, small=True, fracture_rate=0.2)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     out = tmp_path / "own"
     synth.synth_dataset(out, cases=2, seed=0, spacing=None, small=True, fracture_rate=0.2)
     synth.synth_dataset(out, cases=1, seed=0, spacing=None, small=True, fracture_rate=0.2)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "synth_000"]
     with pytest.raises(UserError, match="cases"):
-        synth.synth_dataset(tmp_path / "x", cases=0, seed=0, spacing=None, small=True,
-                            fracture_rate=0.2)
+        synth.synth_dataset(
+            tmp_path / "x", cases=0, seed=0, spacing=None, small=True, fracture_rate=0.2
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -344,22 +358,31 @@ def test_synth_dataset_refuses_foreign_folder_and_replaces_own(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sample,labels_file,scheme,spec,vid", [
-    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:2:wedge", 22),
-    ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "L1:3:crush", 20),
-])
-def test_synth_on_background_real_scans(real_data, tmp_path, sample, labels_file, scheme, spec,
-                                        vid):
-    from vfsearch.pipelines import synth
+@pytest.mark.parametrize(
+    "sample,labels_file,scheme,spec,vid",
+    [
+        ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:2:wedge", 22),
+        ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "L1:3:crush", 20),
+    ],
+)
+def test_synth_on_background_real_scans(
+    real_data, tmp_path, sample, labels_file, scheme, spec, vid
+):
     from vfsearch.adapters.volumes import read_volume
     from vfsearch.core.labels import to_verse
+    from vfsearch.pipelines import synth
 
     src_ct = read_volume(real_data / sample / "ct.nii.gz")
     src_lab = read_volume(real_data / sample / labels_file)
     out = tmp_path / "out"
-    summary = synth.synth_on_background(real_data / sample / "ct.nii.gz",
-                                        real_data / sample / labels_file, out, fracture=spec,
-                                        seed=0, label_scheme=scheme)
+    summary = synth.synth_on_background(
+        real_data / sample / "ct.nii.gz",
+        real_data / sample / labels_file,
+        out,
+        fracture=spec,
+        seed=0,
+        label_scheme=scheme,
+    )
     assert "\n" not in summary
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert len(rows) == 1 and f"{vid}:" in rows[0]["grades"]
@@ -377,7 +400,7 @@ def test_synth_on_background_real_scans(real_data, tmp_path, sample, labels_file
     after_labels = ro.apply(lab.array)
     after = heights(after_labels, vid, sz)
     assert ratio(after_labels, vid, sz) < 0.8
-    assert max(1 - a / b for a, b in zip(after, before)) >= 0.2, (before, after)
+    assert max(1 - a / b for a, b in zip(after, before, strict=False)) >= 0.2, (before, after)
     # the CT changed only around the chosen vertebra
     changed = np.nonzero(ct.array != src_ct.array)
     near = ro.undo(ndi.binary_dilation(ro.apply(src_lab.array) > 0, iterations=5))
@@ -396,14 +419,20 @@ def test_synth_on_background_errors(real_data, tmp_path):
         (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "X9:2", "verse", "unknown vertebra"),
         (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "T4:2", "verse", "not in"),
         (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", "22:5", "verse", "grade"),
-        (tpt / "ct.nii.gz", tpt / "vertebrae_verse.nii.gz", None, "totalsegmentator",
-         "no vertebra T4..L5"),
+        (
+            tpt / "ct.nii.gz",
+            tpt / "vertebrae_verse.nii.gz",
+            None,
+            "totalsegmentator",
+            "no vertebra T4..L5",
+        ),
         (tpt / "missing.nii.gz", tpt / "vertebrae_verse.nii.gz", None, "verse", "not found"),
     ]
     for ct, labels, spec, scheme, message in cases:
         with pytest.raises(UserError, match=message):
-            synth.synth_on_background(ct, labels, tmp_path / "o", fracture=spec, seed=0,
-                                      label_scheme=scheme)
+            synth.synth_on_background(
+                ct, labels, tmp_path / "o", fracture=spec, seed=0, label_scheme=scheme
+            )
         assert not (tmp_path / "o").exists()
 
 
@@ -433,25 +462,40 @@ def _scan_source(real_data: Path, tmp_path: Path, kind: str) -> Path:
         w = csv.writer(fh)
         w.writerow(["case_id", "ct", "vertebrae", "label_scheme"])
         for scan, (labels_file, scheme, _) in REAL_SCANS.items():  # paths relative to the CSV
-            w.writerow([scan, *(os.path.relpath(real_data / scan / f, manifest.parent)
-                                for f in ("ct.nii.gz", labels_file)),
-                        "" if scheme == "verse" else scheme])  # empty: --label-scheme
+            w.writerow(
+                [
+                    scan,
+                    *(
+                        os.path.relpath(real_data / scan / f, manifest.parent)
+                        for f in ("ct.nii.gz", labels_file)
+                    ),
+                    "" if scheme == "verse" else scheme,
+                ]
+            )  # empty: --label-scheme
     return manifest
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["manifest", "folder"])
 def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
-    from vfsearch.pipelines import synth
-    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.adapters.store import Store
     from vfsearch.adapters.volumes import read_volume
     from vfsearch.core.labels import to_verse
-    from vfsearch.adapters.store import Store
+    from vfsearch.pipelines import synth
+    from vfsearch.pipelines.ingest import ingest
 
     src = _scan_source(real_data, tmp_path, kind)
     warnings: list[str] = []
-    summary = synth.synth_on_background(src, None, tmp_path / "a", fracture=None, seed=5,
-                                        label_scheme="verse", variants=3, warn=warnings.append)
+    summary = synth.synth_on_background(
+        src,
+        None,
+        tmp_path / "a",
+        fracture=None,
+        seed=5,
+        label_scheme="verse",
+        variants=3,
+        warn=warnings.append,
+    )
     assert "\n" not in summary and "6 case(s) from 2 scan(s)" in summary, summary
     # one warning line per scan names the vertebrae cut by its edge
     assert len(warnings) == 2 and all("cut by the scan's edge" in w for w in warnings)
@@ -461,8 +505,7 @@ def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
     assert list(rows[0]) == ["case_id", "ct", "vertebrae", "fracture", "grades", "subject"]
     expected = {f"{scan}_v{k:03d}": scan for scan in REAL_SCANS for k in range(3)}
     assert {r["case_id"]: r["subject"] for r in rows} == expected
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
-        ["manifest.csv", *expected])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(["manifest.csv", *expected])
     n_fractured = 0
     for r in rows:
         scan = r["subject"]
@@ -492,23 +535,54 @@ def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
     assert n_fractured >= 3
 
     # same seed, same bytes; variant k does not depend on --variants; another seed differs
-    synth.synth_on_background(src, None, tmp_path / "b", fracture=None, seed=5,
-                              label_scheme="verse", variants=3, warn=lambda _: None)
+    synth.synth_on_background(
+        src,
+        None,
+        tmp_path / "b",
+        fracture=None,
+        seed=5,
+        label_scheme="verse",
+        variants=3,
+        warn=lambda _: None,
+    )
     a = _files(tmp_path / "a")
     assert _files(tmp_path / "b") == a
-    synth.synth_on_background(src, None, tmp_path / "c", fracture=None, seed=5,
-                              label_scheme="verse", variants=1, warn=lambda _: None)
+    synth.synth_on_background(
+        src,
+        None,
+        tmp_path / "c",
+        fracture=None,
+        seed=5,
+        label_scheme="verse",
+        variants=1,
+        warn=lambda _: None,
+    )
     c = _files(tmp_path / "c")
     assert {k: v for k, v in c.items() if k != "manifest.csv"} == {
-        k: v for k, v in a.items() if "_v000/" in k}
-    synth.synth_on_background(src, None, tmp_path / "d", fracture=None, seed=6,
-                              label_scheme="verse", variants=3, warn=lambda _: None)
+        k: v for k, v in a.items() if "_v000/" in k
+    }
+    synth.synth_on_background(
+        src,
+        None,
+        tmp_path / "d",
+        fracture=None,
+        seed=6,
+        label_scheme="verse",
+        variants=3,
+        warn=lambda _: None,
+    )
     d = _files(tmp_path / "d")
     assert any(d[k] != a[k] for k in a if k.endswith("fracture.nii.gz"))
 
     # ingestable; a scan's variants share one split (the manifest's subject column)
-    ingest(tmp_path / "a", tmp_path / "s.zarr", spacing=(3.0, 3.0, 3.0), margin_mm=6.0,
-           split=(0.5, 0.5, 0.0), seed=0)
+    ingest(
+        tmp_path / "a",
+        tmp_path / "s.zarr",
+        spacing=(3.0, 3.0, 3.0),
+        margin_mm=6.0,
+        split=(0.5, 0.5, 0.0),
+        seed=0,
+    )
     store = Store(tmp_path / "s.zarr")
     assert sorted(store.case_ids()) == sorted(expected)
     assert store.meta["subjects"] == expected
@@ -521,8 +595,10 @@ def test_synth_background_variants_from_many_scans(real_data, tmp_path, kind):
 def test_draw_fractures_share_grades_and_morphologies():
     from vfsearch.pipelines import synth
 
-    draws = [synth.draw_fractures(synth.variant_rng(0, "scan", k), [20, 21, 22, 23, 24])
-             for k in range(600)]
+    draws = [
+        synth.draw_fractures(synth.variant_rng(0, "scan", k), [20, 21, 22, 23, 24])
+        for k in range(600)
+    ]
     none = np.mean([not d for d in draws])
     assert 0.15 <= none <= 0.25  # some variants show intact vertebrae only
     sizes = {len(d) for d in draws if d}
@@ -531,7 +607,9 @@ def test_draw_fractures_share_grades_and_morphologies():
     assert {m for d in draws for _, m in d.values()} == set(phantom.MORPHOLOGIES)
     assert all(set(d) <= {20, 21, 22, 23, 24} for d in draws)
     assert synth.draw_fractures(synth.variant_rng(0, "scan", 1), [22]) in (
-        {}, *({22: (g, m)} for g in (1, 2, 3) for m in phantom.MORPHOLOGIES))
+        {},
+        *({22: (g, m)} for g in (1, 2, 3) for m in phantom.MORPHOLOGIES),
+    )
 
 
 @pytest.mark.integration
@@ -552,10 +630,14 @@ def test_synth_background_source_errors(real_data, tmp_path):
     bad.write_text("case_id,ct\nx,ct.nii.gz\n")
     scheme = tmp_path / "scheme.csv"
     scheme.write_text("case_id,ct,vertebrae,label_scheme\nx,a.nii.gz,b.nii.gz,nnunet\n")
-    for src, message in ((empty, "no scans found"), (two, "expected one vertebrae"),
-                         (bad, "lacks column"), (scheme, "label_scheme 'nnunet'"),
-                         (tmp_path / "nope", "not found"),
-                         (real_data / "tptbox_l3" / "ct.nii.gz", "--vertebrae: required")):
+    for src, message in (
+        (empty, "no scans found"),
+        (two, "expected one vertebrae"),
+        (bad, "lacks column"),
+        (scheme, "label_scheme 'nnunet'"),
+        (tmp_path / "nope", "not found"),
+        (real_data / "tptbox_l3" / "ct.nii.gz", "--vertebrae: required"),
+    ):
         with pytest.raises(UserError, match=message):
             run(src)
         assert not (tmp_path / "o").exists()
@@ -564,13 +646,17 @@ def test_synth_background_source_errors(real_data, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sample,labels_file,scheme,spec,vertebra", [
-    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "L4:2:crush", "L4"),  # README: partial
-    ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:1,21:3:wedge", "L2"),
-    ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "T12:3:crush", "T12"),
-])
-def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample, labels_file,
-                                                      scheme, spec, vertebra):
+@pytest.mark.parametrize(
+    "sample,labels_file,scheme,spec,vertebra",
+    [
+        ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "L4:2:crush", "L4"),  # README: partial
+        ("tptbox_l3", "vertebrae_verse.nii.gz", "verse", "22:1,21:3:wedge", "L2"),
+        ("totalseg_abdomen", "vertebrae_totalseg.nii.gz", "totalsegmentator", "T12:3:crush", "T12"),
+    ],
+)
+def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(
+    real_data, tmp_path, sample, labels_file, scheme, spec, vertebra
+):
     from vfsearch.adapters.volumes import read_volume
     from vfsearch.core.labels import to_verse, verse_id
 
@@ -580,10 +666,21 @@ def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample
     labels_c = to_canonical(labels, ct.geometry)[2].apply(labels)
     zs = np.nonzero((labels_c == verse_id(vertebra)).any(axis=(1, 2)))[0]
     assert zs[0] == 0 or zs[-1] == labels_c.shape[0] - 1
-    result = CliRunner().invoke(app, [
-        "synth", str(tmp_path / "o"), "--background", str(real_data / sample / "ct.nii.gz"),
-        "--vertebrae", str(real_data / sample / labels_file), "--label-scheme", scheme,
-        "--fracture", spec])
+    result = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            str(tmp_path / "o"),
+            "--background",
+            str(real_data / sample / "ct.nii.gz"),
+            "--vertebrae",
+            str(real_data / sample / labels_file),
+            "--label-scheme",
+            scheme,
+            "--fracture",
+            spec,
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
@@ -594,8 +691,8 @@ def test_cli_refuses_a_vertebra_cut_by_the_scan_edge(real_data, tmp_path, sample
 @pytest.mark.integration
 def test_a_cropped_scan_cutting_l3_is_refused(real_data, tmp_path):
     """The real tptbox scan cropped to 30 slices so that L3 reaches the top slice."""
-    from vfsearch.pipelines import synth
     from vfsearch.adapters.volumes import read_volume, write_volume
+    from vfsearch.pipelines import synth
 
     src = real_data / "tptbox_l3"
     ct = read_volume(src / "ct.nii.gz")
@@ -608,26 +705,53 @@ def test_a_cropped_scan_cutting_l3_is_refused(real_data, tmp_path):
     write_volume(crop / "ct.nii.gz", np.ascontiguousarray(ct_c[:30]), geom_c)
     write_volume(crop / "vertebrae.nii.gz", np.ascontiguousarray(lab_c[:30]), geom_c)
     # the full scan takes a grade-3 crush of L3; the cropped one refuses it
-    synth.synth_on_background(src / "ct.nii.gz", src / "vertebrae_verse.nii.gz",
-                              tmp_path / "full", fracture="L3:3:crush", seed=0,
-                              label_scheme="verse")
+    synth.synth_on_background(
+        src / "ct.nii.gz",
+        src / "vertebrae_verse.nii.gz",
+        tmp_path / "full",
+        fracture="L3:3:crush",
+        seed=0,
+        label_scheme="verse",
+    )
     runner = CliRunner()
-    result = runner.invoke(app, ["synth", str(tmp_path / "o"), "--background",
-                                 str(crop / "ct.nii.gz"), "--vertebrae",
-                                 str(crop / "vertebrae.nii.gz"), "--fracture", "L3:3:crush"])
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            str(tmp_path / "o"),
+            "--background",
+            str(crop / "ct.nii.gz"),
+            "--vertebrae",
+            str(crop / "vertebrae.nii.gz"),
+            "--fracture",
+            "L3:3:crush",
+        ],
+    )
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "L3 (22) is cut by the scan's edge" in result.output
     assert not (tmp_path / "o").exists()
     # drawn at random: every vertebra of the crop is cut, so nothing can be fractured
     with pytest.raises(UserError, match="no scan has a fully imaged vertebra"):
-        synth.synth_on_background(crop / "ct.nii.gz", crop / "vertebrae.nii.gz",
-                                  tmp_path / "o", fracture=None, seed=0, label_scheme="verse",
-                                  variants=2, warn=lambda _: None)
+        synth.synth_on_background(
+            crop / "ct.nii.gz",
+            crop / "vertebrae.nii.gz",
+            tmp_path / "o",
+            fracture=None,
+            seed=0,
+            label_scheme="verse",
+            variants=2,
+            warn=lambda _: None,
+        )
     assert not (tmp_path / "o").exists()
     # the simulation itself refuses a cut vertebra too (canonical arrays and spacing)
     with pytest.raises(UserError, match="cut by the scan's edge"):
-        phantom.simulate_fractures(ct_c[:30], lab_c[:30], tuple(geom_c.spacing[::-1]),
-                                   {22: (2, "wedge")}, np.random.default_rng(0))
+        phantom.simulate_fractures(
+            ct_c[:30],
+            lab_c[:30],
+            tuple(geom_c.spacing[::-1]),
+            {22: (2, "wedge")},
+            np.random.default_rng(0),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,24 +762,40 @@ def test_a_cropped_scan_cutting_l3_is_refused(real_data, tmp_path):
 def test_cli_synth_help():
     result = CliRunner().invoke(app, ["synth", "--help"])
     assert result.exit_code == 0
-    for option in ("--cases", "--seed", "--spacing", "--small", "--background", "--fracture",
-                   "--variants"):
+    for option in (
+        "--cases",
+        "--seed",
+        "--spacing",
+        "--small",
+        "--background",
+        "--fracture",
+        "--variants",
+    ):
         assert option in result.output
 
 
 @pytest.mark.integration
 def test_cli_synth_small_run_and_bad_input(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["synth", str(tmp_path / "s"), "--cases", "1", "--small",
-                                 "--seed", "2"])
+    result = runner.invoke(
+        app, ["synth", str(tmp_path / "s"), "--cases", "1", "--small", "--seed", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "manifest.csv").is_file()
     assert (tmp_path / "s" / "synth_000" / "fracture.nii.gz").is_file()
-    for args in (["--spacing", "1,2"], ["--fracture-rate", "1.5"],
-                 ["--background", str(tmp_path / "nope.nii.gz"), "--vertebrae",
-                  str(tmp_path / "nope2.nii.gz")],
-                 ["--background", str(tmp_path), "--fracture", "L1:2", "--variants", "3"],
-                 ["--background", str(tmp_path), "--variants", "0"], ["--variants", "2"]):
+    for args in (
+        ["--spacing", "1,2"],
+        ["--fracture-rate", "1.5"],
+        [
+            "--background",
+            str(tmp_path / "nope.nii.gz"),
+            "--vertebrae",
+            str(tmp_path / "nope2.nii.gz"),
+        ],
+        ["--background", str(tmp_path), "--fracture", "L1:2", "--variants", "3"],
+        ["--background", str(tmp_path), "--variants", "0"],
+        ["--variants", "2"],
+    ):
         bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--small", *args])
         assert bad.exit_code == 2, (args, bad.output)
         lines = bad.output.strip().splitlines()

@@ -1,4 +1,5 @@
-"""Prediction on a new CT (`vfsearch.pipelines.predict`): lossless fusion, output geometry, checkpoints."""
+"""Prediction on a new CT (`vfsearch.pipelines.predict`): lossless fusion, output geometry,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.adapters import volumes as io
-from vfsearch.core.geometry import Geometry, to_canonical
+from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.core.errors import UserError
-from vfsearch.core.metrics3d import counts, overlap
+from vfsearch.core.geometry import Geometry, to_canonical
 from vfsearch.core.inference import LoadedModel
+from vfsearch.core.metrics3d import counts, overlap
 from vfsearch.pipelines.predict import load_model, predict
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ class GroundTruthStandIn(torch.nn.Module):
 
     def forward(self, window):  # (B, T, H, W)
         t = window.shape[1] // 2
-        return {"logits": (window[:, t:t + 1] - 2.5) * 50.0, "attention": []}
+        return {"logits": (window[:, t : t + 1] - 2.5) * 50.0, "attention": []}
 
 
 def _reorient(array: np.ndarray, geom: Geometry, axes, flips) -> tuple[np.ndarray, Geometry]:
@@ -61,8 +62,7 @@ def _reorient(array: np.ndarray, geom: Geometry, axes, flips) -> tuple[np.ndarra
         new_sp[2 - n] = sp[2 - old]
         corner[old] = array.shape[old] - 1 if flips[n] else 0
     origin = geom.zyx_to_physical(corner)
-    return np.ascontiguousarray(out), Geometry(tuple(new_sp), tuple(origin),
-                                               tuple(new_dir.ravel()))
+    return np.ascontiguousarray(out), Geometry(tuple(new_sp), tuple(origin), tuple(new_dir.ravel()))
 
 
 @pytest.fixture(scope="module")
@@ -87,33 +87,48 @@ def oblique_case(tmp_path_factory):
     assert not np.allclose(geom.matrix, np.eye(3))
     folder = tmp_path_factory.mktemp("oblique")
     paths = {}
-    for name, arr in zip(("ct", "vertebrae", "fracture"), arrays):
+    for name, arr in zip(("ct", "vertebrae", "fracture"), arrays, strict=False):
         paths[name] = io.write_volume(folder / f"{name}.nii.gz", arr, geom)
     # the canonical spacing: crops at this spacing are the CT's voxels, reoriented only
     canon_spacing = to_canonical(arrays[0], io.read_volume(paths["ct"]).geometry)[1].spacing
-    return {"paths": paths, "geometry": geom, "arrays": arrays, "spacing": canon_spacing,
-            "folder": folder}
+    return {
+        "paths": paths,
+        "geometry": geom,
+        "arrays": arrays,
+        "spacing": canon_spacing,
+        "folder": folder,
+    }
 
 
 def _stand_in(spacing, plane="sagittal", margin=4.0) -> LoadedModel:
-    config = Config(model=ModelConfig(depth=3), data=DataConfig(seq_len=3, plane=plane,
-                                                                patch_size=32))
-    return LoadedModel(GroundTruthStandIn().eval(), config, FINGERPRINT, tuple(spacing),
-                       margin, source="ground-truth stand-in")
+    config = Config(
+        model=ModelConfig(depth=3), data=DataConfig(seq_len=3, plane=plane, patch_size=32)
+    )
+    return LoadedModel(
+        GroundTruthStandIn().eval(),
+        config,
+        FINGERPRINT,
+        tuple(spacing),
+        margin,
+        source="ground-truth stand-in",
+    )
 
 
 def _same_geometry(a: Geometry, b: Geometry, tol=1e-4) -> bool:
-    return (np.allclose(a.spacing, b.spacing, atol=tol) and np.allclose(a.origin, b.origin,
-                                                                        atol=tol)
-            and np.allclose(a.direction, b.direction, atol=tol))
+    return (
+        np.allclose(a.spacing, b.spacing, atol=tol)
+        and np.allclose(a.origin, b.origin, atol=tol)
+        and np.allclose(a.direction, b.direction, atol=tol)
+    )
 
 
 @pytest.mark.parametrize("plane, combine", [("sagittal", "mean"), ("axial", "vote")])
 def test_fusion_and_inverse_mapping_are_lossless(oblique_case, tmp_path, plane, combine):
     p = oblique_case["paths"]
     out = tmp_path / "out"
-    summary = predict(_stand_in(oblique_case["spacing"], plane), p["ct"], p["vertebrae"], out,
-                      combine=combine)
+    summary = predict(
+        _stand_in(oblique_case["spacing"], plane), p["ct"], p["vertebrae"], out, combine=combine
+    )
     mask = io.read_volume(out / "fracture_mask.nii.gz")
     truth = oblique_case["arrays"][2]
     assert mask.array.shape == truth.shape
@@ -129,7 +144,8 @@ def test_fusion_and_inverse_mapping_are_lossless(oblique_case, tmp_path, plane, 
     fractured = set(np.unique(labels[truth > 0]).tolist()) - {0}
     assert fractured and fractured <= set(rows)
     assert sum(r["fracture_volume_mm3"] for r in rows.values()) == pytest.approx(
-        truth.sum() * voxel_mm3, rel=1e-6)
+        truth.sum() * voxel_mm3, rel=1e-6
+    )
     for vid, r in rows.items():
         assert (r["score"] > 0.5) == (vid in fractured), r
     assert summary["threshold"] == 0.5
@@ -181,8 +197,11 @@ def _slicer_segments(image) -> dict[str, dict[str, str]]:
     """The ``SegmentN_*`` fields of a .seg.nrrd read by SimpleITK, by segment name."""
     out, i = {}, 0
     while image.HasMetaDataKey(f"Segment{i}_ID"):
-        fields = {k.split("_", 1)[1]: image.GetMetaData(k) for k in image.GetMetaDataKeys()
-                  if k.startswith(f"Segment{i}_")}
+        fields = {
+            k.split("_", 1)[1]: image.GetMetaData(k)
+            for k in image.GetMetaDataKeys()
+            if k.startswith(f"Segment{i}_")
+        }
         out[fields["Name"]] = fields
         i += 1
     return out
@@ -245,8 +264,14 @@ def test_slicer_segmentation_has_ct_geometry_and_named_segments(oblique_case, tm
         layer = layers[..., int(s["Layer"])]
         lo_hi = [int(v) for v in s["Extent"].split()]
         zyx = np.argwhere(layer > 0)
-        assert lo_hi == [int(zyx[:, 2].min()), int(zyx[:, 2].max()), int(zyx[:, 1].min()),
-                         int(zyx[:, 1].max()), int(zyx[:, 0].min()), int(zyx[:, 0].max())], s
+        assert lo_hi == [
+            int(zyx[:, 2].min()),
+            int(zyx[:, 2].max()),
+            int(zyx[:, 1].min()),
+            int(zyx[:, 1].max()),
+            int(zyx[:, 0].min()),
+            int(zyx[:, 0].max()),
+        ], s
 
 
 def test_bad_inputs_are_user_errors(oblique_case, tmp_path):

@@ -1,4 +1,5 @@
-"""Progress people can read (`vfsearch.adapters.progress`): bars with an ETA and one line per epoch or
+"""Progress people can read (`vfsearch.adapters.progress`): bars with an ETA and one line per
+epoch or
 trial at a terminal, nothing but the final summary off one, and Ray's own noise only with
 ``--verbose``. Terminals are real pseudo-terminals (`pty`), not a faked ``isatty``."""
 
@@ -20,18 +21,36 @@ import pytest
 
 from vfsearch.adapters import progress
 
-RAY_NOISE = ("Token authentication", "PreemptionWatcher", "Reporting training result",
-             "Trial status", "(RayTrainWorker", "(TrainController")
+RAY_NOISE = (
+    "Token authentication",
+    "PreemptionWatcher",
+    "Reporting training result",
+    "Trial status",
+    "(RayTrainWorker",
+    "(TrainController",
+)
 
 
-def run_in_pty(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
-               cwd: Path | None = None) -> tuple[int, str]:
+def run_in_pty(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> tuple[int, str]:
     """Run ``args`` with stdin, stdout and stderr on a fresh pseudo-terminal (160 columns);
     returns (exit code, everything it printed)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
-                            env={**os.environ, **(env or {})}, close_fds=True)
+    proc = subprocess.Popen(
+        args,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        close_fds=True,
+    )
     os.close(slave)
     out = bytearray()
     deadline = time.monotonic() + timeout
@@ -68,6 +87,7 @@ def _cli(*args: str) -> list[str]:
 
 # -- the helper ------------------------------------------------------------------------------
 
+
 def test_helper_is_silent_off_a_terminal(capsys, monkeypatch):
     monkeypatch.delenv(progress.ENV, raising=False)
     assert not progress.enabled()  # pytest captures both streams
@@ -86,9 +106,11 @@ def test_environment_forces_progress_on_or_off(monkeypatch):
 
 
 def test_helper_shows_a_bar_with_eta_and_lines_on_a_terminal():
-    code = ("import time\nfrom vfsearch.adapters import progress\n"
-            "for _ in progress.bar(range(4), 'cases', unit='case'):\n    time.sleep(0.3)\n"
-            "progress.say('a progress line')\n")
+    code = (
+        "import time\nfrom vfsearch.adapters import progress\n"
+        "for _ in progress.bar(range(4), 'cases', unit='case'):\n    time.sleep(0.3)\n"
+        "progress.say('a progress line')\n"
+    )
     rc, out = run_in_pty([sys.executable, "-c", code], env=_env(), timeout=120)
     assert rc == 0, out
     assert "a progress line" in out
@@ -98,20 +120,35 @@ def test_helper_shows_a_bar_with_eta_and_lines_on_a_terminal():
 
 
 def test_durations():
-    assert [progress.duration(s) for s in (0, 44.6, 65, 3599, 3600 * 3 + 1260)] == \
-        ["0s", "45s", "1m05s", "59m59s", "3h21m"]
+    assert [progress.duration(s) for s in (0, 44.6, 65, 3599, 3600 * 3 + 1260)] == [
+        "0s",
+        "45s",
+        "1m05s",
+        "59m59s",
+        "3h21m",
+    ]
     assert progress.duration(None) == progress.duration(float("nan")) == "?"
 
 
 def test_epoch_line_has_losses_dice_rate_and_eta():
     from vfsearch.pipelines.train.worker import format_epoch
 
-    m = {"train/loss": 0.5, "train/dice": 0.3, "train/bce": 0.2, "train/grad_norm": 1.0,
-         "val_dice": 0.25, "val_iou": 0.14, "lr": 1e-3, "windows_per_s": 40.0,
-         "epoch_time": 12.0}
+    m = {
+        "train/loss": 0.5,
+        "train/dice": 0.3,
+        "train/bce": 0.2,
+        "train/grad_norm": 1.0,
+        "val_dice": 0.25,
+        "val_iou": 0.14,
+        "lr": 1e-3,
+        "windows_per_s": 40.0,
+        "epoch_time": 12.0,
+    }
     line = format_epoch(3, 10, m, eta_s=84)
-    assert line == ("epoch 3/10  loss 0.5000 (dice 0.3000 bce 0.2000)  val dice 0.2500 "
-                    "iou 0.1400  lr 1.00e-03  40.0 windows/s  12.0 s  eta 1m24s")
+    assert line == (
+        "epoch 3/10  loss 0.5000 (dice 0.3000 bce 0.2000)  val dice 0.2500 "
+        "iou 0.1400  lr 1.00e-03  40.0 windows/s  12.0 s  eta 1m24s"
+    )
     assert "\n" not in line and "eta" not in format_epoch(3, 10, m)
 
 
@@ -146,9 +183,17 @@ def test_trial_lines_callback(capsys, monkeypatch):
     cb = _trial_lines(space, total=3, concurrency=1)
     a, b = FakeTrial("a_00000"), FakeTrial("b_00001")
     trials = [a, b]
-    epoch = {"train/loss": 0.5, "train/dice": 0.3, "val_dice": 0.2, "val_iou": 0.1,
-             "lr": 1e-3, "windows_per_s": 10.0, "epoch_time": 1.0, "best_val_dice": 0.2,
-             "best_epoch": 1}
+    epoch = {
+        "train/loss": 0.5,
+        "train/dice": 0.3,
+        "val_dice": 0.2,
+        "val_iou": 0.1,
+        "lr": 1e-3,
+        "windows_per_s": 10.0,
+        "epoch_time": 1.0,
+        "best_val_dice": 0.2,
+        "best_epoch": 1,
+    }
     cb.on_trial_start(0, trials, a)
     cb.on_trial_result(0, trials, a, {**epoch, "epoch": 1})
     cb.on_trial_result(0, trials, a, {**epoch, "epoch": 2})
@@ -162,24 +207,36 @@ def test_trial_lines_callback(capsys, monkeypatch):
     cb.on_trial_complete(0, trials, b)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5, lines
-    assert lines[0].startswith("trial a_00000  epoch 1/2  loss 0.5000") and \
-        "trials 0/3 done  eta " in lines[0]
+    assert (
+        lines[0].startswith("trial a_00000  epoch 1/2  loss 0.5000")
+        and "trials 0/3 done  eta " in lines[0]
+    )
     assert "eta ?" not in lines[0]  # the running trial's pace stands in for a duration
-    assert lines[2].startswith("trial a_00000  completed  val_dice3d 0.4200") and \
-        "trials 1/3 done" in lines[2]
+    assert (
+        lines[2].startswith("trial a_00000  completed  val_dice3d 0.4200")
+        and "trials 1/3 done" in lines[2]
+    )
     assert lines[3].startswith("trial b_00001  epoch 1/2")
-    assert lines[4].startswith("trial b_00001  stopped early after epoch 1") and \
-        "trials 2/3 done" in lines[4]
+    assert (
+        lines[4].startswith("trial b_00001  stopped early after epoch 1")
+        and "trials 2/3 done" in lines[4]
+    )
 
 
 # -- commands: nothing but the summary off a terminal ----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def raw_cases(tmp_path_factory) -> Path:
     """Three small phantom cases written by `vfsearch synth` with stdout not a terminal."""
     root = tmp_path_factory.mktemp("progress")
-    out = subprocess.run(_cli("synth", str(root / "raw"), "--cases", "3", "--small"),
-                         capture_output=True, text=True, env=_env(), check=False)
+    out = subprocess.run(
+        _cli("synth", str(root / "raw"), "--cases", "3", "--small"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and not out.stderr, (out.stdout, out.stderr)
     return root / "raw"
@@ -188,8 +245,16 @@ def raw_cases(tmp_path_factory) -> Path:
 @pytest.mark.integration
 def test_ingest_off_a_terminal_prints_only_the_summary(raw_cases, tmp_path):
     store = tmp_path / "store.zarr"
-    args = _cli("ingest", str(raw_cases / "manifest.csv"), "--out", str(store),
-                "--spacing", "2,2,2", "--split", "0.34,0.33,0.33")
+    args = _cli(
+        "ingest",
+        str(raw_cases / "manifest.csv"),
+        "--out",
+        str(store),
+        "--spacing",
+        "2,2,2",
+        "--split",
+        "0.34,0.33,0.33",
+    )
     out = subprocess.run(args, capture_output=True, text=True, env=_env(), check=False)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
@@ -200,8 +265,19 @@ def test_ingest_off_a_terminal_prints_only_the_summary(raw_cases, tmp_path):
 @pytest.mark.integration
 def test_ingest_on_a_terminal_shows_a_bar(raw_cases, tmp_path):
     store = tmp_path / "store.zarr"
-    rc, out = run_in_pty(_cli("ingest", str(raw_cases / "manifest.csv"), "--out", str(store),
-                              "--spacing", "2,2,2", "--split", "0.34,0.33,0.33"), env=_env())
+    rc, out = run_in_pty(
+        _cli(
+            "ingest",
+            str(raw_cases / "manifest.csv"),
+            "--out",
+            str(store),
+            "--spacing",
+            "2,2,2",
+            "--split",
+            "0.34,0.33,0.33",
+        ),
+        env=_env(),
+    )
     assert rc == 0, out
     assert re.search(r"ingest: 100%.*3/3 \[\d\d:\d\d<\d\d:\d\d", out), out
     assert "3 case(s) ingested" in out  # the summary after the bar
@@ -216,18 +292,30 @@ def checkpoint(tmp_path_factory) -> Path:
     from vfsearch.core.models import build_model
 
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(depth=3, base_channels=2, temporal="none"),
-                    data=DataConfig(seq_len=1, plane="axial", patch_size=16))
+    config = Config(
+        model=ModelConfig(depth=3, base_channels=2, temporal="none"),
+        data=DataConfig(seq_len=1, plane="axial", patch_size=16),
+    )
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save({"model": build_model(config.model, 1).state_dict(),
-                "config": config.flatten()}, path)
+    torch.save(
+        {"model": build_model(config.model, 1).state_dict(), "config": config.flatten()}, path
+    )
     return path
 
 
 @pytest.mark.integration
 def test_evaluate_off_and_on_a_terminal(small_store, checkpoint, tmp_path):
-    args = _cli("evaluate", "--model", str(checkpoint), "--store", str(small_store),
-                "--split", "test", "--out", str(tmp_path / "e"))  # threshold chosen on val
+    args = _cli(
+        "evaluate",
+        "--model",
+        str(checkpoint),
+        "--store",
+        str(small_store),
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "e"),
+    )  # threshold chosen on val
     out = subprocess.run(args, capture_output=True, text=True, env=_env(), check=False)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -245,14 +333,25 @@ def test_evaluate_off_and_on_a_terminal(small_store, checkpoint, tmp_path):
 
 # -- train: one line per epoch on the console, Ray kept out -----------------------------------
 
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_train_prints_one_clean_line_per_epoch(small_store, mlflow_server, tmp_path):
     from test_train import TINY
 
     sets = [a for s in TINY for a in ("--set", s)]
-    base = _cli("train", "--store", str(small_store), "--epochs", "2", "--workdir",
-                str(tmp_path), *sets, "--set", "train.log_pictures=false")
+    base = _cli(
+        "train",
+        "--store",
+        str(small_store),
+        "--epochs",
+        "2",
+        "--workdir",
+        str(tmp_path),
+        *sets,
+        "--set",
+        "train.log_pictures=false",
+    )
     env = _env(MLFLOW_TRACKING_URI=mlflow_server)
     rc, out = run_in_pty(base + ["--name", "quiet"], env=env)
     assert rc == 0, out

@@ -9,7 +9,6 @@ that the figures actually render (plotly's SVG in the DOM, coloured pixels in a 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,16 +16,17 @@ import pytest
 from test_ui import chromium, needs_chromium
 from typer.testing import CliRunner
 
-from vfsearch.pipelines import report
 from vfsearch.cli import app
+from vfsearch.pipelines import report
 
 
 def _study(params: int = 2, n: int = 8, directions=("maximize",)):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=list(directions),
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        directions=list(directions), sampler=optuna.samplers.RandomSampler(seed=0)
+    )
 
     def objective(trial):
         x = trial.suggest_float("train.lr", 1e-4, 1e-1, log=True)
@@ -39,20 +39,43 @@ def _study(params: int = 2, n: int = 8, directions=("maximize",)):
 
 
 def _fake_sweep(rows):
-    info = SimpleNamespace(run_id="p" * 32, experiment_id="3", status="FINISHED",
-                           start_time=1_700_000_000_000, end_time=1_700_000_600_000)
-    parent = SimpleNamespace(info=info, data=SimpleNamespace(
-        tags={"space_file": "space.yaml", "store": "s.zarr", "git_commit": "abc"},
-        params={"sweep.seed": "0", "sweep.sampler": "tpe"}))
-    space = SimpleNamespace(objectives=(("val_dice3d", "max"),), params=(
-        SimpleNamespace(key="train.lr"), SimpleNamespace(key="model.temporal")))
-    return report.Sweep(name="demo<1>", uri="http://h:1", parent=parent, children=[],
-                        space=space, metric="val_dice3d", mode="max")
+    info = SimpleNamespace(
+        run_id="p" * 32,
+        experiment_id="3",
+        status="FINISHED",
+        start_time=1_700_000_000_000,
+        end_time=1_700_000_600_000,
+    )
+    parent = SimpleNamespace(
+        info=info,
+        data=SimpleNamespace(
+            tags={"space_file": "space.yaml", "store": "s.zarr", "git_commit": "abc"},
+            params={"sweep.seed": "0", "sweep.sampler": "tpe"},
+        ),
+    )
+    space = SimpleNamespace(
+        objectives=(("val_dice3d", "max"),),
+        params=(SimpleNamespace(key="train.lr"), SimpleNamespace(key="model.temporal")),
+    )
+    return report.Sweep(
+        name="demo<1>",
+        uri="http://h:1",
+        parent=parent,
+        children=[],
+        space=space,
+        metric="val_dice3d",
+        mode="max",
+    )
 
 
 def test_rank_rows_best_first_missing_last():
-    rows = [{"k": "a", "m": 0.2}, {"k": "b", "m": None}, {"k": "c", "m": 0.7},
-            {"k": "d", "m": float("nan")}, {"k": "e", "m": 0.7}]
+    rows = [
+        {"k": "a", "m": 0.2},
+        {"k": "b", "m": None},
+        {"k": "c", "m": 0.7},
+        {"k": "d", "m": float("nan")},
+        {"k": "e", "m": 0.7},
+    ]
     assert [r["k"] for r in report.rank_rows(rows, "m", "max")] == ["c", "e", "a", "b", "d"]
     assert [r["k"] for r in report.rank_rows(rows, "m", "min")] == ["a", "c", "e", "b", "d"]
 
@@ -67,23 +90,48 @@ def test_optuna_figures_of_a_study():
     assert one["contour"].fig is None and "two sampled parameters" in one["contour"].note
     assert one["history"].fig is not None
     # multi-objective: drawn for the first objective
-    multi = {f.key: f for f in report.optuna_figures(
-        _study(directions=("maximize", "minimize")), "val_dice3d")}
+    multi = {
+        f.key: f
+        for f in report.optuna_figures(_study(directions=("maximize", "minimize")), "val_dice3d")
+    }
     assert multi["history"].fig is not None and multi["contour"].fig is not None
 
 
 def test_page_is_self_contained_and_holds_every_section():
-    rows = [{"trial": "t1", "run_name": "s-t1", "run_id": "1" * 32, "status": "completed",
-             "val_dice3d": 0.61, "val_dice": 0.5, "epochs": 2,
-             "params": {"train.lr": 0.01, "model.temporal": "lstm"}},
-            {"trial": "t0", "run_name": "s-t0", "run_id": "0" * 32, "status": "stopped early",
-             "val_dice3d": None, "val_dice": 0.1, "epochs": 1,
-             "params": {"train.lr": 0.05, "model.temporal": "none"}}]
+    rows = [
+        {
+            "trial": "t1",
+            "run_name": "s-t1",
+            "run_id": "1" * 32,
+            "status": "completed",
+            "val_dice3d": 0.61,
+            "val_dice": 0.5,
+            "epochs": 2,
+            "params": {"train.lr": 0.01, "model.temporal": "lstm"},
+        },
+        {
+            "trial": "t0",
+            "run_name": "s-t0",
+            "run_id": "0" * 32,
+            "status": "stopped early",
+            "val_dice3d": None,
+            "val_dice": 0.1,
+            "epochs": 1,
+            "params": {"train.lr": 0.05, "model.temporal": "none"},
+        },
+    ]
     png = report.Figure("curves", "Training curves", png=b"\x89PNG\r\n\x1a\nfake")
     page = report.render_html(
-        sweep=_fake_sweep(rows), rows=rows, optuna_figs=report.optuna_figures(_study(), "m"),
-        optuna_note="", curves=[png], pictures=[], other_pictures=[],
-        promo={"versions": [], "aliases": {}}, sweep_link="http://h:1/#/experiments/3/runs")
+        sweep=_fake_sweep(rows),
+        rows=rows,
+        optuna_figs=report.optuna_figures(_study(), "m"),
+        optuna_note="",
+        curves=[png],
+        pictures=[],
+        other_pictures=[],
+        promo={"versions": [], "aliases": {}},
+        sweep_link="http://h:1/#/experiments/3/runs",
+    )
     assert "<title>vfsearch sweep demo&lt;1&gt;</title>" in page  # escaped
     # plotly.js inlined exactly once, nothing loaded from elsewhere
     assert page.count("plotly.js v") >= 1
@@ -99,18 +147,28 @@ def test_page_is_self_contained_and_holds_every_section():
 def test_promotion_text():
     none = {"versions": [], "aliases": {}}
     assert report.promotion_text(none, "s", "val_dice3d").startswith("not exported yet")
-    v = {"name": "m", "version": "2", "aliases": ["champion"], "trial": "s-t1",
-         "metric": "val_dice3d", "value": 0.61, "mode": "max", "members": "", "created": 0}
-    assert report.promotion_text({"versions": [v], "aliases": {"m": {"champion": "2"}}}, "s",
-                                 "val_dice3d") == (
-        "promoted: models:/m@champion is version 2 (trial s-t1, val_dice3d 0.6100)")
+    v = {
+        "name": "m",
+        "version": "2",
+        "aliases": ["champion"],
+        "trial": "s-t1",
+        "metric": "val_dice3d",
+        "value": 0.61,
+        "mode": "max",
+        "members": "",
+        "created": 0,
+    }
+    assert report.promotion_text(
+        {"versions": [v], "aliases": {"m": {"champion": "2"}}}, "s", "val_dice3d"
+    ) == ("promoted: models:/m@champion is version 2 (trial s-t1, val_dice3d 0.6100)")
     v = {**v, "aliases": []}
-    assert report.promotion_text({"versions": [v], "aliases": {"m": {"champion": "5"}}}, "s",
-                                 "val_dice3d") == (
-        "exported as m version 2 (trial s-t1), not promoted: @champion is version 5")
+    assert report.promotion_text(
+        {"versions": [v], "aliases": {"m": {"champion": "5"}}}, "s", "val_dice3d"
+    ) == ("exported as m version 2 (trial s-t1), not promoted: @champion is version 5")
 
 
 # -- a real sweep ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def report_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
@@ -120,12 +178,28 @@ def report_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     from vfsearch.pipelines.tune import tune
 
     tmp = tmp_path_factory.mktemp("report_sweep")
-    space = write_space(tmp, epochs=2, grace=2, fixed={"train.log_pictures": "true"}, params=(
-        "  model.temporal: {type: categorical, choices: [lstm, none]}\n"
-        "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
-    summary = tune(small_store, space, num_samples=2, name="reportsweep", seed=1, workdir=tmp,
-                   storage=tmp / "ray", mlflow_uri=mlflow_server, max_concurrent=1,
-                   cpus_per_worker=0.5)
+    space = write_space(
+        tmp,
+        epochs=2,
+        grace=2,
+        fixed={"train.log_pictures": "true"},
+        params=(
+            "  model.temporal: {type: categorical, choices: [lstm, none]}\n"
+            "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"
+        ),
+    )
+    summary = tune(
+        small_store,
+        space,
+        num_samples=2,
+        name="reportsweep",
+        seed=1,
+        workdir=tmp,
+        storage=tmp / "ray",
+        mlflow_uri=mlflow_server,
+        max_concurrent=1,
+        cpus_per_worker=0.5,
+    )
     return summary, tmp
 
 
@@ -148,8 +222,9 @@ def test_report_of_a_real_sweep(report_sweep, mlflow_server, monkeypatch):
     first, second = summary.table[0], summary.table[1]
     if first["val_dice3d"] != second["val_dice3d"]:  # a tie may list either first
         assert page.index(names[first["trial_id"]]) < page.index(names[second["trial_id"]])
-    assert {"history", "importances", "parallel", "contour", "curves", "budget"} <= \
-        set(result.figures), result.missing
+    assert {"history", "importances", "parallel", "contour", "curves", "budget"} <= set(
+        result.figures
+    ), result.missing
     # the best trial's own pictures, inline
     assert {"pic-heatmap_case", "pic-render_3d"} <= set(result.figures), result.missing
     assert page.count("data:image/png;base64,") >= 4
@@ -162,15 +237,23 @@ def test_report_of_a_real_sweep(report_sweep, mlflow_server, monkeypatch):
     # export the best trial, then the CLI writes the page again with the decision
     from vfsearch.pipelines.export import export
 
-    exported = export(sweep="reportsweep", name="report-test", onnx=False,
-                      mlflow_uri=mlflow_server, workdir=workdir)
+    exported = export(
+        sweep="reportsweep",
+        name="report-test",
+        onnx=False,
+        mlflow_uri=mlflow_server,
+        workdir=workdir,
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    res = CliRunner().invoke(app, ["report", "--sweep", "reportsweep", "--out", str(out),
-                                   "--workdir", str(workdir)])
+    res = CliRunner().invoke(
+        app, ["report", "--sweep", "reportsweep", "--out", str(out), "--workdir", str(workdir)]
+    )
     assert res.exit_code == 0, res.output
     page = out.read_text(encoding="utf-8")
-    line = (f"promoted: models:/report-test@champion is version {exported.version} (trial "
-            f"{exported.run_name}")
+    line = (
+        f"promoted: models:/report-test@champion is version {exported.version} (trial "
+        f"{exported.run_name}"
+    )
     assert line in res.output and line in page
     assert "<td>report-test</td>" in page
 
@@ -200,20 +283,22 @@ def test_report_figures_render_in_chromium(report_sweep, mlflow_server, tmp_path
 
     _, workdir = report_sweep
     out = tmp_path / "shared.html"
-    report.write_report("reportsweep", out, workdir=workdir, mlflow_uri=mlflow_server,
-                        log=False)
-    dom = chromium("--hide-scrollbars", "--virtual-time-budget=15000", "--dump-dom",
-                   out.resolve().as_uri())
+    report.write_report("reportsweep", out, workdir=workdir, mlflow_uri=mlflow_server, log=False)
+    dom = chromium(
+        "--hide-scrollbars", "--virtual-time-budget=15000", "--dump-dom", out.resolve().as_uri()
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     plots = re.findall(r'id="plot-(\w+)"', dom.stdout)
     assert set(plots) == {"history", "importances", "parallel", "contour"}
     assert dom.stdout.count('class="main-svg"') >= len(plots)  # plotly drew into every div
 
     probe = tmp_path / "probe.html"
-    probe.write_text(out.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"),
-                     encoding="utf-8")
-    dom = chromium("--hide-scrollbars", "--virtual-time-budget=15000", "--dump-dom",
-                   probe.resolve().as_uri())
+    probe.write_text(
+        out.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8"
+    )
+    dom = chromium(
+        "--hide-scrollbars", "--virtual-time-budget=15000", "--dump-dom", probe.resolve().as_uri()
+    )
     found = re.search(r'data-rects="([^"]*)"', dom.stdout)
     assert found, dom.stdout[-2000:]
     rects = json.loads(html_mod.unescape(found.group(1)))
@@ -224,16 +309,20 @@ def test_report_figures_render_in_chromium(report_sweep, mlflow_server, tmp_path
     assert any("Training curves" in n for n in names)
 
     shot = tmp_path / "page.png"  # the whole page in one window: no scrolling, same layout
-    res = chromium("--hide-scrollbars", f"--window-size=1400,{height}",
-                   "--virtual-time-budget=15000", f"--screenshot={shot}",
-                   probe.resolve().as_uri())
+    res = chromium(
+        "--hide-scrollbars",
+        f"--window-size=1400,{height}",
+        "--virtual-time-budget=15000",
+        f"--screenshot={shot}",
+        probe.resolve().as_uri(),
+    )
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
     assert img.size == (1400, height)
     page = np.asarray(img).astype(int)
     for name, x, y, w, h in rects:
         assert w > 100 and h > 100, (name, w, h)
-        px = page[y:y + h, x:x + w]
+        px = page[y : y + h, x : x + w]
         inked = float((px.min(axis=2) < 245).mean())
         coloured = int((px.max(axis=2) - px.min(axis=2) > 60).sum())
         assert inked > 0.02, f"{name}: blank ({inked:.1%} non-white)"

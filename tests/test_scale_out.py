@@ -36,17 +36,56 @@ def cluster():
         c.shutdown()
 
 
-def _sweep(cluster: LoopbackCluster, store: Path, tmp: Path, uri: str, name: str, *,
-           epochs: int, fixed: dict | None = None) -> subprocess.Popen:
-    space = write_space(tmp, epochs=epochs, grace=epochs, fixed=fixed,
-                        params="  loss.dice_weight: {type: float, low: 0.5, high: 1.5}")
-    cmd = [sys.executable, "-m", "vfsearch", "tune", "--store", str(store), "--space",
-           str(space), "--num-samples", "2", "--name", name, "--address", cluster.address,
-           "--driver-resource", DRIVER, "--workdir", str(tmp), "--storage", str(tmp / "ray")]
+def _sweep(
+    cluster: LoopbackCluster,
+    store: Path,
+    tmp: Path,
+    uri: str,
+    name: str,
+    *,
+    epochs: int,
+    fixed: dict | None = None,
+) -> subprocess.Popen:
+    space = write_space(
+        tmp,
+        epochs=epochs,
+        grace=epochs,
+        fixed=fixed,
+        params="  loss.dice_weight: {type: float, low: 0.5, high: 1.5}",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "vfsearch",
+        "tune",
+        "--store",
+        str(store),
+        "--space",
+        str(space),
+        "--num-samples",
+        "2",
+        "--name",
+        name,
+        "--address",
+        cluster.address,
+        "--driver-resource",
+        DRIVER,
+        "--workdir",
+        str(tmp),
+        "--storage",
+        str(tmp / "ray"),
+    ]
     # progress lines on although stdout is a pipe: the tests read the sweep's header
     env = {**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri, "VFSEARCH_PROGRESS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            encoding="utf-8", errors="replace", start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -84,8 +123,10 @@ def _assert_complete(uri: str, sweep: str, epochs: int) -> list:
     assert len({k.info.run_name for k in kids}) == 2
     for kid in kids:
         for key in ("val_dice", "train/loss"):
-            assert set(_steps(c, kid.info.run_id, key)) == set(range(1, epochs + 1)), \
-                (kid.info.run_name, key)
+            assert set(_steps(c, kid.info.run_id, key)) == set(range(1, epochs + 1)), (
+                kid.info.run_name,
+                key,
+            )
         assert 0.0 <= kid.data.metrics["val_dice3d"] <= 1.0
         assert kid.data.tags[STATUS_TAG] == "completed"
         assert kid.info.status == "FINISHED"
@@ -98,8 +139,7 @@ def test_trials_run_on_both_nodes(cluster, small_store, mlflow_server, tmp_path)
     current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
     port = cluster.address.rsplit(":", 1)[1]
     assert not current.exists() or current.read_text().rsplit(":", 1)[-1] != port
-    out = _finish(_sweep(cluster, small_store, tmp_path, mlflow_server, "two-nodes",
-                         epochs=2))
+    out = _finish(_sweep(cluster, small_store, tmp_path, mlflow_server, "two-nodes", epochs=2))
     assert "up to 2 at once" in out  # drivers take no CPU: one trial per node's CPU
     kids = _assert_complete(mlflow_server, "two-nodes", 2)
     assert {k.data.tags["ray.node_id"] for k in kids} == {cluster.head, cluster.worker}
@@ -141,8 +181,15 @@ def test_worker_node_lost_mid_sweep(cluster, small_store, mlflow_server, tmp_pat
     checkpointed an epoch: that trial resumes from its checkpoint on the head, the sweep
     completes, no trial is lost and no MLflow run doubled."""
     epochs = 4
-    proc = _sweep(cluster, small_store, tmp_path, mlflow_server, "node-lost", epochs=epochs,
-                  fixed={"train.max_failures": 10})
+    proc = _sweep(
+        cluster,
+        small_store,
+        tmp_path,
+        mlflow_server,
+        "node-lost",
+        epochs=epochs,
+        fixed={"train.max_failures": 10},
+    )
     c = client(mlflow_server)
 
     def worker_trial_past_epoch_1():
@@ -151,13 +198,14 @@ def test_worker_node_lost_mid_sweep(cluster, small_store, mlflow_server, tmp_pat
         except Exception:  # noqa: BLE001 - experiment or parent not there yet
             return None
         for kid in kids:
-            if kid.data.tags.get("ray.node_id") == cluster.worker and \
-                    max(_steps(c, kid.info.run_id, "val_dice"), default=0) >= 2:
+            if (
+                kid.data.tags.get("ray.node_id") == cluster.worker
+                and max(_steps(c, kid.info.run_id, "val_dice"), default=0) >= 2
+            ):
                 return kid.info.run_id  # epoch 1's checkpoint was reported before epoch 2
         return None
 
-    moved = _wait_for(worker_trial_past_epoch_1, proc, what="the worker node's trial at "
-                      "epoch 2")
+    moved = _wait_for(worker_trial_past_epoch_1, proc, what="the worker node's trial at epoch 2")
     cluster.kill_node(cluster.worker)
     cluster.wait_dead(cluster.worker)
     _finish(proc)

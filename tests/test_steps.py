@@ -21,11 +21,18 @@ from vfsearch.pipelines.train.loop import build_models, optimizer_digest, warmup
 
 torch.set_num_threads(1)
 
-TINY = ["model.depth=3", "model.base_channels=4", "data.patch_size=32", "data.seq_len=3",
-        "model.temporal=lstm", "model.norm=group"]
+TINY = [
+    "model.depth=3",
+    "model.base_channels=4",
+    "data.patch_size=32",
+    "data.seq_len=3",
+    "model.temporal=lstm",
+    "model.norm=group",
+]
 
 
 # -- metrics --------------------------------------------------------------------------------
+
 
 def test_counts_by_hand():
     pred = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
@@ -56,7 +63,11 @@ def test_two_half_batches_summed_equal_one_whole_batch():
 def test_empty_policy():
     empty = torch.zeros(2, 1, 4, 4)
     assert scores(confusion_counts(empty > 0, empty)) == {
-        "dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}
+        "dice": 1.0,
+        "iou": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+    }
     assert scores((0, 0, 0), empty=0.0)["dice"] == 0.0
     # a claim on an empty target: precision 0, recall 0/0 -> 1
     assert scores((0, 3, 0)) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 1.0}
@@ -65,6 +76,7 @@ def test_empty_policy():
 
 
 # -- steps ----------------------------------------------------------------------------------
+
 
 def _batch(b=4, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -91,34 +103,54 @@ def test_seg_step_reduces_loss_and_clips():
 
 
 def test_gan_step_updates_both_and_reports_d_g():
-    cfg = load_config(None, TINY + ["model.gan=true", "loss.adv_weight=0.1",
-                                    "model.disc_layers=2", "model.disc_channels=4"])
+    cfg = load_config(
+        None,
+        TINY
+        + ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2", "model.disc_channels=4"],
+    )
     model, disc = build_models(cfg)
     loss_fn = build_loss(cfg.loss, gan=True)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-3)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
     d0 = [p.detach().clone() for p in disc.parameters()]
     g0 = [p.detach().clone() for p in model.parameters()]
-    out = gan_step(model, disc, _batch(), loss_fn, opt_g, opt_d,
-                   d_loss_fn=partial(gan_d_loss, cfg.loss.gan_mode), grad_clip=1.0)
+    out = gan_step(
+        model,
+        disc,
+        _batch(),
+        loss_fn,
+        opt_g,
+        opt_d,
+        d_loss_fn=partial(gan_d_loss, cfg.loss.gan_mode),
+        grad_clip=1.0,
+    )
     assert {"d_loss", "g_loss", "adv", "loss", "dice", "bce"} <= set(out)
     assert out["g_loss"] == out["adv"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(g0, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, disc.parameters(), strict=False))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, model.parameters(), strict=False))
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again
 
 
-GAN = TINY + ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2",
-              "model.disc_channels=4"]
+GAN = TINY + [
+    "model.gan=true",
+    "loss.adv_weight=0.1",
+    "model.disc_layers=2",
+    "model.disc_channels=4",
+]
 
 
 def _gan_parts(extra=(), *, lr_g=1e-3, lr_d=1e-3):
     cfg = load_config(None, GAN + list(extra))
     model, disc = build_models(cfg)
-    return (cfg, model, disc, build_loss(cfg.loss, gan=True),
-            torch.optim.Adam(model.parameters(), lr=lr_g),
-            torch.optim.Adam(disc.parameters(), lr=lr_d, betas=(0.5, 0.999)),
-            partial(gan_d_loss, cfg.loss.gan_mode))
+    return (
+        cfg,
+        model,
+        disc,
+        build_loss(cfg.loss, gan=True),
+        torch.optim.Adam(model.parameters(), lr=lr_g),
+        torch.optim.Adam(disc.parameters(), lr=lr_d, betas=(0.5, 0.999)),
+        partial(gan_d_loss, cfg.loss.gan_mode),
+    )
 
 
 class _Recorder(nn.Module):
@@ -131,8 +163,9 @@ class _Recorder(nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, window, mask):
-        self.calls.append({"mask": mask.detach().clone(), "training": self.training,
-                           "grad": mask.requires_grad})
+        self.calls.append(
+            {"mask": mask.detach().clone(), "training": self.training, "grad": mask.requires_grad}
+        )
         return self.inner(window, mask)
 
 
@@ -162,7 +195,8 @@ def test_gan_step_teaches_the_discriminator_to_separate_real_from_fake(disc_norm
     # margin between them. vanilla: the real and fake terms pull equally at the start (lsgan
     # first lifts both towards its mean target 0.5 and separates a few steps later).
     _, model, disc, loss_fn, opt_g, opt_d, d_loss_fn = _gan_parts(
-        [f"model.disc_norm={disc_norm}", "loss.gan_mode=vanilla"], lr_g=0.0, lr_d=1e-3)
+        [f"model.disc_norm={disc_norm}", "loss.gan_mode=vanilla"], lr_g=0.0, lr_d=1e-3
+    )
     batch = _batch()
     image, target = batch["image"], batch["target"]
     with torch.no_grad():
@@ -194,9 +228,14 @@ def test_segmenter_update_leaves_the_discriminator_alone():
     opt_d.register_step_post_hook(snapshot)
     g0 = [p.detach().clone() for p in model.parameters()]
     out = gan_step(model, disc, _batch(), loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
-    assert out["adv"] > 0 and any(not torch.equal(a, b) for a, b in zip(g0, model.parameters()))
-    assert all(torch.equal(a, p) for a, p in zip(after_d["params"], disc.parameters()))
-    assert all(torch.equal(a, p.grad) for a, p in zip(after_d["grads"], disc.parameters()))
+    moved = zip(g0, model.parameters(), strict=True)
+    assert out["adv"] > 0 and any(not torch.equal(a, b) for a, b in moved)
+    assert all(
+        torch.equal(a, p) for a, p in zip(after_d["params"], disc.parameters(), strict=False)
+    )
+    assert all(
+        torch.equal(a, p.grad) for a, p in zip(after_d["grads"], disc.parameters(), strict=False)
+    )
 
 
 @pytest.mark.parametrize("disc_norm", DISC_NORMS)
@@ -207,8 +246,7 @@ def test_discriminator_norms(disc_norm):
     convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
     assert (nn.BatchNorm2d in kinds) == (disc_norm == "batch")
     assert (nn.InstanceNorm2d in kinds) == (disc_norm == "instance")
-    assert all(parametrize.is_parametrized(c, "weight") == (disc_norm == "spectral")
-               for c in convs)
+    assert all(parametrize.is_parametrized(c, "weight") == (disc_norm == "spectral") for c in convs)
     if disc_norm == default:
         assert nn.BatchNorm2d not in kinds  # the default is batch-independent
     # 2 stride-2 layers, then two 4x4 stride-1 convs: 32 / 4 - 2
@@ -217,8 +255,9 @@ def test_discriminator_norms(disc_norm):
 
 def test_discriminator_norm_is_validated():
     assert load_config(None, GAN).model.disc_norm == "spectral"
-    with pytest.raises(UserError, match="model.disc_norm must be one of spectral, instance, "
-                                        "batch, got 'layer'"):
+    with pytest.raises(
+        UserError, match="model.disc_norm must be one of spectral, instance, batch, got 'layer'"
+    ):
         load_config(None, GAN + ["model.disc_norm=layer"])
     with pytest.raises(ValueError, match="spectral, instance, batch"):
         PatchDiscriminator(seq_len=3, norm="group")
@@ -244,8 +283,7 @@ def test_gan_step_with_a_ddp_discriminator(tmp_path):
 
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group yet")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         _, model, disc, loss_fn, opt_g, _, d_loss_fn = _gan_parts()
         ddp = DistributedDataParallel(disc)
@@ -254,15 +292,18 @@ def test_gan_step_with_a_ddp_discriminator(tmp_path):
         for _ in range(2):
             out = gan_step(model, ddp, _batch(), loss_fn, opt_g, opt_d, d_loss_fn=d_loss_fn)
         assert math.isfinite(out["d_loss"]) and out["adv"] > 0
-        assert all(not torch.equal(a, b) for a, b in zip(d0, disc.parameters()))
+        assert all(not torch.equal(a, b) for a, b in zip(d0, disc.parameters(), strict=False))
         assert all(p.requires_grad for p in disc.parameters())
     finally:
         dist.destroy_process_group()
 
 
 def test_seg_step_leaves_discriminator_alone():
-    cfg = load_config(None, TINY + ["model.gan=true", "loss.adv_weight=0.1",
-                                    "model.disc_layers=2", "model.disc_channels=4"])
+    cfg = load_config(
+        None,
+        TINY
+        + ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2", "model.disc_channels=4"],
+    )
     model, disc = build_models(cfg)
     d0 = {k: v.clone() for k, v in disc.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -276,13 +317,15 @@ def test_eval_step_counts_sum_over_batches():
     model.eval()
     batch = _batch(b=6)
     whole = eval_step(model, batch)
-    halves = eval_step(model, {k: v[:3] for k, v in batch.items()}) + \
-        eval_step(model, {k: v[3:] for k, v in batch.items()})
+    halves = eval_step(model, {k: v[:3] for k, v in batch.items()}) + eval_step(
+        model, {k: v[3:] for k, v in batch.items()}
+    )
     assert torch.equal(whole, halves)
     assert float(whole[0] + whole[2]) == float(batch["target"].sum())  # tp + fn = positives
 
 
 # -- schedule and checkpoint helpers --------------------------------------------------------
+
 
 def test_warmup_cosine():
     f = partial(warmup_cosine, warmup_steps=4, total_steps=12)
@@ -299,13 +342,19 @@ def test_optimizer_state_roundtrips_weights_only(tmp_path):
     cfg = load_config(None, TINY)
     model, _ = build_models(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup_steps=2,
-                                                           total_steps=10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, partial(warmup_cosine, warmup_steps=2, total_steps=10)
+    )
     seg_step(model, _batch(), build_loss(cfg.loss), opt)
     sched.step()
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(),
-                "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict()},
-               tmp_path / "s.pt")
+    torch.save(
+        {
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        },
+        tmp_path / "s.pt",
+    )
     back = torch.load(tmp_path / "s.pt", weights_only=True)
     assert optimizer_digest(back["opt"]) == optimizer_digest(opt.state_dict()) > 0
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)

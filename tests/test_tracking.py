@@ -1,4 +1,5 @@
-"""The MLflow adapter (vfsearch.adapters.tracking): embedded server lifecycle, URI resolution, logging
+"""The MLflow adapter (vfsearch.adapters.tracking): embedded server lifecycle, URI resolution,
+logging
 over HTTP, retries, the schema of names, the package's boundary; and the ``train`` / ``ui``
 commands' parsing."""
 
@@ -92,10 +93,14 @@ def test_a_record_of_a_dead_or_foreign_pid_is_dropped_never_signalled(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     for pid in (gone.pid, os.getpid()):
-        info = server.ServerInfo(url="http://127.0.0.1:9", pid=pid, port=9,
-                                 workdir=str(tmp_path))
-        board = server.DashboardInfo(url="http://127.0.0.1:9", pid=pid, port=9,
-                                     workdir=str(tmp_path), storage="sqlite:///x.db")
+        info = server.ServerInfo(url="http://127.0.0.1:9", pid=pid, port=9, workdir=str(tmp_path))
+        board = server.DashboardInfo(
+            url="http://127.0.0.1:9",
+            pid=pid,
+            port=9,
+            workdir=str(tmp_path),
+            storage="sqlite:///x.db",
+        )
         server._write(server.MLFLOW, tmp_path, info)
         server._write(server.DASHBOARD, tmp_path, board)
         assert json.loads((tmp_path / "server.json").read_text())["pid"] == pid
@@ -111,6 +116,7 @@ def test_a_record_of_a_dead_or_foreign_pid_is_dropped_never_signalled(tmp_path):
 
 # -- the schema of names -----------------------------------------------------------------------
 
+
 def _names() -> dict[str, str]:
     return {k: v for k, v in vars(schema).items() if k.isupper() and isinstance(v, str)}
 
@@ -120,8 +126,9 @@ def test_schema_names_are_unique_unless_documented():
     for name, value in _names().items():
         by_value.setdefault(value, []).append(name)
     shared = {v: sorted(ns) for v, ns in by_value.items() if len(ns) > 1}
-    undocumented = {v: ns for v, ns in shared.items()
-                    if not all(n in schema.SHARED_VALUES for n in ns)}
+    undocumented = {
+        v: ns for v, ns in shared.items() if not all(n in schema.SHARED_VALUES for n in ns)
+    }
     assert not undocumented, f"constants sharing a value without a reason: {undocumented}"
     assert all(reason.strip() for reason in schema.SHARED_VALUES.values())
 
@@ -129,35 +136,68 @@ def test_schema_names_are_unique_unless_documented():
 def test_schema_values_are_what_mlflow_already_holds():
     """Runs logged before a rename must still be found: the stored strings never change."""
     assert {k: v for k, v in _names().items() if k.endswith(("_TAG", "_EXPERIMENT"))} == {
-        "DEFAULT_EXPERIMENT": "vfsearch", "SWEEP_EXPERIMENT": "vfsearch-sweeps",
-        "PARENT_RUN_TAG": "mlflow.parentRunId", "SHARED_VIEW_TAG": "mlflow.sharedViewState.",
-        "RAY_RUN_TAG": "vfsearch.run", "LAUNCH_TAG": "vfsearch.launch", "STORE_TAG": "store",
-        "GIT_COMMIT_TAG": "git_commit", "FINGERPRINT_TAG": "dataset_fingerprint",
-        "EVAL_THRESHOLD_TAG": "eval.{split}.threshold", "SWEEP_TAG": "vfsearch.sweep",
-        "SWEEP_OF_TRIAL_TAG": "vfsearch.sweep.trial", "TRIAL_TAG": "vfsearch.trial_id",
-        "STATUS_TAG": "vfsearch.status", "SPACE_FILE_TAG": "space_file",
-        "BEST_TRIAL_TAG": "best_trial", "BEST_RUN_TAG": "best_run_id",
-        "VERSION_RUN_TAG": "vfsearch.run_id", "MEMBERS_TAG": "vfsearch.members",
-        "MEMBER_VALUES_TAG": "vfsearch.member_values", "TOP_K_TAG": "vfsearch.top_k",
-        "METRIC_TAG": "vfsearch.metric", "METRIC_VALUE_TAG": "vfsearch.metric_value",
-        "METRIC_MODE_TAG": "vfsearch.metric_mode"}
-    assert (schema.CHECKPOINTS_DIR, schema.BEST_CHECKPOINT, schema.SEARCH_SPACE_DIR,
-            schema.IMPORTANCES_FILE, schema.VISUALISATIONS_DIR, schema.BUNDLE_ARTIFACT,
-            schema.LOGGED_MODEL_NAME) == (
-        "checkpoints", "best.pt", "search_space", "importances/param_importances.json",
-        "visualisations", "bundle", "model")
-    assert (schema.DEFAULT_METRIC, schema.EPOCH_METRIC, schema.THRESHOLD_METRIC,
-            schema.BEST_PREFIX) == ("val_dice3d", "val_dice", "val_threshold3d", "best_")
+        "DEFAULT_EXPERIMENT": "vfsearch",
+        "SWEEP_EXPERIMENT": "vfsearch-sweeps",
+        "PARENT_RUN_TAG": "mlflow.parentRunId",
+        "SHARED_VIEW_TAG": "mlflow.sharedViewState.",
+        "RAY_RUN_TAG": "vfsearch.run",
+        "LAUNCH_TAG": "vfsearch.launch",
+        "STORE_TAG": "store",
+        "GIT_COMMIT_TAG": "git_commit",
+        "FINGERPRINT_TAG": "dataset_fingerprint",
+        "EVAL_THRESHOLD_TAG": "eval.{split}.threshold",
+        "SWEEP_TAG": "vfsearch.sweep",
+        "SWEEP_OF_TRIAL_TAG": "vfsearch.sweep.trial",
+        "TRIAL_TAG": "vfsearch.trial_id",
+        "STATUS_TAG": "vfsearch.status",
+        "SPACE_FILE_TAG": "space_file",
+        "BEST_TRIAL_TAG": "best_trial",
+        "BEST_RUN_TAG": "best_run_id",
+        "VERSION_RUN_TAG": "vfsearch.run_id",
+        "MEMBERS_TAG": "vfsearch.members",
+        "MEMBER_VALUES_TAG": "vfsearch.member_values",
+        "TOP_K_TAG": "vfsearch.top_k",
+        "METRIC_TAG": "vfsearch.metric",
+        "METRIC_VALUE_TAG": "vfsearch.metric_value",
+        "METRIC_MODE_TAG": "vfsearch.metric_mode",
+    }
+    assert (
+        schema.CHECKPOINTS_DIR,
+        schema.BEST_CHECKPOINT,
+        schema.SEARCH_SPACE_DIR,
+        schema.IMPORTANCES_FILE,
+        schema.VISUALISATIONS_DIR,
+        schema.BUNDLE_ARTIFACT,
+        schema.LOGGED_MODEL_NAME,
+    ) == (
+        "checkpoints",
+        "best.pt",
+        "search_space",
+        "importances/param_importances.json",
+        "visualisations",
+        "bundle",
+        "model",
+    )
+    assert (
+        schema.DEFAULT_METRIC,
+        schema.EPOCH_METRIC,
+        schema.THRESHOLD_METRIC,
+        schema.BEST_PREFIX,
+    ) == ("val_dice3d", "val_dice", "val_threshold3d", "best_")
 
 
 # -- the package's boundary --------------------------------------------------------------------
 
+
 def test_the_tracking_package_imports_no_mlflow():
-    code = ("import sys\nimport vfsearch.adapters.tracking\n"
-            "from vfsearch.adapters.tracking import client, registry, schema, server, views\n"
-            "print(sorted(m for m in ('mlflow', 'optuna', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8",
-                         check=True)
+    code = (
+        "import sys\nimport vfsearch.adapters.tracking\n"
+        "from vfsearch.adapters.tracking import client, registry, schema, server, views\n"
+        "print(sorted(m for m in ('mlflow', 'optuna', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -178,13 +218,18 @@ def _reaches_into_mlflow(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr in ("client", "_retry", "retry"):
             bad.append(f"{path.name}:{node.lineno} .{node.attr}")
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                "vfsearch.adapters.tracking") and {a.name for a in node.names} & {
-                "retry", "_retry"}:
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("vfsearch.adapters.tracking")
+            and {a.name for a in node.names} & {"retry", "_retry"}
+        ):
             bad.append(f"{path.name}:{node.lineno} imports retry")
         elif isinstance(node, (ast.Import, ast.ImportFrom)) and not typing_only(node):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 bad.append(f"{path.name}:{node.lineno} imports mlflow")
     return sorted(bad, key=lambda hit: int(hit.split(":")[1].split()[0]))
@@ -192,17 +237,26 @@ def _reaches_into_mlflow(path: Path) -> list[str]:
 
 def test_nothing_outside_the_tracking_package_reaches_into_mlflow():
     """Call sites use `Tracker` methods: no `tracker.client`, no `retry`, no mlflow import."""
-    bad = [hit for p in sorted(PACKAGE.rglob("*.py")) if TRACKING not in p.parents
-           for hit in _reaches_into_mlflow(p)]
+    bad = [
+        hit
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if TRACKING not in p.parents
+        for hit in _reaches_into_mlflow(p)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_the_boundary_check_catches_a_planted_client_call(tmp_path):
     planted = tmp_path / "planted.py"
-    planted.write_text("def f(tracker):\n    return tracker.client.get_run('x')\n\n"
-                       "from vfsearch.adapters.tracking.client import retry\nimport mlflow\n")
+    planted.write_text(
+        "def f(tracker):\n    return tracker.client.get_run('x')\n\n"
+        "from vfsearch.adapters.tracking.client import retry\nimport mlflow\n"
+    )
     assert _reaches_into_mlflow(planted) == [
-        "planted.py:2 .client", "planted.py:4 imports retry", "planted.py:5 imports mlflow"]
+        "planted.py:2 .client",
+        "planted.py:4 imports retry",
+        "planted.py:5 imports mlflow",
+    ]
 
 
 @pytest.mark.integration
@@ -244,8 +298,10 @@ def test_embedded_server_lifecycle_and_ui(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workdir = tmp_path / "mlruns"
     infos: list[tracking.ServerInfo] = []
-    threads = [threading.Thread(target=lambda: infos.append(
-        tracking.ensure_server(workdir, timeout=240))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: infos.append(tracking.ensure_server(workdir, timeout=240)))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:

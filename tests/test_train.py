@@ -22,9 +22,17 @@ from vfsearch.pipelines.train.loop import build_models, optimizer_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY = ["model.depth=3", "model.base_channels=4", "data.patch_size=32", "data.seq_len=3",
-        "model.norm=group", "train.batch_size=8", "train.max_windows_per_epoch=32",
-        "train.warmup_epochs=1", "data.augment=0"]
+TINY = [
+    "model.depth=3",
+    "model.base_channels=4",
+    "data.patch_size=32",
+    "data.seq_len=3",
+    "model.norm=group",
+    "train.batch_size=8",
+    "train.max_windows_per_epoch=32",
+    "train.warmup_epochs=1",
+    "data.augment=0",
+]
 GAN = ["model.gan=true", "loss.adv_weight=0.1", "model.disc_layers=2", "model.disc_channels=4"]
 
 
@@ -43,9 +51,16 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
     cfg_file.write_text(yaml.safe_dump({"train": {"epochs": 2, "gan_start_epoch": 1}}))
     cfg = load_config(str(cfg_file), TINY + GAN)
     storage = tmp_path / "ray"
-    summary = run_training(small_store, cfg, name="gan2w", storage=storage, workers=2,
-                           mlflow_uri=mlflow_server, experiment="test-train",
-                           config_file=cfg_file)
+    summary = run_training(
+        small_store,
+        cfg,
+        name="gan2w",
+        storage=storage,
+        workers=2,
+        mlflow_uri=mlflow_server,
+        experiment="test-train",
+        config_file=cfg_file,
+    )
     assert summary.epochs_done == 2
     assert summary.mlflow_run_id and summary.runs_url.endswith("/runs")
 
@@ -58,8 +73,16 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
     tags = run.data.tags
     assert len(tags["dataset_fingerprint"]) == 16 and tags["git_commit"]
     assert tags["vfsearch.run"] == "gan2w"
-    for key in ("train/loss", "train/dice", "train/bce", "val_dice", "val_iou", "lr",
-                "epoch_time", "windows_per_s"):
+    for key in (
+        "train/loss",
+        "train/dice",
+        "train/bce",
+        "val_dice",
+        "val_iou",
+        "lr",
+        "epoch_time",
+        "windows_per_s",
+    ):
         assert sorted(_history(client, run.info.run_id, key)) == [1, 2], key
     # D and G losses exist for the adversarial epoch only
     assert sorted(_history(client, run.info.run_id, "train/d_loss")) == [2]
@@ -68,10 +91,13 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
     assert lrs[2] < lrs[1]  # cosine decay after the warm-up epoch
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/gan.yaml", "config/resolved.json"} <= arts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == \
-        ["checkpoints/best.pt"]
-    best = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/best.pt",
-                                                str(tmp_path)), weights_only=True)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"
+    ]
+    best = torch.load(
+        client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)),
+        weights_only=True,
+    )
     assert best["epoch"] in (1, 2) and "model" in best
     # what predict needs to preprocess a new scan, and the threshold chosen on validation
     assert best["store"]["spacing"] == [2.0, 2.0, 2.0] and best["store"]["fingerprint"]
@@ -89,8 +115,9 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
     s1, s2 = _state(storage / "gan2w" / "epoch_0001"), _state(storage / "gan2w" / "epoch_0002")
     assert all(torch.equal(d_init[k], s1["disc"][k]) for k in d_init)
     changed = [k for k in d_init if not torch.equal(s1["disc"][k], s2["disc"][k])]
-    assert changed and all(k in changed for k, v in d_init.items() if v.is_floating_point()
-                           and k.endswith("weight"))
+    assert changed and all(
+        k in changed for k, v in d_init.items() if v.is_floating_point() and k.endswith("weight")
+    )
     assert s2["opt_d"]["state"] and not s1["opt_d"]["state"]
     for key in ("model", "opt_g", "sched", "scaler", "epoch", "best_metric"):
         assert key in s2
@@ -104,14 +131,19 @@ def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_pa
 
     from vfsearch.adapters.dataset import WindowDataset
 
-    cfg = load_config(None, TINY + ["train.epochs=1", "train.lr=0",
-                                    "train.max_windows_per_epoch=8"])
-    one = run_training(small_store, cfg, name="agg1", storage=tmp_path, workers=1,
-                       progress=False).metrics
-    two = run_training(small_store, cfg, name="agg2", storage=tmp_path, workers=2,
-                       progress=False).metrics
-    positives = sum(float(b["target"].sum()) for b in DataLoader(
-        WindowDataset(small_store, "val", cfg.data), batch_size=64))
+    cfg = load_config(
+        None, TINY + ["train.epochs=1", "train.lr=0", "train.max_windows_per_epoch=8"]
+    )
+    one = run_training(
+        small_store, cfg, name="agg1", storage=tmp_path, workers=1, progress=False
+    ).metrics
+    two = run_training(
+        small_store, cfg, name="agg2", storage=tmp_path, workers=2, progress=False
+    ).metrics
+    positives = sum(
+        float(b["target"].sum())
+        for b in DataLoader(WindowDataset(small_store, "val", cfg.data), batch_size=64)
+    )
     assert positives > 0
     for m in (one, two):
         assert m["val_tp"] + m["val_fn"] == positives
@@ -120,13 +152,20 @@ def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_pa
     assert two["val_iou"] == pytest.approx(one["val_iou"], abs=1e-4)
 
 
-def test_resume_continues_next_epoch_with_saved_optimizer(small_store, mlflow_server,
-                                                          ray_local, tmp_path):
+def test_resume_continues_next_epoch_with_saved_optimizer(
+    small_store, mlflow_server, ray_local, tmp_path
+):
     from mlflow import MlflowClient
 
     cfg = load_config(None, TINY + ["train.epochs=3", "train.max_failures=0"])
-    kw = dict(name="resume", storage=tmp_path, workers=1, mlflow_uri=mlflow_server,
-              experiment="test-train", progress=False)
+    kw = dict(
+        name="resume",
+        storage=tmp_path,
+        workers=1,
+        mlflow_uri=mlflow_server,
+        experiment="test-train",
+        progress=False,
+    )
     with pytest.raises(RuntimeError, match="failed"):
         run_training(small_store, cfg, fault={"raise_after_epoch": 1}, **kw)
     saved = _state(tmp_path / "resume" / "epoch_0001")
@@ -154,17 +193,23 @@ def test_resume_continues_next_epoch_with_saved_optimizer(small_store, mlflow_se
 
 
 def test_sigkilled_worker_is_replaced_and_run_recovers(small_store, ray_local, tmp_path):
-    cfg = load_config(None, TINY + ["train.epochs=3", "train.max_failures=2",
-                                    "data.oversample_fracture=2"])
+    cfg = load_config(
+        None, TINY + ["train.epochs=3", "train.max_failures=2", "data.oversample_fracture=2"]
+    )
     pid_file = tmp_path / "victim.pid"
     out: dict = {}
 
     def fit() -> None:
         try:
             out["summary"] = run_training(
-                small_store, cfg, name="fault", storage=tmp_path / "ray", workers=2,
-                progress=False, fault={"pid_file": str(pid_file), "epoch": 2, "batch": 1,
-                                       "rank": 1})
+                small_store,
+                cfg,
+                name="fault",
+                storage=tmp_path / "ray",
+                workers=2,
+                progress=False,
+                fault={"pid_file": str(pid_file), "epoch": 2, "batch": 1, "rank": 1},
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             out["error"] = exc
 

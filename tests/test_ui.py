@@ -24,21 +24,39 @@ CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="headless Chromium is not installed at /usr/bin/chromium (.ci/run installs it: "
-    "apt-get install -y chromium)")
+    "apt-get install -y chromium)",
+)
 
 
 def chromium(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run headless Chromium once with a fresh profile, quiet on the network (no background
     fetches, updates or sync: nothing outside 127.0.0.1 is reachable here)."""
     with tempfile.TemporaryDirectory(prefix="vfsearch-chromium-") as profile:
-        size = [] if any(a.startswith("--window-size=") for a in args) else \
-            ["--window-size=1400,1000"]
-        cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-               "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-               *size, *args]
-        return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
-                              timeout=timeout, check=False)
+        size = (
+            [] if any(a.startswith("--window-size=") for a in args) else ["--window-size=1400,1000"]
+        )
+        cmd = [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *size,
+            *args,
+        ]
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
 
 
 def dump_dom(url: str, budget_ms: int = 20000) -> str:
@@ -49,6 +67,7 @@ def dump_dom(url: str, budget_ms: int = 20000) -> str:
 
 # -- the URL (pure) ----------------------------------------------------------------------------
 
+
 def test_sweep_url_sorts_filters_or_opens_a_stored_view():
     url = tracking.sweep_url("http://h:1/", "7", "val_dice3d", parent_run_id="ab" * 16)
     base, _, query = url.partition("?")
@@ -58,17 +77,28 @@ def test_sweep_url_sorts_filters_or_opens_a_stored_view():
     assert fields["orderByAsc"] == "false"
     assert unquote(fields["searchFilter"]) == f"tags.`mlflow.parentRunId` = '{'ab' * 16}'"
     assert "orderByAsc=true" in tracking.sweep_url("http://h:1", "7", "loss", mode="min")
-    assert tracking.sweep_url("http://h:1", "7", "val_dice3d", share_key="k-1") == \
-        "http://h:1/#/experiments/7/runs?viewStateShareKey=k-1"
+    assert (
+        tracking.sweep_url("http://h:1", "7", "val_dice3d", share_key="k-1")
+        == "http://h:1/#/experiments/7/runs?viewStateShareKey=k-1"
+    )
 
 
 def test_sweep_view_state_names_the_columns_to_show():
-    state = tracking.sweep_view_state("val_dice3d", parent_run_id="p" * 32, metrics=[
-        "val_dice3d", "val_dice"], params=["train.lr"], tags=["vfsearch.status"])
+    state = tracking.sweep_view_state(
+        "val_dice3d",
+        parent_run_id="p" * 32,
+        metrics=["val_dice3d", "val_dice"],
+        params=["train.lr"],
+        tags=["vfsearch.status"],
+    )
     assert state["orderByKey"] == "metrics.`val_dice3d`" and state["orderByAsc"] is False
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{'p' * 32}'"
-    assert state["selectedColumns"] == ["metrics.`val_dice3d`", "metrics.`val_dice`",
-                                        "params.`train.lr`", "tags.`vfsearch.status`"]
+    assert state["selectedColumns"] == [
+        "metrics.`val_dice3d`",
+        "metrics.`val_dice`",
+        "params.`train.lr`",
+        "tags.`vfsearch.status`",
+    ]
     assert "runsExpanded" not in state  # a shared view never carries it (the UI drops it)
 
 
@@ -101,6 +131,7 @@ def test_dashboard_starts_before_any_sweep_and_is_found_again(tmp_path):
 
 # -- a real sweep, both servers, a real browser ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ui_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     """2 trials of 1 epoch, two sampled parameters; the study in the sweep's workdir."""
@@ -109,12 +140,27 @@ def ui_sweep(tmp_path_factory, small_store, mlflow_server, ray_local):
     from vfsearch.pipelines.tune import tune
 
     tmp = tmp_path_factory.mktemp("ui_sweep")
-    space = write_space(tmp, epochs=1, grace=1, params=(
-        "  model.temporal: {type: categorical, choices: [lstm, none]}\n"
-        "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"))
-    summary = tune(small_store, space, num_samples=2, name="uisweep", seed=0, workdir=tmp,
-                   storage=tmp / "ray", mlflow_uri=mlflow_server, max_concurrent=1,
-                   cpus_per_worker=0.5)
+    space = write_space(
+        tmp,
+        epochs=1,
+        grace=1,
+        params=(
+            "  model.temporal: {type: categorical, choices: [lstm, none]}\n"
+            "  loss.dice_weight: {type: float, low: 0.5, high: 1.5}"
+        ),
+    )
+    summary = tune(
+        small_store,
+        space,
+        num_samples=2,
+        name="uisweep",
+        seed=0,
+        workdir=tmp,
+        storage=tmp / "ray",
+        mlflow_uri=mlflow_server,
+        max_concurrent=1,
+        cpus_per_worker=0.5,
+    )
     return summary, tmp
 
 
@@ -126,15 +172,18 @@ def test_tune_prints_the_sweep_view(ui_sweep, mlflow_server):
     summary, _ = ui_sweep
     client, parent, _ = children(mlflow_server, "uisweep")
     key = f"vfsearch-sweep-{parent.info.run_id}"
-    assert f"MLflow runs: {mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?" \
+    assert (
+        f"MLflow runs: {mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?"
         f"viewStateShareKey={key}" in str(summary)
+    )
     tag = client.get_experiment(parent.info.experiment_id).tags[SHARED_VIEW_TAG + key]
     view = json.loads(tag)
     state = json.loads(view["state"])
     assert view["name"] == "sweep uisweep: trials by val_dice3d"
     assert state["orderByKey"] == "metrics.`val_dice3d`" and state["orderByAsc"] is False
-    assert {"metrics.`val_dice3d`", "params.`model.temporal`",
-            "params.`loss.dice_weight`"} <= set(state["selectedColumns"])
+    assert {"metrics.`val_dice3d`", "params.`model.temporal`", "params.`loss.dice_weight`"} <= set(
+        state["selectedColumns"]
+    )
 
 
 @pytest.mark.integration
@@ -151,11 +200,12 @@ def test_ui_serves_both_dashboards_with_the_sweeps_trials(ui_sweep, mlflow_serve
         assert res.exit_code == 0, res.output
         lines = dict(line.split(": ", 1) for line in res.output.strip().splitlines())
         board = tracking.find_dashboard(workdir)
-        assert board is not None and lines["Optuna dashboard"].strip() == \
-            f"{board.url}/dashboard"
+        assert board is not None and lines["Optuna dashboard"].strip() == f"{board.url}/dashboard"
         recorded = json.loads((workdir / "dashboard.json").read_text())
-        assert recorded["pid"] == board.pid and recorded["storage"] == \
-            f"sqlite:///{workdir.resolve() / 'optuna.db'}"
+        assert (
+            recorded["pid"] == board.pid
+            and recorded["storage"] == f"sqlite:///{workdir.resolve() / 'optuna.db'}"
+        )
         # found again, not started twice
         again = runner.invoke(app, ["ui", "--workdir", str(workdir)])
         assert again.exit_code == 0 and tracking.find_dashboard(workdir) == board
@@ -184,4 +234,3 @@ def test_ui_serves_both_dashboards_with_the_sweeps_trials(ui_sweep, mlflow_serve
     assert stop.exit_code == 0 and "stopped the Optuna dashboard" in stop.output
     assert tracking.find_dashboard(workdir) is None and not (workdir / "dashboard.json").exists()
     assert tracking.is_healthy(mlflow_server)  # the team server ($MLFLOW_TRACKING_URI) is not ours
-

@@ -1,4 +1,5 @@
-"""Pictures and meshes (`vfsearch.adapters.plots`, `vfsearch.adapters.meshes`, `vfsearch.pipelines.visualize`).
+"""Pictures and meshes (`vfsearch.adapters.plots`, `vfsearch.adapters.meshes`,
+`vfsearch.pipelines.visualize`).
 
 A test double that "segments" the voxels the test CT marks as fracture (3000 HU) stands in for
 a model, so the heatmap must sit on the ground truth; its attention maps are the marked
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from vfsearch.adapters import meshes as meshes
 from vfsearch.adapters import plots as viz
-from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.adapters import volumes as io
+from vfsearch.core.config import Config, DataConfig, ModelConfig
 from vfsearch.core.geometry import Geometry
 from vfsearch.core.inference import LoadedModel
 
@@ -48,7 +49,7 @@ class GroundTruthStandIn(torch.nn.Module):
     @staticmethod
     def _attention(x):  # (B, 1, H, W) -> [(B, 1, H / 2**l, W / 2**l)]
         marked = (x > 2.5).float()
-        return [F.avg_pool2d(marked, 2 ** lv) if lv else marked for lv in range(LEVELS)]
+        return [F.avg_pool2d(marked, 2**lv) if lv else marked for lv in range(LEVELS)]
 
     def encode(self, slices):  # (N, 1, H, W)
         return slices, [slices]
@@ -57,15 +58,22 @@ class GroundTruthStandIn(torch.nn.Module):
         return {"logits": (skips[0] - 2.5) * 50.0, "attention": self._attention(skips[0])}
 
     def forward(self, window):  # (B, T, H, W)
-        centre = window[:, window.shape[1] // 2:][:, :1]
+        centre = window[:, window.shape[1] // 2 :][:, :1]
         return {"logits": (centre - 2.5) * 50.0, "attention": self._attention(centre)}
 
 
 def _stand_in(spacing=SPACING) -> LoadedModel:
-    config = Config(model=ModelConfig(depth=LEVELS), data=DataConfig(seq_len=3, plane="sagittal",
-                                                                     patch_size=32))
-    return LoadedModel(GroundTruthStandIn().eval(), config, FINGERPRINT, tuple(spacing), 4.0,
-                       source="ground-truth stand-in")
+    config = Config(
+        model=ModelConfig(depth=LEVELS), data=DataConfig(seq_len=3, plane="sagittal", patch_size=32)
+    )
+    return LoadedModel(
+        GroundTruthStandIn().eval(),
+        config,
+        FINGERPRINT,
+        tuple(spacing),
+        4.0,
+        source="ground-truth stand-in",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +97,10 @@ def case(tmp_path_factory):
     canon = {"ct": ct, "vertebrae": lab, "fracture": frac}
     geom = Geometry(SPACING, (40.0, -12.5, 300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
     folder = tmp_path_factory.mktemp("viz_case")
-    paths = {k: io.write_volume(folder / f"{k}.nii.gz", np.ascontiguousarray(a[:, ::-1, ::-1]),
-                                geom) for k, a in canon.items()}
+    paths = {
+        k: io.write_volume(folder / f"{k}.nii.gz", np.ascontiguousarray(a[:, ::-1, ::-1]), geom)
+        for k, a in canon.items()
+    }
     return {"paths": paths, "canon": canon, "folder": folder}
 
 
@@ -101,8 +111,14 @@ def rendered(case, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("viz_out")
     p = case["paths"]
-    summary = visualize(out, model=_stand_in(), ct=p["ct"], vertebrae=p["vertebrae"],
-                        fracture=p["fracture"], html=True)
+    summary = visualize(
+        out,
+        model=_stand_in(),
+        ct=p["ct"],
+        vertebrae=p["vertebrae"],
+        fracture=p["fracture"],
+        html=True,
+    )
     return out, summary
 
 
@@ -142,8 +158,12 @@ def read_ply(path: Path) -> dict:
         off += 1 + 4 * k
     assert off == len(data), "trailing bytes"
     xyz = np.stack([vert["x"], vert["y"], vert["z"]], axis=1)
-    return {"xyz": xyz, "faces": np.array(faces, dtype=np.int64).reshape(-1, 3), "vert": vert,
-            "header": header}
+    return {
+        "xyz": xyz,
+        "faces": np.array(faces, dtype=np.int64).reshape(-1, 3),
+        "vert": vert,
+        "header": header,
+    }
 
 
 def read_stl(path: Path) -> np.ndarray:
@@ -193,8 +213,11 @@ def test_every_picture_written_at_its_stated_size(rendered, monkeypatch):
     assert n >= 1 and all(f["true"] and f["predicted"] for f in summary["findings"])
     per_vertebra = [f"heatmap_{f['name']}.png" for f in summary["findings"]]
     assert set(per_vertebra) <= names
-    expected = {"heatmap_case.png": viz.montage_size(n, 3), "render_3d.png": (4 * 380, 460),
-                "attention_case.png": viz.montage_size(n, 1 + LEVELS)}
+    expected = {
+        "heatmap_case.png": viz.montage_size(n, 3),
+        "render_3d.png": (4 * 380, 460),
+        "attention_case.png": viz.montage_size(n, 1 + LEVELS),
+    }
     for f in summary["findings"]:
         expected[f"heatmap_{f['name']}.png"] = viz.montage_size(1, 3)
         expected[f"attention_{f['name']}.png"] = viz.montage_size(1, 1 + LEVELS)
@@ -217,7 +240,7 @@ def test_hottest_region_lies_inside_the_true_fracture(view):
     found = findings(view)
     assert found
     for f in found:
-        region = tuple(slice(a, b) for a, b in zip(*f.box))
+        region = tuple(slice(a, b) for a, b in zip(*f.box, strict=False))
         truth = np.zeros_like(view.truth)
         truth[region] = view.truth[region]
         idx = np.argwhere(truth)
@@ -226,9 +249,11 @@ def test_hottest_region_lies_inside_the_true_fracture(view):
         sx, sy, sz = view.geometry.spacing
         ox, oy, oz = view.geometry.origin
         # truth box in mm along each canonical axis (voxel edges)
-        mm = {"x": (ox + lo[2] * sx - sx / 2, ox + hi[2] * sx + sx / 2),
-              "y": (oy + lo[1] * sy - sy / 2, oy + hi[1] * sy + sy / 2),
-              "z": (oz + lo[0] * sz - sz / 2, oz + hi[0] * sz + sz / 2)}
+        mm = {
+            "x": (ox + lo[2] * sx - sx / 2, ox + hi[2] * sx + sx / 2),
+            "y": (oy + lo[1] * sy - sy / 2, oy + hi[1] * sy + sy / 2),
+            "z": (oz + lo[0] * sz - sz / 2, oz + hi[0] * sz + sz / 2),
+        }
         axes = {"sagittal": ("y", "z"), "coronal": ("x", "z"), "axial": ("x", "y")}
         for panel in _heat_row(view, f):
             plane = panel.title.split()[1]
@@ -238,8 +263,11 @@ def test_hottest_region_lies_inside_the_true_fracture(view):
             # pixel centre -> mm through the panel's own extent and origin
             u = left + (cols.mean() + 0.5) * (right - left) / ov.shape[1]
             frac = (rows.mean() + 0.5) / ov.shape[0]
-            v = bottom + frac * (top - bottom) if panel.origin == "lower" else \
-                top + frac * (bottom - top)
+            v = (
+                bottom + frac * (top - bottom)
+                if panel.origin == "lower"
+                else top + frac * (bottom - top)
+            )
             (ua, va) = axes[plane]
             assert mm[ua][0] <= u <= mm[ua][1], (plane, ua, u, mm[ua])
             assert mm[va][0] <= v <= mm[va][1], (plane, va, v, mm[va])
@@ -254,8 +282,9 @@ def test_panels_are_physical_and_superior_up(view):
     sx, sy, sz = view.geometry.spacing
     assert (sx, sy, sz) == pytest.approx(SPACING)
     centre = (nz // 2, ny // 2, nx // 2)
-    sag, ax, cor = viz.ortho_panels(view.ct, view.prob, None, view.geometry.spacing,
-                                    view.geometry.origin, centre)
+    sag, ax, cor = viz.ortho_panels(
+        view.ct, view.prob, None, view.geometry.spacing, view.geometry.origin, centre
+    )
     assert sag.ct.shape == (nz, ny) and sag.origin == "lower"
     assert sag.extent[1] - sag.extent[0] == pytest.approx(ny * sy)
     assert sag.extent[3] - sag.extent[2] == pytest.approx(nz * sz)  # z grows upward
@@ -334,24 +363,53 @@ def test_cli_headless_with_a_real_checkpoint(case, tmp_path):
     display and an interactive backend requested: pictures still come out (Agg)."""
     from vfsearch.core.models import build_model
 
-    config = Config(model=ModelConfig(depth=3, base_channels=4, temporal="lstm"),
-                    data=DataConfig(seq_len=3, plane="sagittal", patch_size=32))
+    config = Config(
+        model=ModelConfig(depth=3, base_channels=4, temporal="lstm"),
+        data=DataConfig(seq_len=3, plane="sagittal", patch_size=32),
+    )
     torch.manual_seed(0)
     model = build_model(config.model, config.data.seq_len)
     ckpt = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "config": config.flatten(),
-                "fingerprint": FINGERPRINT, "spacing": list(SPACING), "margin_mm": 4.0,
-                "threshold": 0.5}, ckpt)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": config.flatten(),
+            "fingerprint": FINGERPRINT,
+            "spacing": list(SPACING),
+            "margin_mm": 4.0,
+            "threshold": 0.5,
+        },
+        ckpt,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env.update(MPLBACKEND="TkAgg", OMP_NUM_THREADS="1")
     p = case["paths"]
     out = tmp_path / "pics"
-    res = subprocess.run([sys.executable, "-m", "vfsearch", "visualize", str(p["ct"]),
-                          "--model", str(ckpt), "--vertebrae", str(p["vertebrae"]),
-                          "--fracture", str(p["fracture"]), "--out", str(out),
-                          "--threshold", "0.9"],
-                         env=env, capture_output=True, encoding="utf-8", errors="replace",
-                         timeout=300, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vfsearch",
+            "visualize",
+            str(p["ct"]),
+            "--model",
+            str(ckpt),
+            "--vertebrae",
+            str(p["vertebrae"]),
+            "--fracture",
+            str(p["fracture"]),
+            "--out",
+            str(out),
+            "--threshold",
+            "0.9",
+        ],
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     listed = json.loads((out / "pictures.json").read_text())
     for path, size in listed["pictures"].items():
@@ -370,12 +428,13 @@ def test_cli_needs_a_ct_or_a_run(tmp_path):
     res = CliRunner().invoke(app, ["visualize", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "give a CT" in res.output
-    res = CliRunner().invoke(app, ["visualize", str(tmp_path / "ct.nii.gz"), "--out",
-                                   str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app, ["visualize", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2 and "--model and --vertebrae" in res.output
 
 
-# -- curves and MLflow --------------------------------------------------------------------------------
+# -- curves and MLflow ------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.slow
 def test_curves_and_sweep_plots_from_mlflow(mlflow_server, tmp_path):
@@ -398,7 +457,9 @@ def test_curves_and_sweep_plots_from_mlflow(mlflow_server, tmp_path):
     assert sorted(hist["val_dice"]) == [(1.0, pytest.approx(0.2)), (2.0, pytest.approx(0.25))]
     trials, importances = sweep_data(tracker, parent)
     assert {k: [v for _, v in sorted(pts)] for k, pts in trials.items()} == {
-        "trial0": pytest.approx([0.1, 0.3, 0.5]), "trial1": pytest.approx([0.2, 0.25])}
+        "trial0": pytest.approx([0.1, 0.3, 0.5]),
+        "trial1": pytest.approx([0.2, 0.25]),
+    }
     assert importances == {"model.depth": 0.7, "train.lr": 0.3}
     run = curve_pictures(tracker, kids[0], tmp_path / "run")
     assert len(run) == 1 and viz.png_size(run[0]) == (1200, 400)
@@ -426,6 +487,5 @@ def test_log_visualisations_of_a_store_case(mlflow_server, small_store):
     folder = logged[0].rsplit("/", 1)[0]
     assert folder.startswith("visualisations/") and cid.replace("/", "_") in folder
     names = {Path(a.path).name for a in tracker.client.list_artifacts(run, folder)}
-    assert {"heatmap_case.png", "render_3d.png", "spine.stl", "spine.ply",
-            "pictures.json"} <= names
+    assert {"heatmap_case.png", "render_3d.png", "spine.stl", "spine.ply", "pictures.json"} <= names
     assert names == {Path(p).name for p in logged}

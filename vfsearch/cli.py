@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,47 +26,82 @@ app = typer.Typer(
 
 
 # Options several commands share (same name, same meaning, one help text).
-LabelSchemeOpt = Annotated[str, typer.Option(
-    help="Label ids of --vertebrae: verse or totalsegmentator.")]
-ThresholdOpt = Annotated[Optional[float], typer.Option(
-    help="Fracture probability threshold (default: the model's validation threshold, "
-    "else 0.5).")]
+LabelSchemeOpt = Annotated[
+    str, typer.Option(help="Label ids of --vertebrae: verse or totalsegmentator.")
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Fracture probability threshold (default: the model's validation threshold, else 0.5)."
+    ),
+]
 CombineOpt = Annotated[str, typer.Option(help="Where vertebra crops overlap: mean, max or vote.")]
-VerboseOpt = Annotated[bool, typer.Option(
-    "--verbose", help="Also show Ray's own output: worker and actor logs, Ray's warnings and "
-    "Tune's status table (default: only vfsearch's lines, at a terminal).")]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    help="torch device (default: cuda if available, else cpu).")]
-TrainingStoreOpt = Annotated[Optional[Path], typer.Option(
-    help="Training store, for a checkpoint that does not carry its spacing and fingerprint.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Also show Ray's own output: worker and actor logs, Ray's warnings and "
+        "Tune's status table (default: only vfsearch's lines, at a terminal).",
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")
+]
+TrainingStoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Training store, for a checkpoint that does not carry its spacing and fingerprint."
+    ),
+]
 
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (created). Holds one folder per "
-                                        "case and manifest.csv.")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Output folder (created). Holds one folder per case and manifest.csv."),
+    ],
     cases: Annotated[int, typer.Option(min=1, help="Number of synthetic cases.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
-    spacing: Annotated[Optional[str], typer.Option(
-        help="Voxel spacing x,y,z in mm (default: anisotropic 0.8,0.8,2.0; small: 2,2,2).")] = None,
-    small: Annotated[bool, typer.Option(
-        "--small", help="Small, coarse volumes for tests and quick demos.")] = False,
-    fracture_rate: Annotated[float, typer.Option(
-        help="Share of vertebrae fractured (0-1).")] = 0.22,
-    background: Annotated[Optional[Path], typer.Option(
-        help="Simulate fractures on real (healthy) scans instead of a phantom: one CT (with "
-        "--vertebrae), a folder of scans (<name>/ct.nii.gz + <name>/vertebrae*.nii.gz, or a "
-        "VerSe rawdata/derivatives tree) or a manifest CSV (case_id, ct, vertebrae[, "
-        "label_scheme][, subject]; paths relative to the CSV).")] = None,
-    vertebrae: Annotated[Optional[Path], typer.Option(
-        help="Vertebra label map of --background when that is one CT.")] = None,
-    fracture: Annotated[Optional[str], typer.Option(
-        help="With --background: vertebrae to fracture as id:grade:morphology, comma "
-        "separated (e.g. 22:2:wedge,20:3:crush), one case per scan; default: random "
-        "fractures per variant.")] = None,
-    variants: Annotated[int, typer.Option(
-        help="With --background: cases per scan (<scan>_v000, ...), each with 0-3 random "
-        "fractures of fully imaged vertebrae T4-L5 (about 20 % none).")] = 1,
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            help="Voxel spacing x,y,z in mm (default: anisotropic 0.8,0.8,2.0; small: 2,2,2)."
+        ),
+    ] = None,
+    small: Annotated[
+        bool, typer.Option("--small", help="Small, coarse volumes for tests and quick demos.")
+    ] = False,
+    fracture_rate: Annotated[
+        float, typer.Option(help="Share of vertebrae fractured (0-1).")
+    ] = 0.22,
+    background: Annotated[
+        Path | None,
+        typer.Option(
+            help="Simulate fractures on real (healthy) scans instead of a phantom: one CT (with "
+            "--vertebrae), a folder of scans (<name>/ct.nii.gz + <name>/vertebrae*.nii.gz, or a "
+            "VerSe rawdata/derivatives tree) or a manifest CSV (case_id, ct, vertebrae[, "
+            "label_scheme][, subject]; paths relative to the CSV)."
+        ),
+    ] = None,
+    vertebrae: Annotated[
+        Path | None, typer.Option(help="Vertebra label map of --background when that is one CT.")
+    ] = None,
+    fracture: Annotated[
+        str | None,
+        typer.Option(
+            help="With --background: vertebrae to fracture as id:grade:morphology, comma "
+            "separated (e.g. 22:2:wedge,20:3:crush), one case per scan; default: random "
+            "fractures per variant."
+        ),
+    ] = None,
+    variants: Annotated[
+        int,
+        typer.Option(
+            help="With --background: cases per scan (<scan>_v000, ...), each with 0-3 random "
+            "fractures of fully imaged vertebrae T4-L5 (about 20 % none)."
+        ),
+    ] = 1,
     label_scheme: LabelSchemeOpt = "verse",
 ) -> None:
     """Write synthetic thoracolumbar CT (T4-L5) with vertebra labels and fracture masks.
@@ -80,39 +115,64 @@ def synth(
     from vfsearch.pipelines import synth as synth_mod
 
     with _errors():
-        if background is None and vertebrae is None and (
-                fracture is not None or label_scheme != "verse" or variants != 1):
+        if (
+            background is None
+            and vertebrae is None
+            and (fracture is not None or label_scheme != "verse" or variants != 1)
+        ):
             raise UserError("--fracture/--label-scheme/--variants: only with --background")
         if background is not None or vertebrae is not None:
             result = synth_mod.synth_on_background(
-                background, vertebrae, out, fracture=fracture, seed=seed,
-                label_scheme=label_scheme, variants=variants,
-                warn=lambda line: typer.echo(f"warning: {line}", err=True))
+                background,
+                vertebrae,
+                out,
+                fracture=fracture,
+                seed=seed,
+                label_scheme=label_scheme,
+                variants=variants,
+                warn=lambda line: typer.echo(f"warning: {line}", err=True),
+            )
         else:
             result = synth_mod.synth_dataset(
-                out, cases=cases, seed=seed, spacing=_parse_spacing(spacing, "--spacing"),
-                small=small, fracture_rate=fracture_rate)
+                out,
+                cases=cases,
+                seed=seed,
+                spacing=_parse_spacing(spacing, "--spacing"),
+                small=small,
+                fracture_rate=fracture_rate,
+            )
     typer.echo(result)
 
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="A manifest CSV (case_id, ct, vertebrae, "
-                                           "fracture[, split, grades]), a synth folder or a "
-                                           "VerSe tree. `vertebrae` may name a label map or a "
-                                           "CSV of boxes vertebra,x0,y0,z0,x1,y1,z1.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A manifest CSV (case_id, ct, vertebrae, "
+            "fracture[, split, grades]), a synth folder or a "
+            "VerSe tree. `vertebrae` may name a label map or a "
+            "CSV of boxes vertebra,x0,y0,z0,x1,y1,z1."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Zarr store to create or extend.")],
     spacing: Annotated[str, typer.Option(help="Resampling spacing x,y,z in mm.")] = "1,1,1",
     margin: Annotated[float, typer.Option(help="Crop margin around each vertebra, mm.")] = 8.0,
-    label_scheme: Annotated[str, typer.Option(
-        help="Vertebra ids of the label maps: verse or totalsegmentator.")] = "verse",
-    split: Annotated[str, typer.Option(
-        help="train,val,test fractions for cases without a split column.")] = "0.7,0.15,0.15",
+    label_scheme: Annotated[
+        str, typer.Option(help="Vertebra ids of the label maps: verse or totalsegmentator.")
+    ] = "verse",
+    split: Annotated[
+        str, typer.Option(help="train,val,test fractions for cases without a split column.")
+    ] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the case-level split.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Cases ingested in parallel.")] = 1,
-    chunk_plane: Annotated[str, typer.Option(
-        help="Plane whose consecutive slices share chunks (the training plane): "
-        "sagittal, coronal or axial.")] = "sagittal",
+    chunk_plane: Annotated[
+        str,
+        typer.Option(
+            help="Plane whose consecutive slices share chunks (the training plane): "
+            "sagittal, coronal or axial."
+        ),
+    ] = "sagittal",
 ) -> None:
     """Ingest CT + vertebra labels (+ fracture masks) into a Zarr store of vertebra crops.
 
@@ -124,16 +184,24 @@ def ingest(
 
     with _errors():
         summary = ingest_mod.ingest(
-            source, out, spacing=_parse_spacing(spacing, "--spacing"), margin_mm=margin,
-            label_scheme=label_scheme, split=_parse_fractions(split), seed=seed,
-            workers=workers, chunk_plane=chunk_plane)
+            source,
+            out,
+            spacing=_parse_spacing(spacing, "--spacing"),
+            margin_mm=margin,
+            label_scheme=label_scheme,
+            split=_parse_fractions(split),
+            seed=seed,
+            workers=workers,
+            chunk_plane=chunk_plane,
+        )
     typer.echo(summary)
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data and store.")] =
-    Path("demo_out"),
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data and store.")] = Path(
+        "demo_out"
+    ),
     cases: Annotated[int, typer.Option(min=6, help="Synthetic cases.")] = 12,
     trials: Annotated[int, typer.Option(min=1, help="Trials of the demo sweep.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -151,31 +219,56 @@ def demo(
 
 @app.command()
 def train(
-    store: Annotated[Path, typer.Option("--store", help="Zarr store written by "
-                                        "`vfsearch ingest`.")],
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="YAML config (nested sections or dotted keys).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set model.depth=3 (repeatable).")] = None,
+    store: Annotated[
+        Path, typer.Option("--store", help="Zarr store written by `vfsearch ingest`.")
+    ],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config (nested sections or dotted keys).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set model.depth=3 (repeatable)."),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP ranks).")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(
-        min=0, help="GPUs per worker (0: CPU with gloo; > 0: CUDA with NCCL and bf16).")] = 0.0,
-    cpus_per_worker: Annotated[float, typer.Option(
-        min=0.1, help="CPUs each worker reserves (its loader processes use them).")] = 1.0,
-    loader_workers: Annotated[Optional[int], typer.Option(
-        min=0, help="DataLoader processes per worker; shortcut for --set train.num_workers=N "
-        "(default auto: none on CPU, CPUs per worker - 1 up to 8 on GPU).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        min=1, help="Shortcut for --set train.epochs=E.")] = None,
-    name: Annotated[Optional[str], typer.Option(
-        help="Run name; the same name continues that run from its last checkpoint.")] = None,
-    address: Annotated[Optional[str], typer.Option(
-        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder: embedded MLflow server data and checkpoints.")] = Path("mlruns"),
-    storage: Annotated[Optional[str], typer.Option(
-        help="Checkpoint storage (a path or URI every node reaches; default "
-        "<workdir>/checkpoints).")] = None,
+    gpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            min=0, help="GPUs per worker (0: CPU with gloo; > 0: CUDA with NCCL and bf16)."
+        ),
+    ] = 0.0,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(min=0.1, help="CPUs each worker reserves (its loader processes use them)."),
+    ] = 1.0,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="DataLoader processes per worker; shortcut for --set train.num_workers=N "
+            "(default auto: none on CPU, CPUs per worker - 1 up to 8 on GPU).",
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Shortcut for --set train.epochs=E.")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Run name; the same name continues that run from its last checkpoint."),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)."),
+    ] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder: embedded MLflow server data and checkpoints.")
+    ] = Path("mlruns"),
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoint storage (a path or URI every node reaches; default "
+            "<workdir>/checkpoints)."
+        ),
+    ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "vfsearch",
     verbose: VerboseOpt = False,
 ) -> None:
@@ -194,28 +287,54 @@ def train(
         if loader_workers is not None:
             overrides.append(f"train.num_workers={loader_workers}")
         cfg = load_config(str(config) if config else None, overrides)
-        summary = train_fn(store, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
-                           cpus_per_worker=cpus_per_worker,
-                           name=name, address=address, storage=storage, workdir=workdir,
-                           experiment=experiment, config_file=config, verbose=verbose,
-                           echo=progress.say)
+        summary = train_fn(
+            store,
+            cfg,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            name=name,
+            address=address,
+            storage=storage,
+            workdir=workdir,
+            experiment=experiment,
+            config_file=config,
+            verbose=verbose,
+            echo=progress.say,
+        )
     typer.echo(summary)
 
 
 @app.command()
 def ui(
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
-    port: Annotated[int, typer.Option(
-        help="Port for a server started now (0: $VFSEARCH_MLFLOW_PORT or a free one).")] = 0,
-    dashboard_port: Annotated[int, typer.Option(
-        help="Port for an Optuna dashboard started now (0: $VFSEARCH_OPTUNA_PORT or a free "
-        "one).")] = 0,
-    sweep: Annotated[Optional[str], typer.Option(
-        "--sweep", help="Also print this sweep's links: its trials in MLflow (best first by "
-        "the sweep metric) and its study in the Optuna dashboard.")] = None,
-    stop: Annotated[bool, typer.Option(
-        "--stop", help="Stop the embedded MLflow server and the Optuna dashboard.")] = False,
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder of the embedded MLflow server.")
+    ] = Path("mlruns"),
+    port: Annotated[
+        int,
+        typer.Option(
+            help="Port for a server started now (0: $VFSEARCH_MLFLOW_PORT or a free one)."
+        ),
+    ] = 0,
+    dashboard_port: Annotated[
+        int,
+        typer.Option(
+            help="Port for an Optuna dashboard started now (0: $VFSEARCH_OPTUNA_PORT or a free "
+            "one)."
+        ),
+    ] = 0,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            "--sweep",
+            help="Also print this sweep's links: its trials in MLflow (best first by "
+            "the sweep metric) and its study in the Optuna dashboard.",
+        ),
+    ] = None,
+    stop: Annotated[
+        bool,
+        typer.Option("--stop", help="Stop the embedded MLflow server and the Optuna dashboard."),
+    ] = False,
 ) -> None:
     """Start (or find) the MLflow server and the Optuna dashboard; print the URLs to open.
 
@@ -228,18 +347,21 @@ def ui(
         if stop:
             typer.echo(report_mod.stop_ui(workdir))
             return
-        links = report_mod.ui(workdir, port=port or None, dashboard_port=dashboard_port or None,
-                              sweep=sweep)
+        links = report_mod.ui(
+            workdir, port=port or None, dashboard_port=dashboard_port or None, sweep=sweep
+        )
     typer.echo(str(links))
 
 
 @app.command()
 def report(
     sweep: Annotated[str, typer.Option("--sweep", help="Sweep name (as given to tune).")],
-    out: Annotated[Path, typer.Option(
-        "--out", help="HTML file to write (one self-contained page).")] = Path("report.html"),
-    workdir: Annotated[Path, typer.Option(
-        help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
+    out: Annotated[
+        Path, typer.Option("--out", help="HTML file to write (one self-contained page).")
+    ] = Path("report.html"),
+    workdir: Annotated[
+        Path, typer.Option(help="Folder of the embedded MLflow server and the Optuna study.")
+    ] = Path("mlruns"),
 ) -> None:
     """Write a shareable report of a sweep: one self-contained HTML page.
 
@@ -256,21 +378,30 @@ def report(
 
 @app.command()
 def predict(
-    ct: Annotated[Path, typer.Argument(help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series "
-                                       "folder.")],
-    model: Annotated[str, typer.Option(
-        "--model", help="Checkpoint file or folder, or MLflow run id; comma-separated "
-        "models of different planes are averaged.")],
-    vertebrae: Annotated[Path, typer.Option(
-        "--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV).")],
+    ct: Annotated[
+        Path, typer.Argument(help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series folder.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Checkpoint file or folder, or MLflow run id; comma-separated "
+            "models of different planes are averaged.",
+        ),
+    ],
+    vertebrae: Annotated[
+        Path,
+        typer.Option("--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV)."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
     label_scheme: LabelSchemeOpt = "verse",
     threshold: ThresholdOpt = None,
     combine: CombineOpt = "mean",
     device: DeviceOpt = None,
     store: TrainingStoreOpt = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder of the embedded MLflow server (for run ids).")] = Path("mlruns"),
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder of the embedded MLflow server (for run ids).")
+    ] = Path("mlruns"),
 ) -> None:
     """Predict the fracture map of one CT, on the CT's own grid.
 
@@ -281,31 +412,51 @@ def predict(
     from vfsearch.pipelines import predict as predict_mod
 
     with _errors():
-        summary = predict_mod.predict(model, ct, vertebrae, out, label_scheme=label_scheme,
-                                      threshold=threshold, combine=combine, device=device,
-                                      store=store, workdir=workdir)
+        summary = predict_mod.predict(
+            model,
+            ct,
+            vertebrae,
+            out,
+            label_scheme=label_scheme,
+            threshold=threshold,
+            combine=combine,
+            device=device,
+            store=store,
+            workdir=workdir,
+        )
     typer.echo(predict_mod.format_summary(summary))
 
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option(
-        "--model", help="Checkpoint file or folder, or MLflow run id (a segmenter or the "
-        "resnet18_classifier baseline).")],
-    store: Annotated[Path, typer.Option("--store", help="Zarr store written by "
-                                        "`vfsearch ingest`.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Checkpoint file or folder, or MLflow run id (a segmenter or the "
+            "resnet18_classifier baseline).",
+        ),
+    ],
+    store: Annotated[
+        Path, typer.Option("--store", help="Zarr store written by `vfsearch ingest`.")
+    ],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    out: Annotated[Path, typer.Option(
-        "--out", help="Folder for metrics.json and per_vertebra.csv.")] = Path("evaluation"),
-    threshold: Annotated[Optional[float], typer.Option(
-        help="Fixed threshold (default: chosen on the validation split).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for metrics.json and per_vertebra.csv.")
+    ] = Path("evaluation"),
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Fixed threshold (default: chosen on the validation split)."),
+    ] = None,
     combine: CombineOpt = "mean",
-    hd95: Annotated[bool, typer.Option(
-        "--hd95", help="Also the 95% Hausdorff distance (mm) per fractured vertebra.")] = False,
+    hd95: Annotated[
+        bool,
+        typer.Option("--hd95", help="Also the 95% Hausdorff distance (mm) per fractured vertebra."),
+    ] = False,
     device: DeviceOpt = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder of the embedded MLflow server (run ids, logging).")] =
-    Path("mlruns"),
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder of the embedded MLflow server (run ids, logging).")
+    ] = Path("mlruns"),
 ) -> None:
     """Fused 3D evaluation of a model on a split of a store.
 
@@ -317,45 +468,88 @@ def evaluate(
     from vfsearch.pipelines import evaluate as evaluate_mod
 
     with _errors():
-        report = evaluate_mod.evaluate(model, store, split=split, out=out, threshold=threshold,
-                                       combine=combine, hd95=hd95, device=device,
-                                       workdir=workdir, echo=progress.say)
+        report = evaluate_mod.evaluate(
+            model,
+            store,
+            split=split,
+            out=out,
+            threshold=threshold,
+            combine=combine,
+            hd95=hd95,
+            device=device,
+            workdir=workdir,
+            echo=progress.say,
+        )
     typer.echo(evaluate_mod.format_report(report))
 
 
 @app.command()
 def tune(
     store: Annotated[Path, typer.Option("--store", help="Zarr store written by ingest.")],
-    space: Annotated[Path, typer.Option("--space", help="Search space: a packaged name "
-                                        "(default, real, gan, ablation, pareto, demo, smoke) "
-                                        "or a YAML file (schema in the README).")],
+    space: Annotated[
+        Path,
+        typer.Option(
+            "--space",
+            help="Search space: a packaged name "
+            "(default, real, gan, ablation, pareto, demo, smoke) "
+            "or a YAML file (schema in the README).",
+        ),
+    ],
     num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
-    address: Annotated[Optional[str], typer.Option(
-        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)."),
+    ] = None,
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial (all workers).")] = 0.0,
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
-    cpus_per_worker: Annotated[float, typer.Option(
-        min=0.1, help="CPUs each Ray Train worker reserves; its DataLoader processes "
-        "(train.num_workers in the space, default auto) use them.")] = 1.0,
-    max_concurrent: Annotated[Optional[int], typer.Option(
-        help="Trials at once (default: what the cluster's resources allow now; on a joined "
-        "cluster a higher value lets the autoscaler add nodes).")] = None,
-    name: Annotated[Optional[str], typer.Option(
-        help="Sweep name (default: <space>-s<seed>); reuse it with --resume.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep: "
-                                         "finished trials are kept, errored ones resumed.")] = False,
-    storage: Annotated[Optional[str], typer.Option(
-        help="Ray storage path or URI for checkpoints (default: mlruns/ray_results; on a "
-        "cluster use shared storage such as s3://...).")] = None,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="CPUs each Ray Train worker reserves; its DataLoader processes "
+            "(train.num_workers in the space, default auto) use them.",
+        ),
+    ] = 1.0,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            help="Trials at once (default: what the cluster's resources allow now; on a joined "
+            "cluster a higher value lets the autoscaler add nodes)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Sweep name (default: <space>-s<seed>); reuse it with --resume."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted sweep: finished trials are kept, errored ones resumed.",
+        ),
+    ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray storage path or URI for checkpoints (default: mlruns/ray_results; on a "
+            "cluster use shared storage such as s3://...)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
-    sampler: Annotated[str, typer.Option(
-        help="Optuna sampler: tpe, or random (the baseline TPE should beat).")] = "tpe",
-    driver_resource: Annotated[Optional[str], typer.Option(
-        help="Custom Ray resource each trial driver requests instead of CPU, so drivers "
-        "stay on the node offering it, e.g. vfsearch_driver on a cluster's head "
-        "(default: $VFSEARCH_DRIVER_RESOURCE).")] = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Folder of the embedded MLflow server and the Optuna study.")] = Path("mlruns"),
+    sampler: Annotated[
+        str, typer.Option(help="Optuna sampler: tpe, or random (the baseline TPE should beat).")
+    ] = "tpe",
+    driver_resource: Annotated[
+        str | None,
+        typer.Option(
+            help="Custom Ray resource each trial driver requests instead of CPU, so drivers "
+            "stay on the node offering it, e.g. vfsearch_driver on a cluster's head "
+            "(default: $VFSEARCH_DRIVER_RESOURCE)."
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="Folder of the embedded MLflow server and the Optuna study.")
+    ] = Path("mlruns"),
     verbose: VerboseOpt = False,
 ) -> None:
     """Search hyperparameters: Ray Tune + Optuna (TPE) + ASHA, one MLflow child run per trial.
@@ -366,43 +560,77 @@ def tune(
     from vfsearch.pipelines.tune import tune as run_tune
 
     with _errors():
-        summary = run_tune(store, space, num_samples=num_samples, address=address,
-                           gpus_per_trial=gpus_per_trial, workers_per_trial=workers_per_trial,
-                           cpus_per_worker=cpus_per_worker, max_concurrent=max_concurrent, name=name, resume=resume,
-                           storage=storage, seed=seed, workdir=workdir, sampler=sampler,
-                           driver_resource=driver_resource, verbose=verbose,
-                           echo=progress.say)
+        summary = run_tune(
+            store,
+            space,
+            num_samples=num_samples,
+            address=address,
+            gpus_per_trial=gpus_per_trial,
+            workers_per_trial=workers_per_trial,
+            cpus_per_worker=cpus_per_worker,
+            max_concurrent=max_concurrent,
+            name=name,
+            resume=resume,
+            storage=storage,
+            seed=seed,
+            workdir=workdir,
+            sampler=sampler,
+            driver_resource=driver_resource,
+            verbose=verbose,
+            echo=progress.say,
+        )
     typer.echo(str(summary))
 
 
 @app.command()
 def visualize(
     out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
-    ct: Annotated[Optional[Path], typer.Argument(
-        help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series folder (omit with --run only).")]
-    = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Checkpoint file or folder, or MLflow run id; comma-separated "
-        "models of different planes are averaged.")] = None,
-    vertebrae: Annotated[Optional[Path], typer.Option(
-        "--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV).")] = None,
-    fracture: Annotated[Optional[Path], typer.Option(
-        "--fracture", help="Ground-truth fracture mask on the CT's grid (drawn as a "
-        "contour).")] = None,
-    run: Annotated[Optional[str], typer.Option(
-        "--run", help="MLflow run id: its training curves; for a sweep's parent run also "
-        "Dice against budget and the parameter importances.")] = None,
+    ct: Annotated[
+        Path | None,
+        typer.Argument(
+            help="CT: NIfTI, MHA/MHD, NRRD file or a DICOM series folder (omit with --run only)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Checkpoint file or folder, or MLflow run id; comma-separated "
+            "models of different planes are averaged.",
+        ),
+    ] = None,
+    vertebrae: Annotated[
+        Path | None,
+        typer.Option("--vertebrae", help="Vertebra label map of the CT (or a bounding-box CSV)."),
+    ] = None,
+    fracture: Annotated[
+        Path | None,
+        typer.Option(
+            "--fracture", help="Ground-truth fracture mask on the CT's grid (drawn as a contour)."
+        ),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="MLflow run id: its training curves; for a sweep's parent run also "
+            "Dice against budget and the parameter importances.",
+        ),
+    ] = None,
     label_scheme: LabelSchemeOpt = "verse",
     threshold: ThresholdOpt = None,
     combine: CombineOpt = "mean",
-    html: Annotated[bool, typer.Option(
-        "--html", help="Also an interactive, self-contained view_3d.html.")] = False,
-    log_to: Annotated[Optional[str], typer.Option(
-        "--log-to", help="Also log the case pictures on this MLflow run.")] = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Also an interactive, self-contained view_3d.html.")
+    ] = False,
+    log_to: Annotated[
+        str | None, typer.Option("--log-to", help="Also log the case pictures on this MLflow run.")
+    ] = None,
     device: DeviceOpt = None,
     store: TrainingStoreOpt = None,
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder of the embedded MLflow server (run ids).")] = Path("mlruns"),
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder of the embedded MLflow server (run ids).")
+    ] = Path("mlruns"),
 ) -> None:
     """Pictures of a model on one CT: heatmaps, attention maps, 3D renders, curves.
 
@@ -415,50 +643,94 @@ def visualize(
 
     with _errors():
         summary = visualize_mod.visualize(
-            out, model=model, ct=ct, vertebrae=vertebrae, fracture=fracture, run=run,
-            label_scheme=label_scheme, threshold=threshold, combine=combine, device=device,
-            store=store, workdir=workdir, html=html, log_to=log_to)
+            out,
+            model=model,
+            ct=ct,
+            vertebrae=vertebrae,
+            fracture=fracture,
+            run=run,
+            label_scheme=label_scheme,
+            threshold=threshold,
+            combine=combine,
+            device=device,
+            store=store,
+            workdir=workdir,
+            html=html,
+            log_to=log_to,
+        )
     typer.echo(visualize_mod.format_summary(summary))
 
 
 @app.command()
 def export(
-    sweep: Annotated[Optional[str], typer.Option(
-        "--sweep", help="Pick the best finished trial of this sweep.")] = None,
-    experiment: Annotated[Optional[str], typer.Option(
-        "--experiment", help="Pick the best finished run of this MLflow experiment.")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="Export this MLflow run id.")] =
-    None,
-    metric: Annotated[str, typer.Option(help="Metric that ranks runs and gates promotion.")] =
-    "val_dice3d",
+    sweep: Annotated[
+        str | None, typer.Option("--sweep", help="Pick the best finished trial of this sweep.")
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option("--experiment", help="Pick the best finished run of this MLflow experiment."),
+    ] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Export this MLflow run id.")] = None,
+    metric: Annotated[
+        str, typer.Option(help="Metric that ranks runs and gates promotion.")
+    ] = "val_dice3d",
     mode: Annotated[str, typer.Option(help="max (higher is better) or min.")] = "max",
     name: Annotated[str, typer.Option(help="Registered model name.")] = "vfsearch-fracture",
     alias: Annotated[str, typer.Option(help="Alias moved to the new version.")] = "champion",
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Bundle folder: TorchScript (+ ONNX), config.json, MODEL_CARD.md.")] =
-    None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Move the alias even if the challenger does not beat the "
-        "champion.")] = False,
-    minimum: Annotated[Optional[float], typer.Option(
-        "--min", help="Also require the lower bound of the metric's 95% interval "
-        "(<metric>_ci_low, from vfsearch evaluate) to beat this value.")] = None,
-    store: Annotated[Optional[Path], typer.Option(
-        help="Training store, for a checkpoint that does not carry its spacing and "
-        "fingerprint; with --top-k above 1, its val split judges the ensemble (default: the "
-        "runs' store tag).")] = None,
-    top_k: Annotated[int, typer.Option(
-        "--top-k", help="Export the K best runs as one ensemble that averages their maps, "
-        "gated on its own fused val Dice on --store's val split (1: the best run alone).")] =
-    1,
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export ONNX (checked "
-                                       "with onnxruntime; skipped with a reason if it "
-                                       "fails).")] = True,
-    torch_export: Annotated[bool, typer.Option(
-        "--torch-export", help="Also write model.pt2, a torch.export program (slower to "
-        "produce; the successor of TorchScript).")] = False,
-    workdir: Annotated[Path, typer.Option(
-        help="Working folder of the embedded MLflow server.")] = Path("mlruns"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Bundle folder: TorchScript (+ ONNX), config.json, MODEL_CARD.md."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Move the alias even if the challenger does not beat the champion."
+        ),
+    ] = False,
+    minimum: Annotated[
+        float | None,
+        typer.Option(
+            "--min",
+            help="Also require the lower bound of the metric's 95% interval "
+            "(<metric>_ci_low, from vfsearch evaluate) to beat this value.",
+        ),
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training store, for a checkpoint that does not carry its spacing and "
+            "fingerprint; with --top-k above 1, its val split judges the ensemble (default: the "
+            "runs' store tag)."
+        ),
+    ] = None,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k",
+            help="Export the K best runs as one ensemble that averages their maps, "
+            "gated on its own fused val Dice on --store's val split (1: the best run alone).",
+        ),
+    ] = 1,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx/--no-onnx",
+            help="Also export ONNX (checked with onnxruntime; skipped with a reason if it fails).",
+        ),
+    ] = True,
+    torch_export: Annotated[
+        bool,
+        typer.Option(
+            "--torch-export",
+            help="Also write model.pt2, a torch.export program (slower to "
+            "produce; the successor of TorchScript).",
+        ),
+    ] = False,
+    workdir: Annotated[
+        Path, typer.Option(help="Working folder of the embedded MLflow server.")
+    ] = Path("mlruns"),
 ) -> None:
     """Promote the best trained model to the MLflow registry and write a bundle.
 
@@ -470,10 +742,24 @@ def export(
     from vfsearch.pipelines.export import export as export_fn
 
     with _errors():
-        summary = export_fn(sweep=sweep, experiment=experiment, run=run, metric=metric,
-                            mode=mode, name=name, alias=alias, out=out, force=force,
-                            minimum=minimum, store=store, top_k=top_k, onnx=onnx,
-                            torch_export=torch_export, workdir=workdir, echo=typer.echo)
+        summary = export_fn(
+            sweep=sweep,
+            experiment=experiment,
+            run=run,
+            metric=metric,
+            mode=mode,
+            name=name,
+            alias=alias,
+            out=out,
+            force=force,
+            minimum=minimum,
+            store=store,
+            top_k=top_k,
+            onnx=onnx,
+            torch_export=torch_export,
+            workdir=workdir,
+            echo=typer.echo,
+        )
     typer.echo(str(summary))
 
 

@@ -19,7 +19,7 @@ Layout (`write_bundle`)::
                      dynamic batch, H and W (``torch.export.load(path).module()``); slower to
                      produce (tens of seconds on a small CPU), the successor of TorchScript,
                      which torch 2.13 marks deprecated
-      MODEL_CARD.md  metrics, provenance, intended use and limits (written by `vfsearch.pipelines.export`)
+      MODEL_CARD.md  metrics, provenance, intended use and limits (by `pipelines.export`)
 
 An **ensemble** (`write_ensemble`, ``vfsearch export --top-k K``) averages the probability maps
 of K models (planes may differ; spacing and margin must agree)::
@@ -112,8 +112,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{p}: not a vfsearch bundle (no {CONFIG} with format {FORMAT!r})")
     data = json.loads((p / CONFIG).read_text())
     if int(data.get("format_version", 0)) > ENSEMBLE_FORMAT_VERSION:
-        raise UserError(f"{p}: bundle format {data.get('format_version')} is newer than this "
-                        f"vfsearch reads ({ENSEMBLE_FORMAT_VERSION}); upgrade vfsearch")
+        raise UserError(
+            f"{p}: bundle format {data.get('format_version')} is newer than this "
+            f"vfsearch reads ({ENSEMBLE_FORMAT_VERSION}); upgrade vfsearch"
+        )
     return data
 
 
@@ -138,8 +140,9 @@ def _logits_module(model: torch.nn.Module) -> torch.nn.Module:
     return Logits(model).eval()
 
 
-def example_windows(seq_len: int, patch_size: int, multiple: int, *, seed: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def example_windows(
+    seq_len: int, patch_size: int, multiple: int, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random normalised windows for tracing and checking: ``(2, T, P, P)`` with ``P``
     the patch size rounded up to ``multiple``, and ``(3, T, P + m, P)``, a different batch
     and height, so a program whose shapes were frozen at trace time is caught."""
@@ -152,8 +155,9 @@ def example_windows(seq_len: int, patch_size: int, multiple: int, *, seed: int =
     return a, b
 
 
-def export_torchscript(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor
-                       ) -> torch.jit.ScriptModule:
+def export_torchscript(
+    model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor
+) -> torch.jit.ScriptModule:
     """Trace ``model`` (eval mode, logits only) on ``example`` (B, T, H, W) and save it to
     ``path``; returns the loaded program. Tracing, not scripting: the forward is straight-line
     for a given config, and shape checks evaluated at trace time hold for every input whose
@@ -168,8 +172,7 @@ def export_torchscript(model: torch.nn.Module, path: str | os.PathLike, example:
     return torch.jit.load(str(path), map_location="cpu")
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor
-                ) -> None:
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:
     """Export ``model`` (logits only) to ONNX with dynamic batch, height and width.
 
     The TorchScript-based exporter (``dynamo=False``): it handles ``nn.LSTM`` natively and
@@ -181,23 +184,34 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example: torch.
     axes = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (example,), str(path), dynamo=False,
-                          input_names=["window"], output_names=["logits"],
-                          dynamic_axes={"window": axes, "logits": axes},
-                          opset_version=ONNX_OPSET)
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["window"],
+            output_names=["logits"],
+            dynamic_axes={"window": axes, "logits": axes},
+            opset_version=ONNX_OPSET,
+        )
 
 
-def export_program(model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor,
-                   multiple: int) -> torch.nn.Module:
+def export_program(
+    model: torch.nn.Module, path: str | os.PathLike, example: torch.Tensor, multiple: int
+) -> torch.nn.Module:
     """``torch.export`` ``model`` (logits only) with dynamic batch and H, W multiples of
     ``multiple``; save it to ``path`` (.pt2) and return the reloaded program's module."""
     import torch
     from torch.export import Dim
 
     wrapped = _logits_module(model)
-    shapes = {"window": {0: Dim("batch", min=1, max=4096),
-                         2: multiple * Dim("h_blocks", min=1, max=4096 // multiple),
-                         3: multiple * Dim("w_blocks", min=1, max=4096 // multiple)}}
+    shapes = {
+        "window": {
+            0: Dim("batch", min=1, max=4096),
+            2: multiple * Dim("h_blocks", min=1, max=4096 // multiple),
+            3: multiple * Dim("w_blocks", min=1, max=4096 // multiple),
+        }
+    }
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LSTM flat-weight attribute notices
         program = torch.export.export(wrapped, (example,), dynamic_shapes=shapes)
@@ -228,10 +242,16 @@ def _max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> flo
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def write_bundle(loaded: LoadedModel, out: str | os.PathLike, *,
-                 info: dict[str, Any] | None = None,
-                 card: str | None = None, onnx: bool = True, torch_export: bool = False,
-                 replace: bool = True) -> Path:
+def write_bundle(
+    loaded: LoadedModel,
+    out: str | os.PathLike,
+    *,
+    info: dict[str, Any] | None = None,
+    card: str | None = None,
+    onnx: bool = True,
+    torch_export: bool = False,
+    replace: bool = True,
+) -> Path:
     """Write the bundle of ``loaded`` (a `LoadedModel`) to folder ``out``.
 
     The folder appears complete or not at all: it is built beside ``out`` and renamed into
@@ -254,11 +274,18 @@ def write_bundle(loaded: LoadedModel, out: str | os.PathLike, *,
     return dst
 
 
-def write_ensemble(members: Sequence[LoadedModel], out: str | os.PathLike, *,
-                   threshold: float | None, info: dict[str, Any] | None = None,
-                   member_info: Sequence[dict[str, Any]] | None = None,
-                   card: str | None = None, onnx: bool = True, torch_export: bool = False,
-                   replace: bool = True) -> Path:
+def write_ensemble(
+    members: Sequence[LoadedModel],
+    out: str | os.PathLike,
+    *,
+    threshold: float | None,
+    info: dict[str, Any] | None = None,
+    member_info: Sequence[dict[str, Any]] | None = None,
+    card: str | None = None,
+    onnx: bool = True,
+    torch_export: bool = False,
+    replace: bool = True,
+) -> Path:
     """Write the ensemble bundle of ``members`` (`LoadedModel`, best first) to folder ``out``
     (layout in the module docstring; atomic and ``replace`` as `write_bundle`).
 
@@ -276,10 +303,12 @@ def write_ensemble(members: Sequence[LoadedModel], out: str | os.PathLike, *,
     for m in members:
         _check_segmenter(m)
         if tuple(m.spacing) != tuple(first.spacing) or m.margin_mm != first.margin_mm:
-            raise UserError(f"{m.source}: trained on crops of spacing {tuple(m.spacing)} mm / "
-                            f"margin {m.margin_mm} mm, {first.source} on "
-                            f"{tuple(first.spacing)} / {first.margin_mm}; ensemble members "
-                            f"must share them")
+            raise UserError(
+                f"{m.source}: trained on crops of spacing {tuple(m.spacing)} mm / "
+                f"margin {m.margin_mm} mm, {first.source} on "
+                f"{tuple(first.spacing)} / {first.margin_mm}; ensemble members "
+                f"must share them"
+            )
     dst = _check_out(out, replace)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-bundle-", dir=dst.parent))
     try:
@@ -288,26 +317,39 @@ def write_ensemble(members: Sequence[LoadedModel], out: str | os.PathLike, *,
         for i, m in enumerate(members):
             folder = Path(MEMBERS, str(i))
             extra = dict(member_info[i]) if member_info is not None else {}
-            cfg = _write_model(m, tmp / folder, info=extra, card=None, onnx=onnx,
-                               torch_export=torch_export)
-            rows.append({**extra, "path": folder.as_posix(),
-                         "run_id": cfg.get("run_id") or m.run_id or "", "plane": cfg["plane"],
-                         "seq_len": cfg["seq_len"], "threshold": cfg["threshold"],
-                         "onnx": cfg["onnx"]["status"],
-                         "torch_export": cfg["torch_export"]["status"]})
+            cfg = _write_model(
+                m, tmp / folder, info=extra, card=None, onnx=onnx, torch_export=torch_export
+            )
+            rows.append(
+                {
+                    **extra,
+                    "path": folder.as_posix(),
+                    "run_id": cfg.get("run_id") or m.run_id or "",
+                    "plane": cfg["plane"],
+                    "seq_len": cfg["seq_len"],
+                    "threshold": cfg["threshold"],
+                    "onnx": cfg["onnx"]["status"],
+                    "torch_export": cfg["torch_export"]["status"],
+                }
+            )
             if cfg["onnx"]["status"] != "ok":
                 onnx_reasons.append((i, str(cfg["onnx"].get("reason"))))
         config = {
-            "format": FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION, "kind": ENSEMBLE,
+            "format": FORMAT,
+            "format_version": ENSEMBLE_FORMAT_VERSION,
+            "kind": ENSEMBLE,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "combine_members": "mean of the members' probability maps (sigmoid of their "
-                               "logits), crop by crop, before the crops are fused",
+            "logits), crop by crop, before the crops are fused",
             MEMBERS: rows,
-            "spacing": [float(s) for s in first.spacing], "spacing_axes": "x,y,z mm",
+            "spacing": [float(s) for s in first.spacing],
+            "spacing_axes": "x,y,z mm",
             "margin_mm": float(first.margin_mm),
             "threshold": threshold,
-            "files": {"members": [r["path"] for r in rows],
-                      "card": CARD if card is not None else None},
+            "files": {
+                "members": [r["path"] for r in rows],
+                "card": CARD if card is not None else None,
+            },
             "onnx": _members_onnx(onnx_reasons, len(rows)),
             **(info or {}),
         }
@@ -339,8 +381,10 @@ def _check_out(out: str | os.PathLike, replace: bool) -> Path:
         if not dst.is_dir():
             raise UserError(f"--out: {dst} exists and is not a folder")
         if any(dst.iterdir()) and not is_bundle(dst):
-            raise UserError(f"--out: {dst} is a non-empty folder that is not a vfsearch "
-                            f"bundle; choose another folder")
+            raise UserError(
+                f"--out: {dst} is a non-empty folder that is not a vfsearch "
+                f"bundle; choose another folder"
+            )
         if is_bundle(dst) and not replace:
             raise UserError(f"--out: {dst} already holds a bundle")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -350,12 +394,18 @@ def _check_out(out: str | os.PathLike, replace: bool) -> Path:
 def _check_segmenter(loaded: LoadedModel) -> None:
     kind = getattr(loaded.model, "output_kind", "segmentation")
     if kind != "segmentation":
-        raise UserError(f"{loaded.source}: a {kind} model; the bundle holds fracture "
-                        f"segmenters")
+        raise UserError(f"{loaded.source}: a {kind} model; the bundle holds fracture segmenters")
 
 
-def _write_model(loaded: LoadedModel, folder: Path, *, info: dict[str, Any] | None,
-                 card: str | None, onnx: bool, torch_export: bool) -> dict[str, Any]:
+def _write_model(
+    loaded: LoadedModel,
+    folder: Path,
+    *,
+    info: dict[str, Any] | None,
+    card: str | None,
+    onnx: bool,
+    torch_export: bool,
+) -> dict[str, Any]:
     """Write one model's files and config.json into ``folder`` (created); return the config."""
     import torch
 
@@ -367,12 +417,19 @@ def _write_model(loaded: LoadedModel, folder: Path, *, info: dict[str, Any] | No
     model = model.to("cpu").eval()
     try:
         flat = cfg.flatten()
-        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "config": flat, "seq_len": int(cfg.data.seq_len),
-                    "fingerprint": dict(loaded.fingerprint),
-                    "spacing": [float(s) for s in loaded.spacing],
-                    "margin_mm": float(loaded.margin_mm), "threshold": loaded.threshold,
-                    "run_id": loaded.run_id or ""}, folder / WEIGHTS)
+        torch.save(
+            {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": flat,
+                "seq_len": int(cfg.data.seq_len),
+                "fingerprint": dict(loaded.fingerprint),
+                "spacing": [float(s) for s in loaded.spacing],
+                "margin_mm": float(loaded.margin_mm),
+                "threshold": loaded.threshold,
+                "run_id": loaded.run_id or "",
+            },
+            folder / WEIGHTS,
+        )
         a, b = example_windows(cfg.data.seq_len, cfg.data.patch_size, multiple)
         with torch.no_grad():
             eager_a, eager_b = (model(x)["logits"] for x in (a, b))
@@ -380,38 +437,71 @@ def _write_model(loaded: LoadedModel, folder: Path, *, info: dict[str, Any] | No
         with torch.no_grad():
             ts_diff = max(_max_diff(program(a), eager_a), _max_diff(program(b), eager_b))
         if not ts_diff <= PARITY_ATOL:
-            raise RuntimeError(f"TorchScript program differs from the eager model by "
-                               f"{ts_diff:.3g} (> {PARITY_ATOL}) on random windows")
-        onnx_info = _onnx_or_reason(model, folder / ONNX, a, b, eager_a, eager_b) if onnx \
+            raise RuntimeError(
+                f"TorchScript program differs from the eager model by "
+                f"{ts_diff:.3g} (> {PARITY_ATOL}) on random windows"
+            )
+        onnx_info = (
+            _onnx_or_reason(model, folder / ONNX, a, b, eager_a, eager_b)
+            if onnx
             else {"file": None, "status": "skipped", "reason": "ONNX export not requested"}
-        pt2_info = _pt2_or_reason(model, folder / EXPORTED, a, b, eager_a, eager_b, multiple) \
-            if torch_export else {"file": None, "status": "skipped",
-                                  "reason": "torch.export not requested (--torch-export)"}
+        )
+        pt2_info = (
+            _pt2_or_reason(model, folder / EXPORTED, a, b, eager_a, eager_b, multiple)
+            if torch_export
+            else {
+                "file": None,
+                "status": "skipped",
+                "reason": "torch.export not requested (--torch-export)",
+            }
+        )
         config = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {k: v for k, v in flat.items() if k.startswith("model.")},
             "config": flat,
-            "seq_len": int(cfg.data.seq_len), "plane": cfg.data.plane,
-            "patch_size": int(cfg.data.patch_size), "input_multiple": multiple,
-            "spacing": [float(s) for s in loaded.spacing], "spacing_axes": "x,y,z mm",
+            "seq_len": int(cfg.data.seq_len),
+            "plane": cfg.data.plane,
+            "patch_size": int(cfg.data.patch_size),
+            "input_multiple": multiple,
+            "spacing": [float(s) for s in loaded.spacing],
+            "spacing_axes": "x,y,z mm",
             "margin_mm": float(loaded.margin_mm),
             "fingerprint": dict(loaded.fingerprint),
             "normalisation": "clip HU to [p0_5, p99_5], subtract mean, divide by std "
-                             "(fingerprint values, HU)",
+            "(fingerprint values, HU)",
             "threshold": loaded.threshold,
-            "input": {"name": "window", "shape": ["B", int(cfg.data.seq_len), "H", "W"],
-                      "dtype": "float32", "note": f"H, W multiples of {multiple}; slices "
-                      f"along the {cfg.data.plane} plane, centre slice = T // 2"},
-            "output": {"name": "logits", "shape": ["B", int(cfg.data.seq_len)
-                                                   if cfg.model.predict_all_slices else 1,
-                                                   "H", "W"],
-                       "note": "sigmoid -> fracture probability of the centre slice"},
-            "files": {"weights": WEIGHTS, "torchscript": TORCHSCRIPT, "onnx": onnx_info["file"],
-                      "torch_export": pt2_info["file"], "card": CARD if card is not None
-                      else None},
-            "torchscript": {"file": TORCHSCRIPT, "method": "torch.jit.trace",
-                            "max_abs_diff": ts_diff, "torch": torch.__version__},
+            "input": {
+                "name": "window",
+                "shape": ["B", int(cfg.data.seq_len), "H", "W"],
+                "dtype": "float32",
+                "note": f"H, W multiples of {multiple}; slices "
+                f"along the {cfg.data.plane} plane, centre slice = T // 2",
+            },
+            "output": {
+                "name": "logits",
+                "shape": [
+                    "B",
+                    int(cfg.data.seq_len) if cfg.model.predict_all_slices else 1,
+                    "H",
+                    "W",
+                ],
+                "note": "sigmoid -> fracture probability of the centre slice",
+            },
+            "files": {
+                "weights": WEIGHTS,
+                "torchscript": TORCHSCRIPT,
+                "onnx": onnx_info["file"],
+                "torch_export": pt2_info["file"],
+                "card": CARD if card is not None else None,
+            },
+            "torchscript": {
+                "file": TORCHSCRIPT,
+                "method": "torch.jit.trace",
+                "max_abs_diff": ts_diff,
+                "torch": torch.__version__,
+            },
             "onnx": onnx_info,
             "torch_export": pt2_info,
             **(info or {}),
@@ -424,38 +514,64 @@ def _write_model(loaded: LoadedModel, folder: Path, *, info: dict[str, Any] | No
     return config
 
 
-def _onnx_or_reason(model: torch.nn.Module, path: Path, a: torch.Tensor, b: torch.Tensor,
-                    eager_a: torch.Tensor, eager_b: torch.Tensor) -> dict[str, Any]:
+def _onnx_or_reason(
+    model: torch.nn.Module,
+    path: Path,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eager_a: torch.Tensor,
+    eager_b: torch.Tensor,
+) -> dict[str, Any]:
     """Export + onnxruntime check; on any failure remove the file and say why."""
     try:
         import onnxruntime  # noqa: F401 - only checked ONNX goes into a bundle
     except ImportError:
-        return {"file": None, "status": "skipped",
-                "reason": "onnxruntime is not installed (pip install onnx onnxruntime)"}
+        return {
+            "file": None,
+            "status": "skipped",
+            "reason": "onnxruntime is not installed (pip install onnx onnxruntime)",
+        }
     try:
         export_onnx(model, path, a)
-        diff = max(_max_diff(onnx_logits(path, a), eager_a),
-                   _max_diff(onnx_logits(path, b), eager_b))
+        diff = max(
+            _max_diff(onnx_logits(path, a), eager_a), _max_diff(onnx_logits(path, b), eager_b)
+        )
     except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure skips the variant
         path.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return {"file": None, "status": "skipped",
-                "reason": f"export failed: {type(exc).__name__}: {first}"}
+        return {
+            "file": None,
+            "status": "skipped",
+            "reason": f"export failed: {type(exc).__name__}: {first}",
+        }
     if not diff <= PARITY_ATOL:
         path.unlink(missing_ok=True)
-        return {"file": None, "status": "skipped",
-                "reason": f"onnxruntime logits differ from eager by {diff:.3g} "
-                          f"(> {PARITY_ATOL})"}
+        return {
+            "file": None,
+            "status": "skipped",
+            "reason": f"onnxruntime logits differ from eager by {diff:.3g} (> {PARITY_ATOL})",
+        }
     import onnxruntime as ort
 
-    return {"file": ONNX, "status": "ok", "opset": ONNX_OPSET, "max_abs_diff": diff,
-            "checked_with": f"onnxruntime {ort.__version__}", "exporter": "torch.onnx "
-            "(dynamo=False)"}
+    return {
+        "file": ONNX,
+        "status": "ok",
+        "opset": ONNX_OPSET,
+        "max_abs_diff": diff,
+        "checked_with": f"onnxruntime {ort.__version__}",
+        "exporter": "torch.onnx (dynamo=False)",
+    }
 
 
-def _pt2_or_reason(model: torch.nn.Module, path: Path, a: torch.Tensor, b: torch.Tensor,
-                   eager_a: torch.Tensor, eager_b: torch.Tensor, multiple: int
-                   ) -> dict[str, Any]:
+def _pt2_or_reason(
+    model: torch.nn.Module,
+    path: Path,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eager_a: torch.Tensor,
+    eager_b: torch.Tensor,
+    multiple: int,
+) -> dict[str, Any]:
     """torch.export + parity check; on failure remove the file and say why."""
     import torch
 
@@ -466,14 +582,24 @@ def _pt2_or_reason(model: torch.nn.Module, path: Path, a: torch.Tensor, b: torch
     except Exception as exc:  # noqa: BLE001 - an unsupported construct skips the program
         path.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return {"file": None, "status": "skipped",
-                "reason": f"torch.export failed: {type(exc).__name__}: {first}"}
+        return {
+            "file": None,
+            "status": "skipped",
+            "reason": f"torch.export failed: {type(exc).__name__}: {first}",
+        }
     if not diff <= PARITY_ATOL:
         path.unlink(missing_ok=True)
-        return {"file": None, "status": "skipped",
-                "reason": f"exported program differs from eager by {diff:.3g}"}
-    return {"file": EXPORTED, "status": "ok", "max_abs_diff": diff,
-            "load": "torch.export.load(path).module()"}
+        return {
+            "file": None,
+            "status": "skipped",
+            "reason": f"exported program differs from eager by {diff:.3g}",
+        }
+    return {
+        "file": EXPORTED,
+        "status": "ok",
+        "max_abs_diff": diff,
+        "load": "torch.export.load(path).module()",
+    }
 
 
 def _swap_into_place(tmp: Path, dst: Path) -> None:
@@ -491,8 +617,12 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None,
-                    store: str | os.PathLike | Store | None = None) -> LoadedModel:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    store: str | os.PathLike | Store | None = None,
+) -> LoadedModel:
     """Rebuild the model of a training checkpoint and load its weights (eval mode).
 
     The checkpoint is a dict read with ``weights_only=True``: ``model`` (state_dict),
@@ -506,15 +636,19 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise UserError(f"{p}: cannot read checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError(
+            f"{p}: cannot read checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{p}: not a vfsearch checkpoint (expected a dict)")
     state = next((ckpt[k] for k in ("model", "model_state", "state_dict") if k in ckpt), None)
     flat = ckpt.get("config")
     if state is None or not isinstance(flat, dict):
-        raise UserError(f"{p}: not a vfsearch checkpoint (needs 'model' weights and 'config'; "
-                        f"has {', '.join(sorted(map(str, ckpt))) or 'nothing'})")
+        raise UserError(
+            f"{p}: not a vfsearch checkpoint (needs 'model' weights and 'config'; "
+            f"has {', '.join(sorted(map(str, ckpt))) or 'nothing'})"
+        )
     config = Config.from_flat(flat, source=str(p))
     info = dict(ckpt.get("store") or {})
     fingerprint = ckpt.get("fingerprint") or info.get("fingerprint")
@@ -525,32 +659,48 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
         fingerprint = fingerprint or meta["fingerprint"]
         spacing = spacing or meta["spacing"]
         margin = margin if margin is not None else meta["margin_mm"]
-    missing = [k for k, v in (("fingerprint", fingerprint), ("spacing", spacing),
-                              ("margin_mm", margin)) if v is None or v == {} or v == []]
+    missing = [
+        k
+        for k, v in (("fingerprint", fingerprint), ("spacing", spacing), ("margin_mm", margin))
+        if v is None or v == {} or v == []
+    ]
     if missing:
-        raise UserError(f"{p}: checkpoint lacks the training store's {', '.join(missing)} "
-                        f"(needed to preprocess a new scan like the training data); "
-                        f"pass --store with the training store")
+        raise UserError(
+            f"{p}: checkpoint lacks the training store's {', '.join(missing)} "
+            f"(needed to preprocess a new scan like the training data); "
+            f"pass --store with the training store"
+        )
     # trained weights follow: a pretrained-encoder file named in the config is not needed
     model = build_model(config.model, config.data.seq_len, load_weights=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"{p}: weights do not fit the model of its config "
-                        f"({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{p}: weights do not fit the model of its config ({str(exc).splitlines()[0]})"
+        ) from None
     model.to(_device(device)).eval()
     threshold = ckpt.get("threshold")
-    return LoadedModel(model, config, dict(fingerprint), tuple(float(s) for s in spacing),
-                       float(margin), source=str(p), run_id=ckpt.get("run_id"),
-                       threshold=float(threshold) if threshold is not None else None)
+    return LoadedModel(
+        model,
+        config,
+        dict(fingerprint),
+        tuple(float(s) for s in spacing),
+        float(margin),
+        source=str(p),
+        run_id=ckpt.get("run_id"),
+        threshold=float(threshold) if threshold is not None else None,
+    )
 
 
 def _store_meta(store: str | os.PathLike | Store) -> dict[str, Any]:
     """Spacing, margin and fingerprint of a training store (path or `Store`)."""
     s = store if isinstance(store, Store) else Store(store)
     meta = s.meta
-    return {"spacing": meta.get("spacing"), "margin_mm": meta.get("margin_mm"),
-            "fingerprint": s.fingerprint}
+    return {
+        "spacing": meta.get("spacing"),
+        "margin_mm": meta.get("margin_mm"),
+        "fingerprint": s.fingerprint,
+    }
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -561,8 +711,9 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_bundle(path: str | os.PathLike, *, device: str | torch.device | None = None
-                ) -> LoadedModel | list[LoadedModel]:
+def load_bundle(
+    path: str | os.PathLike, *, device: str | torch.device | None = None
+) -> LoadedModel | list[LoadedModel]:
     """Rebuild the eager model of a bundle as a `LoadedModel` (eval mode); an ensemble's as
     the list of its members (`load_members`: always a list).
 
@@ -573,8 +724,9 @@ def load_bundle(path: str | os.PathLike, *, device: str | torch.device | None = 
     return models if is_ensemble(read_config(path)) else models[0]
 
 
-def load_members(path: str | os.PathLike, *, device: str | torch.device | None = None
-                 ) -> list[LoadedModel]:
+def load_members(
+    path: str | os.PathLike, *, device: str | torch.device | None = None
+) -> list[LoadedModel]:
     """The `LoadedModel` of every model of a bundle: one for a single-model bundle, the
     members (best first) for an ensemble. `vfsearch.core.inference.crop_probability` averages
     their maps.
@@ -594,8 +746,9 @@ def load_members(path: str | os.PathLike, *, device: str | torch.device | None =
     for i, row in enumerate(rows):
         folder = (p / str(row.get("path", ""))).resolve()
         if not folder.is_relative_to(p.resolve()) or not is_bundle(folder):
-            raise UserError(f"{p}: ensemble member {i} ({row.get('path')!r}) is not a bundle "
-                            f"inside it")
+            raise UserError(
+                f"{p}: ensemble member {i} ({row.get('path')!r}) is not a bundle inside it"
+            )
         lm = _load_single(folder, read_config(folder), device)
         lm.extra["member_threshold"] = lm.threshold
         threshold = data.get("threshold")
@@ -606,8 +759,7 @@ def load_members(path: str | os.PathLike, *, device: str | torch.device | None =
     return models
 
 
-def _load_single(p: Path, data: dict[str, Any], device: str | torch.device | None
-                 ) -> LoadedModel:
+def _load_single(p: Path, data: dict[str, Any], device: str | torch.device | None) -> LoadedModel:
     weights = p / data.get("files", {}).get("weights", WEIGHTS)
     if not weights.is_file():
         raise UserError(f"{p}: bundle lacks its weights file {weights.name}")
@@ -623,8 +775,29 @@ def _load_single(p: Path, data: dict[str, Any], device: str | torch.device | Non
     return lm
 
 
-__all__ = ["CARD", "CONFIG", "ENSEMBLE", "ENSEMBLE_FORMAT_VERSION", "EXPORTED", "FORMAT",
-           "MEMBERS", "ONNX", "PARITY_ATOL", "TORCHSCRIPT", "WEIGHTS", "example_windows",
-           "export_onnx", "export_program", "export_torchscript", "is_bundle", "is_ensemble",
-           "load_bundle", "load_checkpoint", "load_members", "onnx_logits", "read_config",
-           "write_bundle", "write_ensemble"]
+__all__ = [
+    "CARD",
+    "CONFIG",
+    "ENSEMBLE",
+    "ENSEMBLE_FORMAT_VERSION",
+    "EXPORTED",
+    "FORMAT",
+    "MEMBERS",
+    "ONNX",
+    "PARITY_ATOL",
+    "TORCHSCRIPT",
+    "WEIGHTS",
+    "example_windows",
+    "export_onnx",
+    "export_program",
+    "export_torchscript",
+    "is_bundle",
+    "is_ensemble",
+    "load_bundle",
+    "load_checkpoint",
+    "load_members",
+    "onnx_logits",
+    "read_config",
+    "write_bundle",
+    "write_ensemble",
+]

@@ -63,9 +63,16 @@ class WindowDataset(Dataset):
     Nothing is read in ``__init__``; the index (array shapes only) is built on first use.
     """
 
-    def __init__(self, store: str | Path | Store, split: str | None, data: DataConfig, *,
-                 augment: bool = False, seed: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        store: str | Path | Store,
+        split: str | None,
+        data: DataConfig,
+        *,
+        augment: bool = False,
+        seed: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.split = split
         self.data = data
@@ -191,7 +198,8 @@ class WindowDataset(Dataset):
             fracture = np.zeros(image.shape, np.uint8)
         else:
             fracture = np.ascontiguousarray(
-                W.plane_first(store.read(case, vid, "fracture"), self.axis))
+                W.plane_first(store.read(case, vid, "fracture"), self.axis)
+            )
         vols = (image, fracture)
         size = sum(a.nbytes for a in vols)
         while self._cache and self._cache_used + size > self.cache_bytes:
@@ -218,7 +226,8 @@ class WindowDataset(Dataset):
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         sel = tuple(slice(lo, hi) if a == self.axis else slice(None) for a in range(3))
         image = np.ascontiguousarray(
-            W.plane_first(store.array(case, vid, "image")[sel], self.axis)[idx - lo])
+            W.plane_first(store.array(case, vid, "image")[sel], self.axis)[idx - lo]
+        )
         counts = self._counts.get(k)
         if counts is not None and not counts[lo:hi].any():
             return image, np.zeros(image.shape, np.uint8)
@@ -232,12 +241,21 @@ class WindowDataset(Dataset):
         image, fracture = self._read_window(k, t)
         if not self.data.target_all_slices:
             centre = self.data.seq_len // 2
-            fracture = fracture[centre:centre + 1]
+            fracture = fracture[centre : centre + 1]
         strength = self.data.augment if self.augment else 0.0
-        rng = (W.item_rng(self.seed, self.epoch if key is None else key, index)
-               if strength > 0 else None)
-        img, tgt = W.make_window(image, fracture, self._fingerprint,
-                                 patch_size=self.data.patch_size, rng=rng, strength=strength)
+        rng = (
+            W.item_rng(self.seed, self.epoch if key is None else key, index)
+            if strength > 0
+            else None
+        )
+        img, tgt = W.make_window(
+            image,
+            fracture,
+            self._fingerprint,
+            patch_size=self.data.patch_size,
+            rng=rng,
+            strength=strength,
+        )
         case, vid = self.items[k]
         return {"image": img, "target": tgt, "case": case, "vertebra": int(vid), "slice": t}
 
@@ -255,8 +273,11 @@ class WindowDataset(Dataset):
         if k not in self._counts:
             store = self._open()
             vols = self._cache.get(k)
-            self._counts[k] = (W.slice_counts(vols[1], 0) if vols is not None else
-                               W.slice_counts(store.read(case, vid, "fracture"), self.axis))
+            self._counts[k] = (
+                W.slice_counts(vols[1], 0)
+                if vols is not None
+                else W.slice_counts(store.read(case, vid, "fracture"), self.axis)
+            )
         return self._counts[k]
 
     def fracture_flags(self) -> np.ndarray:
@@ -265,15 +286,20 @@ class WindowDataset(Dataset):
         The target is slice t, or the whole window with ``target_all_slices``. Counts are
         taken before patch fitting, so a random crop may still cut a small fracture away.
         """
-        return np.concatenate([
-            W.window_has_target(self.slice_counts(k), self.data.seq_len,
-                                self.data.target_all_slices)
-            for k in range(len(self.items))])
+        return np.concatenate(
+            [
+                W.window_has_target(
+                    self.slice_counts(k), self.data.seq_len, self.data.target_all_slices
+                )
+                for k in range(len(self.items))
+            ]
+        )
 
     def has_fracture(self, index: int) -> bool:
         k, t = self.locate(index)
-        flags = W.window_has_target(self.slice_counts(k), self.data.seq_len,
-                                    self.data.target_all_slices)
+        flags = W.window_has_target(
+            self.slice_counts(k), self.data.seq_len, self.data.target_all_slices
+        )
         return bool(flags[t])
 
     def sample_weights(self, oversample: float | None = None) -> np.ndarray:
@@ -286,9 +312,15 @@ class WindowDataset(Dataset):
             raise UserError(f"data.oversample_fracture: must be >= 0, got {extra}")
         return 1.0 + extra * self.fracture_flags().astype(np.float64)
 
-    def sampler(self, oversample: float | None = None, num_samples: int | None = None,
-                seed: int | None = None, *, rank: int = 0,
-                num_replicas: int = 1) -> WeightedRandomSampler:
+    def sampler(
+        self,
+        oversample: float | None = None,
+        num_samples: int | None = None,
+        seed: int | None = None,
+        *,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ) -> WeightedRandomSampler:
         """A `WeightedRandomSampler` (with replacement) from `sample_weights`.
 
         ``seed`` defaults to the dataset's seed, so the sequence of windows is reproducible;
@@ -307,9 +339,17 @@ class WindowDataset(Dataset):
         count = num_samples or -(-len(weights) // num_replicas)
         return WeightedRandomSampler(weights, count, replacement=True, generator=gen)
 
-    def epoch_order(self, count: int, epoch: int, *, rank: int = 0, world: int = 1,
-                    open_vertebrae: int = 8, oversample: float | None = None,
-                    seed: int | None = None) -> list[int]:
+    def epoch_order(
+        self,
+        count: int,
+        epoch: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        open_vertebrae: int = 8,
+        oversample: float | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
         """This rank's windows for ``epoch``: ``count`` drawn over all ranks (weighted by
         `sample_weights` when fracture oversampling is on, else uniformly without
         replacement) in the locality-keeping order of `vfsearch.core.sampling.epoch_order`.
@@ -320,9 +360,16 @@ class WindowDataset(Dataset):
         """
         extra = self.data.oversample_fracture if oversample is None else float(oversample)
         weights = self.sample_weights(extra) if extra > 0 else None
-        order = epoch_order(self._offsets_array(), int(count), seed=self.seed if seed is None
-                            else int(seed), epoch=int(epoch), rank=rank, world=world,
-                            open_vertebrae=open_vertebrae, weights=weights)
+        order = epoch_order(
+            self._offsets_array(),
+            int(count),
+            seed=self.seed if seed is None else int(seed),
+            epoch=int(epoch),
+            rank=rank,
+            world=world,
+            open_vertebrae=open_vertebrae,
+            weights=weights,
+        )
         return order.tolist()
 
     def _offsets_array(self) -> np.ndarray:
@@ -331,9 +378,11 @@ class WindowDataset(Dataset):
 
     def __repr__(self) -> str:
         n = "?" if self._items is None else len(self)
-        return (f"WindowDataset({self.store.path!r}, split={self.split!r}, "
-                f"plane={self.data.plane}, seq_len={self.data.seq_len}, "
-                f"patch={self.data.patch_size}, augment={self.augment}, windows={n})")
+        return (
+            f"WindowDataset({self.store.path!r}, split={self.split!r}, "
+            f"plane={self.data.plane}, seq_len={self.data.seq_len}, "
+            f"patch={self.data.patch_size}, augment={self.augment}, windows={n})"
+        )
 
 
 __all__ = ["DEFAULT_CACHE_BYTES", "WindowDataset"]
@@ -347,8 +396,16 @@ class EpochSampler(Sampler[int]):
     keep their own shard.
     """
 
-    def __init__(self, dataset: WindowDataset, count: int, *, rank: int = 0, world: int = 1,
-                 open_vertebrae: int = 8, oversample: float | None = None) -> None:
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        count: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        open_vertebrae: int = 8,
+        oversample: float | None = None,
+    ) -> None:
         self.dataset, self.count = dataset, int(count)
         self.rank, self.world = int(rank), int(world)
         self.open_vertebrae, self.oversample = int(open_vertebrae), oversample
@@ -358,10 +415,16 @@ class EpochSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.dataset.epoch_order(
-            self.count, self.epoch, rank=self.rank, world=self.world,
-            open_vertebrae=self.open_vertebrae, oversample=self.oversample))
+        return iter(
+            self.dataset.epoch_order(
+                self.count,
+                self.epoch,
+                rank=self.rank,
+                world=self.world,
+                open_vertebrae=self.open_vertebrae,
+                oversample=self.oversample,
+            )
+        )
 
     def __len__(self) -> int:
         return -(-self.count // self.world)
-

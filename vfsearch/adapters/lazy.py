@@ -12,8 +12,9 @@ from collections.abc import Callable
 from types import ModuleType
 
 
-def importer(name: str, setup: Callable[[ModuleType], object] | None = None
-             ) -> Callable[[], ModuleType]:
+def importer(
+    name: str, setup: Callable[[ModuleType], object] | None = None
+) -> Callable[[], ModuleType]:
     """A function returning module ``name``, imported on its first call (``setup`` runs once)."""
 
     @functools.cache

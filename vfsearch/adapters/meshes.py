@@ -43,12 +43,20 @@ class Mesh:
 
     @classmethod
     def empty(cls) -> Mesh:
-        return cls(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32),
-                   np.zeros(0, np.float32))
+        return cls(
+            np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros(0, np.float32)
+        )
 
 
-def surface(mask: np.ndarray, geometry: Geometry, *, smooth_mm: float = 1.0, step: int = 1,
-            level: float = 0.5, offset_zyx: Sequence[int] = (0, 0, 0)) -> Mesh:
+def surface(
+    mask: np.ndarray,
+    geometry: Geometry,
+    *,
+    smooth_mm: float = 1.0,
+    step: int = 1,
+    level: float = 0.5,
+    offset_zyx: Sequence[int] = (0, 0, 0),
+) -> Mesh:
     """Surface of a binary ``mask`` ``(z, y, x)`` by marching cubes on a lightly smoothed copy.
 
     ``geometry``: the grid of the full volume; ``offset_zyx``: where ``mask`` starts in it
@@ -66,15 +74,25 @@ def surface(mask: np.ndarray, geometry: Geometry, *, smooth_mm: float = 1.0, ste
         m = ndimage.gaussian_filter(m, sigma, mode="constant")
     if m.max() <= level:
         return Mesh.empty()
-    verts, faces, _, _ = _measure().marching_cubes(m, level=level, step_size=max(int(step), 1),
-                                        allow_degenerate=False)
+    verts, faces, _, _ = _measure().marching_cubes(
+        m, level=level, step_size=max(int(step), 1), allow_degenerate=False
+    )
     verts = verts - 1.0 + np.asarray(offset_zyx, dtype=np.float64)  # (n, zyx) in the volume
-    return Mesh(geometry.zyx_to_physical(verts).astype(np.float32), faces.astype(np.int32),
-                np.zeros(len(verts), np.float32))
+    return Mesh(
+        geometry.zyx_to_physical(verts).astype(np.float32),
+        faces.astype(np.int32),
+        np.zeros(len(verts), np.float32),
+    )
 
 
-def label_surfaces(labels: np.ndarray, geometry: Geometry, *, ids: Sequence[int] | None = None,
-                   smooth_mm: float = 1.0, step: int = 1) -> Mesh:
+def label_surfaces(
+    labels: np.ndarray,
+    geometry: Geometry,
+    *,
+    ids: Sequence[int] | None = None,
+    smooth_mm: float = 1.0,
+    step: int = 1,
+) -> Mesh:
     """One closed surface per label id (a vertebra each), in one mesh; ``values`` = the id.
 
     Each label is meshed on its own bounding box with its cavities filled, so touching
@@ -89,15 +107,17 @@ def label_surfaces(labels: np.ndarray, geometry: Geometry, *, ids: Sequence[int]
         if sl is None:
             continue
         own = ndimage.binary_fill_holes(labels[sl] == vid)
-        part = surface(own, geometry, smooth_mm=smooth_mm, step=step,
-                       offset_zyx=[s.start for s in sl])
+        part = surface(
+            own, geometry, smooth_mm=smooth_mm, step=step, offset_zyx=[s.start for s in sl]
+        )
         part.values[:] = vid
         parts.append(part)
     return concat(parts)
 
 
-def probability_surface(prob: np.ndarray, geometry: Geometry, threshold: float, *,
-                        peak_mm: float = 3.0, step: int = 1) -> Mesh:
+def probability_surface(
+    prob: np.ndarray, geometry: Geometry, threshold: float, *, peak_mm: float = 3.0, step: int = 1
+) -> Mesh:
     """Iso-surface of a probability map ``(z, y, x)`` at ``threshold`` (the predicted fracture
     regions), with per-vertex ``values`` = the highest probability within ``peak_mm`` of the
     vertex: the surface itself sits at the threshold everywhere, so colouring by the nearby
@@ -106,19 +126,25 @@ def probability_surface(prob: np.ndarray, geometry: Geometry, threshold: float, 
     fg = prob >= threshold
     if not fg.any():
         return Mesh.empty()
-    sl = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in ndimage.find_objects(
-        fg.astype(np.uint8))[0])
+    sl = tuple(
+        slice(max(s.start - 2, 0), s.stop + 2) for s in ndimage.find_objects(fg.astype(np.uint8))[0]
+    )
     sub = prob[sl]
-    mesh = surface(sub, geometry, smooth_mm=0.0, step=step, level=float(threshold),
-                   offset_zyx=[s.start for s in sl])
+    mesh = surface(
+        sub,
+        geometry,
+        smooth_mm=0.0,
+        step=step,
+        level=float(threshold),
+        offset_zyx=[s.start for s in sl],
+    )
     if not len(mesh.vertices):
         return mesh
     size = [2 * int(np.ceil(peak_mm / s)) + 1 for s in geometry.spacing[::-1]]
     peak = ndimage.maximum_filter(sub, size=size, mode="nearest")
     idx = geometry.physical_to_index(mesh.vertices.astype(np.float64))[:, ::-1]  # (n, zyx)
     idx = idx - np.asarray([s.start for s in sl])
-    mesh.values = ndimage.map_coordinates(peak, idx.T, order=1, mode="nearest").astype(
-        np.float32)
+    mesh.values = ndimage.map_coordinates(peak, idx.T, order=1, mode="nearest").astype(np.float32)
     return mesh
 
 
@@ -128,9 +154,11 @@ def concat(meshes: Sequence[Mesh]) -> Mesh:
     if not meshes:
         return Mesh.empty()
     starts = np.cumsum([0] + [len(m.vertices) for m in meshes[:-1]])
-    return Mesh(np.concatenate([m.vertices for m in meshes]).astype(np.float32),
-                np.concatenate([m.faces + s for m, s in zip(meshes, starts)]).astype(np.int32),
-                np.concatenate([m.values for m in meshes]).astype(np.float32))
+    return Mesh(
+        np.concatenate([m.vertices for m in meshes]).astype(np.float32),
+        np.concatenate([m.faces + s for m, s in zip(meshes, starts, strict=True)]).astype(np.int32),
+        np.concatenate([m.values for m in meshes]).astype(np.float32),
+    )
 
 
 def components(faces: np.ndarray, n_vertices: int) -> int:
@@ -153,8 +181,13 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_ply(path: str | os.PathLike, mesh: Mesh, colors: np.ndarray | None = None, *,
-              value_name: str = "value") -> Path:
+def write_ply(
+    path: str | os.PathLike,
+    mesh: Mesh,
+    colors: np.ndarray | None = None,
+    *,
+    value_name: str = "value",
+) -> Path:
     """Binary little-endian PLY: vertices (float x, y, z), optional ``colors`` ``(n, 3)``
     uint8 per vertex (3D Slicer shows them), the per-vertex scalar as property
     ``value_name`` (Slicer lists it as a scalar array) and triangles."""
@@ -163,9 +196,13 @@ def write_ply(path: str | os.PathLike, mesh: Mesh, colors: np.ndarray | None = N
     if colors is not None:
         props += [("u1", "red"), ("u1", "green"), ("u1", "blue")]
     props.append(("f4", value_name))
-    head = ["ply", "format binary_little_endian 1.0", "comment SPACE=LPS",
-            "comment vfsearch: physical mm, x to the patient's left, y posterior, z superior",
-            f"element vertex {n}"]
+    head = [
+        "ply",
+        "format binary_little_endian 1.0",
+        "comment SPACE=LPS",
+        "comment vfsearch: physical mm, x to the patient's left, y posterior, z superior",
+        f"element vertex {n}",
+    ]
     ply_type = {"f4": "float", "u1": "uchar"}
     head += [f"property {ply_type[t]} {name}" for t, name in props]
     head += [f"element face {m}", "property list uchar int vertex_indices", "end_header", ""]
@@ -179,8 +216,9 @@ def write_ply(path: str | os.PathLike, mesh: Mesh, colors: np.ndarray | None = N
     face = np.zeros(m, dtype=[("n", "u1"), ("v", "<i4", (3,))])
     face["n"] = 3
     face["v"] = mesh.faces
-    return _atomic_write(Path(path), "\n".join(head).encode("ascii") + vert.tobytes()
-                         + face.tobytes())
+    return _atomic_write(
+        Path(path), "\n".join(head).encode("ascii") + vert.tobytes() + face.tobytes()
+    )
 
 
 def write_stl(path: str | os.PathLike, mesh: Mesh, *, name: str = "vfsearch") -> Path:
@@ -195,5 +233,13 @@ def write_stl(path: str | os.PathLike, mesh: Mesh, *, name: str = "vfsearch") ->
     return _atomic_write(Path(path), header + struct.pack("<I", len(tri)) + rec.tobytes())
 
 
-__all__ = ["Mesh", "components", "concat", "label_surfaces", "probability_surface", "surface",
-           "write_ply", "write_stl"]
+__all__ = [
+    "Mesh",
+    "components",
+    "concat",
+    "label_surfaces",
+    "probability_surface",
+    "surface",
+    "write_ply",
+    "write_stl",
+]

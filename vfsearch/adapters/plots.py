@@ -41,8 +41,11 @@ PROB_CMAP = "jet"
 ATTENTION_CMAP = "viridis"
 PROB_FLOOR = 0.05  # probabilities below this are left transparent over the CT
 VIEWS_3D: tuple[tuple[str, float, float], ...] = (
-    ("anterior", 5.0, -90.0), ("left lateral", 5.0, 0.0), ("posterior", 5.0, 90.0),
-    ("anterior oblique", 25.0, -45.0))
+    ("anterior", 5.0, -90.0),
+    ("left lateral", 5.0, 0.0),
+    ("posterior", 5.0, 90.0),
+    ("anterior oblique", 25.0, -45.0),
+)
 PLANES = ("sagittal", "axial", "coronal")
 
 
@@ -112,11 +115,19 @@ def _edges(origin: float, spacing: float, n: int) -> tuple[float, float]:
     return origin - spacing / 2, origin + (n - 1) * spacing + spacing / 2
 
 
-def ortho_panels(ct: np.ndarray, overlay: np.ndarray | None, truth: np.ndarray | None,
-                 spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
-                 centre_zyx: Sequence[int], *, box_zyx: tuple[Sequence[int], Sequence[int]]
-                 | None = None, margin_mm: float = 12.0, planes: Sequence[str] = PLANES,
-                 label: str = "") -> list[Panel]:
+def ortho_panels(
+    ct: np.ndarray,
+    overlay: np.ndarray | None,
+    truth: np.ndarray | None,
+    spacing_xyz: Sequence[float],
+    origin_xyz: Sequence[float],
+    centre_zyx: Sequence[int],
+    *,
+    box_zyx: tuple[Sequence[int], Sequence[int]] | None = None,
+    margin_mm: float = 12.0,
+    planes: Sequence[str] = PLANES,
+    label: str = "",
+) -> list[Panel]:
     """Sagittal, axial and coronal panels of canonical ``(z, y, x)`` volumes through
     ``centre_zyx``. ``overlay`` in [0, 1] (probability); ``truth`` bool; ``box_zyx`` (lo, hi
     half-open voxel box) zooms every panel onto it plus ``margin_mm``."""
@@ -143,8 +154,11 @@ def ortho_panels(ct: np.ndarray, overlay: np.ndarray | None, truth: np.ndarray |
             xl, yl = "x mm (patient right → left)", "z mm (superior ↑)"
             where = f"y = {oy + j * sy:.0f} mm"
         elif plane == "axial":
-            idx, extent, origin = (k, slice(None), slice(None)), (ex[0], ex[1], ey[1], ey[0]), \
-                "upper"
+            idx, extent, origin = (
+                (k, slice(None), slice(None)),
+                (ex[0], ex[1], ey[1], ey[0]),
+                "upper",
+            )
             xl, yl = "x mm (patient right → left)", "y mm (anterior ↑)"
             where = f"z = {oz + k * sz:.0f} mm"
         else:
@@ -153,39 +167,71 @@ def ortho_panels(ct: np.ndarray, overlay: np.ndarray | None, truth: np.ndarray |
         if box_zyx is not None:
             (lz, ly, lx), (hz, hy, hx) = box_zyx
             zx, zy, zz = zoom(ox, sx, lx, hx), zoom(oy, sy, ly, hy), zoom(oz, sz, lz, hz)
-            limits = {"sagittal": (zy, zz), "coronal": (zx, zz),
-                      "axial": (zx, (zy[1], zy[0]))}[plane]
-        panels.append(Panel(f"{label} {plane} ({where})".strip(), cut(ct, idx),
-                            cut(overlay, idx), cut(truth, idx), extent, origin, xl, yl, limits))
+            limits = {"sagittal": (zy, zz), "coronal": (zx, zz), "axial": (zx, (zy[1], zy[0]))}[
+                plane
+            ]
+        panels.append(
+            Panel(
+                f"{label} {plane} ({where})".strip(),
+                cut(ct, idx),
+                cut(overlay, idx),
+                cut(truth, idx),
+                extent,
+                origin,
+                xl,
+                yl,
+                limits,
+            )
+        )
     return panels
 
 
-def crop_panel(ct: np.ndarray, overlay: np.ndarray | None, plane: str,
-               spacing_xyz: Sequence[float], title: str) -> Panel:
+def crop_panel(
+    ct: np.ndarray, overlay: np.ndarray | None, plane: str, spacing_xyz: Sequence[float], title: str
+) -> Panel:
     """A panel of one 2D slice of a canonical crop along ``plane`` (the slice as
     `fusion.volume_to_slices` gives it: sagittal ``(z, y)``, coronal ``(z, x)``, axial
     ``(y, x)``); millimetres from the crop's corner."""
     sx, sy, sz = (float(v) for v in spacing_xyz)
     rows, cols = ct.shape
     if plane == "sagittal":
-        extent, origin, xl, yl = (0, cols * sy, 0, rows * sz), "lower", "y mm (ant → post)", \
-            "z mm (sup ↑)"
+        extent, origin, xl, yl = (
+            (0, cols * sy, 0, rows * sz),
+            "lower",
+            "y mm (ant → post)",
+            "z mm (sup ↑)",
+        )
     elif plane == "coronal":
-        extent, origin, xl, yl = (0, cols * sx, 0, rows * sz), "lower", "x mm (R → L)", \
-            "z mm (sup ↑)"
+        extent, origin, xl, yl = (
+            (0, cols * sx, 0, rows * sz),
+            "lower",
+            "x mm (R → L)",
+            "z mm (sup ↑)",
+        )
     elif plane == "axial":
-        extent, origin, xl, yl = (0, cols * sx, rows * sy, 0), "upper", "x mm (R → L)", \
-            "y mm (ant ↑)"
+        extent, origin, xl, yl = (
+            (0, cols * sx, rows * sy, 0),
+            "upper",
+            "x mm (R → L)",
+            "y mm (ant ↑)",
+        )
     else:
         raise ValueError(f"unknown plane {plane!r}")
     return Panel(title, ct, overlay, None, extent, origin, xl, yl)
 
 
-def montage(rows: Sequence[Sequence[Panel]], path: str | os.PathLike, *, title: str = "",
-            overlay_label: str = "fracture probability", cmap: str = PROB_CMAP,
-            floor: float = PROB_FLOOR, alpha: float = 0.55,
-            window: tuple[float, float] = BONE_WINDOW, size: tuple[int, int] | None = None
-            ) -> Path:
+def montage(
+    rows: Sequence[Sequence[Panel]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    overlay_label: str = "fracture probability",
+    cmap: str = PROB_CMAP,
+    floor: float = PROB_FLOOR,
+    alpha: float = 0.55,
+    window: tuple[float, float] = BONE_WINDOW,
+    size: tuple[int, int] | None = None,
+) -> Path:
     """A grid of panels: CT in the bone ``window`` (level, width HU), the overlay in ``cmap``
     over [0, 1] (values below ``floor`` transparent) with one colour bar, the ground-truth
     contour in cyan. ``size`` defaults to `montage_size`. Returns the PNG path."""
@@ -201,8 +247,9 @@ def montage(rows: Sequence[Sequence[Panel]], path: str | os.PathLike, *, title: 
     for r in range(n_rows):
         for c in range(n_cols):
             left, top = c * cell_w + 52, TITLE_PX + r * cell_h + 22
-            axes[r, c] = fig.add_axes((left / w, 1 - (top + cell_h - 62) / h,
-                                       (cell_w - 62) / w, (cell_h - 62) / h))
+            axes[r, c] = fig.add_axes(
+                (left / w, 1 - (top + cell_h - 62) / h, (cell_w - 62) / w, (cell_h - 62) / h)
+            )
     lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
     norm = colors.Normalize(0.0, 1.0)
     has_contour = False
@@ -213,15 +260,35 @@ def montage(rows: Sequence[Sequence[Panel]], path: str | os.PathLike, *, title: 
                 ax.set_axis_off()
                 continue
             p = row[c]
-            ax.imshow(p.ct, cmap="gray", vmin=lo, vmax=hi, extent=p.extent, origin=p.origin,
-                      interpolation="nearest")
+            ax.imshow(
+                p.ct,
+                cmap="gray",
+                vmin=lo,
+                vmax=hi,
+                extent=p.extent,
+                origin=p.origin,
+                interpolation="nearest",
+            )
             if p.overlay is not None:
                 ov = np.ma.masked_less(np.asarray(p.overlay, np.float32), floor)
-                ax.imshow(ov, cmap=cmap, norm=norm, alpha=alpha, extent=p.extent,
-                          origin=p.origin, interpolation="nearest")
+                ax.imshow(
+                    ov,
+                    cmap=cmap,
+                    norm=norm,
+                    alpha=alpha,
+                    extent=p.extent,
+                    origin=p.origin,
+                    interpolation="nearest",
+                )
             if p.contour is not None and np.any(p.contour) and not np.all(p.contour):
-                ax.contour(np.asarray(p.contour, np.float32), levels=[0.5], colors="cyan",
-                           linewidths=1.0, extent=p.extent, origin=p.origin)
+                ax.contour(
+                    np.asarray(p.contour, np.float32),
+                    levels=[0.5],
+                    colors="cyan",
+                    linewidths=1.0,
+                    extent=p.extent,
+                    origin=p.origin,
+                )
                 has_contour = True
             if p.limits is not None:
                 ax.set_xlim(*p.limits[0])
@@ -249,10 +316,17 @@ def montage_size(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 
 # -- 3D ---------------------------------------------------------------------------------------
-def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
-                path: str | os.PathLike, *, views: Sequence[tuple[str, float, float]] = VIEWS_3D,
-                size: tuple[int, int] | None = None, title: str = "",
-                colorbar: tuple[str, float, float, str] | None = None) -> Path:
+def render_mesh(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    face_rgba: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    views: Sequence[tuple[str, float, float]] = VIEWS_3D,
+    size: tuple[int, int] | None = None,
+    title: str = "",
+    colorbar: tuple[str, float, float, str] | None = None,
+) -> Path:
     """Render a triangle mesh headless from several views, side by side.
 
     ``vertices`` ``(n, 3)`` physical mm (x patient-left, y posterior, z superior: superior is
@@ -268,8 +342,9 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
     plt, fig = _figure(size)
     vertices = np.asarray(vertices, np.float64)
     tri = vertices[np.asarray(faces)] if len(faces) else np.zeros((0, 3, 3))
-    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]) if len(tri) else \
-        np.zeros((0, 3))
+    normal = (
+        np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]) if len(tri) else np.zeros((0, 3))
+    )
     normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
     lo = vertices.min(axis=0) if len(vertices) else np.zeros(3)
     hi = vertices.max(axis=0) if len(vertices) else np.ones(3)
@@ -284,8 +359,9 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
         rgba = np.asarray(face_rgba, np.float64).copy()
         rgba[:, :3] *= shade[:, None]
         if len(tri):
-            ax.add_collection3d(art3d.Poly3DCollection(tri, facecolors=rgba, edgecolors="none",
-                                                 linewidths=0.0))
+            ax.add_collection3d(
+                art3d.Poly3DCollection(tri, facecolors=rgba, edgecolors="none", linewidths=0.0)
+            )
         ax.set_xlim(centre[0] - half[0], centre[0] + half[0])
         ax.set_ylim(centre[1] - half[1], centre[1] + half[1])
         ax.set_zlim(centre[2] - half[2], centre[2] + half[2])
@@ -307,27 +383,35 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, face_rgba: np.ndarray,
 
 
 # -- curves -----------------------------------------------------------------------------------
-def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]],
-                         path: str | os.PathLike, *, title: str = "",
-                         size: tuple[int, int] = (1200, 400)) -> Path:
+def plot_training_curves(
+    history: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    size: tuple[int, int] = (1200, 400),
+) -> Path:
     """Metric histories of one run, ``{key: [(step, value), ...]}``, in three panels: losses,
     overlap figures (dice / iou / precision / recall) and the rest (learning rate, ...)."""
     plt, fig = _figure(size, layout="constrained")
     groups: dict[str, list[str]] = {"losses": [], "overlap": [], "other": []}
     for key in sorted(history):
         low = key.lower()
-        group = "losses" if "loss" in low else "overlap" if any(
-            w in low for w in ("dice", "iou", "precision", "recall", "auc")) else "other"
+        group = (
+            "losses"
+            if "loss" in low
+            else "overlap"
+            if any(w in low for w in ("dice", "iou", "precision", "recall", "auc"))
+            else "other"
+        )
         groups[group].append(key)
     axes = fig.subplots(1, 3, squeeze=False)[0]
-    for ax, (group, keys) in zip(axes, groups.items()):
+    for ax, (group, keys) in zip(axes, groups.items(), strict=False):
         for key in keys:
             pts = sorted(history[key])
             if not pts:
                 continue
-            steps, values = zip(*pts)
-            ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3,
-                    label=key)
+            steps, values = zip(*pts, strict=False)
+            ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
         if keys:
             ax.legend(fontsize=6)
         ax.set_title(group, fontsize=9)
@@ -340,9 +424,14 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]],
     return _save(plt, fig, path)
 
 
-def plot_budget(trials: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike,
-                *, metric: str = "val_dice", title: str = "",
-                size: tuple[int, int] = (800, 500)) -> Path:
+def plot_budget(
+    trials: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    *,
+    metric: str = "val_dice",
+    title: str = "",
+    size: tuple[int, int] = (800, 500),
+) -> Path:
     """``metric`` against budget (epochs) for every trial of a sweep, ``{trial: [(epoch,
     value), ...]}``; the last point of each trial is marked (ASHA stops weak ones early)."""
     plt, fig = _figure(size, layout="constrained")
@@ -351,8 +440,8 @@ def plot_budget(trials: Mapping[str, Sequence[tuple[float, float]]], path: str |
         pts = sorted(trials[name])
         if not pts:
             continue
-        steps, values = zip(*pts)
-        line, = ax.plot(steps, values, alpha=0.8, linewidth=1.2, label=name)
+        steps, values = zip(*pts, strict=False)
+        (line,) = ax.plot(steps, values, alpha=0.8, linewidth=1.2, label=name)
         ax.plot(steps[-1:], values[-1:], "o", color=line.get_color(), markersize=4)
     if 0 < len(trials) <= 12:
         ax.legend(fontsize=6)
@@ -363,9 +452,13 @@ def plot_budget(trials: Mapping[str, Sequence[tuple[float, float]]], path: str |
     return _save(plt, fig, path)
 
 
-def plot_importances(importances: Mapping[str, float], path: str | os.PathLike, *,
-                     title: str = "parameter importances", size: tuple[int, int] = (700, 450)
-                     ) -> Path:
+def plot_importances(
+    importances: Mapping[str, float],
+    path: str | os.PathLike,
+    *,
+    title: str = "parameter importances",
+    size: tuple[int, int] = (700, 450),
+) -> Path:
     """Horizontal bars of parameter importances (largest on top)."""
     plt, fig = _figure(size, layout="constrained")
     ax = fig.subplots()
@@ -373,8 +466,14 @@ def plot_importances(importances: Mapping[str, float], path: str | os.PathLike, 
     if items:
         ax.barh([k for k, _ in items], [v for _, v in items], color="#3b7dd8")
     else:
-        ax.text(0.5, 0.5, "no importances (fewer than 2 finished trials)", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no importances (fewer than 2 finished trials)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel("importance (Optuna's default evaluator)")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=10)

@@ -40,15 +40,27 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def bar(iterable: Iterable[Any] | None = None, desc: str = "", *, unit: str = "case",
-        total: int | None = None) -> Any:
+def bar(
+    iterable: Iterable[Any] | None = None,
+    desc: str = "",
+    *,
+    unit: str = "case",
+    total: int | None = None,
+) -> Any:
     """A tqdm bar on stderr (count, rate, elapsed<ETA), silent unless `enabled`.
 
     Iterate it like ``iterable``, or without one call ``update(n)`` / ``set_postfix_str`` and
     ``close()`` (or use it as a context manager).
     """
-    return _tqdm().tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr,
-                disable=not enabled(), dynamic_ncols=True)
+    return _tqdm().tqdm(
+        iterable,
+        desc=desc,
+        unit=unit,
+        total=total,
+        file=sys.stderr,
+        disable=not enabled(),
+        dynamic_ncols=True,
+    )
 
 
 def say(line: str) -> None:

@@ -17,8 +17,12 @@ import threading
 from ray.train.torch import TorchConfig
 
 PREWARM_MODULES: tuple[str, ...] = (
-    "torch._dynamo", "zarr", "vfsearch.adapters.dataset", "vfsearch.core.models",
-    "vfsearch.core.losses", "vfsearch.core.steps",
+    "torch._dynamo",
+    "zarr",
+    "vfsearch.adapters.dataset",
+    "vfsearch.core.models",
+    "vfsearch.core.losses",
+    "vfsearch.core.steps",
 )
 
 

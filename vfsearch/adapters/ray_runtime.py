@@ -20,9 +20,14 @@ from typing import Any
 from vfsearch.core.errors import UserError, explain
 
 
-def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
-                num_gpus_needed: float = 0.0,
-                resources: Mapping[str, float] | None = None, verbose: bool = False) -> None:
+def connect_ray(
+    address: str | None = None,
+    *,
+    num_cpus_needed: float = 1.0,
+    num_gpus_needed: float = 0.0,
+    resources: Mapping[str, float] | None = None,
+    verbose: bool = False,
+) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray sized for the run
     (offering the custom ``resources`` too, as a cluster's head would).
 
@@ -45,8 +50,10 @@ def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
             ray.init(address=address, **ray_output(verbose))
         except Exception as exc:  # noqa: BLE001 - a refused token is a RayError, not OSError
             # Ray's message is a multi-line traceback of the GCS client: name its cause instead
-            raise UserError(f"--address: cannot join the Ray cluster at {address}: "
-                            f"{explain(exc, address=address)}") from exc
+            raise UserError(
+                f"--address: cannot join the Ray cluster at {address}: "
+                f"{explain(exc, address=address)}"
+            ) from exc
         finally:
             if ours:
                 os.environ.pop(tries, None)
@@ -57,11 +64,16 @@ def connect_ray(address: str | None = None, *, num_cpus_needed: float = 1.0,
 
         have = torch.cuda.device_count()
         if have < num_gpus_needed:
-            raise UserError(f"--gpus-per-worker: the run needs {num_gpus_needed:g} GPUs, this "
-                            f"machine has {have}")
+            raise UserError(
+                f"--gpus-per-worker: the run needs {num_gpus_needed:g} GPUs, this "
+                f"machine has {have}"
+            )
     # never leave a local run waiting forever for CPUs this machine does not have
-    start_local_ray(num_cpus=max(cpus, math.ceil(num_cpus_needed)),
-                    resources=dict(resources) if resources else None, **ray_output(verbose))
+    start_local_ray(
+        num_cpus=max(cpus, math.ceil(num_cpus_needed)),
+        resources=dict(resources) if resources else None,
+        **ray_output(verbose),
+    )
 
 
 def ray_output(verbose: bool) -> dict[str, Any]:
@@ -75,8 +87,7 @@ def ray_output(verbose: bool) -> dict[str, Any]:
     `vfsearch.pipelines.train.worker.LineRelay` and Tune callbacks instead. ``verbose``: all
     of it, as Ray prints by default.
     """
-    return {"log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR}
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
 
 
 def start_local_ray(**init_kwargs: Any) -> str:

@@ -19,11 +19,15 @@ class FinalMetricOptunaSearch(OptunaSearch):
         if not isinstance(self.metric, list) and self.metric in result:
             super().on_trial_result(trial_id, result)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         # multi-objective: a trial without every objective (stopped by ASHA) is pruned, not
         # a completed trial with missing values (which Optuna would refuse)
-        if isinstance(self.metric, list) and result and \
-                any(result.get(m) is None for m in self.metric):
+        if (
+            isinstance(self.metric, list)
+            and result
+            and any(result.get(m) is None for m in self.metric)
+        ):
             result = None
         super().on_trial_complete(trial_id, result, error)

@@ -44,12 +44,23 @@ import yaml
 from vfsearch.core.config import Config, known_keys, with_overrides
 from vfsearch.core.errors import UserError
 
-TOP_KEYS = {"version", "description", "metric", "mode", "epochs", "startup_trials",
-            "scheduler", "fixed", "params"}
+TOP_KEYS = {
+    "version",
+    "description",
+    "metric",
+    "mode",
+    "epochs",
+    "startup_trials",
+    "scheduler",
+    "fixed",
+    "params",
+}
 SCHEDULER_KEYS = {"grace_period", "reduction_factor", "metric"}
-PARAM_KEYS = {"float": {"type", "low", "high", "log", "step", "when"},
-              "int": {"type", "low", "high", "log", "step", "when"},
-              "categorical": {"type", "choices", "when"}}
+PARAM_KEYS = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+}
 
 # key -> (the key it depends on, the values that enable it)
 DEPENDS_ON: dict[str, tuple[str, tuple[Any, ...]]] = {
@@ -120,8 +131,7 @@ class SearchSpace:
             if p.type == "float":
                 values[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
             elif p.type == "int":
-                values[p.key] = trial.suggest_int(p.key, p.low, p.high, log=p.log,
-                                                  step=p.step or 1)
+                values[p.key] = trial.suggest_int(p.key, p.low, p.high, log=p.log, step=p.step or 1)
             else:
                 values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
         return dict(self.fixed)
@@ -150,8 +160,9 @@ def resolve_space(path: str | Path) -> Path:
         return p
     if p.suffix == "" and len(p.parts) == 1 and (PACKAGED / f"{p.name}.yaml").is_file():
         return PACKAGED / f"{p.name}.yaml"
-    raise UserError(f"{path}: search space file not found (packaged spaces: "
-                    f"{', '.join(packaged_spaces())})")
+    raise UserError(
+        f"{path}: search space file not found (packaged spaces: {', '.join(packaged_spaces())})"
+    )
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -179,8 +190,11 @@ def load_space(path: str | Path) -> SearchSpace:
         raise _err(src, "scheduler", "must be a mapping")
     for key in sched:
         if key not in SCHEDULER_KEYS:
-            raise _err(src, f"scheduler.{key}", "unknown key "
-                       f"(allowed: {', '.join(sorted(SCHEDULER_KEYS))})")
+            raise _err(
+                src,
+                f"scheduler.{key}",
+                f"unknown key (allowed: {', '.join(sorted(SCHEDULER_KEYS))})",
+            )
     grace = _positive_int(src, "scheduler.grace_period", sched.get("grace_period", 1))
     rf = _positive_int(src, "scheduler.reduction_factor", sched.get("reduction_factor", 3))
     if rf < 2:
@@ -214,14 +228,25 @@ def load_space(path: str | Path) -> SearchSpace:
             if dep not in by_key and dep not in fixed:
                 raise _err(src, f"params.{p.key}.when", f"{dep} is neither sampled nor fixed")
             dep_param = by_key.get(dep)
-            if dep_param is not None and dep_param.type == "categorical" \
-                    and value not in dep_param.choices:
+            if (
+                dep_param is not None
+                and dep_param.type == "categorical"
+                and value not in dep_param.choices
+            ):
                 raise _err(src, f"params.{p.key}.when", f"{dep} never takes {value!r}")
         _check_dependency(src, p, by_key, base_flat)
-    return SearchSpace(path=src, objectives=objectives, epochs=epochs, startup_trials=startup,
-                       grace_period=grace, reduction_factor=rf,
-                       scheduler_metric=str(sched.get("metric", "val_dice")), fixed=dict(fixed),
-                       params=tuple(params), description=str(raw.get("description", "")))
+    return SearchSpace(
+        path=src,
+        objectives=objectives,
+        epochs=epochs,
+        startup_trials=startup,
+        grace_period=grace,
+        reduction_factor=rf,
+        scheduler_metric=str(sched.get("metric", "val_dice")),
+        fixed=dict(fixed),
+        params=tuple(params),
+        description=str(raw.get("description", "")),
+    )
 
 
 def _objectives(src: str, metric: Any, mode: Any) -> tuple[tuple[str, str], ...]:
@@ -229,8 +254,9 @@ def _objectives(src: str, metric: Any, mode: Any) -> tuple[tuple[str, str], ...]
     metrics = metric if isinstance(metric, list) else [metric]
     modes = mode if isinstance(mode, list) else [mode]
     if not metrics or len(metrics) > 3 or not all(isinstance(m, str) and m for m in metrics):
-        raise _err(src, "metric", f"must be a metric name or a list of 1 to 3 names, "
-                   f"got {metric!r}")
+        raise _err(
+            src, "metric", f"must be a metric name or a list of 1 to 3 names, got {metric!r}"
+        )
     if len(set(metrics)) != len(metrics):
         raise _err(src, "metric", f"lists a metric twice: {metric!r}")
     if len(modes) != len(metrics):
@@ -273,15 +299,20 @@ def _param(src: str, key: str, spec: Any, types: dict[str, type]) -> Param:
                 raise _err(src, f"{where}.choices", f"{c!r} is not a {tp.__name__}")
         return Param(key, kind, choices=tuple(choices), when=when)
     if tp not in (int, float) or (kind == "float" and tp is int):
-        raise _err(src, f"{where}.type", f"{key} is a {tp.__name__}; use "
-                   f"{'categorical' if tp not in (int, float) else 'int'}")
+        raise _err(
+            src,
+            f"{where}.type",
+            f"{key} is a {tp.__name__}; use {'categorical' if tp not in (int, float) else 'int'}",
+        )
     low, high = spec.get("low"), spec.get("high")
     for name, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or \
-                (kind == "int" and not isinstance(v, int)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (kind == "int" and not isinstance(v, int))
+        ):
             what = "an integer" if kind == "int" else "a number"
-            raise _err(src, f"{where}.{name}", f"must be {what}, "
-                       f"got {v!r}")
+            raise _err(src, f"{where}.{name}", f"must be {what}, got {v!r}")
     if low >= high:
         raise _err(src, where, f"empty range: low {low} >= high {high}")
     log = bool(spec.get("log", False))
@@ -309,11 +340,18 @@ def _check_dependency(src: str, p: Param, by_key: dict[str, Param], base: dict[s
     conds = dict(p.when)
     if dep_key in conds:
         if conds[dep_key] not in enabling:
-            raise _err(src, f"params.{p.key}.when", f"{dep_key} must be one of {list(enabling)} "
-                       f"for {p.key} to exist")
+            raise _err(
+                src,
+                f"params.{p.key}.when",
+                f"{dep_key} must be one of {list(enabling)} for {p.key} to exist",
+            )
         return
     if dep_key not in by_key and base[dep_key] in enabling:
         return  # fixed (or defaulted) to an enabling value
-    raise _err(src, f"params.{p.key}", f"only exists when {dep_key} is "
-               f"{' or '.join(map(str, enabling))}: add when: {{{dep_key}: {enabling[0]!r}}} "
-               f"or fix {dep_key}")
+    raise _err(
+        src,
+        f"params.{p.key}",
+        f"only exists when {dep_key} is "
+        f"{' or '.join(map(str, enabling))}: add when: {{{dep_key}: {enabling[0]!r}}} "
+        f"or fix {dep_key}",
+    )

@@ -145,8 +145,15 @@ class Store:
         group = cases.create_group(case_id)
         group.attrs.update({**attrs, "complete": False})
 
-    def write_vertebra(self, case_id: str, vid: int, arrays: dict[str, np.ndarray],
-                       attrs: dict[str, Any], *, chunk_axis: int = PLANE_AXIS["sagittal"]) -> None:
+    def write_vertebra(
+        self,
+        case_id: str,
+        vid: int,
+        arrays: dict[str, np.ndarray],
+        attrs: dict[str, Any],
+        *,
+        chunk_axis: int = PLANE_AXIS["sagittal"],
+    ) -> None:
         """Store one vertebra crop; chunks hold `CHUNK_SLICES` slices along ``chunk_axis``."""
         zarr = _zarr()
         group = self.root[f"cases/{case_id}"].create_group(str(int(vid)))
@@ -155,16 +162,16 @@ class Store:
             data = np.ascontiguousarray(arrays[name])
             chunks = list(data.shape)
             chunks[chunk_axis] = min(CHUNK_SLICES, data.shape[chunk_axis])
-            arr = group.create_array(name, shape=data.shape, dtype=data.dtype,
-                                     chunks=tuple(chunks), compressors=codec)
+            arr = group.create_array(
+                name, shape=data.shape, dtype=data.dtype, chunks=tuple(chunks), compressors=codec
+            )
             arr[...] = data
         group.attrs.update(attrs)
 
     def finish_case(self, case_id: str, hu_hist: np.ndarray, attrs: dict[str, Any]) -> None:
         """Store the case's HU histogram and mark it complete (the last write of a case)."""
         group = self.root[f"cases/{case_id}"]
-        arr = group.create_array("hu_hist", shape=(HIST_BINS,), dtype="int64",
-                                 chunks=(HIST_BINS,))
+        arr = group.create_array("hu_hist", shape=(HIST_BINS,), dtype="int64", chunks=(HIST_BINS,))
         arr[...] = hu_hist.astype(np.int64)
         group.attrs.update({**attrs, "complete": True})
 
@@ -187,8 +194,10 @@ def fingerprint_from_hist(hist: np.ndarray) -> dict[str, float]:
         return {}
     centres = np.arange(HIST_BINS) + HIST_MIN
     cdf = np.cumsum(hist) / total
-    pct = {f"p{str(q).replace('.', '_')}": float(centres[np.searchsorted(cdf, q / 100)])
-           for q in (0.5, 50, 99.5)}
+    pct = {
+        f"p{str(q).replace('.', '_')}": float(centres[np.searchsorted(cdf, q / 100)])
+        for q in (0.5, 50, 99.5)
+    }
     mean = float((hist * centres).sum() / total)
     std = float(np.sqrt((hist * (centres - mean) ** 2).sum() / total))
     return {**pct, "mean": mean, "std": std, "voxels": int(total)}

@@ -87,15 +87,20 @@ def read_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
     if image.GetDimension() != 3:
         raise UserError(f"{p}: {what} must be 3D, got {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{p}: {what} must have one value per voxel, "
-                        f"got {image.GetNumberOfComponentsPerPixel()}")
+        raise UserError(
+            f"{p}: {what} must have one value per voxel, "
+            f"got {image.GetNumberOfComponentsPerPixel()}"
+        )
     try:
         with _quiet_stderr():
             array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:  # lazily decoded pixel data can still fail here
         raise UserError(f"{p}: cannot read {what} ({_first_line(exc)})") from None
-    if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and \
-            np.issubdtype(array.dtype, np.floating):
+    if (
+        p.is_file()
+        and p.name.lower().endswith((".nii", ".nii.gz"))
+        and np.issubdtype(array.dtype, np.floating)
+    ):
         # NIfTI voxels are stored x fastest, as this (z, y, x) array: put NaN back.
         nan = _nifti_nan_mask(p, what, array.size)
         if nan is not None:
@@ -140,7 +145,7 @@ def _check_nifti_complete(p: pathlib.Path, what: str) -> None:
 def _nifti_read(p: pathlib.Path, what: str, n: int = -1) -> bytes:
 
     try:
-        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")) as f:
+        with gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb") as f:
             return f.read(n)
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{p}: cannot read {what} ({exc})") from None
@@ -168,11 +173,16 @@ def _nifti_header(head: bytes) -> dict | None:
     if not 1 <= ndim <= 7 or bitpix <= 0:
         return None
     n = 1
-    for d in dims[1:ndim + 1]:
+    for d in dims[1 : ndim + 1]:
         n *= max(int(d), 1)
-    return {"endian": endian, "dims": dims[1:ndim + 1], "datatype": datatype, "n": n,
-            "offset": max(offset, hsize),
-            "nbytes": n * bitpix // 8}
+    return {
+        "endian": endian,
+        "dims": dims[1 : ndim + 1],
+        "datatype": datatype,
+        "n": n,
+        "offset": max(offset, hsize),
+        "nbytes": n * bitpix // 8,
+    }
 
 
 def _nifti_nan_mask(p: pathlib.Path, what: str, size: int) -> np.ndarray | None:
@@ -181,7 +191,7 @@ def _nifti_nan_mask(p: pathlib.Path, what: str, size: int) -> np.ndarray | None:
     dtypes = {16: "f4", 64: "f8"}
     if hdr is None or hdr["datatype"] not in dtypes or hdr["n"] != size:
         return None
-    data = _nifti_read(p, what)[hdr["offset"]:hdr["offset"] + hdr["nbytes"]]
+    data = _nifti_read(p, what)[hdr["offset"] : hdr["offset"] + hdr["nbytes"]]
     values = np.frombuffer(data, dtype=hdr["endian"] + dtypes[hdr["datatype"]])
     nan = np.isnan(values)
     return nan if nan.any() else None
@@ -191,8 +201,11 @@ def _first_line(exc: BaseException) -> str:
     """The useful part of an ITK exception, in one line and without the C++ source path."""
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    lines = [re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", ln)
-             for ln in lines if not ln.startswith("Exception thrown in")]
+    lines = [
+        re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", ln)
+        for ln in lines
+        if not ln.startswith("Exception thrown in")
+    ]
     lines = [ln.removeprefix("[nrrd] ").strip() for ln in lines]
     # ITK messages end with the useful part ("... Description: ...").
     for ln in reversed(lines):
@@ -236,9 +249,11 @@ def _read_dicom_series(folder: pathlib.Path, what: str):
     if not ids:
         raise UserError(f"{folder}: no DICOM series found in folder ({what})")
     if len(ids) > 1:
-        raise UserError(f"{folder}: folder holds {len(ids)} DICOM series "
-                        f"({', '.join(ids[:3])}{'...' if len(ids) > 3 else ''}); "
-                        f"put one series per folder")
+        raise UserError(
+            f"{folder}: folder holds {len(ids)} DICOM series "
+            f"({', '.join(ids[:3])}{'...' if len(ids) > 3 else ''}); "
+            f"put one series per folder"
+        )
     with _quiet_stderr():
         files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
     if len(files) < 2:
@@ -280,16 +295,21 @@ def _check_dicom_spacing(folder: pathlib.Path, files: tuple[str, ...]) -> None:
         return
     step = float(np.median(steps))
     if step <= 0 or steps.min() < 0.5 * step:
-        raise UserError(f"{folder}: DICOM series has several slices at the same position "
-                        f"(several acquisitions in one series?)")
+        raise UserError(
+            f"{folder}: DICOM series has several slices at the same position "
+            f"(several acquisitions in one series?)"
+        )
     gaps = np.nonzero(steps > 1.5 * step)[0]
     if len(gaps):
-        raise UserError(f"{folder}: DICOM series is missing slice(s): gap of {steps[gaps[0]]:.2f} "
-                        f"mm after slice {gaps[0] + 1} of {len(files)} (spacing {step:.2f} mm)")
+        raise UserError(
+            f"{folder}: DICOM series is missing slice(s): gap of {steps[gaps[0]]:.2f} "
+            f"mm after slice {gaps[0] + 1} of {len(files)} (spacing {step:.2f} mm)"
+        )
 
 
-def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
-                 *, compress: bool = True) -> pathlib.Path:
+def write_volume(
+    path: str | os.PathLike, array: np.ndarray, geometry: Geometry, *, compress: bool = True
+) -> pathlib.Path:
     """Write atomically (temporary file in the same folder, then rename)."""
     sitk = _sitk()
     p = pathlib.Path(path)
@@ -312,8 +332,12 @@ class Segment:
     tags: tuple[tuple[str, str], ...] = ()
 
 
-def write_segmentation(path: str | os.PathLike, layers: Sequence[np.ndarray],
-                       geometry: Geometry, segments: Sequence[Segment]) -> pathlib.Path:
+def write_segmentation(
+    path: str | os.PathLike,
+    layers: Sequence[np.ndarray],
+    geometry: Geometry,
+    segments: Sequence[Segment],
+) -> pathlib.Path:
     """Write a 3D Slicer segmentation (``.seg.nrrd``) atomically.
 
     ``layers``: label arrays ``(z, y, x)`` of one shape, on the grid ``geometry``; segments of
@@ -327,21 +351,24 @@ def write_segmentation(path: str | os.PathLike, layers: Sequence[np.ndarray],
     p = pathlib.Path(path)
     arrays = [np.asarray(a) for a in layers]
     if not arrays or any(a.ndim != 3 or a.shape != arrays[0].shape for a in arrays):
-        raise ValueError(f"{p}: layers must be 3D arrays of one shape, got "
-                         f"{[a.shape for a in arrays]}")
+        raise ValueError(
+            f"{p}: layers must be 3D arrays of one shape, got {[a.shape for a in arrays]}"
+        )
     for s in segments:
         if not 0 <= s.layer < len(arrays) or s.label_value <= 0:
             raise ValueError(f"{p}: segment {s.id!r}: layer {s.layer} / label {s.label_value}")
         texts = [s.id, s.name, *(t for kv in s.tags for t in kv)]
         if any(ch in t for t in texts for ch in "\n|"):
             raise ValueError(f"{p}: segment {s.id!r}: newline or '|' in its name or tags")
-    top = max([int(a.max()) for a in arrays if a.size] + [s.label_value for s in segments]
-              + [0])
-    dtype = np.uint8 if top < 2 ** 8 else np.uint16
+    top = max([int(a.max()) for a in arrays if a.size] + [s.label_value for s in segments] + [0])
+    dtype = np.uint8 if top < 2**8 else np.uint16
     stacked = np.stack([a.astype(dtype, copy=False) for a in arrays], axis=-1)
     # one component per layer: ITK writes the components as the NRRD's first (fastest) axis
-    image = (sitk.GetImageFromArray(stacked, isVector=True) if len(arrays) > 1
-             else sitk.GetImageFromArray(stacked[..., 0]))
+    image = (
+        sitk.GetImageFromArray(stacked, isVector=True)
+        if len(arrays) > 1
+        else sitk.GetImageFromArray(stacked[..., 0])
+    )
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
@@ -353,20 +380,22 @@ def write_segmentation(path: str | os.PathLike, layers: Sequence[np.ndarray],
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
     }
     for i, s in enumerate(segments):
-        fields.update({
-            f"Segment{i}_ID": s.id,
-            f"Segment{i}_Name": s.name,
-            f"Segment{i}_NameAutoGenerated": "0",
-            f"Segment{i}_Color": " ".join(f"{c:.6g}" for c in s.color),
-            f"Segment{i}_ColorAutoGenerated": "0",
-            f"Segment{i}_LabelValue": str(int(s.label_value)),
-            f"Segment{i}_Layer": str(int(s.layer)),
-            # Slicer crops a layer to the Extent of the first segment it reads from it and
-            # shares that labelmap with the layer's other segments: give every segment its
-            # layer's extent, as Slicer itself writes, or later vertebrae would be clipped.
-            f"Segment{i}_Extent": extents[s.layer],
-            f"Segment{i}_Tags": "".join(f"{k}:{v}|" for k, v in s.tags) or "|",
-        })
+        fields.update(
+            {
+                f"Segment{i}_ID": s.id,
+                f"Segment{i}_Name": s.name,
+                f"Segment{i}_NameAutoGenerated": "0",
+                f"Segment{i}_Color": " ".join(f"{c:.6g}" for c in s.color),
+                f"Segment{i}_ColorAutoGenerated": "0",
+                f"Segment{i}_LabelValue": str(int(s.label_value)),
+                f"Segment{i}_Layer": str(int(s.layer)),
+                # Slicer crops a layer to the Extent of the first segment it reads from it and
+                # shares that labelmap with the layer's other segments: give every segment its
+                # layer's extent, as Slicer itself writes, or later vertebrae would be clipped.
+                f"Segment{i}_Extent": extents[s.layer],
+                f"Segment{i}_Tags": "".join(f"{k}:{v}|" for k, v in s.tags) or "|",
+            }
+        )
     for key, value in fields.items():
         image.SetMetaData(key, value)
     with atomic_path(p, ".seg.nrrd") as tmp:
@@ -398,14 +427,21 @@ def _nrrd_list_axis(path: pathlib.Path) -> None:
     header, body = data[:end], data[end:]
     old = b"\nkinds: vector domain domain domain"
     if end < 0 or header.count(old) != 1:
-        raise RuntimeError(f"{path}: unexpected NRRD header from ITK (no single "
-                           f"'kinds: vector domain domain domain' line)")
+        raise RuntimeError(
+            f"{path}: unexpected NRRD header from ITK (no single "
+            f"'kinds: vector domain domain domain' line)"
+        )
     path.write_bytes(header.replace(old, b"\nkinds: list domain domain domain") + body)
 
 
-def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: Geometry,
-                       *, series_uid: str | None = None,
-                       compressor: str | None = None) -> list[pathlib.Path]:
+def write_dicom_series(
+    folder: str | os.PathLike,
+    array: np.ndarray,
+    geometry: Geometry,
+    *,
+    series_uid: str | None = None,
+    compressor: str | None = None,
+) -> list[pathlib.Path]:
     """Write an int16 CT volume as a DICOM series, one file per z slice (tests and demos).
 
     ``compressor="JPEG2000"`` writes JPEG 2000 lossless pixel data (transfer syntax
@@ -448,23 +484,39 @@ def write_dicom_series(folder: str | os.PathLike, array: np.ndarray, geometry: G
     return paths
 
 
-def resample(array: np.ndarray, geometry: Geometry, spacing: tuple[float, float, float],
-             *, nearest: bool = False, default: float = 0.0) -> Volume:
+def resample(
+    array: np.ndarray,
+    geometry: Geometry,
+    spacing: tuple[float, float, float],
+    *,
+    nearest: bool = False,
+    default: float = 0.0,
+) -> Volume:
     """Resample onto a grid of ``spacing`` (x, y, z mm) with the same origin and direction.
 
     The new grid covers the same physical extent (size = round(extent / spacing)).
     ``nearest`` for label maps; linear interpolation otherwise.
     """
-    size = [max(1, int(round(n * s / t))) for n, s, t in
-            zip(array.shape[::-1], geometry.spacing, spacing)]
+    size = [
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(array.shape[::-1], geometry.spacing, spacing, strict=False)
+    ]
     target = Geometry(tuple(spacing), geometry.origin, geometry.direction)
-    return Volume(resample_to(array, geometry, target, tuple(size[::-1]), nearest=nearest,
-                              default=default), target)
+    return Volume(
+        resample_to(array, geometry, target, tuple(size[::-1]), nearest=nearest, default=default),
+        target,
+    )
 
 
-def resample_to(array: np.ndarray, geometry: Geometry, target: Geometry,
-                shape_zyx: tuple[int, int, int], *, nearest: bool = False,
-                default: float = 0.0) -> np.ndarray:
+def resample_to(
+    array: np.ndarray,
+    geometry: Geometry,
+    target: Geometry,
+    shape_zyx: tuple[int, int, int],
+    *,
+    nearest: bool = False,
+    default: float = 0.0,
+) -> np.ndarray:
     """Resample ``array`` onto the grid ``target`` of ``shape_zyx`` (physical space kept)."""
     sitk = _sitk()
     src = to_image(array if array.dtype != np.bool_ else array.astype(np.uint8), geometry)

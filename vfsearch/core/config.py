@@ -168,8 +168,9 @@ def known_keys() -> dict[str, type]:
     """Every dotted key of `Config` and the Python type of its value."""
     out: dict[str, type] = {}
     for section in fields(Config):
-        hints = typing.get_type_hints(section.type if isinstance(section.type, type) else
-                                      globals()[section.type])
+        hints = typing.get_type_hints(
+            section.type if isinstance(section.type, type) else globals()[section.type]
+        )
         for key, tp in hints.items():
             out[f"{section.name}.{key}"] = tp
     return out
@@ -194,8 +195,11 @@ def _coerce(value: Any, tp: type, key: str, source: str) -> Any:
             return value
         raise UserError(f"{source}: {key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (isinstance(value, float) and not value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())
+        ):
             raise UserError(f"{source}: {key} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -209,8 +213,9 @@ def _coerce(value: Any, tp: type, key: str, source: str) -> Any:
     return value
 
 
-def with_overrides(config: Config, flat: dict[str, Any], *, source: str = "config",
-                   check: bool = True) -> Config:
+def with_overrides(
+    config: Config, flat: dict[str, Any], *, source: str = "config", check: bool = True
+) -> Config:
     """Return ``config`` with dotted-key values replaced, each coerced to the field's type.
 
     ``check=False`` skips the cross-field `validate` (for partial configs such as a search
@@ -290,8 +295,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def _check_choices(flat: dict[str, Any], prefix: str, source: str) -> None:
     for key, choices in _CHOICES.items():
         if key.startswith(prefix) and flat[key] not in choices:
-            raise UserError(f"{source}: {key} must be one of {', '.join(choices)}, "
-                            f"got {flat[key]!r}")
+            raise UserError(
+                f"{source}: {key} must be one of {', '.join(choices)}, got {flat[key]!r}"
+            )
 
 
 def validate_model(model: ModelConfig, *, source: str = "config") -> ModelConfig:
@@ -305,13 +311,17 @@ def validate_model(model: ModelConfig, *, source: str = "config") -> ModelConfig
     if not 0 <= model.dropout < 1:
         raise UserError(f"{source}: model.dropout must be >= 0 and < 1, got {model.dropout}")
     if model.temporal_hidden < 0:
-        raise UserError(f"{source}: model.temporal_hidden must be >= 0 "
-                        f"(0: min(bottleneck width, 64)), got {model.temporal_hidden}")
+        raise UserError(
+            f"{source}: model.temporal_hidden must be >= 0 "
+            f"(0: min(bottleneck width, 64)), got {model.temporal_hidden}"
+        )
     if model.disc_channels < 1 or model.disc_layers < 1:
         raise UserError(f"{source}: model.disc_channels and model.disc_layers must be >= 1")
     if model.family == "resnet18_classifier" and (model.gan or model.predict_all_slices):
-        raise UserError(f"{source}: model.family resnet18_classifier predicts one label per "
-                        "window: model.gan and model.predict_all_slices must be false")
+        raise UserError(
+            f"{source}: model.family resnet18_classifier predicts one label per "
+            "window: model.gan and model.predict_all_slices must be false"
+        )
     return model
 
 
@@ -319,15 +329,22 @@ def validate_loss(loss: LossConfig, *, source: str = "config") -> LossConfig:
     """Ranges and combinations of `LossConfig` alone (`vfsearch.core.losses.build_loss` too)."""
     flat = flatten(loss, "loss.")
     _check_choices(flat, "loss.", source)
-    for key in ("loss.dice_weight", "loss.bce_weight", "loss.adv_weight", "loss.extra_weight",
-                "loss.focal_gamma"):
+    for key in (
+        "loss.dice_weight",
+        "loss.bce_weight",
+        "loss.adv_weight",
+        "loss.extra_weight",
+        "loss.focal_gamma",
+    ):
         if flat[key] < 0:
             raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
     if loss.pos_weight <= 0:
         raise UserError(f"{source}: loss.pos_weight must be > 0, got {loss.pos_weight}")
     if loss.dice_weight + loss.bce_weight + loss.extra_weight == 0:
-        raise UserError(f"{source}: loss.dice_weight, loss.bce_weight and loss.extra_weight are "
-                        "all 0: nothing to train the segmentation on")
+        raise UserError(
+            f"{source}: loss.dice_weight, loss.bce_weight and loss.extra_weight are "
+            "all 0: nothing to train the segmentation on"
+        )
     if loss.extra == "none" and loss.extra_weight > 0:
         raise UserError(f"{source}: loss.extra_weight > 0 needs loss.extra focal or tversky")
     if loss.extra != "none" and loss.extra_weight == 0:
@@ -335,8 +352,10 @@ def validate_loss(loss: LossConfig, *, source: str = "config") -> LossConfig:
     if loss.extra == "tversky":
         a, b = loss.tversky_alpha, loss.tversky_beta
         if not (0 <= a <= 1 and 0 <= b <= 1 and a + b > 0):
-            raise UserError(f"{source}: loss.tversky_alpha and loss.tversky_beta must lie in "
-                            f"[0, 1], not both 0; got {a}, {b}")
+            raise UserError(
+                f"{source}: loss.tversky_alpha and loss.tversky_beta must lie in "
+                f"[0, 1], not both 0; got {a}, {b}"
+            )
     return loss
 
 
@@ -348,32 +367,43 @@ def validate(config: Config, *, source: str = "config") -> Config:
     validate_loss(config.loss, source=source)
     if config.data.seq_len % 2 == 0 or not 1 <= config.data.seq_len <= 9:
         raise UserError(f"{source}: data.seq_len must be odd and 1..9, got {config.data.seq_len}")
-    if config.data.patch_size % (2 ** config.model.depth):
-        raise UserError(f"{source}: data.patch_size {config.data.patch_size} must be divisible "
-                        f"by 2**model.depth = {2 ** config.model.depth}")
+    if config.data.patch_size % (2**config.model.depth):
+        raise UserError(
+            f"{source}: data.patch_size {config.data.patch_size} must be divisible "
+            f"by 2**model.depth = {2**config.model.depth}"
+        )
     if config.loss.adv_weight > 0 and not config.model.gan:
         raise UserError(f"{source}: loss.adv_weight > 0 needs model.gan=true")
     if config.model.gan and config.loss.adv_weight == 0:
-        raise UserError(f"{source}: model.gan=true needs loss.adv_weight > 0 (else the "
-                        "discriminator trains but never reaches the segmenter)")
-    if config.model.gan and config.data.patch_size < 3 * 2 ** config.model.disc_layers:
-        raise UserError(f"{source}: data.patch_size {config.data.patch_size} is too small for "
-                        f"model.disc_layers={config.model.disc_layers} (needs >= "
-                        f"{3 * 2 ** config.model.disc_layers})")
+        raise UserError(
+            f"{source}: model.gan=true needs loss.adv_weight > 0 (else the "
+            "discriminator trains but never reaches the segmenter)"
+        )
+    if config.model.gan and config.data.patch_size < 3 * 2**config.model.disc_layers:
+        raise UserError(
+            f"{source}: data.patch_size {config.data.patch_size} is too small for "
+            f"model.disc_layers={config.model.disc_layers} (needs >= "
+            f"{3 * 2**config.model.disc_layers})"
+        )
     if config.model.norm == "instance" and config.data.patch_size < 2 ** (config.model.depth + 1):
-        raise UserError(f"{source}: model.norm=instance needs a bottleneck of at least 2x2 "
-                        f"pixels: data.patch_size >= {2 ** (config.model.depth + 1)}")
+        raise UserError(
+            f"{source}: model.norm=instance needs a bottleneck of at least 2x2 "
+            f"pixels: data.patch_size >= {2 ** (config.model.depth + 1)}"
+        )
     if config.model.predict_all_slices != config.data.target_all_slices:
-        raise UserError(f"{source}: model.predict_all_slices and data.target_all_slices must "
-                        "be equal (the model predicts what the data provides)")
+        raise UserError(
+            f"{source}: model.predict_all_slices and data.target_all_slices must "
+            "be equal (the model predicts what the data provides)"
+        )
     for key in ("train.lr", "data.augment", "data.oversample_fracture"):
         if flat[key] < 0:
             raise UserError(f"{source}: {key} must be >= 0, got {flat[key]}")
     if config.data.augment > 1:
         raise UserError(f"{source}: data.augment is a strength 0..1, got {config.data.augment}")
     if config.data.open_vertebrae < 1:
-        raise UserError(f"{source}: data.open_vertebrae must be >= 1, "
-                        f"got {config.data.open_vertebrae}")
+        raise UserError(
+            f"{source}: data.open_vertebrae must be >= 1, got {config.data.open_vertebrae}"
+        )
     validate_train(config.train, source=source)
     return config
 
@@ -383,24 +413,47 @@ def validate_train(train: TrainConfig, *, source: str = "config") -> TrainConfig
     for key in ("epochs", "batch_size", "keep_checkpoints"):
         if getattr(train, key) < 1:
             raise UserError(f"{source}: train.{key} must be >= 1, got {getattr(train, key)}")
-    for key in ("weight_decay", "grad_clip", "disc_lr", "warmup_epochs", "early_stop_patience",
-                "num_workers", "max_windows_per_epoch", "max_failures"):
-        if getattr(train, key) < 0 and not (key in ("max_failures", "num_workers")
-                                            and getattr(train, key) == -1):
+    for key in (
+        "weight_decay",
+        "grad_clip",
+        "disc_lr",
+        "warmup_epochs",
+        "early_stop_patience",
+        "num_workers",
+        "max_windows_per_epoch",
+        "max_failures",
+    ):
+        if getattr(train, key) < 0 and not (
+            key in ("max_failures", "num_workers") and getattr(train, key) == -1
+        ):
             auto = " (or -1: auto)" if key in ("max_failures", "num_workers") else ""
-            raise UserError(f"{source}: train.{key} must be >= 0{auto}, "
-                            f"got {getattr(train, key)}")
+            raise UserError(f"{source}: train.{key} must be >= 0{auto}, got {getattr(train, key)}")
     if train.gan_start_epoch < -1:
-        raise UserError(f"{source}: train.gan_start_epoch must be >= 0, or -1 for epochs // 2; "
-                        f"got {train.gan_start_epoch}")
+        raise UserError(
+            f"{source}: train.gan_start_epoch must be >= 0, or -1 for epochs // 2; "
+            f"got {train.gan_start_epoch}"
+        )
     if not 0 < train.val_threshold < 1:
-        raise UserError(f"{source}: train.val_threshold must lie in (0, 1), "
-                        f"got {train.val_threshold}")
+        raise UserError(
+            f"{source}: train.val_threshold must lie in (0, 1), got {train.val_threshold}"
+        )
     return train
 
 
 __all__ = [
-    "Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "PLANES",
-    "load_config", "with_overrides", "parse_overrides", "validate", "validate_model",
-    "validate_loss", "validate_train", "flatten", "known_keys",
+    "Config",
+    "ModelConfig",
+    "LossConfig",
+    "DataConfig",
+    "TrainConfig",
+    "PLANES",
+    "load_config",
+    "with_overrides",
+    "parse_overrides",
+    "validate",
+    "validate_model",
+    "validate_loss",
+    "validate_train",
+    "flatten",
+    "known_keys",
 ]

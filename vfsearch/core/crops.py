@@ -55,16 +55,29 @@ class Resampled(Protocol):
 class Resampler(Protocol):
     """Resampling in physical space; `vfsearch.adapters.volumes` (SimpleITK) is one."""
 
-    def resample(self, array: np.ndarray, geometry: Geometry,
-                 spacing: tuple[float, float, float], *, nearest: bool = False,
-                 default: float = 0.0) -> Resampled:
+    def resample(
+        self,
+        array: np.ndarray,
+        geometry: Geometry,
+        spacing: tuple[float, float, float],
+        *,
+        nearest: bool = False,
+        default: float = 0.0,
+    ) -> Resampled:
         """``array`` onto a grid of ``spacing`` (x, y, z mm) over the same extent, same origin
         and direction (size = round(extent / spacing)); linear, or ``nearest`` for labels."""
         ...
 
-    def resample_to(self, array: np.ndarray, geometry: Geometry, target: Geometry,
-                    shape_zyx: tuple[int, int, int], *, nearest: bool = False,
-                    default: float = 0.0) -> np.ndarray:
+    def resample_to(
+        self,
+        array: np.ndarray,
+        geometry: Geometry,
+        target: Geometry,
+        shape_zyx: tuple[int, int, int],
+        *,
+        nearest: bool = False,
+        default: float = 0.0,
+    ) -> np.ndarray:
         """``array`` onto the grid ``target`` of ``shape_zyx``; ``default`` outside."""
         ...
 
@@ -91,8 +104,11 @@ class Canonical:
         and resampled (nearest) only when its grid is the same space within tolerance but
         not voxel for voxel (an oblique grid)."""
         arr, g, _ = to_canonical(array, geometry)
-        if arr.shape == self.shape and np.allclose(g.origin, self.geometry.origin, atol=1e-3) \
-                and np.allclose(g.direction, self.geometry.direction, atol=1e-4):
+        if (
+            arr.shape == self.shape
+            and np.allclose(g.origin, self.geometry.origin, atol=1e-3)
+            and np.allclose(g.direction, self.geometry.direction, atol=1e-4)
+        ):
             return arr
         return resampler.resample_to(arr, g, self.geometry, self.shape, nearest=True)
 
@@ -166,9 +182,12 @@ class CaseCrops:
             "roi_box": [int(v) for v in (*r.lo, *r.hi)],
             "resampled_geometry": r.geometry.to_dict(),
             "resampled_shape": [int(v) for v in r.image.shape],
-            "resampling": {"spacing": list(r.spacing), "image": "linear", "labels": "nearest",
-                           "grid": "origin and direction of the canonical ROI, "
-                                   "size round(extent / spacing)"},
+            "resampling": {
+                "spacing": list(r.spacing),
+                "image": "linear",
+                "labels": "nearest",
+                "grid": "origin and direction of the canonical ROI, size round(extent / spacing)",
+            },
         }
 
 
@@ -181,18 +200,32 @@ def check_ct(array: np.ndarray, source: str) -> None:
         raise UserError(f"{source}: CT voxels must be numbers, got {array.dtype}")
 
 
-def check_same_grid(ct_shape: tuple[int, ...], ct_geometry: Geometry, shape: tuple[int, ...],
-                    geometry: Geometry, *, ct_source: str, source: str, what: str) -> None:
+def check_same_grid(
+    ct_shape: tuple[int, ...],
+    ct_geometry: Geometry,
+    shape: tuple[int, ...],
+    geometry: Geometry,
+    *,
+    ct_source: str,
+    source: str,
+    what: str,
+) -> None:
     """`UserError` unless a volume's grid (``shape``, ``geometry``) covers the CT's voxels in
     physical space (`Geometry.same_space`). ``what``: "label map", "fracture mask"."""
     if not ct_geometry.same_space(geometry, ct_shape, shape):
+
         def desc(g: Geometry, s: tuple[int, ...]) -> str:
-            return (f"size {'x'.join(str(n) for n in s[::-1])}, spacing "
-                    f"{','.join(f'{v:.3g}' for v in g.spacing)}, origin "
-                    f"{','.join(f'{o:.1f}' for o in g.origin)}")
-        raise UserError(f"{source}: {what} grid differs from the CT's in physical space "
-                        f"({desc(geometry, shape)} vs CT {PurePath(ct_source).name}: "
-                        f"{desc(ct_geometry, ct_shape)})")
+            return (
+                f"size {'x'.join(str(n) for n in s[::-1])}, spacing "
+                f"{','.join(f'{v:.3g}' for v in g.spacing)}, origin "
+                f"{','.join(f'{o:.1f}' for o in g.origin)}"
+            )
+
+        raise UserError(
+            f"{source}: {what} grid differs from the CT's in physical space "
+            f"({desc(geometry, shape)} vs CT {PurePath(ct_source).name}: "
+            f"{desc(ct_geometry, ct_shape)})"
+        )
 
 
 def fracture_values(arr: np.ndarray, source: str) -> np.ndarray:
@@ -202,11 +235,15 @@ def fracture_values(arr: np.ndarray, source: str) -> np.ndarray:
             raise UserError(f"{source}: fracture mask contains NaN or infinite values")
         frac = arr != np.rint(arr)
         if frac.any():
-            raise UserError(f"{source}: fracture mask has non-integer values (e.g. "
-                            f"{float(arr[frac][0]):.3g}); expected 0/1 (or integer grades)")
+            raise UserError(
+                f"{source}: fracture mask has non-integer values (e.g. "
+                f"{float(arr[frac][0]):.3g}); expected 0/1 (or integer grades)"
+            )
     if arr.size and arr.min() < 0:
-        raise UserError(f"{source}: fracture mask has negative values (min {arr.min()}); "
-                        f"expected 0/1 (or integer grades)")
+        raise UserError(
+            f"{source}: fracture mask has negative values (min {arr.min()}); "
+            f"expected 0/1 (or integer grades)"
+        )
     return (arr > 0).astype(np.uint8)
 
 
@@ -215,18 +252,27 @@ def no_target_vertebra(source: str, label_scheme: str, raw_labels: np.ndarray) -
     given, before `vfsearch.core.labels.to_verse`, for the ids it does hold)."""
     ids = [int(v) for v in np.unique(raw_labels) if v != 0][:20]
     found = ", ".join(str(v) for v in ids) or "none"
-    return UserError(f"{source}: no T4..L5 vertebra label (label scheme {label_scheme}: "
-                     f"T4..L5 = {'11..24' if label_scheme == 'verse' else '40..27'}; "
-                     f"found ids {found})")
+    return UserError(
+        f"{source}: no T4..L5 vertebra label (label scheme {label_scheme}: "
+        f"T4..L5 = {'11..24' if label_scheme == 'verse' else '40..27'}; "
+        f"found ids {found})"
+    )
 
 
 # -- grids and boxes -------------------------------------------------------------------------------
-def box_in_grid(box_zyx: Sequence[int], src: Geometry, dst: Geometry,
-                dst_shape: tuple[int, ...]) -> Box | None:
+def box_in_grid(
+    box_zyx: Sequence[int], src: Geometry, dst: Geometry, dst_shape: tuple[int, ...]
+) -> Box | None:
     """Half-open voxel box of ``src`` -> the voxels of ``dst`` whose centres lie inside it."""
     z0, y0, x0, z1, y1, x1 = box_zyx
-    corners = np.array([[z, y, x] for z in (z0 - .5, z1 - .5) for y in (y0 - .5, y1 - .5)
-                        for x in (x0 - .5, x1 - .5)])
+    corners = np.array(
+        [
+            [z, y, x]
+            for z in (z0 - 0.5, z1 - 0.5)
+            for y in (y0 - 0.5, y1 - 0.5)
+            for x in (x0 - 0.5, x1 - 0.5)
+        ]
+    )
     idx = dst.physical_to_index(src.zyx_to_physical(corners))[:, ::-1]  # (8, zyx)
     lo = np.ceil(idx.min(axis=0) - 1e-6).astype(int)
     hi = np.floor(idx.max(axis=0) + 1e-6).astype(int) + 1
@@ -255,8 +301,9 @@ def canonical(ct: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Canonical
     return ct_c, Canonical(geom_c, tuple(ct_c.shape), ro)
 
 
-def vertebrae_from_labels(verse_labels: np.ndarray, geometry: Geometry, canon: Canonical,
-                          resampler: Resampler) -> Vertebrae:
+def vertebrae_from_labels(
+    verse_labels: np.ndarray, geometry: Geometry, canon: Canonical, resampler: Resampler
+) -> Vertebrae:
     """The present T4..L5 vertebrae of a VerSe label map (``geometry``: its grid, the CT's
     space) and their canonical boxes; ``present`` is empty when it has none
     (`no_target_vertebra` is the error to raise then)."""
@@ -265,22 +312,32 @@ def vertebrae_from_labels(verse_labels: np.ndarray, geometry: Geometry, canon: C
     objects = ndimage.find_objects(lab_c)
     boxes: dict[int, Box | None] = {
         v: (*(s.start for s in objects[v - 1]), *(s.stop for s in objects[v - 1]))
-        for v in TARGET_IDS if v - 1 < len(objects) and objects[v - 1]}
+        for v in TARGET_IDS
+        if v - 1 < len(objects) and objects[v - 1]
+    }
     return Vertebrae(boxes, sorted(boxes), labels=lab_c)
 
 
-def vertebrae_from_boxes(boxes: Mapping[int, Box], ct_geometry: Geometry, canon: Canonical
-                         ) -> Vertebrae:
+def vertebrae_from_boxes(
+    boxes: Mapping[int, Box], ct_geometry: Geometry, canon: Canonical
+) -> Vertebrae:
     """The vertebrae of boxes given in the CT's stored index grid (a bounding-box CSV)."""
-    canon_boxes = {v: box_in_grid(b, ct_geometry, canon.geometry, canon.shape)
-                   for v, b in boxes.items()}
+    canon_boxes = {
+        v: box_in_grid(b, ct_geometry, canon.geometry, canon.shape) for v, b in boxes.items()
+    }
     present = [v for v in TARGET_IDS if canon_boxes.get(v)]
     return Vertebrae(canon_boxes, present, stored_boxes=boxes)
 
 
-def resample_region(ct_c: np.ndarray, canon: Canonical, vertebrae: Vertebrae, *,
-                    spacing: Sequence[float], margin_mm: float, resampler: Resampler
-                    ) -> Region:
+def resample_region(
+    ct_c: np.ndarray,
+    canon: Canonical,
+    vertebrae: Vertebrae,
+    *,
+    spacing: Sequence[float],
+    margin_mm: float,
+    resampler: Resampler,
+) -> Region:
     """Cut the region of interest (every present vertebra + ``margin_mm`` + 2 voxels for
     interpolation) out of the canonical CT ``ct_c`` and resample it onto ``spacing`` (x, y, z
     mm; linear, -1024 HU outside), rounded and clipped to int16 HU."""
@@ -294,17 +351,29 @@ def resample_region(ct_c: np.ndarray, canon: Canonical, vertebrae: Vertebrae, *,
     roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     geom_roi = canon.geometry.shifted(tuple(int(v) for v in lo))  # type: ignore[arg-type]
     target = tuple(float(s) for s in spacing)
-    ct_r = resampler.resample(ct_c[roi].astype(np.float32), geom_roi, target,  # type: ignore[arg-type]
-                              default=HU_MIN)
+    ct_r = resampler.resample(
+        ct_c[roi].astype(np.float32),
+        geom_roi,
+        target,  # type: ignore[arg-type]
+        default=HU_MIN,
+    )
     image = np.clip(np.rint(ct_r.array), HU_MIN, HU_MAX).astype(np.int16)
     return Region(lo, hi, geom_roi, target, image, ct_r.geometry)  # type: ignore[arg-type]
 
 
-def cut_vertebrae(region: Region, canon: Canonical, vertebrae: Vertebrae,
-                  fracture_c: np.ndarray | None, *, ct_geometry: Geometry,
-                  ct_shape: tuple[int, int, int], margin_mm: float,
-                  grades: Mapping[int, int] | None = None, resampler: Resampler,
-                  source: str = "vertebrae") -> CaseCrops:
+def cut_vertebrae(
+    region: Region,
+    canon: Canonical,
+    vertebrae: Vertebrae,
+    fracture_c: np.ndarray | None,
+    *,
+    ct_geometry: Geometry,
+    ct_shape: tuple[int, int, int],
+    margin_mm: float,
+    grades: Mapping[int, int] | None = None,
+    resampler: Resampler,
+    source: str = "vertebrae",
+) -> CaseCrops:
     """Crop every present vertebra out of the resampled region.
 
     Crop box: the bounding box of the vertebra's label (components of at least 10 % of the
@@ -318,10 +387,16 @@ def cut_vertebrae(region: Region, canon: Canonical, vertebrae: Vertebrae,
     image, geom_r = region.image, region.geometry
     shape_r = image.shape
     lab_c = vertebrae.labels
-    lab_r = (resampler.resample(lab_c[roi], geom_roi, target, nearest=True).array
-             if lab_c is not None else None)
-    frac_r = (resampler.resample(fracture_c[roi], geom_roi, target, nearest=True).array
-              if fracture_c is not None else np.zeros(shape_r, np.uint8))
+    lab_r = (
+        resampler.resample(lab_c[roi], geom_roi, target, nearest=True).array
+        if lab_c is not None
+        else None
+    )
+    frac_r = (
+        resampler.resample(fracture_c[roi], geom_roi, target, nearest=True).array
+        if fracture_c is not None
+        else np.zeros(shape_r, np.uint8)
+    )
 
     sp_r = np.asarray(target)[::-1]  # zyx
     margin = np.ceil(margin_mm / sp_r - 1e-6).astype(int)
@@ -355,33 +430,60 @@ def cut_vertebrae(region: Region, canon: Canonical, vertebrae: Vertebrae,
         fr = frac_r[crop]
         cb = vertebrae.boxes[vid]
         assert cb is not None
-        partial = bool(any(a == 0 for a in cb[:3]) or
-                       any(b == n for b, n in zip(cb[3:], canon.shape, strict=True)))
-        crops.append(Crop(vid, {"image": img, "fracture": fr, "mask": mask}, {
-            "verse_id": vid, "name": vertebra_name(vid), "grade": grades.get(vid),
-            "crop_box": [int(v) for v in (*c_lo, *c_hi)],
-            "label_box": [int(v) for v in (*box_lo, *box_hi)],
-            "shape": [int(v) for v in img.shape],
-            "geometry": geom_r.shifted(tuple(int(v) for v in c_lo)).to_dict(),  # type: ignore[arg-type]
-            "voxels": int(mask.sum()), "fracture_voxels": int(fr.sum()),
-            "fractured": bool(fr[mask > 0].any()), "partial": partial,
-            # fracture voxels per slice along each plane's axis (what the dataset's
-            # windows need to know without decoding the masks; windows.fracture_slice_counts)
-            "fracture_slices": {
-                plane: np.count_nonzero(fr, axis=tuple(a for a in range(3) if a != ax)).tolist()
-                for plane, ax in PLANE_AXIS.items()},
-        }))
+        partial = bool(
+            any(a == 0 for a in cb[:3])
+            or any(b == n for b, n in zip(cb[3:], canon.shape, strict=True))
+        )
+        crops.append(
+            Crop(
+                vid,
+                {"image": img, "fracture": fr, "mask": mask},
+                {
+                    "verse_id": vid,
+                    "name": vertebra_name(vid),
+                    "grade": grades.get(vid),
+                    "crop_box": [int(v) for v in (*c_lo, *c_hi)],
+                    "label_box": [int(v) for v in (*box_lo, *box_hi)],
+                    "shape": [int(v) for v in img.shape],
+                    "geometry": geom_r.shifted(tuple(int(v) for v in c_lo)).to_dict(),  # type: ignore[arg-type]
+                    "voxels": int(mask.sum()),
+                    "fracture_voxels": int(fr.sum()),
+                    "fractured": bool(fr[mask > 0].any()),
+                    "partial": partial,
+                    # fracture voxels per slice along each plane's axis (what the dataset's
+                    # windows need to know without decoding the masks;
+                    # windows.fracture_slice_counts)
+                    "fracture_slices": {
+                        plane: np.count_nonzero(
+                            fr, axis=tuple(a for a in range(3) if a != ax)
+                        ).tolist()
+                        for plane, ax in PLANE_AXIS.items()
+                    },
+                },
+            )
+        )
     if not crops:
-        raise UserError(f"{source}: T4..L5 labels vanish when resampled to spacing "
-                        f"{','.join(f'{s:g}' for s in target)} mm")
+        raise UserError(
+            f"{source}: T4..L5 labels vanish when resampled to spacing "
+            f"{','.join(f'{s:g}' for s in target)} mm"
+        )
     return CaseCrops(crops, ct_geometry, ct_shape, canon, region, vertebrae.source)
 
 
-def crop_arrays(ct: np.ndarray, ct_geometry: Geometry, *, labels: np.ndarray | None = None,
-                labels_geometry: Geometry | None = None, boxes: Mapping[int, Box] | None = None,
-                label_scheme: str = "verse", spacing: Sequence[float], margin_mm: float,
-                resampler: Resampler, ct_source: str = "ct",
-                labels_source: str = "vertebrae") -> CaseCrops:
+def crop_arrays(
+    ct: np.ndarray,
+    ct_geometry: Geometry,
+    *,
+    labels: np.ndarray | None = None,
+    labels_geometry: Geometry | None = None,
+    boxes: Mapping[int, Box] | None = None,
+    label_scheme: str = "verse",
+    spacing: Sequence[float],
+    margin_mm: float,
+    resampler: Resampler,
+    ct_source: str = "ct",
+    labels_source: str = "vertebrae",
+) -> CaseCrops:
     """Every stage on arrays in memory: the crops of a CT ``(z, y, x)`` HU on ``ct_geometry``.
 
     The vertebrae come from ``labels`` (ids of ``label_scheme``, on ``labels_geometry``,
@@ -397,20 +499,36 @@ def crop_arrays(ct: np.ndarray, ct_geometry: Geometry, *, labels: np.ndarray | N
         vertebrae = vertebrae_from_boxes(boxes, ct_geometry, canon)
     elif labels is not None:
         lab_geometry = labels_geometry or ct_geometry
-        check_same_grid(ct.shape, ct_geometry, labels.shape, lab_geometry, ct_source=ct_source,
-                        source=labels_source, what="label map")
+        check_same_grid(
+            ct.shape,
+            ct_geometry,
+            labels.shape,
+            lab_geometry,
+            ct_source=ct_source,
+            source=labels_source,
+            what="label map",
+        )
         verse = to_verse(labels, label_scheme, source=labels_source)
         vertebrae = vertebrae_from_labels(verse, lab_geometry, canon, resampler)
         if not vertebrae.present:
             raise no_target_vertebra(labels_source, label_scheme, labels)
     else:
         raise ValueError("crop_arrays: give labels or boxes")
-    region = resample_region(ct_c, canon, vertebrae, spacing=spacing, margin_mm=margin_mm,
-                             resampler=resampler)
+    region = resample_region(
+        ct_c, canon, vertebrae, spacing=spacing, margin_mm=margin_mm, resampler=resampler
+    )
     del ct_c
-    case = cut_vertebrae(region, canon, vertebrae, None, ct_geometry=ct_geometry,
-                         ct_shape=tuple(ct.shape), margin_mm=margin_mm, resampler=resampler,
-                         source=labels_source)
+    case = cut_vertebrae(
+        region,
+        canon,
+        vertebrae,
+        None,
+        ct_geometry=ct_geometry,
+        ct_shape=tuple(ct.shape),
+        margin_mm=margin_mm,
+        resampler=resampler,
+        source=labels_source,
+    )
     case.labels = verse
     return case
 

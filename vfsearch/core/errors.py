@@ -30,12 +30,18 @@ def fail(subject: object, problem: str) -> UserError:
 AUTH, VERSION, UNREACHABLE = "authentication", "version", "unreachable"
 
 _VERSION = re.compile(r"version mismatch", re.I)
-_VERSIONS = re.compile(r"cluster was started with:\s*Ray:\s*(\S+)\s*Python:\s*(\S+).*?"
-                       r"was started with:\s*Ray:\s*(\S+)\s*Python:\s*(\S+)", re.S)
+_VERSIONS = re.compile(
+    r"cluster was started with:\s*Ray:\s*(\S+)\s*Python:\s*(\S+).*?"
+    r"was started with:\s*Ray:\s*(\S+)\s*Python:\s*(\S+)",
+    re.S,
+)
 # Ray token authentication: the GCS answers UNAUTHENTICATED ("InvalidAuthToken: ..."), or the
 # client finds no token although RAY_AUTH_MODE=token (ray.exceptions.AuthenticationError)
-_RAY_AUTH = re.compile(r"InvalidAuthToken|unauthenticated|authentication token|auth[_ ]token"
-                       r"|RAY_AUTH_TOKEN|AuthenticationError", re.I)
+_RAY_AUTH = re.compile(
+    r"InvalidAuthToken|unauthenticated|authentication token|auth[_ ]token"
+    r"|RAY_AUTH_TOKEN|AuthenticationError",
+    re.I,
+)
 _HTTP_401 = re.compile(r"error code 401\b|\b401 Client Error|You are not authenticated")
 _HTTP_403 = re.compile(r"error code 403\b|\b403 Client Error")
 _NO_LOCAL_RAY = "Could not find any running Ray instance"
@@ -44,13 +50,19 @@ _UNREACHABLE = re.compile(
     r"failed to connect to all addresses|Failed to establish a new connection|"
     r"Max retries exceeded|Deadline Exceeded|UNAVAILABLE|timed out|"
     r"No route to host|Network is unreachable|Name or service not known|"
-    r"nodename nor servname|Temporary failure in name resolution|" + _NO_LOCAL_RAY, re.I)
+    r"nodename nor servname|Temporary failure in name resolution|" + _NO_LOCAL_RAY,
+    re.I,
+)
 # Ray 2.60's own words for the three token problems (ray.exceptions.AuthenticationError):
 _TOKEN_MODE_OFF = re.compile(r"RAY_AUTH_MODE is currently '\w+' \(not 'token'\)")
-_TOKEN_MISSING = re.compile(r"no authentication token was found|couldn't find an authentication "
-                            r"token")
-_URL = re.compile(r"API request to (https?://[^/\s'\"]+)|"
-                  r"HTTPS?ConnectionPool\(host='([^']+)', port=(\d+)\)")
+_TOKEN_MISSING = re.compile(
+    r"no authentication token was found|couldn't find an authentication "
+    r"token"
+)
+_URL = re.compile(
+    r"API request to (https?://[^/\s'\"]+)|"
+    r"HTTPS?ConnectionPool\(host='([^']+)', port=(\d+)\)"
+)
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -87,8 +99,9 @@ def classify(exc: BaseException) -> str | None:
     if _RAY_AUTH.search(text) or _HTTP_401.search(text) or _HTTP_403.search(text):
         return AUTH
     chain = causes(exc)
-    if any(isinstance(e, (ConnectionRefusedError, TimeoutError, socket.gaierror)) for e in chain) \
-            or _UNREACHABLE.search(text):
+    if any(
+        isinstance(e, (ConnectionRefusedError, TimeoutError, socket.gaierror)) for e in chain
+    ) or _UNREACHABLE.search(text):
         return UNREACHABLE
     return None
 
@@ -97,7 +110,7 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of ``exc``'s message (its class name if it has none)."""
     line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
     line = line or type(exc).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def explain(exc: BaseException, *, address: str | None = None) -> str:
@@ -116,26 +129,38 @@ def explain(exc: BaseException, *, address: str | None = None) -> str:
     if kind == VERSION:
         m = _VERSIONS.search(text)
         if m:
-            return (f"version mismatch: the cluster runs Ray {m[1]} on Python {m[2]}, this "
-                    f"machine Ray {m[3]} on Python {m[4]}; install the cluster's versions here")
+            return (
+                f"version mismatch: the cluster runs Ray {m[1]} on Python {m[2]}, this "
+                f"machine Ray {m[3]} on Python {m[4]}; install the cluster's versions here"
+            )
         return f"Ray/Python version mismatch with the cluster ({first_line(exc)})"
     if kind == AUTH:
         if _HTTP_401.search(text):
-            return ("authentication failed (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
-                    "MLFLOW_TRACKING_PASSWORD")
+            return (
+                "authentication failed (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD"
+            )
         if _HTTP_403.search(text):
-            return ("permission denied (HTTP 403): the MLFLOW_TRACKING_USERNAME user lacks "
-                    "the right to this experiment or model")
+            return (
+                "permission denied (HTTP 403): the MLFLOW_TRACKING_USERNAME user lacks "
+                "the right to this experiment or model"
+            )
         if _TOKEN_MISSING.search(text):
-            return ("authentication failed: RAY_AUTH_MODE=token but no token here; set "
-                    "RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the head")
+            return (
+                "authentication failed: RAY_AUTH_MODE=token but no token here; set "
+                "RAY_AUTH_TOKEN or copy ~/.ray/auth_token from the head"
+            )
         if _TOKEN_MODE_OFF.search(text):
             # joining an explicit address never turns token mode on, even with a token at
             # hand (measured on Ray 2.60): both are needed
-            return ("authentication failed: the cluster wants a token; set RAY_AUTH_MODE=token "
-                    "and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the head)")
-        return ("authentication failed: the cluster refused this token; set RAY_AUTH_TOKEN or "
-                "copy ~/.ray/auth_token from the head")
+            return (
+                "authentication failed: the cluster wants a token; set RAY_AUTH_MODE=token "
+                "and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the head)"
+            )
+        return (
+            "authentication failed: the cluster refused this token; set RAY_AUTH_TOKEN or "
+            "copy ~/.ray/auth_token from the head"
+        )
     if kind == UNREACHABLE:
         if _NO_LOCAL_RAY in text:
             return "no Ray cluster runs on this machine (`ray start --head` starts one)"

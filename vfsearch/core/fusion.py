@@ -28,8 +28,7 @@ COMBINE_METHODS: tuple[str, ...] = ("mean", "max", "vote")
 
 
 # -- windows ------------------------------------------------------------------------------
-def all_windows(n_slices: int, seq_len: int, centres: Sequence[int] | None = None
-                ) -> np.ndarray:
+def all_windows(n_slices: int, seq_len: int, centres: Sequence[int] | None = None) -> np.ndarray:
     """Indices ``(len(centres), seq_len)`` of the window around each centre slice.
 
     Window of centre ``t``: ``t - seq_len//2 .. t + seq_len//2``, clamped into
@@ -42,8 +41,7 @@ def all_windows(n_slices: int, seq_len: int, centres: Sequence[int] | None = Non
         raise ValueError(f"seq_len must be odd and >= 1, got {seq_len}")
     c = np.arange(n_slices) if centres is None else np.asarray(centres, dtype=np.int64)
     half = seq_len // 2
-    windows: np.ndarray = np.clip(c[:, None] + np.arange(-half, half + 1)[None, :], 0,
-                                  n_slices - 1)
+    windows: np.ndarray = np.clip(c[:, None] + np.arange(-half, half + 1)[None, :], 0, n_slices - 1)
     return windows
 
 
@@ -67,8 +65,9 @@ def padded_size(size: int, multiple: int, minimum: int = 0) -> int:
     return -(-target // multiple) * multiple
 
 
-def pad_slices(slices: np.ndarray, height: int, width: int, value: float
-               ) -> tuple[np.ndarray, tuple[slice, slice]]:
+def pad_slices(
+    slices: np.ndarray, height: int, width: int, value: float
+) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Centre-pad ``(n, H, W)`` to ``(n, height, width)`` with ``value``.
 
     Returns the padded stack and the in-plane slices that cut the original back out. Never
@@ -86,9 +85,18 @@ def pad_slices(slices: np.ndarray, height: int, width: int, value: float
 
 
 # -- inference over one crop -------------------------------------------------------------------
-def infer_slices(model: Any, slices: np.ndarray, seq_len: int, *, reuse: bool = True,
-                 batch_size: int = 16, device: Any = None, pad_value: float = 0.0,
-                 multiple: int = 16, min_size: int = 0) -> np.ndarray:
+def infer_slices(
+    model: Any,
+    slices: np.ndarray,
+    seq_len: int,
+    *,
+    reuse: bool = True,
+    batch_size: int = 16,
+    device: Any = None,
+    pad_value: float = 0.0,
+    multiple: int = 16,
+    min_size: int = 0,
+) -> np.ndarray:
     """Fracture probability of every slice of a crop, each as the centre of its window.
 
     ``slices``: normalised intensities ``(n, H, W)`` float along the model's plane.
@@ -118,16 +126,18 @@ def infer_slices(model: Any, slices: np.ndarray, seq_len: int, *, reuse: bool = 
         if reuse:
             bottlenecks, skips = _encode_all(model, x, batch_size)  # (n, C, h, w), skips
             for start in range(0, n, batch_size):
-                idx = windows[start:start + batch_size]  # (B, T)
+                idx = windows[start : start + batch_size]  # (B, T)
                 # the centres are slices start..start+B-1: slice views, no gather copies
-                centre_skips = [s[start:start + len(idx)] for s in skips]
-                result = model.forward_features(bottlenecks[idx],  # (B, T, C, h, w)
-                                                centre_skips)
-                out[start:start + len(idx)] = _centre_probs(result, centre)
+                centre_skips = [s[start : start + len(idx)] for s in skips]
+                result = model.forward_features(
+                    bottlenecks[idx],  # (B, T, C, h, w)
+                    centre_skips,
+                )
+                out[start : start + len(idx)] = _centre_probs(result, centre)
         else:
             for start in range(0, n, batch_size):
-                idx = windows[start:start + batch_size]
-                out[start:start + len(idx)] = _centre_probs(model(x[idx]), centre)
+                idx = windows[start : start + batch_size]
+                out[start : start + len(idx)] = _centre_probs(model(x[idx]), centre)
     return np.ascontiguousarray(out[:, inner[0], inner[1]])
 
 
@@ -138,7 +148,7 @@ def _encode_all(model: Any, x: Any, batch_size: int) -> tuple[Any, list[Any]]:
     enc_batch = max(batch_size, 1) * 2  # encoding alone needs less memory than a window
     parts_b, parts_s = [], []
     for start in range(0, x.shape[0], enc_batch):
-        b, s = model.encode(x[start:start + enc_batch, None])  # (N, 1, H, W)
+        b, s = model.encode(x[start : start + enc_batch, None])  # (N, 1, H, W)
         parts_b.append(b)
         parts_s.append(s)
     bottlenecks = torch.cat(parts_b)
@@ -164,9 +174,17 @@ def _model_device(model: Any) -> Any:
         return torch.device("cpu")
 
 
-def infer_slice_scores(model: Any, slices: np.ndarray, seq_len: int, *, batch_size: int = 32,
-                       device: Any = None, pad_value: float = 0.0, multiple: int = 32,
-                       min_size: int = 0) -> np.ndarray:
+def infer_slice_scores(
+    model: Any,
+    slices: np.ndarray,
+    seq_len: int,
+    *,
+    batch_size: int = 32,
+    device: Any = None,
+    pad_value: float = 0.0,
+    multiple: int = 32,
+    min_size: int = 0,
+) -> np.ndarray:
     """Per-slice fracture probability ``(n,)`` of a slice classifier (logits ``(B, 1)``).
 
     Windows as in `infer_slices`; ``model(windows (B, T, H, W)) -> (B, 1)`` logits.
@@ -182,12 +200,13 @@ def infer_slice_scores(model: Any, slices: np.ndarray, seq_len: int, *, batch_si
     out = np.empty(n, dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            idx = windows[start:start + batch_size]
+            idx = windows[start : start + batch_size]
             logits = model(x[idx])
             if isinstance(logits, dict):
                 logits = logits["logits"]
-            out[start:start + len(idx)] = torch.sigmoid(logits.reshape(len(idx), -1)[:, 0]
-                                                        .float()).cpu().numpy()
+            out[start : start + len(idx)] = (
+                torch.sigmoid(logits.reshape(len(idx), -1)[:, 0].float()).cpu().numpy()
+            )
     return out
 
 
@@ -220,19 +239,22 @@ class CaseAccumulator:
     Voxels that no crop covers get probability 0.
     """
 
-    def __init__(self, shape_zyx: tuple[int, int, int], method: str = "mean",
-                 threshold: float = 0.5) -> None:
+    def __init__(
+        self, shape_zyx: tuple[int, int, int], method: str = "mean", threshold: float = 0.5
+    ) -> None:
         if method not in COMBINE_METHODS:
-            raise ValueError(f"unknown combine method {method!r}; expected one of "
-                             f"{', '.join(COMBINE_METHODS)}")
+            raise ValueError(
+                f"unknown combine method {method!r}; expected one of {', '.join(COMBINE_METHODS)}"
+            )
         self.shape = tuple(int(s) for s in shape_zyx)
         self.method = method
         self.threshold = float(threshold)
         self.value = np.zeros(self.shape, dtype=np.float32)
         self.count = np.zeros(self.shape, dtype=np.uint16)
 
-    def add(self, prob: np.ndarray, offset_zyx: Sequence[int], cover: np.ndarray | None = None
-            ) -> None:
+    def add(
+        self, prob: np.ndarray, offset_zyx: Sequence[int], cover: np.ndarray | None = None
+    ) -> None:
         """Add one crop's map ``prob`` (sub-box at ``offset_zyx``; parts outside are cut)."""
         prob = np.asarray(prob, dtype=np.float32)
         cover = np.ones(prob.shape, dtype=bool) if cover is None else np.asarray(cover, bool)
@@ -267,8 +289,9 @@ class CaseAccumulator:
         return (self.result() >= t).astype(np.uint8)
 
 
-def _clip_box(offset: Sequence[int], shape: Sequence[int], bounds: Sequence[int]
-              ) -> tuple[tuple[slice, ...] | None, tuple[slice, ...] | None]:
+def _clip_box(
+    offset: Sequence[int], shape: Sequence[int], bounds: Sequence[int]
+) -> tuple[tuple[slice, ...] | None, tuple[slice, ...] | None]:
     """Source and destination slices of a box at ``offset`` clipped into ``bounds``."""
     src: list[slice] = []
     dst: list[slice] = []
@@ -281,9 +304,12 @@ def _clip_box(offset: Sequence[int], shape: Sequence[int], bounds: Sequence[int]
     return tuple(src), tuple(dst)
 
 
-def combine(maps: Sequence[tuple[np.ndarray, Sequence[int], np.ndarray | None]],
-            shape_zyx: tuple[int, int, int], method: str = "mean", threshold: float = 0.5
-            ) -> np.ndarray:
+def combine(
+    maps: Sequence[tuple[np.ndarray, Sequence[int], np.ndarray | None]],
+    shape_zyx: tuple[int, int, int],
+    method: str = "mean",
+    threshold: float = 0.5,
+) -> np.ndarray:
     """One-shot `CaseAccumulator`: ``maps`` of ``(prob, offset_zyx, cover)`` → combined map."""
     acc = CaseAccumulator(shape_zyx, method, threshold)
     for prob, offset, cover in maps:
@@ -292,8 +318,9 @@ def combine(maps: Sequence[tuple[np.ndarray, Sequence[int], np.ndarray | None]],
 
 
 # -- grids ------------------------------------------------------------------------------------
-def box_in_grid(src: Any, src_shape: Sequence[int], dst: Any, dst_shape: Sequence[int]
-                ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+def box_in_grid(
+    src: Any, src_shape: Sequence[int], dst: Any, dst_shape: Sequence[int]
+) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
     """The voxels of grid ``dst`` whose centres lie in the extent of grid ``src``.
 
     ``src``/``dst`` are `vfsearch.core.geometry.Geometry`; shapes ``(z, y, x)``. The extent of
@@ -302,8 +329,10 @@ def box_in_grid(src: Any, src_shape: Sequence[int], dst: Any, dst_shape: Sequenc
     voxels inside it are still outside the extent), or None when they do not overlap.
     """
     nz, ny, nx = (int(v) for v in src_shape)
-    corners = np.array([[z, y, x] for z in (-0.5, nz - 0.5) for y in (-0.5, ny - 0.5)
-                        for x in (-0.5, nx - 0.5)], dtype=np.float64)
+    corners = np.array(
+        [[z, y, x] for z in (-0.5, nz - 0.5) for y in (-0.5, ny - 0.5) for x in (-0.5, nx - 0.5)],
+        dtype=np.float64,
+    )
     idx = dst.physical_to_index(src.zyx_to_physical(corners))[:, ::-1]  # (8, zyx)
     lo = np.ceil(idx.min(axis=0) - 1e-6).astype(np.int64)
     hi = np.floor(idx.max(axis=0) + 1e-6).astype(np.int64) + 1
@@ -326,8 +355,9 @@ def nearest_label(labels: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarra
 
     if not np.any(labels):
         return np.zeros_like(labels)
-    idx = ndimage.distance_transform_edt(labels == 0, sampling=spacing_zyx,
-                                         return_distances=False, return_indices=True)
+    idx = ndimage.distance_transform_edt(
+        labels == 0, sampling=spacing_zyx, return_distances=False, return_indices=True
+    )
     nearest: np.ndarray = labels[tuple(idx)]
     return nearest
 

@@ -56,15 +56,23 @@ class Geometry:
         return Geometry(self.spacing, tuple(origin), self.direction)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction)}
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Geometry:
         return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
 
-    def same_space(self, other: Geometry, shape: tuple[int, ...], other_shape: tuple[int, ...],
-                   tol_mm: float | None = None) -> bool:
+    def same_space(
+        self,
+        other: Geometry,
+        shape: tuple[int, ...],
+        other_shape: tuple[int, ...],
+        tol_mm: float | None = None,
+    ) -> bool:
         """True when both grids cover the same voxels in physical space.
 
         Every index axis of one grid must match an index axis of the other with the same
@@ -81,9 +89,14 @@ class Geometry:
         unused = [0, 1, 2]
         for i in range(3):
             for j in unused:
-                if shape[::-1][i] == other_shape[::-1][j] and min(
+                if (
+                    shape[::-1][i] == other_shape[::-1][j]
+                    and min(
                         np.abs(edges_a[:, i] - edges_b[:, j]).max(),
-                        np.abs(edges_a[:, i] + edges_b[:, j]).max()) <= tol:
+                        np.abs(edges_a[:, i] + edges_b[:, j]).max(),
+                    )
+                    <= tol
+                ):
                     unused.remove(j)
                     break
             else:
@@ -142,8 +155,9 @@ def canonical_reorientation(geom: Geometry) -> Reorientation:
     itk_of_phys = {p: a for a, p in phys_of_itk.items()}
     # numpy axis n <-> itk axis 2 - n; new itk axis p takes old itk axis itk_of_phys[p].
     axes = cast("tuple[int, int, int]", tuple(2 - itk_of_phys[2 - n] for n in range(3)))
-    flips = cast("tuple[bool, bool, bool]",
-                 tuple(bool(m[2 - n, itk_of_phys[2 - n]] < 0) for n in range(3)))
+    flips = cast(
+        "tuple[bool, bool, bool]", tuple(bool(m[2 - n, itk_of_phys[2 - n]] < 0) for n in range(3))
+    )
     return Reorientation(axes, flips)
 
 

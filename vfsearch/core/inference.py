@@ -91,15 +91,22 @@ def check_fusable(models: Sequence[LoadedModel]) -> None:
     first = models[0]
     for m in models[1:]:
         if tuple(m.spacing) != tuple(first.spacing) or m.margin_mm != first.margin_mm:
-            raise UserError(f"{m.source} was trained on crops of spacing {m.spacing} mm / "
-                            f"margin {m.margin_mm} mm, {first.source} on {first.spacing} / "
-                            f"{first.margin_mm}; per-plane models must share them")
+            raise UserError(
+                f"{m.source} was trained on crops of spacing {m.spacing} mm / "
+                f"margin {m.margin_mm} mm, {first.source} on {first.spacing} / "
+                f"{first.margin_mm}; per-plane models must share them"
+            )
 
 
 # -- one crop -------------------------------------------------------------------------------------
-def crop_probability(models: Sequence[LoadedModel], image_hu: np.ndarray, *,
-                     batch_size: int = 16, reuse: bool = True,
-                     timings: dict[str, float] | None = None) -> np.ndarray:
+def crop_probability(
+    models: Sequence[LoadedModel],
+    image_hu: np.ndarray,
+    *,
+    batch_size: int = 16,
+    reuse: bool = True,
+    timings: dict[str, float] | None = None,
+) -> np.ndarray:
     """Fracture probability ``(z, y, x)`` float32 of one canonical crop (``image_hu`` HU).
 
     Each model predicts every slice along its plane (a window centred on it), the slices are
@@ -109,34 +116,47 @@ def crop_probability(models: Sequence[LoadedModel], image_hu: np.ndarray, *,
     maps = []
     for lm in models:
         if lm.kind != "segmentation":
-            raise UserError(f"{lm.source} is a {lm.kind} model; fracture maps need a "
-                            f"segmenter (evaluate reports classifiers)")
+            raise UserError(
+                f"{lm.source} is a {lm.kind} model; fracture maps need a "
+                f"segmenter (evaluate reports classifiers)"
+            )
         axis = PLANE_AXIS[lm.plane]
         norm = normalise(image_hu, lm.fingerprint)
         start = time.perf_counter()
         probs = fusion.infer_slices(
-            lm.model, fusion.volume_to_slices(norm, axis), lm.seq_len, reuse=reuse,
-            batch_size=batch_size, pad_value=normalised_floor(lm.fingerprint),
-            multiple=2 ** lm.config.model.depth, min_size=lm.config.data.patch_size)
+            lm.model,
+            fusion.volume_to_slices(norm, axis),
+            lm.seq_len,
+            reuse=reuse,
+            batch_size=batch_size,
+            pad_value=normalised_floor(lm.fingerprint),
+            multiple=2**lm.config.model.depth,
+            min_size=lm.config.data.patch_size,
+        )
         if timings is not None:
             timings["model"] = timings.get("model", 0.0) + time.perf_counter() - start
         maps.append(fusion.slices_to_volume(probs, axis))
     return maps[0] if len(maps) == 1 else fusion.fuse_planes(maps)
 
 
-def crop_slice_scores(lm: LoadedModel, image_hu: np.ndarray, *, batch_size: int = 32
-                      ) -> np.ndarray:
+def crop_slice_scores(lm: LoadedModel, image_hu: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
     """Per-slice fracture probability ``(n,)`` of a slice classifier along its plane."""
     axis = PLANE_AXIS[lm.plane]
     norm = normalise(image_hu, lm.fingerprint)
-    return fusion.infer_slice_scores(lm.model, fusion.volume_to_slices(norm, axis), lm.seq_len,
-                                     batch_size=batch_size,
-                                     pad_value=normalised_floor(lm.fingerprint), multiple=32,
-                                     min_size=lm.config.data.patch_size)
+    return fusion.infer_slice_scores(
+        lm.model,
+        fusion.volume_to_slices(norm, axis),
+        lm.seq_len,
+        batch_size=batch_size,
+        pad_value=normalised_floor(lm.fingerprint),
+        multiple=32,
+        min_size=lm.config.data.patch_size,
+    )
 
 
-def crop_attention(lm: LoadedModel, image_hu: np.ndarray, index: int
-                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+def crop_attention(
+    lm: LoadedModel, image_hu: np.ndarray, index: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Probability and attention-gate coefficients of one slice of a canonical crop.
 
     ``image_hu`` ``(z, y, x)`` HU; ``index``: the slice along the model's plane (the centre
@@ -151,12 +171,13 @@ def crop_attention(lm: LoadedModel, image_hu: np.ndarray, index: int
     n, h, w = slices.shape
     if not 0 <= index < n:
         raise ValueError(f"slice {index} outside 0..{n - 1}")
-    multiple = 2 ** lm.config.model.depth
+    multiple = 2**lm.config.model.depth
     ph = fusion.padded_size(h, multiple, lm.config.data.patch_size)
     pw = fusion.padded_size(w, multiple, lm.config.data.patch_size)
     window = fusion.all_windows(n, lm.seq_len, [index])[0]  # (T,)
-    padded, inner = fusion.pad_slices(np.asarray(slices[window], np.float32), ph, pw,
-                                      normalised_floor(lm.fingerprint))
+    padded, inner = fusion.pad_slices(
+        np.asarray(slices[window], np.float32), ph, pw, normalised_floor(lm.fingerprint)
+    )
     dev = fusion._model_device(lm.model)
     with torch.inference_mode():
         out = lm.model(torch.from_numpy(padded)[None].to(dev))  # (1, T, H, W)
@@ -170,9 +191,15 @@ def crop_attention(lm: LoadedModel, image_hu: np.ndarray, index: int
 
 
 # -- crops onto the CT's grid ---------------------------------------------------------------------
-def to_ct_grid(array: np.ndarray, crop_geometry: Geometry, ct_geometry: Geometry,
-               ct_shape: Sequence[int], *, resampler: Resampler, nearest: bool = False
-               ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray] | None:
+def to_ct_grid(
+    array: np.ndarray,
+    crop_geometry: Geometry,
+    ct_geometry: Geometry,
+    ct_shape: Sequence[int],
+    *,
+    resampler: Resampler,
+    nearest: bool = False,
+) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray] | None:
     """Map a crop array onto the sub-box of the original CT grid that the crop covers.
 
     Resampling in physical space (linear for probabilities, ``nearest`` for labels) undoes
@@ -186,35 +213,54 @@ def to_ct_grid(array: np.ndarray, crop_geometry: Geometry, ct_geometry: Geometry
     lo, hi = box
     sub = ct_geometry.shifted(lo)
     shape = tuple(b - a for a, b in zip(lo, hi, strict=True))
-    values = resampler.resample_to(array, crop_geometry, sub, shape,  # type: ignore[arg-type]
-                                   nearest=nearest, default=0)
-    cover = resampler.resample_to(np.ones(array.shape, np.uint8), crop_geometry, sub,
-                                  shape, nearest=True, default=0) > 0  # type: ignore[arg-type]
+    values = resampler.resample_to(
+        array,
+        crop_geometry,
+        sub,
+        shape,  # type: ignore[arg-type]
+        nearest=nearest,
+        default=0,
+    )
+    cover = (
+        resampler.resample_to(
+            np.ones(array.shape, np.uint8), crop_geometry, sub, shape, nearest=True, default=0
+        )
+        > 0
+    )  # type: ignore[arg-type]
     return values, lo, cover
 
 
-def _on_grid(array: np.ndarray, crop_geometry: Geometry, grid: Geometry
-             ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+def _on_grid(
+    array: np.ndarray, crop_geometry: Geometry, grid: Geometry
+) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
     """A crop cut out of ``grid`` itself: its values at its voxel offset, every voxel covered."""
     idx = grid.physical_to_index(np.asarray(crop_geometry.origin))[::-1]  # zyx
     offset = np.rint(idx)
-    if (np.abs(idx - offset).max() > 1e-3 or
-            not np.allclose(crop_geometry.spacing, grid.spacing) or
-            not np.allclose(crop_geometry.direction, grid.direction)):
+    if (
+        np.abs(idx - offset).max() > 1e-3
+        or not np.allclose(crop_geometry.spacing, grid.spacing)
+        or not np.allclose(crop_geometry.direction, grid.direction)
+    ):
         raise ValueError("crop does not lie voxel for voxel on the grid; give a resampler")
     lo = tuple(int(v) for v in offset)
     return array, lo, np.ones(array.shape, bool)  # type: ignore[return-value]
 
 
-def paste_crops(items: Iterable[tuple[int, np.ndarray, Geometry]], ct_geometry: Geometry,
-                ct_shape: Sequence[int], *, resampler: Resampler) -> np.ndarray:
+def paste_crops(
+    items: Iterable[tuple[int, np.ndarray, Geometry]],
+    ct_geometry: Geometry,
+    ct_shape: Sequence[int],
+    *,
+    resampler: Resampler,
+) -> np.ndarray:
     """uint8 ``(z, y, x)`` on the CT grid: each ``(value, crop array, crop geometry)`` mapped
     back (nearest), ``value`` where the crop is nonzero; later items win where they overlap.
     With ``value`` = VerSe id and the crops' ``mask``: the label map of the crops."""
     out = np.zeros(tuple(ct_shape), np.uint8)
     for value, array, geometry in items:
-        mapped = to_ct_grid(array, geometry, ct_geometry, ct_shape, resampler=resampler,
-                            nearest=True)
+        mapped = to_ct_grid(
+            array, geometry, ct_geometry, ct_shape, resampler=resampler, nearest=True
+        )
         if mapped is None:
             continue
         values, lo, cover = mapped
@@ -240,8 +286,9 @@ def union_box(maps: Sequence[CropMap]) -> tuple[tuple[int, ...], tuple[int, ...]
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
-def combine_maps(maps: Sequence[CropMap], box: tuple[Sequence[int], Sequence[int]],
-                 method: str, threshold: float) -> fusion.CaseAccumulator:
+def combine_maps(
+    maps: Sequence[CropMap], box: tuple[Sequence[int], Sequence[int]], method: str, threshold: float
+) -> fusion.CaseAccumulator:
     """Accumulate crop maps over ``box`` of the CT grid (offsets shift into the box)."""
     lo, hi = box
     shape = tuple(b - a for a, b in zip(lo, hi, strict=True))
@@ -252,8 +299,13 @@ def combine_maps(maps: Sequence[CropMap], box: tuple[Sequence[int], Sequence[int
 
 
 # -- the vertebra score ---------------------------------------------------------------------------
-def vertebra_score(prob: np.ndarray, labels: np.ndarray, cells: np.ndarray, vid: int,
-                   quantile: float = SCORE_QUANTILE) -> float:
+def vertebra_score(
+    prob: np.ndarray,
+    labels: np.ndarray,
+    cells: np.ndarray,
+    vid: int,
+    quantile: float = SCORE_QUANTILE,
+) -> float:
     """A vertebra's score: the ``quantile`` of ``prob`` over its labelled voxels (``labels ==
     vid``), over its cell (``cells == vid``, `fusion.nearest_label`) when it has none, 0.0
     when it has neither. All three arrays cover one region ``(z, y, x)``."""
@@ -262,9 +314,15 @@ def vertebra_score(prob: np.ndarray, labels: np.ndarray, cells: np.ndarray, vid:
     return float(np.quantile(prob[region], quantile)) if region.any() else 0.0
 
 
-def vertebra_summary(prob: np.ndarray, mask: np.ndarray, labels: np.ndarray,
-                     cells: np.ndarray, vids: Sequence[int], voxel_mm3: float,
-                     quantile: float = SCORE_QUANTILE) -> list[dict[str, Any]]:
+def vertebra_summary(
+    prob: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    cells: np.ndarray,
+    vids: Sequence[int],
+    voxel_mm3: float,
+    quantile: float = SCORE_QUANTILE,
+) -> list[dict[str, Any]]:
     """Per vertebra: score (`vertebra_score`) and predicted fracture volume, from arrays over
     one region. ``fracture_volume_mm3``: predicted fracture voxels in the vertebra's cell
     (`fusion.nearest_label`) times the voxel volume."""
@@ -272,9 +330,15 @@ def vertebra_summary(prob: np.ndarray, mask: np.ndarray, labels: np.ndarray,
     for v in vids:
         score = vertebra_score(prob, labels, cells, v, quantile)
         voxels = int(np.count_nonzero(mask[cells == v]))
-        out.append({"vertebra": int(v), "name": vertebra_name(v), "score": round(score, 6),
-                    "fracture_voxels": voxels,
-                    "fracture_volume_mm3": round(voxels * voxel_mm3, 3)})
+        out.append(
+            {
+                "vertebra": int(v),
+                "name": vertebra_name(v),
+                "score": round(score, 6),
+                "fracture_voxels": voxels,
+                "fracture_volume_mm3": round(voxels * voxel_mm3, 3),
+            }
+        )
     return out
 
 
@@ -307,10 +371,18 @@ class FusedCrops:
         return union_box(self.maps)
 
 
-def fuse_crops(models: Sequence[LoadedModel], crops: Sequence[ModelCrop], grid: Geometry,
-               shape: Sequence[int], *, resampler: Resampler | None, batch_size: int = 16,
-               reuse: bool = True, progress: Progress | None = None,
-               timings: dict[str, float] | None = None) -> FusedCrops:
+def fuse_crops(
+    models: Sequence[LoadedModel],
+    crops: Sequence[ModelCrop],
+    grid: Geometry,
+    shape: Sequence[int],
+    *,
+    resampler: Resampler | None,
+    batch_size: int = 16,
+    reuse: bool = True,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> FusedCrops:
     """Predict each crop (`crop_probability`) and map it onto ``grid`` of ``shape`` (z, y, x).
 
     ``resampler``: maps each crop onto the grid (`to_ct_grid`: a CT's original grid); None
@@ -325,12 +397,16 @@ def fuse_crops(models: Sequence[LoadedModel], crops: Sequence[ModelCrop], grid: 
     if progress is not None:
         progress(0, total)
     for done, crop in enumerate(crops, start=1):
-        prob = crop_probability(models, crop.image, batch_size=batch_size, reuse=reuse,
-                                timings=timings)
+        prob = crop_probability(
+            models, crop.image, batch_size=batch_size, reuse=reuse, timings=timings
+        )
         probs[crop.vid] = prob
         start = time.perf_counter()
-        mapped = (to_ct_grid(prob, crop.geometry, grid, shape, resampler=resampler)
-                  if resampler is not None else _on_grid(prob, crop.geometry, grid))
+        mapped = (
+            to_ct_grid(prob, crop.geometry, grid, shape, resampler=resampler)
+            if resampler is not None
+            else _on_grid(prob, crop.geometry, grid)
+        )
         if mapped is not None:
             maps.append(CropMap(crop.vid, *mapped))
         if timings is not None:
@@ -368,13 +444,25 @@ class FusedCase:
         return self.crops.ct_shape
 
 
-def fuse_case(models: Sequence[LoadedModel], ct: np.ndarray, ct_geometry: Geometry, *,
-              labels: np.ndarray | None = None, labels_geometry: Geometry | None = None,
-              boxes: Mapping[int, Box] | None = None, label_scheme: str = "verse",
-              combine: str = "mean", threshold: float | None = None, resampler: Resampler,
-              batch_size: int = 16, reuse: bool = True, progress: Progress | None = None,
-              timings: dict[str, float] | None = None, ct_source: str = "ct",
-              labels_source: str = "vertebrae") -> FusedCase:
+def fuse_case(
+    models: Sequence[LoadedModel],
+    ct: np.ndarray,
+    ct_geometry: Geometry,
+    *,
+    labels: np.ndarray | None = None,
+    labels_geometry: Geometry | None = None,
+    boxes: Mapping[int, Box] | None = None,
+    label_scheme: str = "verse",
+    combine: str = "mean",
+    threshold: float | None = None,
+    resampler: Resampler,
+    batch_size: int = 16,
+    reuse: bool = True,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+    ct_source: str = "ct",
+    labels_source: str = "vertebrae",
+) -> FusedCase:
     """The fused fracture map and vertebra scores of one CT given as arrays.
 
     ``ct`` ``(z, y, x)`` HU on ``ct_geometry``; the vertebrae as ``labels`` (ids of
@@ -391,21 +479,48 @@ def fuse_case(models: Sequence[LoadedModel], ct: np.ndarray, ct_geometry: Geomet
     t_used = threshold if threshold is not None else (models[0].threshold or DEFAULT_THRESHOLD)
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
-    case = crop_arrays(ct, ct_geometry, labels=labels, labels_geometry=labels_geometry,
-                       boxes=boxes, label_scheme=label_scheme, spacing=models[0].spacing,
-                       margin_mm=float(models[0].margin_mm), resampler=resampler,
-                       ct_source=ct_source, labels_source=labels_source)
+    case = crop_arrays(
+        ct,
+        ct_geometry,
+        labels=labels,
+        labels_geometry=labels_geometry,
+        boxes=boxes,
+        label_scheme=label_scheme,
+        spacing=models[0].spacing,
+        margin_mm=float(models[0].margin_mm),
+        resampler=resampler,
+        ct_source=ct_source,
+        labels_source=labels_source,
+    )
     timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t0
     geometry, shape = case.ct_geometry, case.ct_shape
-    fused = fuse_crops(models, [ModelCrop.of(c) for c in case.crops], geometry, shape,
-                       resampler=resampler, batch_size=batch_size, reuse=reuse,
-                       progress=progress, timings=timings)
+    fused = fuse_crops(
+        models,
+        [ModelCrop.of(c) for c in case.crops],
+        geometry,
+        shape,
+        resampler=resampler,
+        batch_size=batch_size,
+        reuse=reuse,
+        progress=progress,
+        timings=timings,
+    )
     t1 = time.perf_counter()
     prob_full = np.zeros(shape, np.float32)
     mask_full = np.zeros(shape, np.uint8)
-    labels_full = case.labels if case.labels is not None else paste_crops(
-        ((c.vid, c.arrays["mask"], Geometry.from_dict(c.attrs["geometry"])) for c in case.crops),
-        geometry, shape, resampler=resampler)
+    labels_full = (
+        case.labels
+        if case.labels is not None
+        else paste_crops(
+            (
+                (c.vid, c.arrays["mask"], Geometry.from_dict(c.attrs["geometry"]))
+                for c in case.crops
+            ),
+            geometry,
+            shape,
+            resampler=resampler,
+        )
+    )
     rows: list[dict[str, Any]] = []
     if fused.maps:
         box = fused.box
@@ -417,8 +532,14 @@ def fuse_case(models: Sequence[LoadedModel], ct: np.ndarray, ct_geometry: Geomet
         mask_full[region] = mask_roi
         lab = labels_full[region]
         cells = fusion.nearest_label(lab, geometry.spacing[::-1])
-        rows = vertebra_summary(prob_roi, mask_roi, lab, cells, [m.vid for m in fused.maps],
-                                float(np.prod(geometry.spacing)))
+        rows = vertebra_summary(
+            prob_roi,
+            mask_roi,
+            lab,
+            cells,
+            [m.vid for m in fused.maps],
+            float(np.prod(geometry.spacing)),
+        )
     timings["fusion"] = timings.get("fusion", 0.0) + time.perf_counter() - t1
     return FusedCase(prob_full, mask_full, labels_full, float(t_used), rows, case, fused.probs)
 

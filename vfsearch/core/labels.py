@@ -14,8 +14,12 @@ from vfsearch.core.errors import UserError
 SCHEMES = ("verse", "totalsegmentator")
 TARGET_IDS: tuple[int, ...] = tuple(range(11, 25))  # T4..L5 in VerSe ids
 
-_NAMES = {**{i: f"C{i}" for i in range(1, 8)}, **{i: f"T{i - 7}" for i in range(8, 20)},
-          **{i: f"L{i - 19}" for i in range(20, 26)}, 28: "T13"}
+_NAMES = {
+    **{i: f"C{i}" for i in range(1, 8)},
+    **{i: f"T{i - 7}" for i in range(8, 20)},
+    **{i: f"L{i - 19}" for i in range(20, 26)},
+    28: "T13",
+}
 
 
 def name(verse_id: int) -> str:
@@ -68,8 +72,7 @@ def to_verse(labels: np.ndarray, scheme: str, *, source: str = "labels") -> np.n
         return np.where((arr >= lo) & (arr <= hi), arr, 0).astype(np.uint8)
     lo, hi = _TS_L5, _TS_L5 + len(TARGET_IDS) - 1  # 27 (L5) .. 40 (T4)
     keep = (arr >= lo) & (arr <= hi)
-    return np.where(keep, TARGET_IDS[-1] + _TS_L5 - np.where(keep, arr, _TS_L5), 0).astype(
-        np.uint8)
+    return np.where(keep, TARGET_IDS[-1] + _TS_L5 - np.where(keep, arr, _TS_L5), 0).astype(np.uint8)
 
 
 _TS_L5 = 27

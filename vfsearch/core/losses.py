@@ -31,8 +31,14 @@ def _reduce_dims(x: torch.Tensor, batch: bool) -> tuple[int, ...]:
     return (0, *spatial) if batch else spatial
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, batch: bool = False,
-                   smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    batch: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
     """``mean(1 - (2*sum(p*t) + smooth_nr) / (sum(p) + sum(t) + smooth_dr))``, ``p = sigmoid``.
 
     Sums run over the spatial dims per (sample, channel), then the mean over samples and
@@ -48,16 +54,16 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, batch: bool = 
     return (1 - (2 * inter + smooth_nr) / (denom + smooth_dr)).mean()
 
 
-def bce_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0
-             ) -> torch.Tensor:
+def bce_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0
+) -> torch.Tensor:
     """Mean binary cross-entropy on logits; foreground terms scaled by ``pos_weight`` (> 0)."""
     logits = logits.float()
     pw = None if pos_weight == 1.0 else logits.new_tensor(pos_weight)
     return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=pw)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
-               ) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017), no alpha: ``mean(-(1 - p_t)**gamma * log(p_t))``.
 
     ``p_t`` is the probability given to the true class. ``gamma = 0`` is plain BCE.
@@ -70,8 +76,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     return ((1 - p_t) ** gamma * ce).mean()
 
 
-def tversky_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.3,
-                 beta: float = 0.7, batch: bool = False, smooth: float = 1e-5) -> torch.Tensor:
+def tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float = 0.3,
+    beta: float = 0.7,
+    batch: bool = False,
+    smooth: float = 1e-5,
+) -> torch.Tensor:
     """``mean(1 - (TP + s) / (TP + alpha*FP + beta*FN + s))`` on soft counts (Salehi 2017).
 
     ``beta > alpha`` penalises missed foreground more than false alarms (tiny regions).
@@ -91,8 +104,7 @@ def _check_mode(mode: str) -> None:
         raise UserError(f"loss.gan_mode: must be one of {', '.join(GAN_MODES)}, got {mode!r}")
 
 
-def gan_d_loss(mode: str, real_logits: torch.Tensor, fake_logits: torch.Tensor
-               ) -> torch.Tensor:
+def gan_d_loss(mode: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator loss on its patch logits for real and fake pairs (any equal shapes).
 
     vanilla: ``0.5 * (BCE(real, 1) + BCE(fake, 0))``; lsgan: ``0.5 * (mean((real - 1)**2) +
@@ -102,8 +114,10 @@ def gan_d_loss(mode: str, real_logits: torch.Tensor, fake_logits: torch.Tensor
     _check_mode(mode)
     real, fake = real_logits.float(), fake_logits.float()
     if mode == "vanilla":
-        return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                      + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        return 0.5 * (
+            F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        )
     if mode == "lsgan":
         return 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
@@ -124,8 +138,9 @@ def gan_g_loss(mode: str, fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
 
 
-def soften_real_mask(mask: torch.Tensor, *, noise: float = 0.1,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def soften_real_mask(
+    mask: torch.Tensor, *, noise: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The expert's mask as the discriminator sees it: ``|mask - u|``, ``u ~ U(0, noise)``.
 
     ``mask (B, C, H, W)`` in {0, 1} -> same shape, 0 moved into ``[0, noise]`` and 1 into
@@ -176,11 +191,22 @@ class SegLoss(nn.Module):
     For ``output_kind="classification"`` (slice labels ``(B, 1)``) the loss is BCE alone.
     """
 
-    def __init__(self, *, dice_weight: float = 1.0, bce_weight: float = 1.0,
-                 adv_weight: float = 0.0, batch_dice: bool = True, pos_weight: float = 1.0,
-                 extra: str = "none", extra_weight: float = 0.0, focal_gamma: float = 2.0,
-                 tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 gan_mode: str = "lsgan", output_kind: str = "segmentation") -> None:
+    def __init__(
+        self,
+        *,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        adv_weight: float = 0.0,
+        batch_dice: bool = True,
+        pos_weight: float = 1.0,
+        extra: str = "none",
+        extra_weight: float = 0.0,
+        focal_gamma: float = 2.0,
+        tversky_alpha: float = 0.3,
+        tversky_beta: float = 0.7,
+        gan_mode: str = "lsgan",
+        output_kind: str = "segmentation",
+    ) -> None:
         super().__init__()
         self.dice_weight, self.bce_weight, self.adv_weight = dice_weight, bce_weight, adv_weight
         self.batch_dice, self.pos_weight = batch_dice, pos_weight
@@ -188,12 +214,17 @@ class SegLoss(nn.Module):
         self.tversky_alpha, self.tversky_beta = tversky_alpha, tversky_beta
         self.gan_mode, self.output_kind = gan_mode, output_kind
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor,
-                disc_fake_logits: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        disc_fake_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if logits.shape != target.shape:
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} "
-                             "must have the same shape")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} "
+                "must have the same shape"
+            )
         bce = bce_loss(logits, target, pos_weight=self.pos_weight)
         if self.output_kind == "classification":
             return bce, {"bce": bce.detach()}
@@ -203,8 +234,13 @@ class SegLoss(nn.Module):
         if self.extra == "focal":
             term = focal_loss(logits, target, gamma=self.focal_gamma)
         elif self.extra == "tversky":
-            term = tversky_loss(logits, target, alpha=self.tversky_alpha,
-                                beta=self.tversky_beta, batch=self.batch_dice)
+            term = tversky_loss(
+                logits,
+                target,
+                alpha=self.tversky_alpha,
+                beta=self.tversky_beta,
+                batch=self.batch_dice,
+            )
         else:
             term = None
         if term is not None:
@@ -217,13 +253,16 @@ class SegLoss(nn.Module):
         return total, parts
 
     def extra_repr(self) -> str:
-        return (f"output_kind={self.output_kind!r}, dice={self.dice_weight}, "
-                f"bce={self.bce_weight}, {self.extra}={self.extra_weight}, "
-                f"adv={self.adv_weight}, batch_dice={self.batch_dice}")
+        return (
+            f"output_kind={self.output_kind!r}, dice={self.dice_weight}, "
+            f"bce={self.bce_weight}, {self.extra}={self.extra_weight}, "
+            f"adv={self.adv_weight}, batch_dice={self.batch_dice}"
+        )
 
 
-def build_loss(loss_cfg: LossConfig, *, gan: bool = False,
-               output_kind: str = "segmentation") -> SegLoss:
+def build_loss(
+    loss_cfg: LossConfig, *, gan: bool = False, output_kind: str = "segmentation"
+) -> SegLoss:
     """The training loss of ``loss_cfg``; ``gan`` is ``model.gan``, ``output_kind`` the
     model's (``model.output_kind``). Invalid combinations raise `UserError` here:
     negative weights, all of dice/bce/extra weights 0, an extra weight without its term (or
@@ -239,12 +278,20 @@ def build_loss(loss_cfg: LossConfig, *, gan: bool = False,
         raise UserError("loss.adv_weight: model.gan=true needs loss.adv_weight > 0")
     if gan and output_kind == "classification":
         raise UserError("model.gan: the slice classifier has no mask for a discriminator")
-    return SegLoss(dice_weight=loss_cfg.dice_weight, bce_weight=loss_cfg.bce_weight,
-                   adv_weight=loss_cfg.adv_weight, batch_dice=loss_cfg.batch_dice,
-                   pos_weight=loss_cfg.pos_weight, extra=loss_cfg.extra,
-                   extra_weight=loss_cfg.extra_weight, focal_gamma=loss_cfg.focal_gamma,
-                   tversky_alpha=loss_cfg.tversky_alpha, tversky_beta=loss_cfg.tversky_beta,
-                   gan_mode=loss_cfg.gan_mode, output_kind=output_kind)
+    return SegLoss(
+        dice_weight=loss_cfg.dice_weight,
+        bce_weight=loss_cfg.bce_weight,
+        adv_weight=loss_cfg.adv_weight,
+        batch_dice=loss_cfg.batch_dice,
+        pos_weight=loss_cfg.pos_weight,
+        extra=loss_cfg.extra,
+        extra_weight=loss_cfg.extra_weight,
+        focal_gamma=loss_cfg.focal_gamma,
+        tversky_alpha=loss_cfg.tversky_alpha,
+        tversky_beta=loss_cfg.tversky_beta,
+        gan_mode=loss_cfg.gan_mode,
+        output_kind=output_kind,
+    )
 
 
 __all__ = [

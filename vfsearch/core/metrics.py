@@ -21,8 +21,9 @@ import torch
 COUNT_NAMES: tuple[str, str, str] = ("tp", "fp", "fn")
 
 
-def confusion_counts(pred: torch.Tensor, target: torch.Tensor,
-                     dims: tuple[int, ...] | None = None) -> torch.Tensor:
+def confusion_counts(
+    pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """TP, FP, FN of binary ``pred`` against binary ``target`` of the same shape.
 
     Args:
@@ -50,8 +51,9 @@ def _ratio(num: float, den: float, empty: float) -> float:
     return empty if den == 0 else num / den
 
 
-def scores(counts: torch.Tensor | tuple[float, float, float] | list[float], *,
-           empty: float = 1.0) -> dict[str, float]:
+def scores(
+    counts: torch.Tensor | tuple[float, float, float] | list[float], *, empty: float = 1.0
+) -> dict[str, float]:
     """Dice, IoU, precision and recall (all in [0, 1]) from summed ``(tp, fp, fn)``.
 
     ``counts`` is a ``(3,)`` tensor (as returned by `confusion_counts` and summed) or a

@@ -41,8 +41,7 @@ from vfsearch.core.metrics import scores
 OVERLAP_KEYS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
 
 
-def counts(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None
-           ) -> np.ndarray:
+def counts(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
     """TP, FP, FN of binary ``pred`` against binary ``target`` (any equal shapes).
 
     Non-zero counts as positive. ``region`` (bool, same shape) restricts the count to its
@@ -56,8 +55,9 @@ def counts(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None = Non
         p = p & region
         t = t & region
     tp = int(np.count_nonzero(p & t))
-    return np.array([tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp],
-                    dtype=np.int64)
+    return np.array(
+        [tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp], dtype=np.int64
+    )
 
 
 def overlap(tp: float, fp: float, fn: float) -> dict[str, float]:
@@ -90,16 +90,22 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["mean_recall"] = mean("recall", gt_pos)
     out["mean_precision"] = mean("precision", pred_pos)
     out["mean_dice_all"] = mean("dice", np.ones(len(per), dtype=bool))
-    out.update(tp=int(tp), fp=int(fp), fn=int(fn), n_vertebrae=len(per),
-               n_positive=int(gt_pos.sum()))
+    out.update(
+        tp=int(tp), fp=int(fp), fn=int(fn), n_vertebrae=len(per), n_positive=int(gt_pos.sum())
+    )
     return out
 
 
 # -- bootstrap ------------------------------------------------------------------------------
-def bootstrap_ci(rows: Sequence[Mapping[str, Any]],
-                 statistic: Callable[[list[Mapping[str, Any]]], float], *,
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 group_key: str = "case_id") -> tuple[float, float]:
+def bootstrap_ci(
+    rows: Sequence[Mapping[str, Any]],
+    statistic: Callable[[list[Mapping[str, Any]]], float],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    group_key: str = "case_id",
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(rows)``, resampling whole groups.
 
     Rows are resampled by ``group_key`` (cases: the vertebrae of one scan are not
@@ -143,8 +149,9 @@ def mean_dice(rows: Iterable[Mapping[str, Any]]) -> float:
 
 
 # -- detection ------------------------------------------------------------------------------
-def _check_scores(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _check_scores(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).astype(bool).ravel()
     if s.shape != y.shape:
@@ -152,8 +159,9 @@ def _check_scores(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] |
     return s, y
 
 
-def average_precision(scores: Sequence[float] | np.ndarray,
-                      labels: Sequence[bool] | np.ndarray) -> float:
+def average_precision(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
+) -> float:
     """Area under the step-wise precision-recall curve: ``sum_k (R_k - R_{k-1}) P_k``.
 
     Thresholds at every distinct score (tied scores enter together), as sklearn's
@@ -174,8 +182,7 @@ def average_precision(scores: Sequence[float] | np.ndarray,
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray
-            ) -> float:
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
     """P(score of a random positive > that of a random negative), ties counting 1/2.
 
     Computed from average ranks (Mann-Whitney U). NaN without positives or negatives.
@@ -196,8 +203,9 @@ def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.nd
     return float(u / (n_pos * n_neg))
 
 
-def detection(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
-              threshold: float) -> dict[str, float]:
+def detection(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray, threshold: float
+) -> dict[str, float]:
     """PR-AUC, ROC-AUC, sensitivity, specificity (score ``>= threshold`` is positive),
     prevalence and the numbers of positives and negatives. Undefined figures are NaN."""
     s, y = _check_scores(scores, labels)
@@ -303,8 +311,10 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing_zyx: Sequence[floa
 
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     idx = np.nonzero(mask)
-    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
-                 for i, n in zip(idx, mask.shape, strict=True))
+    return tuple(
+        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
+        for i, n in zip(idx, mask.shape, strict=True)
+    )
 
 
 __all__ = [

@@ -146,12 +146,13 @@ def loss_weight(morphology: str, t: np.ndarray, u: np.ndarray) -> np.ndarray:
     if morphology == "wedge":
         return 1.0 - _ramp(t, 0.27, 0.73) + 0.0 * u
     if morphology == "biconcave":
-        rho = np.sqrt(((t - 0.5) / 0.5) ** 2 + u ** 2)
+        rho = np.sqrt(((t - 0.5) / 0.5) ** 2 + u**2)
         return 1.0 - _ramp(rho, 0.2, 0.5)
     if morphology == "crush":
         return _ramp(t, 0.25, 0.40) * (1.0 - 0.3 * _ramp(np.abs(u), 0.7, 1.0))
-    raise UserError(f"fracture morphology: must be one of {', '.join(MORPHOLOGIES)}, "
-                    f"got {morphology!r}")
+    raise UserError(
+        f"fracture morphology: must be one of {', '.join(MORPHOLOGIES)}, got {morphology!r}"
+    )
 
 
 _SUP_SHARE = {"wedge": 0.8, "biconcave": 0.5, "crush": 0.6}
@@ -190,12 +191,13 @@ def _voxel_loss(n: int, grade: int, rng: np.random.Generator) -> int:
 def _ellipse_sd(dx: np.ndarray, dy: np.ndarray, a: float, b: float) -> np.ndarray:
     """First-order signed distance to an ellipse (exact on the boundary, clipped far away)."""
     f = (dx / a) ** 2 + (dy / b) ** 2
-    g = 2.0 * np.sqrt((dx / a ** 2) ** 2 + (dy / b ** 2) ** 2)
+    g = 2.0 * np.sqrt((dx / a**2) ** 2 + (dy / b**2) ** 2)
     return np.clip((1.0 - f) / np.maximum(g, 1e-3), -60.0, 60.0)
 
 
-def _segment_sd(x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple[float, float],
-                r: float) -> np.ndarray:
+def _segment_sd(
+    x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], r: float
+) -> np.ndarray:
     """Signed distance to a 2D capsule (segment ``p0``-``p1`` with radius ``r``)."""
     vx, vy = p1[0] - p0[0], p1[1] - p0[1]
     wx, wy = x - p0[0], y - p0[1]
@@ -213,16 +215,21 @@ def _phi(x: np.ndarray) -> np.ndarray:
 class _Grid:
     """Canonical voxel grid: centre coordinates in mm along each axis."""
 
-    def __init__(self, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float],
-                 origin_zyx: tuple[float, float, float]):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        spacing_zyx: tuple[float, float, float],
+        origin_zyx: tuple[float, float, float],
+    ):
         self.shape = shape
         self.sp = spacing_zyx
         self.z = (origin_zyx[0] + spacing_zyx[0] * np.arange(shape[0])).astype(np.float32)
         self.y = (origin_zyx[1] + spacing_zyx[1] * np.arange(shape[1])).astype(np.float32)
         self.x = (origin_zyx[2] + spacing_zyx[2] * np.arange(shape[2])).astype(np.float32)
 
-    def box(self, zr: tuple[float, float], yr: tuple[float, float],
-            xr: tuple[float, float]) -> tuple[slice, slice, slice] | None:
+    def box(
+        self, zr: tuple[float, float], yr: tuple[float, float], xr: tuple[float, float]
+    ) -> tuple[slice, slice, slice] | None:
         out: list[slice] = []
         for axis, (lo, hi) in zip((self.z, self.y, self.x), (zr, yr, xr), strict=True):
             i0 = int(np.searchsorted(axis, lo, side="left"))
@@ -232,10 +239,12 @@ class _Grid:
             out.append(slice(i0, i1))
         return out[0], out[1], out[2]
 
-    def coords(self, sl: tuple[slice, slice, slice]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return (self.z[sl[0]][:, None, None], self.y[sl[1]][None, :, None],
-                self.x[sl[2]][None, None, :])
+    def coords(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            self.z[sl[0]][:, None, None],
+            self.y[sl[1]][None, :, None],
+            self.x[sl[2]][None, None, :],
+        )
 
 
 class _Bone:
@@ -247,8 +256,14 @@ class _Bone:
         self.inner = np.zeros(shape, dtype=np.float32)
         self.label = np.zeros(shape, dtype=np.uint8)
 
-    def add(self, sl: tuple[slice, slice, slice], d: np.ndarray, s: np.ndarray,
-            inner: np.ndarray | float, label: int) -> None:
+    def add(
+        self,
+        sl: tuple[slice, slice, slice],
+        d: np.ndarray,
+        s: np.ndarray,
+        inner: np.ndarray | float,
+        label: int,
+    ) -> None:
         d = np.broadcast_to(d, self.d[sl].shape)
         upd = d > self.d[sl]
         self.d[sl][upd] = d[upd]
@@ -269,9 +284,13 @@ def case_rng(seed: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]))
 
 
-def make_case(seed: int | np.random.Generator, *,
-              spacing: tuple[float, float, float] | None = None, small: bool = False,
-              fracture_rate: float = 0.22) -> PhantomCase:
+def make_case(
+    seed: int | np.random.Generator,
+    *,
+    spacing: tuple[float, float, float] | None = None,
+    small: bool = False,
+    fracture_rate: float = 0.22,
+) -> PhantomCase:
     """Generate one synthetic thoracolumbar CT case (T4..L5).
 
     ``spacing`` is (x, y, z) in mm; default 0.8 x 0.8 x 2.0 (``small``: 2 x 2 x 2 with a
@@ -338,10 +357,21 @@ def make_case(seed: int | np.random.Generator, *,
         rcx, rcy = _interp(_CANAL_X, v), _interp(_CANAL_Y, v)
         y_post = cy - rcy - 0.5
         verts[v] = _Vertebra(
-            vid=v, label=v if v in TARGET_IDS else 0, z_lo=z_lo[v], n=n_vox[v], cx=float(cx),
-            cy=float(cy), a=a, b=b, depth=depth, y_ant=y_post - depth, y_post=y_post,
-            canal=(rcx, rcy), inner_hu=trab_hu,
-            concavity=min(0.4 * sz, 1.2) * rng.uniform(0.5, 1.0))
+            vid=v,
+            label=v if v in TARGET_IDS else 0,
+            z_lo=z_lo[v],
+            n=n_vox[v],
+            cx=float(cx),
+            cy=float(cy),
+            a=a,
+            b=b,
+            depth=depth,
+            y_ant=y_post - depth,
+            y_post=y_post,
+            canal=(rcx, rcy),
+            inner_hu=trab_hu,
+            concavity=min(0.4 * sz, 1.2) * rng.uniform(0.5, 1.0),
+        )
 
     # ---- fractures: more likely at the thoracolumbar junction and mid-thorax
     ids = list(TARGET_IDS)
@@ -400,13 +430,22 @@ def make_case(seed: int | np.random.Generator, *,
 
     # ---- spinal canal and discs, then bone, inside a box around the spine
     xs_all = [vt.cx for vt in verts.values()]
-    spine_sl = grid.box((-1e9, 1e9), (min(vt.y_ant for vt in verts.values()) - 12, y_tip + 10),
-                        (min(xs_all) - 60, max(xs_all) + 60))
+    spine_sl = grid.box(
+        (-1e9, 1e9),
+        (min(vt.y_ant for vt in verts.values()) - 12, y_tip + 10),
+        (min(xs_all) - 60, max(xs_all) + 60),
+    )
     assert spine_sl is not None
     bone = _Bone(tuple(s.stop - s.start for s in spine_sl))
-    sub = _Grid(bone.d.shape, (sz, sy, sx),
-                (float(grid.z[spine_sl[0]][0]), float(grid.y[spine_sl[1]][0]),
-                 float(grid.x[spine_sl[2]][0])))
+    sub = _Grid(
+        bone.d.shape,
+        (sz, sy, sx),
+        (
+            float(grid.z[spine_sl[0]][0]),
+            float(grid.y[spine_sl[1]][0]),
+            float(grid.x[spine_sl[2]][0]),
+        ),
+    )
     bg = ct[spine_sl]
     _add_canal(bg, sub, verts, levels, s_zyx)
     for lower, upper in itertools.pairwise(levels):
@@ -446,12 +485,21 @@ def make_case(seed: int | np.random.Generator, *,
         vt = verts[v]
         h = measure_heights(labels, v, spacing_zyx)
         meta[v] = {
-            "name": name(v), "grade": vt.grade, "morphology": vt.morphology,
+            "name": name(v),
+            "grade": vt.grade,
+            "morphology": vt.morphology,
             "height_ratio": round(h["ratio"], 4),
             "heights_mm": [round(x, 2) for x in h["heights_mm"]],
             "height_loss": round((vt.k_sup + vt.k_inf) / vt.n, 4),
-            "endplate": ("none" if vt.grade == 0 else "both" if vt.k_sup and vt.k_inf
-                         else "superior" if vt.k_sup else "inferior"),
+            "endplate": (
+                "none"
+                if vt.grade == 0
+                else "both"
+                if vt.k_sup and vt.k_inf
+                else "superior"
+                if vt.k_sup
+                else "inferior"
+            ),
             "band_mm": round(vt.band_mm, 2),
         }
 
@@ -459,16 +507,28 @@ def make_case(seed: int | np.random.Generator, *,
     origin = (float(grid.x[-1]), float(grid.y[-1]), float(grid.z[0]))
     geometry = Geometry((sx, sy, sz), origin, STORED_DIRECTION)
     info = {
-        "spacing": [sx, sy, sz], "shape_zyx": [nz, ny, nx], "small": bool(small),
-        "fracture_rate": float(fracture_rate), "trabecular_hu": round(trab_hu, 1),
-        "cortex_hu": round(cort_hu, 1), "cortex_mm": round(cort_mm, 3),
-        "noise_sigma_hu": round(noise_sd, 2), "soft_tissue_hu": round(soft_hu, 1),
-        "fat_hu": round(fat_hu, 1), "z_order": "inferior to superior",
+        "spacing": [sx, sy, sz],
+        "shape_zyx": [nz, ny, nx],
+        "small": bool(small),
+        "fracture_rate": float(fracture_rate),
+        "trabecular_hu": round(trab_hu, 1),
+        "cortex_hu": round(cort_hu, 1),
+        "cortex_mm": round(cort_mm, 3),
+        "noise_sigma_hu": round(noise_sd, 2),
+        "soft_tissue_hu": round(soft_hu, 1),
+        "fat_hu": round(fat_hu, 1),
+        "z_order": "inferior to superior",
         "labels": "whole vertebra (body + posterior elements), VerSe ids 11-24",
     }
     flip = (slice(None), slice(None, None, -1), slice(None, None, -1))
-    return PhantomCase(np.ascontiguousarray(ct_i16[flip]), np.ascontiguousarray(labels[flip]),
-                       np.ascontiguousarray(fracture[flip]), geometry, meta, info)
+    return PhantomCase(
+        np.ascontiguousarray(ct_i16[flip]),
+        np.ascontiguousarray(labels[flip]),
+        np.ascontiguousarray(fracture[flip]),
+        geometry,
+        meta,
+        info,
+    )
 
 
 def _spinous(vt: _Vertebra) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -478,9 +538,16 @@ def _spinous(vt: _Vertebra) -> tuple[tuple[float, float], tuple[float, float]]:
     return base, tip
 
 
-def _add_lungs(ct: np.ndarray, grid: _Grid, verts: dict[int, _Vertebra], a_t: float,
-               b_t: float, y_tc: float, s_zyx: tuple[float, ...],
-               rng: np.random.Generator) -> None:
+def _add_lungs(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    a_t: float,
+    b_t: float,
+    y_tc: float,
+    s_zyx: tuple[float, ...],
+    rng: np.random.Generator,
+) -> None:
     z_dia = (verts[18].z_lo + verts[18].n / 2) * grid.sp[0]  # diaphragm dome near T11
     sl = grid.box((z_dia - 5, 1e9), (-1e9, 1e9), (-1e9, 1e9))
     if sl is None:
@@ -499,8 +566,13 @@ def _add_lungs(ct: np.ndarray, grid: _Grid, verts: dict[int, _Vertebra], a_t: fl
     ct[sl] = ct[sl] * (1 - f) + hu * f
 
 
-def _add_canal(bg: np.ndarray, g: _Grid, verts: dict[int, _Vertebra], levels: Sequence[int],
-               s_zyx: tuple[float, ...]) -> None:
+def _add_canal(
+    bg: np.ndarray,
+    g: _Grid,
+    verts: dict[int, _Vertebra],
+    levels: Sequence[int],
+    s_zyx: tuple[float, ...],
+) -> None:
     zs = np.array([(verts[v].z_lo + verts[v].n / 2) * g.sp[0] for v in levels])
     z = g.z - 0.0
     cx = np.interp(z, zs, [verts[v].cx for v in levels])[:, None, None]
@@ -521,22 +593,24 @@ def _body_frame(vt: _Vertebra, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray
     return t, u
 
 
-def _endplates(vt: _Vertebra, y: np.ndarray, x: np.ndarray, sz: float
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _endplates(
+    vt: _Vertebra, y: np.ndarray, x: np.ndarray, sz: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inferior and superior endplate heights (mm) over (y, x) and the loss weight."""
     t, u = _body_frame(vt, y, x)
-    r2 = np.clip(((t - 0.5) / 0.5) ** 2 + u ** 2, 0, 1)
+    r2 = np.clip(((t - 0.5) / 0.5) ** 2 + u**2, 0, 1)
     conc = vt.concavity * (1 - r2)  # physiological concavity, within +-0.4 voxel
     z_inf = (vt.z_lo - 0.5) * sz + conc
     z_sup = (vt.z_lo + vt.n - 0.5) * sz - conc
-    w = (loss_weight(vt.morphology, t, u) if vt.grade else np.zeros_like(t * u))
+    w = loss_weight(vt.morphology, t, u) if vt.grade else np.zeros_like(t * u)
     z_sup = z_sup - w * vt.k_sup * sz
     z_inf = z_inf + w * vt.k_inf * sz
     return z_inf.astype(np.float32), z_sup.astype(np.float32), w.astype(np.float32)
 
 
-def _add_disc(bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra,
-              s_zyx: tuple[float, ...]) -> None:
+def _add_disc(
+    bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra, s_zyx: tuple[float, ...]
+) -> None:
     sz = g.sp[0]
     z0 = (lower.z_lo + lower.n - 0.5 - lower.k_sup) * sz - 1.5
     z1 = (upper.z_lo - 0.5 + upper.k_inf) * sz + 1.5
@@ -555,16 +629,18 @@ def _add_disc(bg: np.ndarray, g: _Grid, lower: _Vertebra, upper: _Vertebra,
     bg[sl] = bg[sl] * (1 - f) + hu * f
 
 
-def _add_vertebra(bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx: tuple[float, ...],
-                  fracture: np.ndarray) -> None:
+def _add_vertebra(
+    bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx: tuple[float, ...], fracture: np.ndarray
+) -> None:
     sz = g.sp[0]
     s_z, s_xy = s_zyx[0], s_zyx[2]
     z_bot, z_top = (vt.z_lo - 0.5) * sz, (vt.z_lo + vt.n - 0.5) * sz
     H = z_top - z_bot
     yc = vt.y_post - 0.8 * vt.b
     # ---- body
-    sl = g.box((z_bot - 4, z_top + 4), (vt.y_ant - 4, vt.y_post + 4), (vt.cx - vt.a - 4,
-                                                                       vt.cx + vt.a + 4))
+    sl = g.box(
+        (z_bot - 4, z_top + 4), (vt.y_ant - 4, vt.y_post + 4), (vt.cx - vt.a - 4, vt.cx + vt.a + 4)
+    )
     if sl is not None:
         z, y, x = g.coords(sl)
         d_xy = np.minimum(_ellipse_sd(x - vt.cx, y - yc, vt.a, vt.b), vt.y_post - y)
@@ -599,26 +675,54 @@ def _add_vertebra(bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx: tuple[float, ...]
     for side in (-1, 1):
         px = vt.cx + side * ped_x
         # pedicle, lamina, superior and inferior articular processes, transverse process
-        prims.append(((px, vt.y_post - 2.0), (px, vt.cy + 1.0), pr, zc - 0.25 * H,
-                      zc + 0.3 * H, 0.0))
-        prims.append(((px, vt.cy + 1.0), (vt.cx, vt.cy + rcy + 2.5), 3.0, z_bot + 0.1 * H,
-                      z_top - 0.05 * H, 0.0))
-        prims.append(((px, vt.cy + 2.0), (px + side * 1.5, vt.cy + 6.0), 3.5, zc,
-                      z_top + 0.45 * H, 0.0))
-        prims.append(((px, vt.cy + 4.0), (px - side * 1.0, vt.cy + 8.0), 3.0,
-                      z_bot - 0.35 * H, zc - 0.1 * H, 0.0))
+        prims.append(
+            ((px, vt.y_post - 2.0), (px, vt.cy + 1.0), pr, zc - 0.25 * H, zc + 0.3 * H, 0.0)
+        )
+        prims.append(
+            (
+                (px, vt.cy + 1.0),
+                (vt.cx, vt.cy + rcy + 2.5),
+                3.0,
+                z_bot + 0.1 * H,
+                z_top - 0.05 * H,
+                0.0,
+            )
+        )
+        prims.append(
+            ((px, vt.cy + 2.0), (px + side * 1.5, vt.cy + 6.0), 3.5, zc, z_top + 0.45 * H, 0.0)
+        )
+        prims.append(
+            (
+                (px, vt.cy + 4.0),
+                (px - side * 1.0, vt.cy + 8.0),
+                3.0,
+                z_bot - 0.35 * H,
+                zc - 0.1 * H,
+                0.0,
+            )
+        )
         tx = vt.cx + side * _interp(_TRANSVERSE_X, vt.vid)
-        prims.append(((px, vt.cy + 2.0), (tx, vt.cy + _interp(_TRANSVERSE_Y, vt.vid)),
-                      3.2, zc - 4.5, zc + 4.5, 0.0))
+        prims.append(
+            (
+                (px, vt.cy + 2.0),
+                (tx, vt.cy + _interp(_TRANSVERSE_Y, vt.vid)),
+                3.2,
+                zc - 4.5,
+                zc + 4.5,
+                0.0,
+            )
+        )
     base, tip = _spinous(vt)
     sp_h = 7.0 + 8.0 * np.clip((vt.vid - 15) / 9.0, 0, 1)
-    prims.append((base, tip, 2.8, zc - sp_h / 2 - 2, zc + sp_h / 2 - 2,
-                  _interp(_SPINOUS_DROP, vt.vid)))
+    prims.append(
+        (base, tip, 2.8, zc - sp_h / 2 - 2, zc + sp_h / 2 - 2, _interp(_SPINOUS_DROP, vt.vid))
+    )
     for p0, p1, r, z0, z1, drop in prims:
         ylo, yhi = min(p0[1], p1[1]) - r - 3, max(p0[1], p1[1]) + r + 3
         zlo = z0 - drop * (yhi - p0[1]) - 3
-        sl = g.box((zlo, z1 + 3), (ylo, yhi), (min(p0[0], p1[0]) - r - 3,
-                                               max(p0[0], p1[0]) + r + 3))
+        sl = g.box(
+            (zlo, z1 + 3), (ylo, yhi), (min(p0[0], p1[0]) - r - 3, max(p0[0], p1[0]) + r + 3)
+        )
         if sl is None:
             continue
         z, y, x = g.coords(sl)
@@ -635,8 +739,9 @@ def _add_vertebra(bone: _Bone, g: _Grid, vt: _Vertebra, s_zyx: tuple[float, ...]
 # --------------------------------------------------------------------------------------------
 
 
-def body_extent(mask: np.ndarray, spacing_zyx: tuple[float, float, float],
-                band_mm: float = 3.0) -> tuple[int, int, int]:
+def body_extent(
+    mask: np.ndarray, spacing_zyx: tuple[float, float, float], band_mm: float = 3.0
+) -> tuple[int, int, int]:
     """Antero-posterior extent ``(y_first, y_stop, x_mid)`` of a vertebral body.
 
     ``mask`` is one vertebra in canonical orientation (y posterior). Near the midline the body
@@ -648,7 +753,7 @@ def body_extent(mask: np.ndarray, spacing_zyx: tuple[float, float, float],
         raise ValueError("empty vertebra mask")
     x_mid = round(float(np.median(xx)))
     hw = max(0, round(band_mm / spacing_zyx[2]))
-    band = mask[:, :, max(0, x_mid - hw): x_mid + hw + 1]
+    band = mask[:, :, max(0, x_mid - hw) : x_mid + hw + 1]
     prof = band.sum(axis=(0, 2))
     ys = np.nonzero(prof)[0]
     y0, y_end = int(ys[0]), int(ys[-1]) + 1
@@ -666,8 +771,9 @@ def estimate_body(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> 
     return body
 
 
-def measure_heights(labels: np.ndarray, vid: int,
-                    spacing_zyx: tuple[float, float, float]) -> dict[str, Any]:
+def measure_heights(
+    labels: np.ndarray, vid: int, spacing_zyx: tuple[float, float, float]
+) -> dict[str, Any]:
     """Body heights (mm) at 15/50/85 % of the AP depth in the mid-sagittal slice, and min/max.
 
     ``labels`` in canonical orientation (z superior, y posterior). Returns
@@ -684,8 +790,11 @@ def measure_heights(labels: np.ndarray, vid: int,
         yi = min(y1 - 1, max(y0, int(np.floor(y0 + f * depth))))
         heights.append(float(sag[:, yi].sum()) * spacing_zyx[0])
     hmax = max(heights)
-    return {"heights_mm": heights, "ratio": (min(heights) / hmax) if hmax else 0.0,
-            "depth_mm": depth * spacing_zyx[1]}
+    return {
+        "heights_mm": heights,
+        "ratio": (min(heights) / hmax) if hmax else 0.0,
+        "depth_mm": depth * spacing_zyx[1],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,10 +824,13 @@ class SimulatedFracture:
     meta: dict[int, dict[str, Any]]
 
 
-def simulate_fracture(ct: np.ndarray, vertebrae: np.ndarray,
-                      spacing_or_geometry: Geometry | tuple[float, float, float],
-                      targets: dict[int, tuple[int, str]], rng: np.random.Generator,
-                      ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+def simulate_fracture(
+    ct: np.ndarray,
+    vertebrae: np.ndarray,
+    spacing_or_geometry: Geometry | tuple[float, float, float],
+    targets: dict[int, tuple[int, str]],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Compress chosen vertebral bodies of a real CT; returns ``(ct, fracture_mask, meta)``.
 
     See `simulate_fractures`, which also returns the compressed label map.
@@ -727,10 +839,13 @@ def simulate_fracture(ct: np.ndarray, vertebrae: np.ndarray,
     return res.ct, res.fracture, res.meta
 
 
-def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
-                       spacing_or_geometry: Geometry | tuple[float, float, float],
-                       targets: dict[int, tuple[int, str]],
-                       rng: np.random.Generator) -> SimulatedFracture:
+def simulate_fractures(
+    ct: np.ndarray,
+    vertebrae: np.ndarray,
+    spacing_or_geometry: Geometry | tuple[float, float, float],
+    targets: dict[int, tuple[int, str]],
+    rng: np.random.Generator,
+) -> SimulatedFracture:
     """Simulate compression fractures on a real CT (HU, ``(z, y, x)``).
 
     ``vertebrae`` holds VerSe ids (whole vertebrae); ``targets`` maps a VerSe id to
@@ -764,9 +879,11 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
         if not (labels == vid).any():
             raise UserError(f"--fracture: vertebra {name(vid)} ({vid}) is not in the label map")
         if not fully_imaged(labels == vid):
-            raise UserError(f"--fracture: vertebra {name(vid)} ({vid}) is cut by the scan's "
-                            f"edge (its label reaches the first or last slice along the "
-                            f"height axis); only a fully imaged vertebra can be fractured")
+            raise UserError(
+                f"--fracture: vertebra {name(vid)} ({vid}) is cut by the scan's "
+                f"edge (its label reaches the first or last slice along the "
+                f"height axis); only a fully imaged vertebra can be fractured"
+            )
         before = measure_heights(labels, vid, sp)
         work, labels, m, info = _compress(work, labels, vid, sp, grade, morph, before, rng)
         frac |= m
@@ -784,9 +901,16 @@ def simulate_fractures(ct: np.ndarray, vertebrae: np.ndarray,
     return SimulatedFracture(out, frac_u8, labels_out, meta)
 
 
-def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp: tuple[float, float, float],
-              grade: int, morph: str, before: dict[str, Any], rng: np.random.Generator
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def _compress(
+    ct: np.ndarray,
+    labels: np.ndarray,
+    vid: int,
+    sp: tuple[float, float, float],
+    grade: int,
+    morph: str,
+    before: dict[str, Any],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """One vertebra: resample its body columns along z; returns new ct, labels, mask, info."""
     sz = sp[0]
     mask = labels == vid
@@ -839,8 +963,9 @@ def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp: tuple[float, flo
         new_lab = labels.copy()
         new_lab[sl] = result[1]
         after = measure_heights(new_lab, vid, sp)
-        achieved = float(np.max(1.0 - np.asarray(after["heights_mm"])[base > 0] / base[base > 0],
-                                initial=0.0))
+        achieved = float(
+            np.max(1.0 - np.asarray(after["heights_mm"])[base > 0] / base[base > 0], initial=0.0)
+        )
         best = (result, achieved)
         if lo_b <= achieved < hi_b and after["ratio"] < 0.8:
             break
@@ -874,18 +999,32 @@ def _compress(ct: np.ndarray, labels: np.ndarray, vid: int, sp: tuple[float, flo
     full = np.zeros(labels.shape, dtype=bool)
     full[sl] = m
     after = measure_heights(labels, vid, sp)
-    info = {"grade": grade_of_loss(achieved) or grade, "requested_grade": grade,
-            "morphology": morph, "height_ratio": round(after["ratio"], 4),
-            "heights_mm": [round(x, 2) for x in after["heights_mm"]],
-            "height_loss": round(achieved, 4), "band_mm": round(band_mm, 2),
-            "band_hu": round(band_hu, 1),
-            "endplate": "both" if 0 < share < 1 else "superior"}
+    info = {
+        "grade": grade_of_loss(achieved) or grade,
+        "requested_grade": grade,
+        "morphology": morph,
+        "height_ratio": round(after["ratio"], 4),
+        "heights_mm": [round(x, 2) for x in after["heights_mm"]],
+        "height_loss": round(achieved, 4),
+        "band_mm": round(band_mm, 2),
+        "band_hu": round(band_hu, 1),
+        "endplate": "both" if 0 < share < 1 else "superior",
+    }
     return ct, labels, full, info
 
 
-def _remap(img: np.ndarray, lab: np.ndarray, body: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-           above: np.ndarray, below: np.ndarray, loss: np.ndarray, share: float, vid: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _remap(
+    img: np.ndarray,
+    lab: np.ndarray,
+    body: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
+    loss: np.ndarray,
+    share: float,
+    vid: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Piecewise-linear resampling of each body column along z (voxel units).
 
     Old column: [lo-0.5-below, lo-0.5, hi+0.5, hi+0.5+above]; new: the body boundaries move
@@ -911,7 +1050,7 @@ def _remap(img: np.ndarray, lab: np.ndarray, body: np.ndarray, lo: np.ndarray, h
     k1 = np.minimum(k0 + 1, nzb - 1)
     fr = (old - k0).astype(np.float32)
     src = img.astype(np.float32)
-    new_img = (np.take_along_axis(src, k0, 0) * (1 - fr) + np.take_along_axis(src, k1, 0) * fr)
+    new_img = np.take_along_axis(src, k0, 0) * (1 - fr) + np.take_along_axis(src, k1, 0) * fr
     kn = np.clip(np.rint(old).astype(np.int64), 0, nzb - 1)
     new_lab = np.take_along_axis(lab, kn, 0)
     # the body's new boundaries, continuous voxel coordinates

@@ -54,8 +54,12 @@ def _draws(index: IntArray) -> IntArray:
     return out
 
 
-def draw_windows(n_windows: int, count: int, rng: np.random.Generator,
-                 weights: npt.NDArray[np.float64] | None = None) -> IntArray:
+def draw_windows(
+    n_windows: int,
+    count: int,
+    rng: np.random.Generator,
+    weights: npt.NDArray[np.float64] | None = None,
+) -> IntArray:
     """The epoch's ``count`` window indices: weighted with replacement when ``weights`` are
     given (fracture oversampling), else a uniform draw without replacement (all windows
     when ``count >= n_windows``)."""
@@ -65,9 +69,17 @@ def draw_windows(n_windows: int, count: int, rng: np.random.Generator,
     return rng.permutation(n_windows)[:count].astype(np.int64)
 
 
-def epoch_order(offsets: IntArray, count: int, *, seed: int, epoch: int, rank: int = 0,
-                world: int = 1, open_vertebrae: int = 8,
-                weights: npt.NDArray[np.float64] | None = None) -> IntArray:
+def epoch_order(
+    offsets: IntArray,
+    count: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    open_vertebrae: int = 8,
+    weights: npt.NDArray[np.float64] | None = None,
+) -> IntArray:
     """This rank's virtual window indices for ``epoch`` (see the module docstring).
 
     ``offsets``: ``(n_vertebrae + 1,)`` first window of each vertebra (the dataset's index),
@@ -97,8 +109,7 @@ def epoch_order(offsets: IntArray, count: int, *, seed: int, epoch: int, rank: i
     return _interleave(grouped[mine], groups[mine], open_vertebrae, rng)
 
 
-def _interleave(items: IntArray, groups: IntArray, k: int, rng: np.random.Generator
-                ) -> IntArray:
+def _interleave(items: IntArray, groups: IntArray, k: int, rng: np.random.Generator) -> IntArray:
     """Emit ``items`` (contiguous runs per group) drawing from ``k`` open runs at a time."""
     if len(items) == 0:
         return items
@@ -128,6 +139,8 @@ def working_set(order: IntArray, offsets: IntArray, n: int, window: int) -> floa
     (a locality measure: 1 is a single vertebra at a time, ``window`` is no locality)."""
     real = np.asarray(order, np.int64) % n
     vertebra = np.searchsorted(offsets, real, side="right") - 1
-    spans = [len(np.unique(vertebra[i:i + window]))
-             for i in range(0, max(len(vertebra) - window + 1, 1), window)]
+    spans = [
+        len(np.unique(vertebra[i : i + window]))
+        for i in range(0, max(len(vertebra) - window + 1, 1), window)
+    ]
     return float(np.mean(spans))

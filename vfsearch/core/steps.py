@@ -35,8 +35,9 @@ def logits_of(output: Any) -> torch.Tensor:
     return cast(torch.Tensor, output)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None
-              ) -> contextlib.AbstractContextManager[object]:
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
     # bf16 autocast only: it needs no loss scaling, unlike fp16
     if dtype is None:
         return contextlib.nullcontext()
@@ -62,13 +63,19 @@ def target_like(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _floats(terms: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-            for k, v in terms.items()}
+    return {
+        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()
+    }
 
 
-def _apply(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-           params: Iterable[torch.nn.Parameter], *,
-           scaler: torch.amp.GradScaler | None, grad_clip: float) -> float:
+def _apply(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.nn.Parameter],
+    *,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+) -> float:
     """Backward, optional unscale + clip, step. Returns the gradient norm before clipping."""
     # torch leaves Tensor.backward unannotated, hence the no-untyped-call ignores
     if scaler is not None and scaler.is_enabled():
@@ -91,10 +98,17 @@ def _apply(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     return norm
 
 
-def seg_step(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn,
-             optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None,
-             grad_clip: float = 0.0, amp_dtype: torch.dtype | None = None,
-             device: torch.device | None = None) -> dict[str, float]:
+def seg_step(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
     """One segmentation-only step: forward, ``loss_fn``, backward, clip, optimiser step.
 
     ``loss_fn(logits, target) -> (total, terms)``; the loss is computed in float32 outside
@@ -114,12 +128,21 @@ def seg_step(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn,
     return out
 
 
-def gan_step(model: nn.Module, disc: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn,
-             opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, *,
-             d_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
-             amp_dtype: torch.dtype | None = None, real_noise: float = 0.1,
-             device: torch.device | None = None) -> dict[str, float]:
+def gan_step(
+    model: nn.Module,
+    disc: nn.Module,
+    batch: Mapping[str, Any],
+    loss_fn: LossFn,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    *,
+    d_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    real_noise: float = 0.1,
+    device: torch.device | None = None,
+) -> dict[str, float]:
     """One adversarial step: discriminator update, then segmenter update (pix2pix order).
 
     1. The segmenter predicts ``fake = sigmoid(logits)`` in (0, 1).
@@ -177,15 +200,24 @@ def gan_step(model: nn.Module, disc: nn.Module, batch: Mapping[str, Any], loss_f
         for p in frozen:
             p.requires_grad_(True)
     out = _floats(terms)
-    out.update(loss=float(total.detach()), d_loss=float(d_loss.detach()),
-               g_loss=out.get("adv", 0.0), grad_norm=norm)
+    out.update(
+        loss=float(total.detach()),
+        d_loss=float(d_loss.detach()),
+        g_loss=out.get("adv", 0.0),
+        grad_norm=norm,
+    )
     return out
 
 
 @torch.no_grad()
-def eval_step(model: nn.Module, batch: Mapping[str, Any], threshold: float = 0.5, *,
-              amp_dtype: torch.dtype | None = None,
-              device: torch.device | None = None) -> torch.Tensor:
+def eval_step(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    threshold: float = 0.5,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """TP, FP, FN (float64 ``(3,)``) of ``sigmoid(logits) > threshold`` over the batch.
 
     Pixels for segmenters; slices (`target_like`) for the classifier.

@@ -37,8 +37,9 @@ def plane_axis(plane: str) -> int:
     try:
         return PLANE_AXIS[plane]
     except KeyError:
-        raise UserError(f"data.plane: must be one of {', '.join(PLANE_AXIS)}, "
-                        f"got {plane!r}") from None
+        raise UserError(
+            f"data.plane: must be one of {', '.join(PLANE_AXIS)}, got {plane!r}"
+        ) from None
 
 
 def window_indices(t: int, seq_len: int, n: int) -> np.ndarray:
@@ -101,13 +102,15 @@ def window_has_target(counts: np.ndarray, seq_len: int, all_slices: bool) -> np.
     if not all_slices or seq_len == 1:
         return positive
     half = seq_len // 2
-    padded = np.concatenate([np.repeat(positive[:1], half), positive,
-                             np.repeat(positive[-1:], half)])
+    padded = np.concatenate(
+        [np.repeat(positive[:1], half), positive, np.repeat(positive[-1:], half)]
+    )
     windows = np.lib.stride_tricks.sliding_window_view(padded, seq_len)  # (n, seq_len)
     return cast(np.ndarray, windows.any(axis=1))[:n]
 
 
 # -- normalisation --------------------------------------------------------------------------
+
 
 def _fingerprint_values(fingerprint: Mapping[str, Any]) -> tuple[float, float, float, float]:
     missing = [k for k in FINGERPRINT_KEYS if k not in fingerprint]
@@ -127,8 +130,9 @@ def normalise(hu: torch.Tensor, fingerprint: Mapping[str, Any]) -> torch.Tensor:
 def normalise(hu: npt.ArrayLike, fingerprint: Mapping[str, Any]) -> npt.NDArray[np.float32]: ...
 
 
-def normalise(hu: torch.Tensor | npt.ArrayLike, fingerprint: Mapping[str, Any]
-              ) -> torch.Tensor | npt.NDArray[np.float32]:
+def normalise(
+    hu: torch.Tensor | npt.ArrayLike, fingerprint: Mapping[str, Any]
+) -> torch.Tensor | npt.NDArray[np.float32]:
     """CT normalisation (nnU-Net style): clip HU to ``[p0_5, p99_5]``, subtract mean, / std.
 
     A pure function of the data and the dataset fingerprint stored at ingest
@@ -153,8 +157,10 @@ def normalised_floor(fingerprint: Mapping[str, Any]) -> float:
 
 # -- patch size -----------------------------------------------------------------------------
 
-def patch_start(shape_hw: tuple[int, int], size: int,
-                rng: np.random.Generator | None = None) -> tuple[int, int]:
+
+def patch_start(
+    shape_hw: tuple[int, int], size: int, rng: np.random.Generator | None = None
+) -> tuple[int, int]:
     """Top-left corner in the source of a ``size x size`` patch; negative means padding.
 
     Without ``rng`` the patch is centred; with it the offset is uniform over all positions
@@ -167,8 +173,7 @@ def patch_start(shape_hw: tuple[int, int], size: int,
     return out[0], out[1]
 
 
-def fit_to_patch(array: np.ndarray, size: int, start: tuple[int, int],
-                 fill: float) -> np.ndarray:
+def fit_to_patch(array: np.ndarray, size: int, start: tuple[int, int], fill: float) -> np.ndarray:
     """Crop/pad the last two axes of ``array (..., H, W)`` to ``(..., size, size)``.
 
     ``start`` is the source position of the patch's top-left pixel (`patch_start`); pixels
@@ -191,6 +196,7 @@ def fit_to_patch(array: np.ndarray, size: int, start: tuple[int, int],
 
 # -- augmentation ---------------------------------------------------------------------------
 
+
 def random_affine(rng: np.random.Generator, strength: float) -> np.ndarray:
     """A random in-plane rotation + isotropic scaling as a ``(2, 3)`` `affine_grid` theta.
 
@@ -205,8 +211,9 @@ def random_affine(rng: np.random.Generator, strength: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0]], dtype=np.float32)
 
 
-def apply_affine(stack: torch.Tensor, theta: np.ndarray | torch.Tensor,
-                 fill: float = 0.0) -> torch.Tensor:
+def apply_affine(
+    stack: torch.Tensor, theta: np.ndarray | torch.Tensor, fill: float = 0.0
+) -> torch.Tensor:
     """Resample every channel of ``stack (C, H, W)`` with one affine (bilinear).
 
     The slices of a window and its mask go through here as channels of one stack, so all
@@ -215,13 +222,19 @@ def apply_affine(stack: torch.Tensor, theta: np.ndarray | torch.Tensor,
     theta_t = torch.as_tensor(theta, dtype=torch.float32).reshape(1, 2, 3)
     grid = F.affine_grid(theta_t, [1, *stack.shape], align_corners=False)
     # grid_sample pads with zeros: shift so that zero is the wanted fill value
-    moved = F.grid_sample((stack - fill).unsqueeze(0), grid, mode="bilinear",
-                          padding_mode="zeros", align_corners=False)[0]
+    moved = F.grid_sample(
+        (stack - fill).unsqueeze(0),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )[0]
     return moved + fill
 
 
-def augment_intensity(image: torch.Tensor, rng: np.random.Generator,
-                      strength: float) -> torch.Tensor:
+def augment_intensity(
+    image: torch.Tensor, rng: np.random.Generator, strength: float
+) -> torch.Tensor:
     """Contrast, brightness, gamma and Gaussian noise on a normalised window ``(T, H, W)``.
 
     One draw per window (a scan's contrast does not change from slice to slice); noise is
@@ -247,8 +260,13 @@ def augment_intensity(image: torch.Tensor, rng: np.random.Generator,
     return out.add_(noise, alpha=sigma)
 
 
-def augment_window(image: torch.Tensor, target: torch.Tensor, rng: np.random.Generator,
-                   strength: float, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_window(
+    image: torch.Tensor,
+    target: torch.Tensor,
+    rng: np.random.Generator,
+    strength: float,
+    fill: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One random spatial transform on every slice and the target, then intensity (image).
 
     ``image (T, H, W)`` normalised float32; ``target (C, H, W)`` 0/1 float32 (C = 1 or T).
@@ -272,9 +290,15 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(index)])
 
 
-def make_window(image: np.ndarray, fracture: np.ndarray, fingerprint: Mapping[str, Any], *,
-                patch_size: int, rng: np.random.Generator | None = None,
-                strength: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_window(
+    image: np.ndarray,
+    fracture: np.ndarray,
+    fingerprint: Mapping[str, Any],
+    *,
+    patch_size: int,
+    rng: np.random.Generator | None = None,
+    strength: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw window → model input: fit to the patch, normalise, augment.
 
     ``image (T, h, w)`` HU (any int/float dtype), ``fracture (C, h, w)`` 0/1 with C = 1
@@ -287,8 +311,9 @@ def make_window(image: np.ndarray, fracture: np.ndarray, fingerprint: Mapping[st
     img_t = torch.from_numpy(normalise(img, fingerprint))
     tgt_t = torch.from_numpy(np.ascontiguousarray(tgt, dtype=np.float32))
     if rng is not None and strength > 0:
-        img_t, tgt_t = augment_window(img_t, tgt_t, rng, strength,
-                                      fill=normalised_floor(fingerprint))
+        img_t, tgt_t = augment_window(
+            img_t, tgt_t, rng, strength, fill=normalised_floor(fingerprint)
+        )
     return img_t, tgt_t
 
 

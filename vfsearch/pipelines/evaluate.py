@@ -74,9 +74,24 @@ from vfsearch.pipelines.predict import ModelRef, load_model
 if TYPE_CHECKING:
     import torch
 
-CSV_COLUMNS = ("case_id", "vertebra", "name", "tp", "fp", "fn", "dice", "iou", "precision",
-               "recall", "score", "gt_positive", "pred_positive", "gt_voxels", "pred_voxels",
-               "hd95_mm")
+CSV_COLUMNS = (
+    "case_id",
+    "vertebra",
+    "name",
+    "tp",
+    "fp",
+    "fn",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "score",
+    "gt_positive",
+    "pred_positive",
+    "gt_voxels",
+    "pred_voxels",
+    "hd95_mm",
+)
 SWEEP = np.round(np.arange(1, 100) / 100, 2)  # threshold candidates (mean / max)
 SWEEP_VOTE = np.round(np.arange(1, 20) / 20, 2)  # vote: each needs its own combination
 BINS = 1000  # probability histogram bins: thresholds are exact on the 0.001 grid
@@ -99,7 +114,7 @@ class CaseTruth:
 
     @property
     def region(self) -> tuple[slice, ...]:
-        return tuple(slice(a, b) for a, b in zip(*self.box))
+        return tuple(slice(a, b) for a, b in zip(*self.box, strict=False))
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -115,15 +130,18 @@ def case_truth(store: Store, case_id: str) -> CaseTruth:
     boxes = []
     for vid in vids:
         va = store.vertebra_attrs(case_id, vid)
-        b = fusion.box_in_grid(Geometry.from_dict(va["geometry"]), va["shape"], ct_geometry,
-                               ct_shape)
+        b = fusion.box_in_grid(
+            Geometry.from_dict(va["geometry"]), va["shape"], ct_geometry, ct_shape
+        )
         if b is not None:
             boxes.append(b)
     if not boxes:
         raise UserError(f"{store.path}: case {case_id}: no crop lies inside its CT grid")
-    box = (tuple(int(v) for v in np.min([b[0] for b in boxes], axis=0)),
-           tuple(int(v) for v in np.max([b[1] for b in boxes], axis=0)))
-    region = tuple(slice(a, b) for a, b in zip(*box))
+    box = (
+        tuple(int(v) for v in np.min([b[0] for b in boxes], axis=0)),
+        tuple(int(v) for v in np.max([b[1] for b in boxes], axis=0)),
+    )
+    region = tuple(slice(a, b) for a, b in zip(*box, strict=False))
     source = attrs.get("source") or {}
     used: list[str] = []
 
@@ -138,16 +156,21 @@ def case_truth(store: Store, case_id: str) -> CaseTruth:
         full = _from_crops(store, case_id, vids, "fracture", ct_geometry, ct_shape) > 0
         used.append("crops")
     if full.shape != ct_shape:
-        raise UserError(f"{frac_path}: fracture mask shape {full.shape} differs from the CT's "
-                        f"{ct_shape} recorded in {store.path}")
+        raise UserError(
+            f"{frac_path}: fracture mask shape {full.shape} differs from the CT's "
+            f"{ct_shape} recorded in {store.path}"
+        )
     outside = int(full.sum() - full[region].sum())
     fracture = np.ascontiguousarray(full[region])
     del full
 
     lab_path = source.get("vertebrae")
-    if (lab_path and Path(lab_path).exists() and attrs.get("vertebrae_source") != "boxes"):
-        labels = to_verse(io.read_volume(lab_path, what="vertebra label map").array,
-                          attrs.get("label_scheme", "verse"), source=lab_path)[region]
+    if lab_path and Path(lab_path).exists() and attrs.get("vertebrae_source") != "boxes":
+        labels = to_verse(
+            io.read_volume(lab_path, what="vertebra label map").array,
+            attrs.get("label_scheme", "verse"),
+            source=lab_path,
+        )[region]
         used.append("files")
     else:
         labels = _from_crops(store, case_id, vids, "mask", ct_geometry, ct_shape)[region]
@@ -158,12 +181,23 @@ def case_truth(store: Store, case_id: str) -> CaseTruth:
     return CaseTruth(case_id, ct_geometry, ct_shape, box, fracture, labels, cells, outside, src)
 
 
-def _from_crops(store: Store, case_id: str, vids: Sequence[int], name: str,
-                ct_geometry: Geometry, ct_shape: Sequence[int]) -> np.ndarray:
+def _from_crops(
+    store: Store,
+    case_id: str,
+    vids: Sequence[int],
+    name: str,
+    ct_geometry: Geometry,
+    ct_shape: Sequence[int],
+) -> np.ndarray:
     """A crop array of every vertebra mapped back (nearest); ``mask`` gives VerSe ids."""
-    items = ((vid if name == "mask" else 1, store.read(case_id, vid, name),
-              Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]))
-             for vid in vids)
+    items = (
+        (
+            vid if name == "mask" else 1,
+            store.read(case_id, vid, name),
+            Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]),
+        )
+        for vid in vids
+    )
     return paste_crops(items, ct_geometry, ct_shape, resampler=io)
 
 
@@ -191,8 +225,7 @@ class CaseResult:
 
 def _hist_curve(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """TP/FP/FN of ``prob >= t`` for each threshold (on the 1/BINS grid), from histograms."""
-    idx = np.clip(np.floor(prob.astype(np.float64) * BINS + 1e-9).astype(np.int64), 0,
-                  BINS - 1)
+    idx = np.clip(np.floor(prob.astype(np.float64) * BINS + 1e-9).astype(np.int64), 0, BINS - 1)
     pos = np.bincount(idx[truth], minlength=BINS)
     neg = np.bincount(idx[~truth], minlength=BINS)
     above_pos = np.cumsum(pos[::-1])[::-1]  # above_pos[k]: positives with bin >= k
@@ -202,9 +235,18 @@ def _hist_curve(prob: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> 
     return np.stack([tp, fp, pos.sum() - tp], axis=1).astype(np.int64)
 
 
-def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
-                  thresholds: Sequence[float], *, combine: str = "mean", details: bool = False,
-                  hd95: bool = False, batch_size: int = 16, bar: Any = None) -> CaseResult:
+def evaluate_case(
+    models: Sequence[LoadedModel],
+    store: Store,
+    case_id: str,
+    thresholds: Sequence[float],
+    *,
+    combine: str = "mean",
+    details: bool = False,
+    hd95: bool = False,
+    batch_size: int = 16,
+    bar: Any = None,
+) -> CaseResult:
     """Fused prediction of one stored case scored against its truth in the original grid.
 
     Returns TP/FP/FN per vertebra and for the whole case at each of ``thresholds``. With
@@ -216,16 +258,28 @@ def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
     truth = case_truth(store, case_id)
     axis = PLANE_AXIS[models[0].plane]
     all_vids = store.vertebrae(case_id)
-    crops = [ModelCrop(vid, store.read(case_id, vid, "image"),
-                       Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]))
-             for vid in all_vids]
+    crops = [
+        ModelCrop(
+            vid,
+            store.read(case_id, vid, "image"),
+            Geometry.from_dict(store.vertebra_attrs(case_id, vid)["geometry"]),
+        )
+        for vid in all_vids
+    ]
 
     def tick(done: int, total: int) -> None:
         if done:
             _tick(bar, case_id, all_vids[done - 1])
 
-    fused = fuse_crops(models, crops, truth.ct_geometry, truth.ct_shape, resampler=io,
-                       batch_size=batch_size, progress=tick)
+    fused = fuse_crops(
+        models,
+        crops,
+        truth.ct_geometry,
+        truth.ct_shape,
+        resampler=io,
+        batch_size=batch_size,
+        progress=tick,
+    )
     del crops
     slice_rows: list[np.ndarray] = []
     slice_scores: list[float] = []
@@ -237,8 +291,16 @@ def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
             f_sl = fusion.volume_to_slices(frac, axis)
             pred = p_sl >= thresholds[0]
             tp = np.count_nonzero(pred & f_sl, axis=(1, 2))
-            slice_rows.append(np.stack([tp, np.count_nonzero(pred, axis=(1, 2)) - tp,
-                                        np.count_nonzero(f_sl, axis=(1, 2)) - tp], axis=1))
+            slice_rows.append(
+                np.stack(
+                    [
+                        tp,
+                        np.count_nonzero(pred, axis=(1, 2)) - tp,
+                        np.count_nonzero(f_sl, axis=(1, 2)) - tp,
+                    ],
+                    axis=1,
+                )
+            )
             slice_scores += p_sl.reshape(len(p_sl), -1).max(axis=1).tolist()
             slice_labels += f_sl.reshape(len(f_sl), -1).any(axis=1).tolist()
 
@@ -266,13 +328,11 @@ def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
         r = VertebraResult(vid, score, int(np.count_nonzero(truth.fracture[cell])), curve)
         if hd95 and details:
             mask = masks[0] if masks is not None else prob_for_score >= thresholds[0]
-            r.hd95 = metrics3d.hausdorff95(mask & cell, truth.fracture & cell,
-                                           truth.spacing_zyx)
+            r.hd95 = metrics3d.hausdorff95(mask & cell, truth.fracture & cell, truth.spacing_zyx)
         results.append(r)
     out = CaseResult(case_id, thresholds, results, case_curve, truth.source)
     if details:
-        out.slice_counts = (np.concatenate(slice_rows) if slice_rows
-                            else np.zeros((0, 3), np.int64))
+        out.slice_counts = np.concatenate(slice_rows) if slice_rows else np.zeros((0, 3), np.int64)
         out.slice_scores, out.slice_labels = slice_scores, slice_labels
     return out
 
@@ -280,8 +340,9 @@ def evaluate_case(models: Sequence[LoadedModel], store: Store, case_id: str,
 def vertebra_bar(store: Store, case_ids: Sequence[str], desc: str) -> Any:
     """A progress bar over every vertebra of ``case_ids`` (silent off a terminal), for the
     ``bar`` argument of `evaluate_case` and `classify_case`."""
-    return progress.bar(desc=desc, unit="vertebra",
-                        total=sum(len(store.vertebrae(c)) for c in case_ids))
+    return progress.bar(
+        desc=desc, unit="vertebra", total=sum(len(store.vertebrae(c)) for c in case_ids)
+    )
 
 
 def _tick(bar: Any, case_id: str, vid: int) -> None:
@@ -291,18 +352,30 @@ def _tick(bar: Any, case_id: str, vid: int) -> None:
 
 
 # -- the threshold --------------------------------------------------------------------------
-def choose_threshold(models: Sequence[LoadedModel], store: Store, split: str = "val", *,
-                     combine: str = "mean", batch_size: int = 16,
-                     cases: Sequence[str] | None = None) -> tuple[float, float, list[CaseResult]]:
+def choose_threshold(
+    models: Sequence[LoadedModel],
+    store: Store,
+    split: str = "val",
+    *,
+    combine: str = "mean",
+    batch_size: int = 16,
+    cases: Sequence[str] | None = None,
+) -> tuple[float, float, list[CaseResult]]:
     """The threshold maximising pooled 3D Dice on ``split``; returns (t, Dice, case results)."""
     ids = list(cases) if cases is not None else store.case_ids(split)
     if not ids:
-        raise UserError(f"{store.path}: no complete cases in split {split!r} to choose the "
-                        f"threshold on (pass --threshold)")
+        raise UserError(
+            f"{store.path}: no complete cases in split {split!r} to choose the "
+            f"threshold on (pass --threshold)"
+        )
     candidates = SWEEP_VOTE if combine == "vote" else SWEEP
     with vertebra_bar(store, ids, f"threshold ({split})") as bar:
-        results = [evaluate_case(models, store, cid, candidates, combine=combine,
-                                 batch_size=batch_size, bar=bar) for cid in ids]
+        results = [
+            evaluate_case(
+                models, store, cid, candidates, combine=combine, batch_size=batch_size, bar=bar
+            )
+            for cid in ids
+        ]
     pooled = np.sum([r.curve for r in results], axis=0)
     dice = [metrics3d.overlap(*row)["dice"] for row in pooled]
     t, d = metrics3d.best_threshold(candidates, dice)
@@ -319,8 +392,7 @@ def _per_case(k: int | Sequence[int], n: int) -> list[int]:
 def _best_index(results: Sequence[CaseResult], candidates: np.ndarray) -> int:
     """Index of the candidate maximising pooled 3D Dice over ``results``."""
     pooled = np.sum([r.curve for r in results], axis=0)
-    t, _ = metrics3d.best_threshold(candidates, [metrics3d.overlap(*row)["dice"]
-                                                 for row in pooled])
+    t, _ = metrics3d.best_threshold(candidates, [metrics3d.overlap(*row)["dice"] for row in pooled])
     return int(np.argmin(np.abs(candidates - t)))
 
 
@@ -351,23 +423,39 @@ def rows_at(results: Sequence[CaseResult], k: int | Sequence[int] = 0) -> list[d
     """Per-vertebra rows (the CSV's) at threshold index ``k`` of each case result (one index
     for every case, or one per case as cross-fitting gives)."""
     rows = []
-    for cr, k in zip(results, _per_case(k, len(results)), strict=True):
-        threshold = float(cr.thresholds[k])
+    for cr, kc in zip(results, _per_case(k, len(results)), strict=True):
+        threshold = float(cr.thresholds[kc])
         for v in cr.vertebrae:
-            tp, fp, fn = (int(x) for x in v.curve[k])
+            tp, fp, fn = (int(x) for x in v.curve[kc])
             s = metrics3d.overlap(tp, fp, fn)
-            rows.append({"case_id": cr.case_id, "vertebra": v.vid, "name": vertebra_name(v.vid),
-                         "tp": tp, "fp": fp, "fn": fn, **{key: round(val, 6) for key, val in
-                                                          s.items()},
-                         "score": round(v.score, 6), "gt_positive": v.gt_voxels > 0,
-                         "pred_positive": v.score >= threshold, "gt_voxels": v.gt_voxels,
-                         "pred_voxels": tp + fp, "hd95_mm": v.hd95})
+            rows.append(
+                {
+                    "case_id": cr.case_id,
+                    "vertebra": v.vid,
+                    "name": vertebra_name(v.vid),
+                    "tp": tp,
+                    "fp": fp,
+                    "fn": fn,
+                    **{key: round(val, 6) for key, val in s.items()},
+                    "score": round(v.score, 6),
+                    "gt_positive": v.gt_voxels > 0,
+                    "pred_positive": v.score >= threshold,
+                    "gt_voxels": v.gt_voxels,
+                    "pred_voxels": tp + fp,
+                    "hd95_mm": v.hd95,
+                }
+            )
     return rows
 
 
-def segmentation_metrics(results: Sequence[CaseResult], *, k: int | Sequence[int] = 0,
-                         prefix: str = "", n_boot: int = 1000, seed: int = 0
-                         ) -> dict[str, float]:
+def segmentation_metrics(
+    results: Sequence[CaseResult],
+    *,
+    k: int | Sequence[int] = 0,
+    prefix: str = "",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
     """Flat figures at threshold index ``k`` (one for all cases, or one per case):
     pooled / mean 3D overlap, detection, CIs. ``threshold3d`` is the median of the cases'
     thresholds (the threshold itself when there is one)."""
@@ -375,46 +463,69 @@ def segmentation_metrics(results: Sequence[CaseResult], *, k: int | Sequence[int
     rows = rows_at(results, ks)
     thresholds = [float(r.thresholds[kk]) for r, kk in zip(results, ks, strict=True)]
     threshold = float(np.median(thresholds)) if results else float("nan")
-    pooled = (np.sum([r.curve[kk] for r, kk in zip(results, ks, strict=True)], axis=0)
-              if results else np.zeros(3))
+    pooled = (
+        np.sum([r.curve[kk] for r, kk in zip(results, ks, strict=True)], axis=0)
+        if results
+        else np.zeros(3)
+    )
     s = metrics3d.overlap(*pooled)
     summ = metrics3d.summarize(rows)
-    det = metrics3d.detection([r["score"] for r in rows], [r["gt_positive"] for r in rows],
-                              threshold) if rows else {}
+    det = (
+        metrics3d.detection([r["score"] for r in rows], [r["gt_positive"] for r in rows], threshold)
+        if rows
+        else {}
+    )
     if rows:  # sensitivity / specificity at each case's own threshold
         pos = np.array([r["gt_positive"] for r in rows], bool)
         hit = np.array([r["pred_positive"] for r in rows], bool)
         det["sensitivity"] = float((hit & pos).sum() / pos.sum()) if pos.any() else float("nan")
-        det["specificity"] = (float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any()
-                              else float("nan"))
+        det["specificity"] = (
+            float((~hit & ~pos).sum() / (~pos).sum()) if (~pos).any() else float("nan")
+        )
     out = {
-        "dice3d": s["dice"], "iou3d": s["iou"], "precision3d": s["precision"],
-        "recall3d": s["recall"], "dice3d_mean": summ.get("mean_dice", float("nan")),
+        "dice3d": s["dice"],
+        "iou3d": s["iou"],
+        "precision3d": s["precision"],
+        "recall3d": s["recall"],
+        "dice3d_mean": summ.get("mean_dice", float("nan")),
         "iou3d_mean": summ.get("mean_iou", float("nan")),
         "recall3d_mean": summ.get("mean_recall", float("nan")),
         "precision3d_mean": summ.get("mean_precision", float("nan")),
         "dice3d_mean_all": summ.get("mean_dice_all", float("nan")),
-        "threshold3d": threshold, "tp": float(pooled[0]), "fp": float(pooled[1]),
-        "fn": float(pooled[2]), "cases": float(len(results)), "vertebrae": float(len(rows)),
+        "threshold3d": threshold,
+        "tp": float(pooled[0]),
+        "fp": float(pooled[1]),
+        "fn": float(pooled[2]),
+        "cases": float(len(results)),
+        "vertebrae": float(len(rows)),
         **{f"vertebra_{k2}": float(v) for k2, v in det.items()},
     }
     if n_boot > 0 and rows:
-        case_rows = [{"case_id": cr.case_id, "tp": int(cr.curve[kk][0]),
-                      "fp": int(cr.curve[kk][1]), "fn": int(cr.curve[kk][2])}
-                     for cr, kk in zip(results, ks, strict=True)]
+        case_rows = [
+            {
+                "case_id": cr.case_id,
+                "tp": int(cr.curve[kk][0]),
+                "fp": int(cr.curve[kk][1]),
+                "fn": int(cr.curve[kk][2]),
+            }
+            for cr, kk in zip(results, ks, strict=True)
+        ]
         # pooled Dice: whole-case counts; mean Dice: vertebra rows; both resample cases
         out["dice3d_ci_low"], out["dice3d_ci_high"] = metrics3d.bootstrap_ci(
-            case_rows, metrics3d.pooled_dice, n_boot=n_boot, seed=seed)
+            case_rows, metrics3d.pooled_dice, n_boot=n_boot, seed=seed
+        )
         out["dice3d_mean_ci_low"], out["dice3d_mean_ci_high"] = metrics3d.bootstrap_ci(
-            rows, metrics3d.mean_dice, n_boot=n_boot, seed=seed)
+            rows, metrics3d.mean_dice, n_boot=n_boot, seed=seed
+        )
     hd = [r["hd95_mm"] for r in rows if np.isfinite(r["hd95_mm"])]
     if hd:
         out["hd95_mm_mean"] = float(np.mean(hd))
     return {f"{prefix}{key}": float(v) for key, v in out.items()}
 
 
-def slice_metrics(results: Sequence[CaseResult], threshold: float, prefix: str = ""
-                  ) -> dict[str, float]:
+def slice_metrics(
+    results: Sequence[CaseResult], threshold: float, prefix: str = ""
+) -> dict[str, float]:
     """2D slice-level overlap (crop grid) and slice detection of detailed case results."""
     counts = np.concatenate([r.slice_counts for r in results]) if results else np.zeros((0, 3))
     out: dict[str, float] = {}
@@ -422,13 +533,20 @@ def slice_metrics(results: Sequence[CaseResult], threshold: float, prefix: str =
         s = metrics3d.overlap(*counts.sum(axis=0))
         pos = counts[:, 0] + counts[:, 2] > 0
         per = [metrics3d.overlap(*c)["dice"] for c in counts[pos]]
-        out.update(dice2d=s["dice"], iou2d=s["iou"],
-                   dice2d_mean=float(np.mean(per)) if per else float("nan"))
+        out.update(
+            dice2d=s["dice"],
+            iou2d=s["iou"],
+            dice2d_mean=float(np.mean(per)) if per else float("nan"),
+        )
     scores = [s for r in results for s in r.slice_scores]
     labels = [y for r in results for y in r.slice_labels]
     if scores:
-        out.update({f"slice_{k}": float(v) for k, v in
-                    metrics3d.detection(scores, labels, threshold).items()})
+        out.update(
+            {
+                f"slice_{k}": float(v)
+                for k, v in metrics3d.detection(scores, labels, threshold).items()
+            }
+        )
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
@@ -441,8 +559,9 @@ class ClassifierCase:
     slice_labels: list[bool]
 
 
-def classify_case(lm: LoadedModel, store: Store, case_id: str, batch_size: int = 32,
-                  bar: Any = None) -> ClassifierCase:
+def classify_case(
+    lm: LoadedModel, store: Store, case_id: str, batch_size: int = 32, bar: Any = None
+) -> ClassifierCase:
     """Slice scores of every crop and vertebra scores (max slice score) with 3D truth;
     ``bar`` (see `vertebra_bar`) advances by one per vertebra."""
     truth = case_truth(store, case_id)
@@ -453,14 +572,16 @@ def classify_case(lm: LoadedModel, store: Store, case_id: str, batch_size: int =
         frac = fusion.volume_to_slices(store.read(case_id, vid, "fracture") > 0, axis)
         scores += s.tolist()
         labels += frac.reshape(len(frac), -1).any(axis=1).tolist()
-        verts.append((vid, float(s.max()), int(np.count_nonzero(truth.fracture[truth.cells ==
-                                                                                vid]))))
+        verts.append(
+            (vid, float(s.max()), int(np.count_nonzero(truth.fracture[truth.cells == vid])))
+        )
         _tick(bar, case_id, vid)
     return ClassifierCase(case_id, verts, scores, labels)
 
 
-def _classify_all(lm: LoadedModel, store: Store, case_ids: Sequence[str], desc: str,
-                  batch_size: int = 32) -> list[ClassifierCase]:
+def _classify_all(
+    lm: LoadedModel, store: Store, case_ids: Sequence[str], desc: str, batch_size: int = 32
+) -> list[ClassifierCase]:
     with vertebra_bar(store, case_ids, desc) as bar:
         return [classify_case(lm, store, c, batch_size, bar=bar) for c in case_ids]
 
@@ -476,28 +597,48 @@ def _youden_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return metrics3d.best_threshold(cands, j)[0]
 
 
-def classifier_metrics(cases: Sequence[ClassifierCase], threshold: float, prefix: str = ""
-                       ) -> dict[str, float]:
+def classifier_metrics(
+    cases: Sequence[ClassifierCase], threshold: float, prefix: str = ""
+) -> dict[str, float]:
     v_scores = [s for c in cases for _, s, _ in c.vertebrae]
     v_labels = [g > 0 for c in cases for _, _, g in c.vertebrae]
-    out = {f"vertebra_{k}": float(v) for k, v in
-           metrics3d.detection(v_scores, v_labels, threshold).items()}
-    out.update({f"slice_{k}": float(v) for k, v in metrics3d.detection(
-        [s for c in cases for s in c.slice_scores], [y for c in cases for y in c.slice_labels],
-        threshold).items()})
-    out.update(threshold=float(threshold), cases=float(len(cases)),
-               vertebrae=float(len(v_scores)))
+    out = {
+        f"vertebra_{k}": float(v)
+        for k, v in metrics3d.detection(v_scores, v_labels, threshold).items()
+    }
+    out.update(
+        {
+            f"slice_{k}": float(v)
+            for k, v in metrics3d.detection(
+                [s for c in cases for s in c.slice_scores],
+                [y for c in cases for y in c.slice_labels],
+                threshold,
+            ).items()
+        }
+    )
+    out.update(threshold=float(threshold), cases=float(len(cases)), vertebrae=float(len(v_scores)))
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 # -- the command ----------------------------------------------------------------------------
-def evaluate(model_ref: ModelRef, store: str | os.PathLike | Store, *, split: str = "test",
-             out: str | os.PathLike = "evaluation", threshold: float | None = None,
-             combine: str = "mean", hd95: bool = False, val_split: str = "val",
-             device: str | torch.device | None = None, batch_size: int = 16,
-             n_boot: int = 1000, seed: int = 0,
-             log_to_run: bool = True, workdir: str | os.PathLike = "mlruns",
-             echo: Callable[[str], Any] = lambda _m: None) -> dict[str, Any]:
+def evaluate(
+    model_ref: ModelRef,
+    store: str | os.PathLike | Store,
+    *,
+    split: str = "test",
+    out: str | os.PathLike = "evaluation",
+    threshold: float | None = None,
+    combine: str = "mean",
+    hd95: bool = False,
+    val_split: str = "val",
+    device: str | torch.device | None = None,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+    log_to_run: bool = True,
+    workdir: str | os.PathLike = "mlruns",
+    echo: Callable[[str], Any] = lambda _m: None,
+) -> dict[str, Any]:
     """Evaluate ``model_ref`` on ``split`` of ``store``; write ``metrics.json`` and
     ``per_vertebra.csv`` to ``out``; log to the MLflow run if the reference is one.
 
@@ -509,8 +650,9 @@ def evaluate(model_ref: ModelRef, store: str | os.PathLike | Store, *, split: st
     figures with ``<split>_`` prefixes, as logged to MLflow).
     """
     if combine not in fusion.COMBINE_METHODS:
-        raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
-                        f"got {combine!r}")
+        raise UserError(
+            f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, got {combine!r}"
+        )
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold: must be between 0 and 1, got {threshold}")
     st = store if isinstance(store, Store) else Store(store)
@@ -523,73 +665,120 @@ def evaluate(model_ref: ModelRef, store: str | os.PathLike | Store, *, split: st
     kinds = {m.kind for m in models}
     if len(kinds) > 1:
         raise UserError("--model: cannot mix segmenters and classifiers")
-    report: dict[str, Any] = {"split": split, "store": st.path, "combine": combine,
-                              "model": [m.source for m in models], "cases": ids}
+    report: dict[str, Any] = {
+        "split": split,
+        "store": st.path,
+        "combine": combine,
+        "model": [m.source for m in models],
+        "cases": ids,
+    }
     prefix = f"{split}_"
     if kinds == {"classification"}:
         lm = models[0]
         if threshold is None:
             echo(f"choosing the vertebra threshold on {val_split} (Youden J)")
-            val = _classify_all(lm, st, st.case_ids(val_split), f"threshold ({val_split})",
-                                batch_size)
-            threshold = _youden_threshold([s for c in val for _, s, _ in c.vertebrae],
-                                          [g > 0 for c in val for _, _, g in c.vertebrae])
+            val = _classify_all(
+                lm, st, st.case_ids(val_split), f"threshold ({val_split})", batch_size
+            )
+            threshold = _youden_threshold(
+                [s for c in val for _, s, _ in c.vertebrae],
+                [g > 0 for c in val for _, _, g in c.vertebrae],
+            )
             report["threshold_source"] = f"{val_split} (Youden J of vertebra detection)"
         else:
             report["threshold_source"] = "given"
         echo(f"classifying {len(ids)} {split} case(s)")
         cases = _classify_all(lm, st, ids, f"evaluate ({split})", batch_size)
         flat = classifier_metrics(cases, threshold, prefix)
-        rows = [{"case_id": c.case_id, "vertebra": vid, "score": round(s, 6),
-                 "gt_positive": g > 0, "pred_positive": s >= threshold, "gt_voxels": g}
-                for c in cases for vid, s, g in c.vertebrae]
+        rows = [
+            {
+                "case_id": c.case_id,
+                "vertebra": vid,
+                "score": round(s, 6),
+                "gt_positive": g > 0,
+                "pred_positive": s >= threshold,
+                "gt_voxels": g,
+            }
+            for c in cases
+            for vid, s, g in c.vertebrae
+        ]
         report.update(kind="classification", threshold=threshold)
     else:
         case_thresholds: list[float] | None = None
         if threshold is None:
             echo(f"choosing the threshold on {val_split} (pooled 3D Dice)")
             threshold, val_dice, val_results = choose_threshold(
-                models, st, val_split, combine=combine, batch_size=batch_size)
+                models, st, val_split, combine=combine, batch_size=batch_size
+            )
             report["threshold_source"] = f"{val_split} (maximum pooled 3D Dice)"
             report["val_dice3d_tuned"] = val_dice
             if split == val_split:  # never score a case at a threshold tuned on it
-                case_thresholds = [float(r.thresholds[k]) for r, k in
-                                   zip(val_results, crossfit_indices(val_results), strict=True)]
-                report["threshold_source"] += (f"; the {split} figures are scored at thresholds "
-                                               f"cross-fitted on its halves")
+                case_thresholds = [
+                    float(r.thresholds[k])
+                    for r, k in zip(val_results, crossfit_indices(val_results), strict=True)
+                ]
+                report["threshold_source"] += (
+                    f"; the {split} figures are scored at thresholds cross-fitted on its halves"
+                )
         else:
             report["threshold_source"] = "given"
         echo(f"evaluating {len(ids)} {split} case(s) at threshold {threshold:.2f}")
-        by_case = (dict(zip(st.case_ids(val_split), case_thresholds, strict=True))
-                   if case_thresholds else {})
+        by_case = (
+            dict(zip(st.case_ids(val_split), case_thresholds, strict=True))
+            if case_thresholds
+            else {}
+        )
         with vertebra_bar(st, ids, f"evaluate ({split})") as bar:
-            results = [evaluate_case(models, st, c, [by_case.get(c, threshold)],
-                                     combine=combine, details=True, hd95=hd95,
-                                     batch_size=batch_size, bar=bar) for c in ids]
+            results = [
+                evaluate_case(
+                    models,
+                    st,
+                    c,
+                    [by_case.get(c, threshold)],
+                    combine=combine,
+                    details=True,
+                    hd95=hd95,
+                    batch_size=batch_size,
+                    bar=bar,
+                )
+                for c in ids
+            ]
         flat = segmentation_metrics(results, prefix=prefix, n_boot=n_boot, seed=seed)
         flat.update(slice_metrics(results, threshold, prefix))
         rows = rows_at(results)
-        report.update(kind="segmentation", threshold=float(np.round(threshold, 3)),
-                      gt_source=sorted({r.source for r in results}),
-                      per_case=[{"case_id": r.case_id, "threshold": float(r.thresholds[0]),
-                                 **{k: int(v) for k, v in zip(("tp", "fp", "fn"), r.curve[0])},
-                                 **metrics3d.overlap(*r.curve[0])} for r in results])
+        report.update(
+            kind="segmentation",
+            threshold=float(np.round(threshold, 3)),
+            gt_source=sorted({r.source for r in results}),
+            per_case=[
+                {
+                    "case_id": r.case_id,
+                    "threshold": float(r.thresholds[0]),
+                    **{k: int(v) for k, v in zip(("tp", "fp", "fn"), r.curve[0], strict=False)},
+                    **metrics3d.overlap(*r.curve[0]),
+                }
+                for r in results
+            ],
+        )
         if "val_dice3d_tuned" in report:  # optimistic (selected on val): a reference only
             flat[f"{val_split}_dice3d_tuned"] = float(report["val_dice3d_tuned"])
     flat[f"{prefix}seconds"] = time.perf_counter() - t0
     report["flat"] = flat
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = _atomic_text(out_dir / "metrics.json",
-                                json.dumps(_jsonable(report), indent=2) + "\n")
+    metrics_path = _atomic_text(
+        out_dir / "metrics.json", json.dumps(_jsonable(report), indent=2) + "\n"
+    )
     csv_path = _write_csv(out_dir / "per_vertebra.csv", rows)
     report["files"] = [str(metrics_path), str(csv_path)]
     run_id = models[0].run_id if len(models) == 1 else None
     if log_to_run and run_id:
         tracker = tracking.Tracker(tracking.tracking_uri(workdir))
         tracker.log_metrics(run_id, flat, step=0)
-        tracker.set_tags(run_id, {f"eval.{split}.threshold": report["threshold"],
-                                  f"eval.{split}.combine": combine})
+        tracker.set_tags(
+            run_id,
+            {f"eval.{split}.threshold": report["threshold"], f"eval.{split}.combine": combine},
+        )
         for p in (metrics_path, csv_path):
             tracker.log_artifact(run_id, p, f"evaluation/{split}")
         report["logged_to_run"] = run_id
@@ -621,8 +810,12 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else v)
-                        for k, v in r.items()})
+            w.writerow(
+                {
+                    k: ("" if isinstance(v, float) and not np.isfinite(v) else v)
+                    for k, v in r.items()
+                }
+            )
     return path
 
 
@@ -635,19 +828,31 @@ def format_report(report: dict[str, Any]) -> str:
         v = f.get(p + key)
         return "n/a" if v is None or not np.isfinite(v) else f"{v:.4f}"
 
-    lines = [(f"{report['kind']} model on {report['split']} ({len(report['cases'])} cases), "
-              f"threshold {report['threshold']:.3f} from {report['threshold_source']}")]
+    lines = [
+        (
+            f"{report['kind']} model on {report['split']} ({len(report['cases'])} cases), "
+            f"threshold {report['threshold']:.3f} from {report['threshold_source']}"
+        )
+    ]
     if report["kind"] == "segmentation":
         lines += [
             f"{'3D (original grid)':<22}{'Dice':>8}{'IoU':>8}{'prec.':>8}{'recall':>8}",
-            (f"{'  pooled (micro)':<22}{g('dice3d'):>8}{g('iou3d'):>8}"
-             f"{g('precision3d'):>8}{g('recall3d'):>8}"),
-            (f"{'  mean, fractured':<22}{g('dice3d_mean'):>8}{g('iou3d_mean'):>8}"
-             f"{g('precision3d_mean'):>8}{g('recall3d_mean'):>8}"),
-            (f"  95% CI pooled Dice [{g('dice3d_ci_low')}, {g('dice3d_ci_high')}], "
-             f"mean Dice [{g('dice3d_mean_ci_low')}, {g('dice3d_mean_ci_high')}]"),
-            (f"{'2D slices':<22}{g('dice2d'):>8}{g('iou2d'):>8}   (mean Dice over fractured "
-             f"slices {g('dice2d_mean')})"),
+            (
+                f"{'  pooled (micro)':<22}{g('dice3d'):>8}{g('iou3d'):>8}"
+                f"{g('precision3d'):>8}{g('recall3d'):>8}"
+            ),
+            (
+                f"{'  mean, fractured':<22}{g('dice3d_mean'):>8}{g('iou3d_mean'):>8}"
+                f"{g('precision3d_mean'):>8}{g('recall3d_mean'):>8}"
+            ),
+            (
+                f"  95% CI pooled Dice [{g('dice3d_ci_low')}, {g('dice3d_ci_high')}], "
+                f"mean Dice [{g('dice3d_mean_ci_low')}, {g('dice3d_mean_ci_high')}]"
+            ),
+            (
+                f"{'2D slices':<22}{g('dice2d'):>8}{g('iou2d'):>8}   (mean Dice over fractured "
+                f"slices {g('dice2d_mean')})"
+            ),
         ]
         if p + "hd95_mm_mean" in f:
             lines.append(f"  HD95 mean {f[p + 'hd95_mm_mean']:.2f} mm")
@@ -656,7 +861,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"{level + ' detection':<22}PR-AUC {g(level + '_pr_auc')} (prevalence "
                 f"{g(level + '_prevalence')}), ROC-AUC {g(level + '_roc_auc')}, sens "
-                f"{g(level + '_sensitivity')}, spec {g(level + '_specificity')}")
+                f"{g(level + '_sensitivity')}, spec {g(level + '_specificity')}"
+            )
     lines += [f"wrote {x}" for x in report.get("files", [])]
     if report.get("logged_to_run"):
         lines.append(f"logged to MLflow run {report['logged_to_run']}")
@@ -664,12 +870,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # -- end of training -------------------------------------------------------------------------
-def fused_validation_metrics(model: torch.nn.Module | LoadedModel | list[LoadedModel]
-                             | tuple[LoadedModel, ...],
-                             store: str | os.PathLike | Store, config: Config | None = None, *,
-                             split: str = "val", combine: str = "mean", batch_size: int = 16,
-                             max_cases: int | None = None, fixed_threshold: float = 0.5
-                             ) -> dict[str, float]:
+def fused_validation_metrics(
+    model: torch.nn.Module | LoadedModel | list[LoadedModel] | tuple[LoadedModel, ...],
+    store: str | os.PathLike | Store,
+    config: Config | None = None,
+    *,
+    split: str = "val",
+    combine: str = "mean",
+    batch_size: int = 16,
+    max_cases: int | None = None,
+    fixed_threshold: float = 0.5,
+) -> dict[str, float]:
     """Fused 3D figures of a trained model (or an ensemble) on ``split``, for selection.
 
     ``model``: a trained module with its `vfsearch.core.config.Config` in ``config`` (eval mode is
@@ -696,9 +907,16 @@ def fused_validation_metrics(model: torch.nn.Module | LoadedModel | list[LoadedM
     else:
         meta = st.meta
         # a bare module comes with its config (the caller's contract, as in training)
-        models = [LoadedModel(model.eval(), config,  # type: ignore[arg-type]
-                              st.fingerprint, tuple(meta["spacing"]),
-                              float(meta["margin_mm"]), source="training run")]
+        models = [
+            LoadedModel(
+                model.eval(),
+                config,  # type: ignore[arg-type]
+                st.fingerprint,
+                tuple(meta["spacing"]),
+                float(meta["margin_mm"]),
+                source="training run",
+            )
+        ]
     ids = st.case_ids(split)[: max_cases or None]
     if not ids:
         return {}
@@ -706,10 +924,12 @@ def fused_validation_metrics(model: torch.nn.Module | LoadedModel | list[LoadedM
     if models[0].kind == "classification":
         cases = _classify_all(models[0], st, ids, f"fused validation ({split})")
         return classifier_metrics(cases, 0.5, prefix)
-    t, tuned_dice, results = choose_threshold(models, st, split, combine=combine,
-                                              batch_size=batch_size, cases=ids)
-    flat = segmentation_metrics(results, k=crossfit_indices(results, fixed_threshold),
-                                prefix=prefix, n_boot=0)
+    t, tuned_dice, results = choose_threshold(
+        models, st, split, combine=combine, batch_size=batch_size, cases=ids
+    )
+    flat = segmentation_metrics(
+        results, k=crossfit_indices(results, fixed_threshold), prefix=prefix, n_boot=0
+    )
     flat[f"{prefix}threshold3d"] = float(t)
     flat[f"{prefix}dice3d_tuned"] = float(tuned_dice)
     for key in ("tp", "fp", "fn"):  # 3D voxel counts; <split>_tp etc. are training's 2D ones

@@ -113,6 +113,7 @@ OPTIMISTIC_SUFFIXES = ("_tuned", "_threshold3d")
 
 # -- selection (pure) ----------------------------------------------------------------------
 
+
 @dataclass
 class Candidate:
     """One MLflow run as export sees it (plain data, no mlflow objects)."""
@@ -138,10 +139,16 @@ class Candidate:
     @classmethod
     def from_run(cls, run: Run) -> Candidate:
         """From an `mlflow.entities.Run`."""
-        return cls(run_id=run.info.run_id, run_name=run.info.run_name or "",
-                   experiment_id=run.info.experiment_id, status=run.info.status,
-                   end_time=run.info.end_time, metrics=dict(run.data.metrics),
-                   params=dict(run.data.params), tags=dict(run.data.tags))
+        return cls(
+            run_id=run.info.run_id,
+            run_name=run.info.run_name or "",
+            experiment_id=run.info.experiment_id,
+            status=run.info.status,
+            end_time=run.info.end_time,
+            metrics=dict(run.data.metrics),
+            params=dict(run.data.params),
+            tags=dict(run.data.tags),
+        )
 
 
 def is_finished(c: Candidate) -> bool:
@@ -161,13 +168,17 @@ def rank(candidates: Iterable[Candidate], metric: str, mode: str = "max") -> lis
     """Candidates with a finite ``metric``, best first; ties: earlier end time, then run id."""
     usable = [c for c in candidates if (v := c.value(metric)) is not None and math.isfinite(v)]
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(usable, key=lambda c: (sign * c.value(metric),  # type: ignore[operator]
-                                         c.end_time if c.end_time is not None else math.inf,
-                                         c.run_id))
+    return sorted(
+        usable,
+        key=lambda c: (
+            sign * c.value(metric),  # type: ignore[operator]
+            c.end_time if c.end_time is not None else math.inf,
+            c.run_id,
+        ),
+    )
 
 
-def choose(candidates: Sequence[Candidate], metric: str, mode: str, what: str
-           ) -> list[Candidate]:
+def choose(candidates: Sequence[Candidate], metric: str, mode: str, what: str) -> list[Candidate]:
     """Rank the finished ``candidates`` of ``what`` (e.g. ``"sweep s1"``) by ``metric``.
 
     `UserError` (one line) when none is finished, none reports the metric, or every value is
@@ -179,14 +190,15 @@ def choose(candidates: Sequence[Candidate], metric: str, mode: str, what: str
         for c in candidates:
             counts[c.state] = counts.get(c.state, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none at all"
-        raise UserError(f"{what}: no finished run to export ({len(candidates)} run(s): "
-                        f"{detail})")
+        raise UserError(f"{what}: no finished run to export ({len(candidates)} run(s): {detail})")
     reporting = [c for c in finished if metric in c.metrics]
     if not reporting:
         logged = sorted({k for c in finished for k in c.metrics})
-        raise UserError(f"--metric: no finished run of {what} reports {metric!r} (they log: "
-                        f"{', '.join(logged[:12]) or 'no metrics'}"
-                        f"{', ...' if len(logged) > 12 else ''})")
+        raise UserError(
+            f"--metric: no finished run of {what} reports {metric!r} (they log: "
+            f"{', '.join(logged[:12]) or 'no metrics'}"
+            f"{', ...' if len(logged) > 12 else ''})"
+        )
     ranked = rank(reporting, metric, mode)
     if not ranked:
         raise UserError(f"--metric: every finished run of {what} has {metric} = NaN")
@@ -194,6 +206,7 @@ def choose(candidates: Sequence[Candidate], metric: str, mode: str, what: str
 
 
 # -- the promotion gate (pure) ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -203,10 +216,17 @@ class Decision:
     reason: str
 
 
-def promotion_decision(challenger: float, champion: float | None, *, metric: str,
-                       mode: str = "max", ci_low: float | None = None,
-                       minimum: float | None = None, same_run: bool = False,
-                       no_interval: str | None = None) -> Decision:
+def promotion_decision(
+    challenger: float,
+    champion: float | None,
+    *,
+    metric: str,
+    mode: str = "max",
+    ci_low: float | None = None,
+    minimum: float | None = None,
+    same_run: bool = False,
+    no_interval: str | None = None,
+) -> Decision:
     """May the alias move to a challenger scoring ``challenger`` (vs ``champion``; None: no
     champion yet)? It must beat the champion strictly by ``mode``; with ``minimum``, the
     lower bound ``ci_low`` of its interval must beat ``minimum`` too (a missing bound
@@ -215,11 +235,13 @@ def promotion_decision(challenger: float, champion: float | None, *, metric: str
     if minimum is not None:
         if ci_low is None or not math.isfinite(ci_low):
             hint = no_interval or "run `vfsearch evaluate --split val` on it first"
-            return Decision(False, f"--min: the challenger has no {metric}{CI_LOW_SUFFIX} "
-                                   f"({hint})")
+            return Decision(False, f"--min: the challenger has no {metric}{CI_LOW_SUFFIX} ({hint})")
         if not _better(ci_low, minimum, mode):
-            return Decision(False, f"--min: the challenger's {metric}{CI_LOW_SUFFIX} "
-                                   f"{ci_low:.4f} does not beat --min {minimum:.4f}")
+            return Decision(
+                False,
+                f"--min: the challenger's {metric}{CI_LOW_SUFFIX} "
+                f"{ci_low:.4f} does not beat --min {minimum:.4f}",
+            )
     if same_run:
         return Decision(True, "already the champion")
     if champion is None:
@@ -228,11 +250,11 @@ def promotion_decision(challenger: float, champion: float | None, *, metric: str
         return Decision(True, f"the champion's {metric} is NaN")
     if _better(challenger, champion, mode):
         return Decision(True, f"{metric} {challenger:.4f} beats the champion's {champion:.4f}")
-    return Decision(False, f"{metric} {challenger:.4f} does not beat the champion's "
-                           f"{champion:.4f}")
+    return Decision(False, f"{metric} {challenger:.4f} does not beat the champion's {champion:.4f}")
 
 
 # -- the command -------------------------------------------------------------------------
+
 
 @dataclass
 class ExportSummary:
@@ -264,30 +286,44 @@ class ExportSummary:
 
     def __str__(self) -> str:
         if self.members:
-            names = ", ".join(f"{m['run_id']} ({m['run_name']}) {m['value']:.4f}"
-                              for m in self.members)
-            lines = [f"selected an ensemble of {len(self.members)} runs from "
-                     f"{self.selected_from}: {names}",
-                     f"ensemble {self.metric} {self.value:.4f} (its own fused validation; "
-                     f"threshold {_fmt(self.threshold)})"]
+            names = ", ".join(
+                f"{m['run_id']} ({m['run_name']}) {m['value']:.4f}" for m in self.members
+            )
+            lines = [
+                f"selected an ensemble of {len(self.members)} runs from "
+                f"{self.selected_from}: {names}",
+                f"ensemble {self.metric} {self.value:.4f} (its own fused validation; "
+                f"threshold {_fmt(self.threshold)})",
+            ]
         else:
-            lines = [(f"selected run {self.run_id} ({self.run_name}) from "
-                      f"{self.selected_from}: {self.metric} {self.value:.4f}")]
+            lines = [
+                (
+                    f"selected run {self.run_id} ({self.run_name}) from "
+                    f"{self.selected_from}: {self.metric} {self.value:.4f}"
+                )
+            ]
         lines += [f"  passed over {s}" for s in self.skipped]
         same = "same runs" if self.members else "same run"
-        lines.append(f"{self.model_name} version {self.version}"
-                     + (" (new)" if self.new_version else f" (existing: {same}, no new "
-                                                          f"version)"))
+        lines.append(
+            f"{self.model_name} version {self.version}"
+            + (" (new)" if self.new_version else f" (existing: {same}, no new version)")
+        )
         if self.alias_moved:
-            prev = (f" (was version {self.previous['version']}, {self.metric} "
-                    f"{_fmt(self.previous.get('value'))})" if self.previous else "")
+            prev = (
+                f" (was version {self.previous['version']}, {self.metric} "
+                f"{_fmt(self.previous.get('value'))})"
+                if self.previous
+                else ""
+            )
             lines.append(f"alias {self.alias} -> version {self.version}{prev}: {self.decision}")
         else:
             lines.append(f"alias {self.alias} unchanged: {self.decision}")
         if self.bundle:
             lines.append(f"bundle: {self.bundle} (ONNX: {self.onnx})")
-        lines.append(f"load with mlflow.pyfunc.load_model({self.model_uri!r}) or "
-                     f"vfsearch predict --model {self.model_uri}")
+        lines.append(
+            f"load with mlflow.pyfunc.load_model({self.model_uri!r}) or "
+            f"vfsearch predict --model {self.model_uri}"
+        )
         return "\n".join(lines)
 
 
@@ -295,14 +331,26 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
 
 
-def export(*, sweep: str | None = None, experiment: str | None = None, run: str | None = None,
-           metric: str = DEFAULT_METRIC, mode: str = "max", name: str = DEFAULT_NAME,
-           alias: str = DEFAULT_ALIAS, out: str | os.PathLike | None = None,
-           force: bool = False, minimum: float | None = None, store: Any = None,
-           top_k: int = 1, onnx: bool = True, torch_export: bool = False,
-           workdir: str | os.PathLike = "mlruns",
-           mlflow_uri: str | None = None, echo: Callable[[str], Any] = lambda _: None
-           ) -> ExportSummary:
+def export(
+    *,
+    sweep: str | None = None,
+    experiment: str | None = None,
+    run: str | None = None,
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+    name: str = DEFAULT_NAME,
+    alias: str = DEFAULT_ALIAS,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    minimum: float | None = None,
+    store: Any = None,
+    top_k: int = 1,
+    onnx: bool = True,
+    torch_export: bool = False,
+    workdir: str | os.PathLike = "mlruns",
+    mlflow_uri: str | None = None,
+    echo: Callable[[str], Any] = lambda _: None,
+) -> ExportSummary:
     """``vfsearch export``: select, gate, bundle, register and alias (module docstring).
 
     Exactly one of ``sweep`` (sweep name), ``experiment`` (experiment name) or ``run`` (run
@@ -318,31 +366,40 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
     ``$MLFLOW_TRACKING_URI`` or the embedded server of ``workdir``. Every user-fixable
     problem is a one-line `UserError`; so is a refusal of the gate (exit code 2 in the CLI).
     """
-    given = [o for o, v in (("--sweep", sweep), ("--experiment", experiment), ("--run", run))
-             if v]
+    given = [o for o, v in (("--sweep", sweep), ("--experiment", experiment), ("--run", run)) if v]
     if len(given) != 1:
-        raise UserError(f"--sweep/--experiment/--run: give exactly one, got "
-                        f"{', '.join(given) or 'none'}")
+        raise UserError(
+            f"--sweep/--experiment/--run: give exactly one, got {', '.join(given) or 'none'}"
+        )
     if mode not in ("max", "min"):
         raise UserError(f"--mode: max or min, got {mode!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UserError(f"--top-k: the number of best runs to export, 1 or more; got {top_k}")
-    if top_k > 1 and (not metric.startswith(ENSEMBLE_SPLIT + "_") or
-                      metric.endswith(OPTIMISTIC_SUFFIXES)):
-        raise UserError(f"--metric: --top-k judges the ensemble on its own fused {ENSEMBLE_SPLIT} "
-                        f"figures ({ENSEMBLE_SPLIT}_dice3d, {ENSEMBLE_SPLIT}_iou3d, ...); "
-                        f"{metric!r} is not one of them")
+    if top_k > 1 and (
+        not metric.startswith(ENSEMBLE_SPLIT + "_") or metric.endswith(OPTIMISTIC_SUFFIXES)
+    ):
+        raise UserError(
+            f"--metric: --top-k judges the ensemble on its own fused {ENSEMBLE_SPLIT} "
+            f"figures ({ENSEMBLE_SPLIT}_dice3d, {ENSEMBLE_SPLIT}_iou3d, ...); "
+            f"{metric!r} is not one of them"
+        )
     if not name or not re.match(r"^[A-Za-z0-9][\w.\-]*$", name):
         raise UserError(f"--name: {name!r} is not a valid registered model name")
-    if not re.match(r"^[A-Za-z_][\w\-]*$", alias) or alias == "latest" or \
-            re.match(r"^[vV]\d+$", alias):
-        raise UserError(f"--alias: {alias!r} is not a valid alias (letters, digits, _ and -; "
-                        f"not 'latest' or v<number>)")
+    if (
+        not re.match(r"^[A-Za-z_][\w\-]*$", alias)
+        or alias == "latest"
+        or re.match(r"^[vV]\d+$", alias)
+    ):
+        raise UserError(
+            f"--alias: {alias!r} is not a valid alias (letters, digits, _ and -; "
+            f"not 'latest' or v<number>)"
+        )
     uri = mlflow_uri or tracking.tracking_uri(workdir)
     tracker = Tracker(uri)
 
-    ranked, what, sweep_parent = _candidates(tracker, sweep=sweep, experiment=experiment,
-                                             run=run, metric=metric, mode=mode, uri=uri)
+    ranked, what, sweep_parent = _candidates(
+        tracker, sweep=sweep, experiment=experiment, run=run, metric=metric, mode=mode, uri=uri
+    )
     picked, skipped = _with_checkpoints(tracker, ranked, what, metric, top_k)
     members = [c for c, _ in picked]
     chosen = members[0]
@@ -350,11 +407,17 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
     ensemble = top_k > 1
     eval_store = _ensemble_store(store, members, top_k) if ensemble else None
     if ensemble:
-        echo(f"selected an ensemble of {top_k} runs from {what}: " + ", ".join(
-            f"{c.run_id} ({c.run_name}) {metric} {c.metrics[metric]:.4f}" for c in members))
+        echo(
+            f"selected an ensemble of {top_k} runs from {what}: "
+            + ", ".join(
+                f"{c.run_id} ({c.run_name}) {metric} {c.metrics[metric]:.4f}" for c in members
+            )
+        )
     else:
-        echo(f"selected run {chosen.run_id} ({chosen.run_name}) from {what}: {metric} "
-             f"{chosen.metrics[metric]:.4f}")
+        echo(
+            f"selected run {chosen.run_id} ({chosen.run_name}) from {what}: {metric} "
+            f"{chosen.metrics[metric]:.4f}"
+        )
     label = f"ensemble of runs {', '.join(runs)}" if ensemble else f"run {chosen.run_id}"
 
     existing = registry.version_of_run(tracker, name, runs)
@@ -365,16 +428,21 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
     if champ is not None:
         champ_runs = registry.exported_runs(champ)
         champ_value = _champion_value(tracker, champ, metric)
-        previous = {"version": str(champ.version), "value": champ_value,
-                    "run_id": champ.tags.get(VERSION_RUN_TAG) or champ.run_id or ""}
+        previous = {
+            "version": str(champ.version),
+            "value": champ_value,
+            "run_id": champ.tags.get(VERSION_RUN_TAG) or champ.run_id or "",
+        }
         if (champ.tags or {}).get(MEMBERS_TAG):
             previous["members"] = champ.tags[MEMBERS_TAG].split(",")
         same = champ_runs == frozenset(runs)
         if champ_value is None and not same and not force:
             theirs = "" if ensemble else f" {chosen.metrics[metric]:.4f}"
-            raise UserError(f"{name}@{alias}: the champion (version {champ.version}, "
-                            f"{_what_version(previous)}) has no {metric} to compare with the "
-                            f"challenger's{theirs}; pass --force to move the alias")
+            raise UserError(
+                f"{name}@{alias}: the champion (version {champ.version}, "
+                f"{_what_version(previous)}) has no {metric} to compare with the "
+                f"challenger's{theirs}; pass --force to move the alias"
+            )
 
     threshold_source = ""
     validation: dict[str, float] = {}
@@ -383,57 +451,115 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
         _check_compatible(loaded, top_k)
         value, ci_low, validation = _judge_ensemble(loaded, str(eval_store), metric, top_k)
         threshold = validation.get(f"{ENSEMBLE_SPLIT}_threshold3d")
-        threshold_source = (f"the ensemble's {ENSEMBLE_SPLIT}_threshold3d (maximum pooled 3D "
-                            f"Dice of the averaged map on the {ENSEMBLE_SPLIT} split of "
-                            f"{eval_store})")
-        echo(f"ensemble {metric} {value:.4f} on the {ENSEMBLE_SPLIT} split of {eval_store} "
-             f"(threshold {_fmt(threshold)})")
+        threshold_source = (
+            f"the ensemble's {ENSEMBLE_SPLIT}_threshold3d (maximum pooled 3D "
+            f"Dice of the averaged map on the {ENSEMBLE_SPLIT} split of "
+            f"{eval_store})"
+        )
+        echo(
+            f"ensemble {metric} {value:.4f} on the {ENSEMBLE_SPLIT} split of {eval_store} "
+            f"(threshold {_fmt(threshold)})"
+        )
     else:
         value = float(chosen.metrics[metric])
         ci_low = chosen.value(metric + CI_LOW_SUFFIX)
-    no_interval = (f"the ensemble's {ENSEMBLE_SPLIT} figures carry none; drop --min or export "
-                   f"--top-k 1" if ensemble else None)
-    decision = promotion_decision(value, champ_value, metric=metric, mode=mode, ci_low=ci_low,
-                                  minimum=minimum, same_run=same, no_interval=no_interval)
+    no_interval = (
+        f"the ensemble's {ENSEMBLE_SPLIT} figures carry none; drop --min or export --top-k 1"
+        if ensemble
+        else None
+    )
+    decision = promotion_decision(
+        value,
+        champ_value,
+        metric=metric,
+        mode=mode,
+        ci_low=ci_low,
+        minimum=minimum,
+        same_run=same,
+        no_interval=no_interval,
+    )
     if not decision.promote:
         if not force:
-            champ_text = (f"the champion {name}@{alias} is version {previous['version']} "
-                          f"({_what_version(previous)}) with {metric} {_fmt(champ_value)}"
-                          if previous else f"no champion {name}@{alias} yet")
-            raise UserError(f"{name}@{alias}: challenger {label} refused: "
-                            f"{decision.reason}; {champ_text}; nothing written (pass "
-                            f"--force to promote anyway)")
+            champ_text = (
+                f"the champion {name}@{alias} is version {previous['version']} "
+                f"({_what_version(previous)}) with {metric} {_fmt(champ_value)}"
+                if previous
+                else f"no champion {name}@{alias} yet"
+            )
+            raise UserError(
+                f"{name}@{alias}: challenger {label} refused: "
+                f"{decision.reason}; {champ_text}; nothing written (pass "
+                f"--force to promote anyway)"
+            )
         decision = Decision(True, f"forced ({decision.reason})")
 
     sweep_info = _sweep_info(tracker, chosen, sweep_parent)
     if ensemble:
-        member_rows = [{"run_id": c.run_id, "run_name": c.run_name, "value": c.metrics[metric]}
-                       for c in members]
-        card = ensemble_card(members, loaded, metric=metric, mode=mode, what=what, name=name,
-                             alias=alias, sweep=sweep_info, value=value, validation=validation,
-                             threshold=threshold, threshold_source=threshold_source,
-                             store=str(eval_store), tracking_uri=uri)
-        info = {"run_ids": runs, "experiment_id": chosen.experiment_id, "metric": metric,
-                "metric_value": value, "metric_mode": mode, "metric_source":
-                f"the ensemble's fused {ENSEMBLE_SPLIT} figures", "threshold_source":
-                threshold_source, "validation": validation, "validation_store": str(eval_store),
-                "sweep": sweep_info.get("name"), "sweep_run_id": sweep_info.get("run_id"),
-                "registered_model": name}
+        member_rows = [
+            {"run_id": c.run_id, "run_name": c.run_name, "value": c.metrics[metric]}
+            for c in members
+        ]
+        card = ensemble_card(
+            members,
+            loaded,
+            metric=metric,
+            mode=mode,
+            what=what,
+            name=name,
+            alias=alias,
+            sweep=sweep_info,
+            value=value,
+            validation=validation,
+            threshold=threshold,
+            threshold_source=threshold_source,
+            store=str(eval_store),
+            tracking_uri=uri,
+        )
+        info = {
+            "run_ids": runs,
+            "experiment_id": chosen.experiment_id,
+            "metric": metric,
+            "metric_value": value,
+            "metric_mode": mode,
+            "metric_source": f"the ensemble's fused {ENSEMBLE_SPLIT} figures",
+            "threshold_source": threshold_source,
+            "validation": validation,
+            "validation_store": str(eval_store),
+            "sweep": sweep_info.get("name"),
+            "sweep_run_id": sweep_info.get("run_id"),
+            "registered_model": name,
+        }
         member_info = [_provenance(c, metric, mode) for c in members]
-        tags = {VERSION_RUN_TAG: chosen.run_id, MEMBERS_TAG: ",".join(runs),
-                MEMBER_VALUES_TAG: ",".join(repr(float(c.metrics[metric])) for c in members),
-                TOP_K_TAG: str(top_k)}
+        tags = {
+            VERSION_RUN_TAG: chosen.run_id,
+            MEMBERS_TAG: ",".join(runs),
+            MEMBER_VALUES_TAG: ",".join(repr(float(c.metrics[metric])) for c in members),
+            TOP_K_TAG: str(top_k),
+        }
     else:
         single, threshold_source = _load_candidate(tracker, chosen, picked[0][1], store)
         loaded = [single]
         threshold = single.threshold
         member_rows = []
-        card = model_card(chosen, single, metric=metric, mode=mode, what=what, name=name,
-                          alias=alias, sweep=sweep_info, threshold_source=threshold_source,
-                          tracking_uri=uri)
-        info = {**_provenance(chosen, metric, mode), "threshold_source": threshold_source,
-                "sweep": sweep_info.get("name"), "sweep_run_id": sweep_info.get("run_id"),
-                "registered_model": name}
+        card = model_card(
+            chosen,
+            single,
+            metric=metric,
+            mode=mode,
+            what=what,
+            name=name,
+            alias=alias,
+            sweep=sweep_info,
+            threshold_source=threshold_source,
+            tracking_uri=uri,
+        )
+        info = {
+            **_provenance(chosen, metric, mode),
+            "threshold_source": threshold_source,
+            "sweep": sweep_info.get("name"),
+            "sweep_run_id": sweep_info.get("run_id"),
+            "registered_model": name,
+        }
         member_info = []
         tags = {VERSION_RUN_TAG: chosen.run_id}
 
@@ -441,11 +567,19 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
         from vfsearch.adapters.bundle import write_bundle, write_ensemble  # imports torch
 
         if ensemble:
-            return write_ensemble(loaded, folder, threshold=threshold, info=info,
-                                  member_info=member_info, card=card, onnx=onnx,
-                                  torch_export=torch_export)
-        return write_bundle(loaded[0], folder, info=info, card=card, onnx=onnx,
-                            torch_export=torch_export)
+            return write_ensemble(
+                loaded,
+                folder,
+                threshold=threshold,
+                info=info,
+                member_info=member_info,
+                card=card,
+                onnx=onnx,
+                torch_export=torch_export,
+            )
+        return write_bundle(
+            loaded[0], folder, info=info, card=card, onnx=onnx, torch_export=torch_export
+        )
 
     bundle_path = None
     onnx_status = None
@@ -464,28 +598,54 @@ def export(*, sweep: str | None = None, experiment: str | None = None, run: str 
                 src = write(Path(tmp, "bundle"))
                 onnx_status = _onnx_status(src)
             version = registry.log_and_register(
-                src, tracker=tracker, run_id=chosen.run_id,
-                experiment_id=chosen.experiment_id, name=name, tags=tags,
-                spacing=loaded[0].spacing)
+                src,
+                tracker=tracker,
+                run_id=chosen.run_id,
+                experiment_id=chosen.experiment_id,
+                name=name,
+                tags=tags,
+                spacing=loaded[0].spacing,
+            )
         version_id = str(version.version)
         echo(f"registered {name} version {version_id}")
         if ensemble:
-            echo("pictures: not drawn for an ensemble (vfsearch visualize --model BUNDLE "
-                 "draws them)")
+            echo(
+                "pictures: not drawn for an ensemble (vfsearch visualize --model BUNDLE draws them)"
+            )
         else:
-            _log_pictures(tracker, chosen.run_id, loaded[0], store or chosen.tags.get(STORE_TAG),
-                          f"{VISUALISATIONS_DIR}/{name}-v{version_id}", echo)
+            _log_pictures(
+                tracker,
+                chosen.run_id,
+                loaded[0],
+                store or chosen.tags.get(STORE_TAG),
+                f"{VISUALISATIONS_DIR}/{name}-v{version_id}",
+                echo,
+            )
     else:
         version_id = str(existing.version)
     moved = not same or previous is None or previous["version"] != version_id
     if moved:
         registry.set_alias(tracker, name, alias, version_id)
     return ExportSummary(
-        run_id=chosen.run_id, run_name=chosen.run_name, metric=metric, value=value,
-        selected_from=what, model_name=name, alias=alias, version=version_id,
-        new_version=new_version, alias_moved=moved, decision=decision.reason,
-        previous=previous, bundle=str(bundle_path) if bundle_path else None, onnx=onnx_status,
-        threshold=threshold, skipped=skipped, tracking_uri=uri, members=member_rows)
+        run_id=chosen.run_id,
+        run_name=chosen.run_name,
+        metric=metric,
+        value=value,
+        selected_from=what,
+        model_name=name,
+        alias=alias,
+        version=version_id,
+        new_version=new_version,
+        alias_moved=moved,
+        decision=decision.reason,
+        previous=previous,
+        bundle=str(bundle_path) if bundle_path else None,
+        onnx=onnx_status,
+        threshold=threshold,
+        skipped=skipped,
+        tracking_uri=uri,
+        members=member_rows,
+    )
 
 
 def _what_version(previous: Mapping[str, Any]) -> str:
@@ -497,10 +657,16 @@ def _what_version(previous: Mapping[str, Any]) -> str:
 
 def _provenance(c: Candidate, metric: str, mode: str) -> dict[str, Any]:
     """A run's provenance for a bundle's config.json."""
-    return {"run_id": c.run_id, "run_name": c.run_name, "experiment_id": c.experiment_id,
-            "metric": metric, "metric_value": float(c.metrics[metric]), "metric_mode": mode,
-            "dataset_fingerprint": c.tags.get(FINGERPRINT_TAG),
-            "git_commit": c.tags.get(GIT_COMMIT_TAG)}
+    return {
+        "run_id": c.run_id,
+        "run_name": c.run_name,
+        "experiment_id": c.experiment_id,
+        "metric": metric,
+        "metric_value": float(c.metrics[metric]),
+        "metric_mode": mode,
+        "dataset_fingerprint": c.tags.get(FINGERPRINT_TAG),
+        "git_commit": c.tags.get(GIT_COMMIT_TAG),
+    }
 
 
 def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str:
@@ -513,9 +679,11 @@ def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str
     tagged = {c.tags.get(STORE_TAG) for c in members}
     if len(tagged) == 1 and (only := tagged.pop()) and Path(only).exists():
         return only
-    raise UserError(f"--top-k {top_k}: the ensemble is judged on the {ENSEMBLE_SPLIT} split of "
-                    f"its training store; pass --store (its runs name no shared store that "
-                    f"exists here)")
+    raise UserError(
+        f"--top-k {top_k}: the ensemble is judged on the {ENSEMBLE_SPLIT} split of "
+        f"its training store; pass --store (its runs name no shared store that "
+        f"exists here)"
+    )
 
 
 def _check_compatible(loaded: Sequence[Any], top_k: int) -> None:
@@ -523,37 +691,52 @@ def _check_compatible(loaded: Sequence[Any], top_k: int) -> None:
     first = loaded[0]
     for m in loaded[1:]:
         if tuple(m.spacing) != tuple(first.spacing) or m.margin_mm != first.margin_mm:
-            raise UserError(f"--top-k {top_k}: run {m.run_id} was trained on crops of spacing "
-                            f"{tuple(m.spacing)} mm / margin {m.margin_mm} mm, run "
-                            f"{first.run_id} on {tuple(first.spacing)} / {first.margin_mm}; "
-                            f"ensemble members must share them")
+            raise UserError(
+                f"--top-k {top_k}: run {m.run_id} was trained on crops of spacing "
+                f"{tuple(m.spacing)} mm / margin {m.margin_mm} mm, run "
+                f"{first.run_id} on {tuple(first.spacing)} / {first.margin_mm}; "
+                f"ensemble members must share them"
+            )
 
 
-def _judge_ensemble(loaded: list[Any], store: str, metric: str, top_k: int
-                    ) -> tuple[float, float | None, dict[str, float]]:
+def _judge_ensemble(
+    loaded: list[Any], store: str, metric: str, top_k: int
+) -> tuple[float, float | None, dict[str, float]]:
     """The ensemble's own ``metric`` (cross-fitted: honest), the lower bound of its interval
     when one is given, and every fused figure, on the val split of ``store`` (never test)."""
     from vfsearch.pipelines.evaluate import fused_validation_metrics
 
     validation = fused_validation_metrics(loaded, store, split=ENSEMBLE_SPLIT)
     if not validation:
-        raise UserError(f"--store: {store} has no complete {ENSEMBLE_SPLIT} cases to judge the "
-                        f"--top-k {top_k} ensemble on")
+        raise UserError(
+            f"--store: {store} has no complete {ENSEMBLE_SPLIT} cases to judge the "
+            f"--top-k {top_k} ensemble on"
+        )
     value = validation.get(metric)
     if value is None:
         figures = sorted(k for k in validation if not k.endswith(OPTIMISTIC_SUFFIXES))
-        raise UserError(f"--metric: the ensemble's fused {ENSEMBLE_SPLIT} figures have no "
-                        f"{metric!r} (they are: {', '.join(figures[:12])}"
-                        f"{', ...' if len(figures) > 12 else ''})")
+        raise UserError(
+            f"--metric: the ensemble's fused {ENSEMBLE_SPLIT} figures have no "
+            f"{metric!r} (they are: {', '.join(figures[:12])}"
+            f"{', ...' if len(figures) > 12 else ''})"
+        )
     if not math.isfinite(value):
-        raise UserError(f"--top-k {top_k}: the ensemble's {metric} is NaN on the "
-                        f"{ENSEMBLE_SPLIT} split of {store} (no fracture to score?)")
+        raise UserError(
+            f"--top-k {top_k}: the ensemble's {metric} is NaN on the "
+            f"{ENSEMBLE_SPLIT} split of {store} (no fracture to score?)"
+        )
     ci_low = validation.get(metric + CI_LOW_SUFFIX)
     return float(value), (None if ci_low is None else float(ci_low)), dict(validation)
 
 
-def _log_pictures(tracker: Tracker, run_id: str, loaded: Any, store: Any, artifact_path: str,
-                  echo: Callable[[str], Any]) -> None:
+def _log_pictures(
+    tracker: Tracker,
+    run_id: str,
+    loaded: Any,
+    store: Any,
+    artifact_path: str,
+    echo: Callable[[str], Any],
+) -> None:
     """Heatmaps, attention maps and 3D renders of the exported model, on its training run.
 
     Drawn on a validation case of the training store when that store is reachable (``--store``
@@ -577,37 +760,51 @@ def _onnx_status(bundle_dir: Path) -> str:
     return "ok" if o.get("status") == "ok" else f"skipped: {o.get('reason', 'unknown')}"
 
 
-def _candidates(tracker: Tracker, *, sweep: str | None, experiment: str | None, run: str | None,
-                metric: str, mode: str, uri: str) -> tuple[list[Candidate], str, str | None]:
+def _candidates(
+    tracker: Tracker,
+    *,
+    sweep: str | None,
+    experiment: str | None,
+    run: str | None,
+    metric: str,
+    mode: str,
+    uri: str,
+) -> tuple[list[Candidate], str, str | None]:
     """Ranked candidates, a description of where they came from, the sweep's parent run."""
     if run:
         try:
             r = tracker.get_run(run)
         except Exception as exc:  # noqa: BLE001 - MlflowException: RESOURCE_DOES_NOT_EXIST
-            raise UserError(f"--run: no MLflow run {run!r} at {uri} "
-                            f"({str(exc).splitlines()[0][:120]})") from None
+            raise UserError(
+                f"--run: no MLflow run {run!r} at {uri} ({str(exc).splitlines()[0][:120]})"
+            ) from None
         c = Candidate.from_run(r)
         what = f"run {run}"
         if not is_finished(c):
             raise UserError(f"--run: run {run} has not finished (status {c.state})")
         if metric not in c.metrics:
-            raise UserError(f"--metric: run {run} has no metric {metric!r} (it logs: "
-                            f"{', '.join(sorted(c.metrics)[:12]) or 'no metrics'})")
+            raise UserError(
+                f"--metric: run {run} has no metric {metric!r} (it logs: "
+                f"{', '.join(sorted(c.metrics)[:12]) or 'no metrics'})"
+            )
         if not math.isfinite(c.metrics[metric]):
             raise UserError(f"--metric: run {run} has {metric} = NaN")
         return [c], what, None
     if sweep:
         parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep)
         if parent is None:
-            raise UserError(f"--sweep: no sweep named {sweep!r} in MLflow experiment "
-                            f"{SWEEP_EXPERIMENT} at {uri}")
+            raise UserError(
+                f"--sweep: no sweep named {sweep!r} in MLflow experiment "
+                f"{SWEEP_EXPERIMENT} at {uri}"
+            )
         exp_id = tracker.experiment_of(parent)
-        children = [Candidate.from_run(r) for r in
-                    tracker.search_all_runs([exp_id], tracking.sweep_filter(parent))]
+        children = [
+            Candidate.from_run(r)
+            for r in tracker.search_all_runs([exp_id], tracking.sweep_filter(parent))
+        ]
         what = f"sweep {sweep}"
         if not children:
-            raise UserError(f"--sweep: sweep {sweep!r} has no trials yet (parent run "
-                            f"{parent})")
+            raise UserError(f"--sweep: sweep {sweep!r} has no trials yet (parent run {parent})")
         return choose(children, metric, mode, what), what, parent
     exp = tracker.get_experiment_by_name(experiment) if experiment else None
     if exp is None or exp.lifecycle_stage == "deleted":
@@ -629,12 +826,14 @@ def _checkpoint_artifact(tracker: Tracker, run_id: str) -> str | None:
     except Exception:  # noqa: BLE001 - no artifact folder at all
         return None
     names = [a.path for a in items if not a.is_dir]
-    return next((n for n in names if n.endswith(BEST_CHECKPOINT)), None) or \
-        next((n for n in names if n.endswith(CHECKPOINT_SUFFIXES)), None)
+    return next((n for n in names if n.endswith(BEST_CHECKPOINT)), None) or next(
+        (n for n in names if n.endswith(CHECKPOINT_SUFFIXES)), None
+    )
 
 
-def _with_checkpoints(tracker: Tracker, ranked: list[Candidate], what: str, metric: str, k: int
-                      ) -> tuple[list[tuple[Candidate, str]], list[str]]:
+def _with_checkpoints(
+    tracker: Tracker, ranked: list[Candidate], what: str, metric: str, k: int
+) -> tuple[list[tuple[Candidate, str]], list[str]]:
     """The ``k`` best candidates that have a checkpoint artifact (with its name), best first,
     and the better ones passed over for lacking one; `UserError` when fewer than ``k``."""
     picked: list[tuple[Candidate, str]] = []
@@ -646,14 +845,17 @@ def _with_checkpoints(tracker: Tracker, ranked: list[Candidate], what: str, metr
             if len(picked) == k:
                 return picked, skipped
             continue
-        skipped.append(f"run {c.run_id} ({metric} {c.metrics[metric]:.4f}): no checkpoint "
-                       f"artifact")
+        skipped.append(f"run {c.run_id} ({metric} {c.metrics[metric]:.4f}): no checkpoint artifact")
     if not picked:
-        raise UserError(f"{what}: no candidate run has a checkpoint artifact under "
-                        f"checkpoints/ ({len(ranked)} checked)")
-    raise UserError(f"--top-k {k}: {what} has only {len(picked)} candidate run(s) with a "
-                    f"checkpoint ({len(ranked)} finished run(s) report {metric}); pass --top-k "
-                    f"{len(picked)} or less")
+        raise UserError(
+            f"{what}: no candidate run has a checkpoint artifact under "
+            f"checkpoints/ ({len(ranked)} checked)"
+        )
+    raise UserError(
+        f"--top-k {k}: {what} has only {len(picked)} candidate run(s) with a "
+        f"checkpoint ({len(ranked)} finished run(s) report {metric}); pass --top-k "
+        f"{len(picked)} or less"
+    )
 
 
 def _champion_value(tracker: Tracker, version: ModelVersion, metric: str) -> float | None:
@@ -676,8 +878,7 @@ def _champion_value(tracker: Tracker, version: ModelVersion, metric: str) -> flo
     return None
 
 
-def _load_candidate(tracker: Tracker, c: Candidate, ckpt_name: str, store: Any
-                    ) -> tuple[Any, str]:
+def _load_candidate(tracker: Tracker, c: Candidate, ckpt_name: str, store: Any) -> tuple[Any, str]:
     """Download the run's checkpoint and load it (CPU); the threshold's source in words."""
     from vfsearch.pipelines.predict import load_checkpoint
 
@@ -713,10 +914,14 @@ def _sweep_info(tracker: Tracker, c: Candidate, parent: str | None) -> dict[str,
         return {}
     if SWEEP_TAG not in prun.data.tags:
         return {}
-    info: dict[str, Any] = {"name": prun.data.tags[SWEEP_TAG], "run_id": parent,
-                            "trial_id": c.tags.get(TRIAL_TAG), "space_file":
-                            prun.data.tags.get(SPACE_FILE_TAG), "params": dict(prun.data.params),
-                            "best_trial": prun.data.tags.get(BEST_TRIAL_TAG)}
+    info: dict[str, Any] = {
+        "name": prun.data.tags[SWEEP_TAG],
+        "run_id": parent,
+        "trial_id": c.tags.get(TRIAL_TAG),
+        "space_file": prun.data.tags.get(SPACE_FILE_TAG),
+        "params": dict(prun.data.params),
+        "best_trial": prun.data.tags.get(BEST_TRIAL_TAG),
+    }
     try:
         items = tracker.list_artifacts(parent, SEARCH_SPACE_DIR)
         files = [a.path for a in items if not a.is_dir]
@@ -731,12 +936,17 @@ def _sweep_info(tracker: Tracker, c: Candidate, parent: str | None) -> dict[str,
 
 # -- the model card ----------------------------------------------------------------------
 
+
 def _metric_rows(metrics: Mapping[str, float], prefix: str) -> list[str]:
     """Table rows ``| name | value | 95% CI |`` for the ``prefix`` metrics (CI folded in)."""
     rows = []
-    names = sorted(k for k in metrics if k.startswith(prefix) and not
-                   k.endswith((CI_LOW_SUFFIX, CI_HIGH_SUFFIX)) and k not in
-                   (f"{prefix}tp", f"{prefix}fp", f"{prefix}fn"))
+    names = sorted(
+        k
+        for k in metrics
+        if k.startswith(prefix)
+        and not k.endswith((CI_LOW_SUFFIX, CI_HIGH_SUFFIX))
+        and k not in (f"{prefix}tp", f"{prefix}fp", f"{prefix}fn")
+    )
     for k in names:
         lo, hi = metrics.get(k + CI_LOW_SUFFIX), metrics.get(k + CI_HIGH_SUFFIX)
         ci = f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "-"
@@ -744,48 +954,66 @@ def _metric_rows(metrics: Mapping[str, float], prefix: str) -> list[str]:
     return rows
 
 
-def model_card(c: Candidate, loaded: Any, *, metric: str, mode: str, what: str, name: str,
-               alias: str, sweep: Mapping[str, Any], threshold_source: str,
-               tracking_uri: str = "") -> str:
+def model_card(
+    c: Candidate,
+    loaded: Any,
+    *,
+    metric: str,
+    mode: str,
+    what: str,
+    name: str,
+    alias: str,
+    sweep: Mapping[str, Any],
+    threshold_source: str,
+    tracking_uri: str = "",
+) -> str:
     """MODEL_CARD.md text: intended use and limits, model, metrics with intervals, data,
     provenance, search space and hyperparameters."""
     cfg = loaded.config
     m = c.metrics
     value = m[metric]
     lo, hi = m.get(metric + CI_LOW_SUFFIX), m.get(metric + CI_HIGH_SUFFIX)
-    ci = f" (95% bootstrap CI [{lo:.4f}, {hi:.4f}])" if lo is not None and hi is not None \
+    ci = (
+        f" (95% bootstrap CI [{lo:.4f}, {hi:.4f}])"
+        if lo is not None and hi is not None
         else " (no interval logged: run `vfsearch evaluate --split val` for one)"
+    )
     val_rows = _metric_rows(m, "val_")
     test_rows = _metric_rows(m, "test_")
     lines = [
         f"# Vertebral fracture segmenter: run `{c.run_name or c.run_id}`",
         "",
-        (f"Exported by vfsearch {vfsearch.__version__} on "
-         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; registered as `{name}` "
-         f"(alias `{alias}` when promoted). Selected from {what} by `{metric}` ({mode}): "
-         f"**{value:.4f}**{ci}."),
+        (
+            f"Exported by vfsearch {vfsearch.__version__} on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; registered as `{name}` "
+            f"(alias `{alias}` when promoted). Selected from {what} by `{metric}` ({mode}): "
+            f"**{value:.4f}**{ci}."
+        ),
         "",
         *_limits_lines(loaded.threshold, threshold_source),
         "## Model",
         "",
         "| key | value |",
         "| --- | --- |",
-        *[f"| `{k}` | `{v}` |" for k, v in sorted(cfg.flatten().items())
-          if k.startswith("model.")],
+        *[f"| `{k}` | `{v}` |" for k, v in sorted(cfg.flatten().items()) if k.startswith("model.")],
         f"| `data.seq_len` | `{cfg.data.seq_len}` |",
         f"| `data.plane` | `{cfg.data.plane}` |",
         f"| `data.patch_size` | `{cfg.data.patch_size}` |",
         "",
-        ("Files: `weights.pt` (state_dict + config), `model.ts` (TorchScript), `model.onnx` "
-         "and `model.pt2` (torch.export; when requested and exported cleanly: `config.json` "
-         "says why otherwise). Program input: "
-         f"normalised windows (B, {cfg.data.seq_len}, H, W), H and W multiples of "
-         f"{2 ** cfg.model.depth}; output: logits."),
+        (
+            "Files: `weights.pt` (state_dict + config), `model.ts` (TorchScript), `model.onnx` "
+            "and `model.pt2` (torch.export; when requested and exported cleanly: `config.json` "
+            "says why otherwise). Program input: "
+            f"normalised windows (B, {cfg.data.seq_len}, H, W), H and W multiples of "
+            f"{2**cfg.model.depth}; output: logits."
+        ),
         "",
         "## Metrics",
         "",
-        ("Validation (fused 3D at the original resolution unless named otherwise; the sweep "
-         "ranks on these, so they are optimistic):"),
+        (
+            "Validation (fused 3D at the original resolution unless named otherwise; the sweep "
+            "ranks on these, so they are optimistic):"
+        ),
         "",
         "| metric | value | 95% CI |",
         "| --- | --- | --- |",
@@ -793,9 +1021,16 @@ def model_card(c: Candidate, loaded: Any, *, metric: str, mode: str, what: str, 
         "",
         "Test:",
         "",
-        *(["| metric | value | 95% CI |", "| --- | --- | --- |", *test_rows] if test_rows else
-          [(f"Not evaluated on the test split (run `vfsearch evaluate --model {c.run_id} "
-            "--split test`, then export again).")]),
+        *(
+            ["| metric | value | 95% CI |", "| --- | --- | --- |", *test_rows]
+            if test_rows
+            else [
+                (
+                    f"Not evaluated on the test split (run `vfsearch evaluate --model {c.run_id} "
+                    "--split test`, then export again)."
+                )
+            ]
+        ),
         "",
         *_data_lines(c, loaded),
         "## Provenance",
@@ -804,29 +1039,50 @@ def model_card(c: Candidate, loaded: Any, *, metric: str, mode: str, what: str, 
         + (f" at {tracking_uri}" if tracking_uri else ""),
         f"- Sweep: `{sweep['name']}` (parent run `{sweep['run_id']}`, trial "
         f"`{sweep.get('trial_id')}`, sweep's best trial `{sweep.get('best_trial')}`)"
-        if sweep.get("name") else "- Sweep: none (a single training run)",
+        if sweep.get("name")
+        else "- Sweep: none (a single training run)",
         f"- git commit `{c.tags.get(GIT_COMMIT_TAG, 'unknown')}`",
-        (f"- Selection: finished runs (trials stopped early only if they report `{metric}`), "
-         "NaN skipped, ties to the run that finished first."),
+        (
+            f"- Selection: finished runs (trials stopped early only if they report `{metric}`), "
+            "NaN skipped, ties to the run that finished first."
+        ),
         "",
         *_search_space_lines(sweep),
     ]
-    lines += ["## Hyperparameters of this run", "", "| param | value |", "| --- | --- |",
-              *[f"| `{k}` | `{v}` |" for k, v in sorted(c.params.items())], ""]
+    lines += [
+        "## Hyperparameters of this run",
+        "",
+        "| param | value |",
+        "| --- | --- |",
+        *[f"| `{k}` | `{v}` |" for k, v in sorted(c.params.items())],
+        "",
+    ]
     return "\n".join(lines)
 
 
-def ensemble_card(members: Sequence[Candidate], loaded: Sequence[Any], *, metric: str,
-                  mode: str, what: str, name: str, alias: str, sweep: Mapping[str, Any],
-                  value: float, validation: Mapping[str, float], threshold: float | None,
-                  threshold_source: str, store: str, tracking_uri: str = "") -> str:
+def ensemble_card(
+    members: Sequence[Candidate],
+    loaded: Sequence[Any],
+    *,
+    metric: str,
+    mode: str,
+    what: str,
+    name: str,
+    alias: str,
+    sweep: Mapping[str, Any],
+    value: float,
+    validation: Mapping[str, float],
+    threshold: float | None,
+    threshold_source: str,
+    store: str,
+    tracking_uri: str = "",
+) -> str:
     """MODEL_CARD.md text of an ensemble (``export --top-k``): what `model_card` says, with a
     row per member, the ensemble's own validation figures and the hyperparameters side by
     side."""
     k = len(members)
     lo, hi = validation.get(metric + CI_LOW_SUFFIX), validation.get(metric + CI_HIGH_SUFFIX)
-    ci = f" (95% bootstrap CI [{lo:.4f}, {hi:.4f}])" if lo is not None and hi is not None \
-        else ""
+    ci = f" (95% bootstrap CI [{lo:.4f}, {hi:.4f}])" if lo is not None and hi is not None else ""
     params = sorted({p for c in members for p in c.params})
     differ = [p for p in params if len({c.params.get(p) for c in members}) > 1]
     shared = [p for p in params if p not in differ]
@@ -834,67 +1090,95 @@ def ensemble_card(members: Sequence[Candidate], loaded: Sequence[Any], *, metric
     lines = [
         f"# Vertebral fracture segmenter: ensemble of {k} runs",
         "",
-        (f"Exported by vfsearch {vfsearch.__version__} on "
-         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; registered as `{name}` "
-         f"(alias `{alias}` when promoted). The {k} best runs of {what} by `{metric}` "
-         f"({mode}); their probability maps are averaged crop by crop. The ensemble's own "
-         f"fused `{metric}` on the {ENSEMBLE_SPLIT} split of `{store}`: **{value:.4f}**{ci}, "
-         "scored at thresholds cross-fitted on halves of the split (none tuned on the cases "
-         "it scores); that value is what the promotion gate compared. The members were ranked "
-         "on the same split, so it still favours them."),
+        (
+            f"Exported by vfsearch {vfsearch.__version__} on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; registered as `{name}` "
+            f"(alias `{alias}` when promoted). The {k} best runs of {what} by `{metric}` "
+            f"({mode}); their probability maps are averaged crop by crop. The ensemble's own "
+            f"fused `{metric}` on the {ENSEMBLE_SPLIT} split of `{store}`: **{value:.4f}**{ci}, "
+            "scored at thresholds cross-fitted on halves of the split (none tuned on the cases "
+            "it scores); that value is what the promotion gate compared. The members were ranked "
+            "on the same split, so it still favours them."
+        ),
         "",
         *_limits_lines(threshold, threshold_source),
         "## Members",
         "",
         f"| # | run | name | plane | temporal | seq_len | `{metric}` | own threshold |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *[f"| {i} | `{c.run_id}` | `{c.run_name}` | `{lm.plane}` | "
-          f"`{lm.config.model.temporal}` | {lm.seq_len} | {c.metrics[metric]:.4f} | "
-          f"{_fmt(lm.threshold)} |" for i, (c, lm) in enumerate(zip(members, loaded))],
+        *[
+            f"| {i} | `{c.run_id}` | `{c.run_name}` | `{lm.plane}` | "
+            f"`{lm.config.model.temporal}` | {lm.seq_len} | {c.metrics[metric]:.4f} | "
+            f"{_fmt(lm.threshold)} |"
+            for i, (c, lm) in enumerate(zip(members, loaded, strict=False))
+        ],
         "",
-        ("Files: `members/<i>/` is a complete single-model bundle of member i (`weights.pt`, "
-         "`model.ts`, `model.onnx` when it exports cleanly, its own `config.json` and "
-         "threshold); `config.json` at the top lists them with the ensemble's threshold. A "
-         "consumer without vfsearch runs each member's program over the slices along its "
-         "plane and averages the sigmoids."),
+        (
+            "Files: `members/<i>/` is a complete single-model bundle of member i (`weights.pt`, "
+            "`model.ts`, `model.onnx` when it exports cleanly, its own `config.json` and "
+            "threshold); `config.json` at the top lists them with the ensemble's threshold. A "
+            "consumer without vfsearch runs each member's program over the slices along its "
+            "plane and averages the sigmoids."
+        ),
         "",
         "## Metrics",
         "",
-        (f"The ensemble, fused 3D on {ENSEMBLE_SPLIT} at the original resolution (cross-fitted "
-         f"thresholds; `{ENSEMBLE_SPLIT}_dice3d_tuned` is at the deployment threshold "
-         "chosen on the same cases, optimistic, for reference):"),
+        (
+            f"The ensemble, fused 3D on {ENSEMBLE_SPLIT} at the original resolution (cross-fitted "
+            f"thresholds; `{ENSEMBLE_SPLIT}_dice3d_tuned` is at the deployment threshold "
+            "chosen on the same cases, optimistic, for reference):"
+        ),
         "",
         "| metric | value | 95% CI |",
         "| --- | --- | --- |",
         *(_metric_rows(validation, f"{ENSEMBLE_SPLIT}_") or ["| - | - | - |"]),
         "",
-        ("Test: not evaluated (export never reads the test split; run `vfsearch evaluate "
-         "--model BUNDLE --split test`)."),
+        (
+            "Test: not evaluated (export never reads the test split; run `vfsearch evaluate "
+            "--model BUNDLE --split test`)."
+        ),
         "",
         *_data_lines(members[0], loaded[0]),
         "## Provenance",
         "",
-        *[f"- member {i}: MLflow run `{c.run_id}` (name `{c.run_name}`, experiment "
-          f"{c.experiment_id}, git commit `{c.tags.get(GIT_COMMIT_TAG, 'unknown')}`)"
-          for i, c in enumerate(members)],
+        *[
+            f"- member {i}: MLflow run `{c.run_id}` (name `{c.run_name}`, experiment "
+            f"{c.experiment_id}, git commit `{c.tags.get(GIT_COMMIT_TAG, 'unknown')}`)"
+            for i, c in enumerate(members)
+        ],
         f"- MLflow server: {tracking_uri}" if tracking_uri else "- MLflow server: unknown",
         f"- Sweep: `{sweep['name']}` (parent run `{sweep['run_id']}`, sweep's best trial "
-        f"`{sweep.get('best_trial')}`)" if sweep.get("name") else "- Sweep: none",
-        (f"- Selection: finished runs (trials stopped early only if they report `{metric}`), "
-         "NaN skipped, ties to the run that finished first, runs without a checkpoint passed "
-         "over."),
+        f"`{sweep.get('best_trial')}`)"
+        if sweep.get("name")
+        else "- Sweep: none",
+        (
+            f"- Selection: finished runs (trials stopped early only if they report `{metric}`), "
+            "NaN skipped, ties to the run that finished first, runs without a checkpoint passed "
+            "over."
+        ),
         "",
         *_search_space_lines(sweep),
         "## Hyperparameters of the members",
         "",
     ]
     if differ:
-        lines += [f"| param | {head} |", "| --- |" + " --- |" * k,
-                  *[f"| `{p}` | " + " | ".join(f"`{c.params.get(p, '-')}`" for c in members)
-                    + " |" for p in differ], ""]
-    lines += ["Shared by every member:" if differ else "Identical for every member:", "",
-              "| param | value |", "| --- | --- |",
-              *[f"| `{p}` | `{members[0].params[p]}` |" for p in shared], ""]
+        lines += [
+            f"| param | {head} |",
+            "| --- |" + " --- |" * k,
+            *[
+                f"| `{p}` | " + " | ".join(f"`{c.params.get(p, '-')}`" for c in members) + " |"
+                for p in differ
+            ],
+            "",
+        ]
+    lines += [
+        "Shared by every member:" if differ else "Identical for every member:",
+        "",
+        "| param | value |",
+        "| --- | --- |",
+        *[f"| `{p}` | `{members[0].params[p]}` |" for p in shared],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -902,17 +1186,25 @@ def _limits_lines(threshold: float | None, threshold_source: str) -> list[str]:
     return [
         "## Intended use and limits",
         "",
-        ("- **Research use only.** Not a medical device, not validated for diagnosis, triage or "
-         "any clinical decision; a clinician must not rely on its output."),
-        ("- Models trained on the synthetic phantoms of `vfsearch synth` (or on fractures "
-         "simulated on real scans) demonstrate the pipeline: their figures say nothing about "
-         "real patients, and such models are not clinical tools."),
-        ("- Input: a thoracolumbar CT in HU with a vertebra label map (VerSe or "
-         "TotalSegmentator ids, T4-L5). Output: a fracture probability map on the CT's grid "
-         f"(threshold {_fmt(threshold)}, source: {threshold_source})."),
-        ("- Behaviour outside the training distribution (other scanners, kernels, contrast "
-         "phases, implants, children, non-osteoporotic fractures, missing or wrong vertebra "
-         "labels) is unknown. Recalibrate the threshold for a new population."),
+        (
+            "- **Research use only.** Not a medical device, not validated for diagnosis, triage or "
+            "any clinical decision; a clinician must not rely on its output."
+        ),
+        (
+            "- Models trained on the synthetic phantoms of `vfsearch synth` (or on fractures "
+            "simulated on real scans) demonstrate the pipeline: their figures say nothing about "
+            "real patients, and such models are not clinical tools."
+        ),
+        (
+            "- Input: a thoracolumbar CT in HU with a vertebra label map (VerSe or "
+            "TotalSegmentator ids, T4-L5). Output: a fracture probability map on the CT's grid "
+            f"(threshold {_fmt(threshold)}, source: {threshold_source})."
+        ),
+        (
+            "- Behaviour outside the training distribution (other scanners, kernels, contrast "
+            "phases, implants, children, non-osteoporotic fractures, missing or wrong vertebra "
+            "labels) is unknown. Recalibrate the threshold for a new population."
+        ),
         "",
     ]
 
@@ -922,12 +1214,17 @@ def _data_lines(c: Candidate, loaded: Any) -> list[str]:
     return [
         "## Data",
         "",
-        (f"- Dataset fingerprint: `{c.tags.get(FINGERPRINT_TAG, 'unknown')}` "
-         f"(store `{c.tags.get(STORE_TAG, 'unknown')}`)"),
-        (f"- Preprocessing: resampled to spacing {tuple(loaded.spacing)} mm (x, y, z), crops of "
-         f"each vertebra with a {loaded.margin_mm:g} mm margin"),
+        (
+            f"- Dataset fingerprint: `{c.tags.get(FINGERPRINT_TAG, 'unknown')}` "
+            f"(store `{c.tags.get(STORE_TAG, 'unknown')}`)"
+        ),
+        (
+            f"- Preprocessing: resampled to spacing {tuple(loaded.spacing)} mm (x, y, z), crops of "
+            f"each vertebra with a {loaded.margin_mm:g} mm margin"
+        ),
         "- Normalisation (HU): clip to [{p0_5}, {p99_5}], minus {mean}, over {std}".format(
-            **{k: _fmt(fp.get(k)) for k in ("p0_5", "p99_5", "mean", "std")}),
+            **{k: _fmt(fp.get(k)) for k in ("p0_5", "p99_5", "mean", "std")}
+        ),
         "",
     ]
 
@@ -935,10 +1232,26 @@ def _data_lines(c: Candidate, loaded: Any) -> list[str]:
 def _search_space_lines(sweep: Mapping[str, Any]) -> list[str]:
     lines = ["## Search space", ""]
     if sweep.get("space_text"):
-        return lines + [f"`{sweep.get('space_file')}`:", "", "```yaml",
-                        sweep["space_text"].rstrip(), "```", ""]
+        return lines + [
+            f"`{sweep.get('space_file')}`:",
+            "",
+            "```yaml",
+            sweep["space_text"].rstrip(),
+            "```",
+            "",
+        ]
     return lines + ["Not from a sweep, or the sweep logged no search space.", ""]
 
 
-__all__ = ["Candidate", "Decision", "ExportSummary", "choose", "ensemble_card", "export",
-           "is_finished", "model_card", "promotion_decision", "rank"]
+__all__ = [
+    "Candidate",
+    "Decision",
+    "ExportSummary",
+    "choose",
+    "ensemble_card",
+    "export",
+    "is_finished",
+    "model_card",
+    "promotion_decision",
+    "rank",
+]

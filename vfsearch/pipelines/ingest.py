@@ -69,6 +69,7 @@ removed again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -94,8 +95,15 @@ from vfsearch.core.labels import name as vertebra_name
 
 SPLITS = ("train", "val", "test")
 FORMAT = 1
-_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                "validation": "val", "test": "test", "testing": "test"}
+_SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BOX_COLUMNS = ("vertebra", "x0", "y0", "z0", "x1", "y1", "z1")
 
@@ -133,6 +141,7 @@ class Params:
 # Sources
 # ---------------------------------------------------------------------------------------
 
+
 def discover(source: str | os.PathLike) -> tuple[str, list[CaseSpec]]:
     """The kind of ``source`` (``manifest``, ``synth`` or ``verse``) and its cases."""
     src = Path(source).expanduser()
@@ -149,8 +158,9 @@ def discover(source: str | os.PathLike) -> tuple[str, list[CaseSpec]]:
     raise UserError(f"{src}: folder holds neither manifest.csv nor a VerSe rawdata/ tree")
 
 
-def manifest_rows(path: Path, required: tuple[str, ...] = ("case_id", "ct", "vertebrae")
-                  ) -> Iterator[tuple[int, str, Callable[[str], str]]]:
+def manifest_rows(
+    path: Path, required: tuple[str, ...] = ("case_id", "ct", "vertebrae")
+) -> Iterator[tuple[int, str, Callable[[str], str]]]:
     """Rows of a manifest CSV as ``(line, case_id, cell)``: ``line`` is the file's line number,
     ``cell(column)`` is the stripped value ("" when absent). Unreadable or empty files, missing
     ``required`` columns and malformed case ids raise `UserError`."""
@@ -165,10 +175,13 @@ def manifest_rows(path: Path, required: tuple[str, ...] = ("case_id", "ct", "ver
     header = [c.strip().lower() for c in rows[0]]
     missing = [c for c in required if c not in header]
     if missing:
-        raise UserError(f"{path}: manifest lacks column(s) {', '.join(missing)} "
-                        f"(has {', '.join(header) or 'none'})")
+        raise UserError(
+            f"{path}: manifest lacks column(s) {', '.join(missing)} "
+            f"(has {', '.join(header) or 'none'})"
+        )
     col = {name: header.index(name) for name in header}
     for line, row in enumerate(rows[1:], start=2):
+
         def cell(name: str, row: list[str] = row) -> str:
             i = col.get(name)
             return row[i].strip() if i is not None and i < len(row) else ""
@@ -176,8 +189,10 @@ def manifest_rows(path: Path, required: tuple[str, ...] = ("case_id", "ct", "ver
         where = f"{path} line {line}"
         cid = cell("case_id")
         if not _CASE_ID.match(cid):
-            raise UserError(f"{where}: case_id {cid!r} must start with a letter or digit and "
-                            f"hold only letters, digits, '.', '_' and '-'")
+            raise UserError(
+                f"{where}: case_id {cid!r} must start with a letter or digit and "
+                f"hold only letters, digits, '.', '_' and '-'"
+            )
         yield line, cid, cell
 
 
@@ -204,14 +219,23 @@ def read_manifest(path: Path) -> list[CaseSpec]:
         if split is not None:
             first, first_line = declared.setdefault(subject, (split, line))
             if first != split:
-                raise UserError(f"{path}: subject {subject!r} is declared in two splits "
-                                f"({first} on line {first_line}, {split} on line {line}); "
-                                f"a subject's cases must share one split")
-        specs.append(CaseSpec(
-            case_id=cid, ct=_resolve(base, cell("ct")), vertebrae=_resolve(base, cell("vertebrae")),
-            fracture=_resolve(base, cell("fracture")) if cell("fracture") else None,
-            split=split, grades=_parse_grades(cell("grades"), where), origin=where,
-            subject=subject))
+                raise UserError(
+                    f"{path}: subject {subject!r} is declared in two splits "
+                    f"({first} on line {first_line}, {split} on line {line}); "
+                    f"a subject's cases must share one split"
+                )
+        specs.append(
+            CaseSpec(
+                case_id=cid,
+                ct=_resolve(base, cell("ct")),
+                vertebrae=_resolve(base, cell("vertebrae")),
+                fracture=_resolve(base, cell("fracture")) if cell("fracture") else None,
+                split=split,
+                grades=_parse_grades(cell("grades"), where),
+                origin=where,
+                subject=subject,
+            )
+        )
     if not specs:
         raise UserError(f"{path}: manifest has no cases")
     return specs
@@ -231,16 +255,18 @@ def _parse_grades(text: str, where: str) -> dict[int, int]:
                 raise ValueError
             out[verse_id(key)] = int(value)
         except (ValueError, UserError):
-            raise UserError(f"{where}: grades item {item!r} must read vertebra:grade "
-                            f"(e.g. 11:0;L1:2)") from None
+            raise UserError(
+                f"{where}: grades item {item!r} must read vertebra:grade (e.g. 11:0;L1:2)"
+            ) from None
     return out
 
 
 def read_verse_tree(root: Path) -> list[CaseSpec]:
     """Cases of a VerSe-style tree (rawdata CTs, derivatives vertebra masks)."""
     raw = root / "rawdata"
-    cts = sorted({p for pattern in ("sub-*/**/*_ct.nii.gz", "sub-*/**/*_ct.nii")
-                  for p in raw.glob(pattern)})
+    cts = sorted(
+        {p for pattern in ("sub-*/**/*_ct.nii.gz", "sub-*/**/*_ct.nii") for p in raw.glob(pattern)}
+    )
     if not cts:
         raise UserError(f"{raw}: no sub-*/..._ct.nii.gz files")
     specs: dict[str, CaseSpec] = {}
@@ -255,17 +281,25 @@ def read_verse_tree(root: Path) -> list[CaseSpec]:
         if stem in specs:
             raise UserError(f"{ct}: duplicate case {stem!r} (also {specs[stem].ct})")
         if not _CASE_ID.match(stem):
-            raise UserError(f"{ct}: case id {stem!r} has characters other than letters, "
-                            f"digits, '.', '_' and '-'")
-        specs[stem] = CaseSpec(stem, str(ct), str(masks[0]),
-                               str(fractures[0]) if fractures else None, origin=str(ct),
-                               subject=sub)
+            raise UserError(
+                f"{ct}: case id {stem!r} has characters other than letters, "
+                f"digits, '.', '_' and '-'"
+            )
+        specs[stem] = CaseSpec(
+            stem,
+            str(ct),
+            str(masks[0]),
+            str(fractures[0]) if fractures else None,
+            origin=str(ct),
+            subject=sub,
+        )
     return list(specs.values())
 
 
 # ---------------------------------------------------------------------------------------
 # One case: read and validate, reorient, resample, crop
 # ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class PreparedCase:
@@ -306,8 +340,10 @@ def _read_boxes(path: str, ct_shape_zyx: tuple[int, int, int], scheme: str) -> d
             except UserError:
                 raise UserError(f"{path} line {line}: unknown vertebra {text!r}") from None
         if not (0 <= x0 < x1 <= nx and 0 <= y0 < y1 <= ny and 0 <= z0 < z1 <= nz):
-            raise UserError(f"{path} line {line}: box x{x0}:{x1} y{y0}:{y1} z{z0}:{z1} is empty "
-                            f"or outside the CT (size {nx}x{ny}x{nz})")
+            raise UserError(
+                f"{path} line {line}: box x{x0}:{x1} y{y0}:{y1} z{z0}:{z1} is empty "
+                f"or outside the CT (size {nx}x{ny}x{nz})"
+            )
         if vid not in TARGET_IDS:
             continue
         if vid in boxes:
@@ -325,8 +361,9 @@ def read_ct(path: str) -> Volume:
     return ct
 
 
-def read_vertebrae(path: str, ct: Volume, ct_path: str, label_scheme: str
-                   ) -> tuple[Volume | None, dict[int, Box] | None]:
+def read_vertebrae(
+    path: str, ct: Volume, ct_path: str, label_scheme: str
+) -> tuple[Volume | None, dict[int, Box] | None]:
     """A case's vertebrae: its label map (ids as stored, grid checked against ``ct``'s, read
     from ``ct_path``) and None, or, for a bounding-box CSV, None and the boxes (VerSe id ->
     box in the CT's stored index grid)."""
@@ -335,8 +372,15 @@ def read_vertebrae(path: str, ct: Volume, ct_path: str, label_scheme: str
             raise UserError(f"{path}: bounding-box CSV not found")
         return None, _read_boxes(path, ct.shape, label_scheme)
     lab = io.read_volume(path, what="vertebra label map")
-    crops.check_same_grid(ct.shape, ct.geometry, lab.shape, lab.geometry, ct_source=ct_path,
-                          source=path, what="label map")
+    crops.check_same_grid(
+        ct.shape,
+        ct.geometry,
+        lab.shape,
+        lab.geometry,
+        ct_source=ct_path,
+        source=path,
+        what="label map",
+    )
     return lab, None
 
 
@@ -362,32 +406,52 @@ def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
     frac_c = None
     if spec.fracture:
         frac = io.read_volume(spec.fracture, what="fracture mask")
-        crops.check_same_grid(ct.shape, ct.geometry, frac.shape, frac.geometry,
-                              ct_source=spec.ct, source=spec.fracture, what="fracture mask")
+        crops.check_same_grid(
+            ct.shape,
+            ct.geometry,
+            frac.shape,
+            frac.geometry,
+            ct_source=spec.ct,
+            source=spec.fracture,
+            what="fracture mask",
+        )
         frac.array = crops.fracture_values(frac.array, spec.fracture)
         frac_c = canon.onto(frac.array, frac.geometry, io)
         del frac
     ct_shape, ct_geometry = ct.shape, ct.geometry
     del ct
 
-    region = crops.resample_region(ct_c, canon, vertebrae, spacing=params.spacing,
-                                   margin_mm=params.margin_mm, resampler=io)
+    region = crops.resample_region(
+        ct_c, canon, vertebrae, spacing=params.spacing, margin_mm=params.margin_mm, resampler=io
+    )
     del ct_c
-    case = crops.cut_vertebrae(region, canon, vertebrae, frac_c, ct_geometry=ct_geometry,
-                               ct_shape=ct_shape, margin_mm=params.margin_mm,
-                               grades=spec.grades, resampler=io, source=spec.vertebrae)
+    case = crops.cut_vertebrae(
+        region,
+        canon,
+        vertebrae,
+        frac_c,
+        ct_geometry=ct_geometry,
+        ct_shape=ct_shape,
+        margin_mm=params.margin_mm,
+        grades=spec.grades,
+        resampler=io,
+        source=spec.vertebrae,
+    )
     hist = np.zeros_like(hu_histogram(np.zeros(0)))
     for crop in case.crops:
         hist += hu_histogram(crop.arrays["image"][crop.arrays["mask"] > 0])
     attrs = {
         "case_id": spec.case_id,
         "subject": spec.subject,
-        "source": {"ct": str(Path(spec.ct).resolve()),
-                   "vertebrae": str(Path(spec.vertebrae).resolve()),
-                   "fracture": str(Path(spec.fracture).resolve()) if spec.fracture else None},
+        "source": {
+            "ct": str(Path(spec.ct).resolve()),
+            "vertebrae": str(Path(spec.vertebrae).resolve()),
+            "fracture": str(Path(spec.fracture).resolve()) if spec.fracture else None,
+        },
         "label_scheme": params.label_scheme,
         **case.attrs(),
-        "chunk_plane": params.chunk_plane, "chunk_axis": PLANE_AXIS[params.chunk_plane],
+        "chunk_plane": params.chunk_plane,
+        "chunk_axis": PLANE_AXIS[params.chunk_plane],
         "chunk_slices": CHUNK_SLICES,
         "grades": {str(k): v for k, v in spec.grades.items()},
     }
@@ -398,17 +462,23 @@ def write_case(store, prepared: PreparedCase, split: str, chunk_axis: int) -> No
     """Write one prepared case; ``complete`` flips to true only with the last write."""
     store.begin_case(prepared.case_id, {**prepared.attrs, "split": split})
     for crop in prepared.crops:
-        store.write_vertebra(prepared.case_id, crop.vid, crop.arrays, crop.attrs,
-                             chunk_axis=chunk_axis)
-    store.finish_case(prepared.case_id, prepared.hist, {
-        "vertebrae": [c.vid for c in prepared.crops],
-        "names": [vertebra_name(c.vid) for c in prepared.crops],
-        "fractured": [c.vid for c in prepared.crops if c.attrs["fractured"]],
-    })
+        store.write_vertebra(
+            prepared.case_id, crop.vid, crop.arrays, crop.attrs, chunk_axis=chunk_axis
+        )
+    store.finish_case(
+        prepared.case_id,
+        prepared.hist,
+        {
+            "vertebrae": [c.vid for c in prepared.crops],
+            "names": [vertebra_name(c.vid) for c in prepared.crops],
+            "fractured": [c.vid for c in prepared.crops if c.attrs["fractured"]],
+        },
+    )
 
 
-def _run_case(spec: CaseSpec, params: Params, store_path: str, split: str,
-              threads: int = 0) -> dict[str, Any]:
+def _run_case(
+    spec: CaseSpec, params: Params, store_path: str, split: str, threads: int = 0
+) -> dict[str, Any]:
     """Worker entry point (top level so that spawned processes can import it)."""
     from vfsearch.adapters.store import PLANE_AXIS, Store
 
@@ -430,9 +500,15 @@ def _run_case(spec: CaseSpec, params: Params, store_path: str, split: str,
 # Splits, store identity, fingerprint
 # ---------------------------------------------------------------------------------------
 
-def assign_splits(case_ids: list[str], fixed: dict[str, str], previous: dict[str, str],
-                  fractions: tuple[float, float, float], seed: int,
-                  subjects: dict[str, str] | None = None) -> dict[str, str]:
+
+def assign_splits(
+    case_ids: list[str],
+    fixed: dict[str, str],
+    previous: dict[str, str],
+    fractions: tuple[float, float, float],
+    seed: int,
+    subjects: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Subject-level split: fixed (manifest) wins, then the previous run's, then seeded draws.
 
     ``subjects`` maps a case to its subject (default: the case itself); every case of a
@@ -454,9 +530,9 @@ def assign_splits(case_ids: list[str], fixed: dict[str, str], previous: dict[str
 
     n = len(groups)
     out = {g: held(cases, fixed) or held(cases, previous) for g, cases in groups.items()}
-    target = {s: int(round(n * f)) for s, f in zip(SPLITS, fractions)}
+    target = {s: int(round(n * f)) for s, f in zip(SPLITS, fractions, strict=False)}
     if n >= 3:
-        for s, f in zip(SPLITS[1:], fractions[1:]):
+        for s, f in zip(SPLITS[1:], fractions[1:], strict=False):
             if f > 0:
                 target[s] = max(1, target[s])
     target["train"] = max(0, n - target["val"] - target["test"])
@@ -472,9 +548,15 @@ def assign_splits(case_ids: list[str], fixed: dict[str, str], previous: dict[str
 
 
 def dataset_id(kind: str, source: Path, params: Params) -> str:
-    payload = {"format": FORMAT, "kind": kind, "source": str(Path(source).expanduser().resolve()),
-               "spacing": [float(s) for s in params.spacing], "margin_mm": float(params.margin_mm),
-               "label_scheme": params.label_scheme, "chunk_plane": params.chunk_plane}
+    payload = {
+        "format": FORMAT,
+        "kind": kind,
+        "source": str(Path(source).expanduser().resolve()),
+        "spacing": [float(s) for s in params.spacing],
+        "margin_mm": float(params.margin_mm),
+        "label_scheme": params.label_scheme,
+        "chunk_plane": params.chunk_plane,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -498,11 +580,15 @@ def _open_store(out: Path, meta: dict[str, Any]):
     except Exception as exc:  # noqa: BLE001 - any zarr failure means "not our store"
         raise UserError(f"{out}: cannot open as a Zarr group ({type(exc).__name__})") from None
     if old.get("dataset_id") not in (None, meta["dataset_id"]):
-        diff = [k for k in ("source", "kind", "spacing", "margin_mm", "label_scheme",
-                            "chunk_plane") if old.get(k) != meta.get(k)]
+        diff = [
+            k
+            for k in ("source", "kind", "spacing", "margin_mm", "label_scheme", "chunk_plane")
+            if old.get(k) != meta.get(k)
+        ]
         detail = "; ".join(f"{k} {old.get(k)!r} here" for k in diff) or "other settings"
-        raise UserError(f"{out}: store belongs to another dataset ({detail}); "
-                        f"use another --out or delete it")
+        raise UserError(
+            f"{out}: store belongs to another dataset ({detail}); use another --out or delete it"
+        )
     if not old and has_cases:
         raise UserError(f"{out}: exists and is not a vfsearch store (no vfsearch attributes)")
     store.set_meta(**meta)
@@ -526,8 +612,11 @@ def _fingerprint(store) -> dict[str, Any]:
     fp: dict[str, Any] = fingerprint_from_hist(hist) if hist is not None else {}
     if spacings:
         sp = np.asarray(spacings, dtype=np.float64)
-        fp.update(spacing_median=np.median(sp, axis=0).tolist(),
-                  spacing_min=sp.min(axis=0).tolist(), spacing_max=sp.max(axis=0).tolist())
+        fp.update(
+            spacing_median=np.median(sp, axis=0).tolist(),
+            spacing_min=sp.min(axis=0).tolist(),
+            spacing_max=sp.max(axis=0).tolist(),
+        )
     fp.update(cases=len(ids), from_split=from_split)
     return fp
 
@@ -536,10 +625,19 @@ def _fingerprint(store) -> dict[str, Any]:
 # Entry point
 # ---------------------------------------------------------------------------------------
 
-def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
-           spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0), margin_mm: float = 8.0,
-           label_scheme: str = "verse", split: tuple[float, float, float] = (0.7, 0.15, 0.15),
-           seed: int = 0, workers: int = 1, chunk_plane: str = "sagittal") -> str:
+
+def ingest(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+    margin_mm: float = 8.0,
+    label_scheme: str = "verse",
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    workers: int = 1,
+    chunk_plane: str = "sagittal",
+) -> str:
     """Ingest ``source`` into the Zarr store ``out``; returns a one-line summary.
 
     ``spacing`` (x, y, z) mm of the stored crops; ``margin_mm`` around each vertebra's label
@@ -549,11 +647,13 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
     from vfsearch.adapters.store import PLANE_AXIS
 
     if label_scheme not in SCHEMES:
-        raise UserError(f"--label-scheme: must be one of {', '.join(SCHEMES)}, "
-                        f"got {label_scheme!r}")
+        raise UserError(
+            f"--label-scheme: must be one of {', '.join(SCHEMES)}, got {label_scheme!r}"
+        )
     if chunk_plane not in PLANE_AXIS:
-        raise UserError(f"--chunk-plane: must be one of {', '.join(PLANE_AXIS)}, "
-                        f"got {chunk_plane!r}")
+        raise UserError(
+            f"--chunk-plane: must be one of {', '.join(PLANE_AXIS)}, got {chunk_plane!r}"
+        )
     spacing = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))
     if len(spacing) != 3 or min(spacing) <= 0:
         raise UserError(f"--spacing: expected three positive numbers, got {spacing}")
@@ -567,18 +667,29 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
     src = Path(source).expanduser()
     kind, specs = discover(src)
     for spec in specs:  # fail fast, before anything is written
-        for path, what in ((spec.ct, "CT"), (spec.vertebrae, "vertebra labels"),
-                           (spec.fracture, "fracture mask")):
+        for path, what in (
+            (spec.ct, "CT"),
+            (spec.vertebrae, "vertebra labels"),
+            (spec.fracture, "fracture mask"),
+        ):
             if path is not None and not Path(path).exists():
-                raise UserError(f"{path}: {what} of case {spec.case_id!r} not found "
-                                f"({spec.origin})")
+                raise UserError(
+                    f"{path}: {what} of case {spec.case_id!r} not found ({spec.origin})"
+                )
 
     out_path = Path(out).expanduser()
     did = dataset_id(kind, src, params)
-    meta = {"format": FORMAT, "dataset_id": did, "kind": kind,
-            "source": str(src.resolve()), "spacing": list(spacing), "margin_mm": margin_mm,
-            "label_scheme": label_scheme, "chunk_plane": chunk_plane,
-            "chunk_axis": PLANE_AXIS[chunk_plane]}
+    meta = {
+        "format": FORMAT,
+        "dataset_id": did,
+        "kind": kind,
+        "source": str(src.resolve()),
+        "spacing": list(spacing),
+        "margin_mm": margin_mm,
+        "label_scheme": label_scheme,
+        "chunk_plane": chunk_plane,
+        "chunk_axis": PLANE_AXIS[chunk_plane],
+    }
     store, created, empty_dir = _open_store(out_path, meta)
     try:
         complete = set(store.case_ids())
@@ -592,10 +703,10 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
         subjects.update({s.case_id: s.subject for s in specs})  # the source's word wins
         all_ids = sorted(set(previous) | {s.case_id for s in specs})
         subjects = {cid: subjects.get(cid, cid) for cid in all_ids}
-        plan = assign_splits(all_ids, {s.case_id: s.split for s in specs if s.split},
-                             previous, split, seed, subjects)
-        store.set_meta(splits=plan, subjects=subjects, split_fractions=list(split),
-                       split_seed=seed)
+        plan = assign_splits(
+            all_ids, {s.case_id: s.split for s in specs if s.split}, previous, split, seed, subjects
+        )
+        store.set_meta(splits=plan, subjects=subjects, split_fractions=list(split), split_seed=seed)
         for cid in complete:  # a manifest split or subject overrides the stored one
             attrs = store.case_attrs(cid)
             for key, value in (("split", plan[cid]), ("subject", subjects[cid])):
@@ -611,16 +722,16 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *,
     _finish_meta(store)
     counts = {s: len(store.case_ids(s)) for s in SPLITS}
     n_vert = len(store.items())
-    return (f"{out_path}: {len(done)} case(s) ingested, {len(specs) - len(todo)} already "
-            f"complete; {sum(counts.values())} cases ({counts['train']} train, {counts['val']} "
-            f"val, {counts['test']} test), {n_vert} vertebrae")
+    return (
+        f"{out_path}: {len(done)} case(s) ingested, {len(specs) - len(todo)} already "
+        f"complete; {sum(counts.values())} cases ({counts['train']} train, {counts['val']} "
+        f"val, {counts['test']} test), {n_vert} vertebrae"
+    )
 
 
 def _finish_meta(store) -> None:
-    try:
+    with contextlib.suppress(Exception):  # never mask the error that got us here
         store.set_meta(fingerprint=_fingerprint(store))
-    except Exception:  # noqa: BLE001 - never mask the error that got us here
-        pass
 
 
 def _remove_store(path: Path, keep_dir: bool) -> None:
@@ -629,8 +740,9 @@ def _remove_store(path: Path, keep_dir: bool) -> None:
         path.mkdir(exist_ok=True)
 
 
-def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[str, str],
-             workers: int) -> list[str]:
+def _run_all(
+    todo: list[CaseSpec], params: Params, store_path: str, plan: dict[str, str], workers: int
+) -> list[str]:
     done: list[str] = []
     bar = progress.bar(desc="ingest", unit="case", total=len(todo))
 
@@ -651,8 +763,10 @@ def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[s
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_case, s, params, store_path, plan[s.case_id], threads):
-                       s.case_id for s in todo}
+            futures = {
+                pool.submit(_run_case, s, params, store_path, plan[s.case_id], threads): s.case_id
+                for s in todo
+            }
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -669,6 +783,20 @@ def _run_all(todo: list[CaseSpec], params: Params, store_path: str, plan: dict[s
         bar.close()
 
 
-__all__ = ["ingest", "discover", "read_manifest", "read_verse_tree", "prepare_case", "read_ct",
-           "read_vertebrae", "write_case", "assign_splits", "dataset_id", "CaseSpec", "Params",
-           "PreparedCase", "Crop", "SPLITS"]
+__all__ = [
+    "ingest",
+    "discover",
+    "read_manifest",
+    "read_verse_tree",
+    "prepare_case",
+    "read_ct",
+    "read_vertebrae",
+    "write_case",
+    "assign_splits",
+    "dataset_id",
+    "CaseSpec",
+    "Params",
+    "PreparedCase",
+    "Crop",
+    "SPLITS",
+]

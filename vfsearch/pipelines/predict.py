@@ -72,9 +72,13 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 # -- loading ------------------------------------------------------------------------------------
-def load_model(ref: ModelRef, *, device: str | torch.device | None = None,
-               store: str | os.PathLike | Store | None = None,
-               workdir: str | os.PathLike = "mlruns") -> list[LoadedModel]:
+def load_model(
+    ref: ModelRef,
+    *,
+    device: str | torch.device | None = None,
+    store: str | os.PathLike | Store | None = None,
+    workdir: str | os.PathLike = "mlruns",
+) -> list[LoadedModel]:
     """Resolve a model reference (or several, one per plane) into `LoadedModel` objects.
 
     ``ref``: a `LoadedModel`, a checkpoint file, a folder with ``best.pt``/``last.pt``/one
@@ -95,9 +99,11 @@ def load_model(ref: ModelRef, *, device: str | torch.device | None = None,
         refs = [ref]
     if not refs:
         raise UserError("--model: no model given")
-    models = [m for r in refs
-              for m in ([r] if isinstance(r, LoadedModel) else _load_one(r, device, store,
-                                                                          workdir))]
+    models = [
+        m
+        for r in refs
+        for m in ([r] if isinstance(r, LoadedModel) else _load_one(r, device, store, workdir))
+    ]
     try:
         check_fusable(models)
     except UserError as exc:
@@ -105,9 +111,12 @@ def load_model(ref: ModelRef, *, device: str | torch.device | None = None,
     return models
 
 
-def _load_one(ref: str | os.PathLike, device: str | torch.device | None,
-              store: str | os.PathLike | Store | None, workdir: str | os.PathLike
-              ) -> list[LoadedModel]:
+def _load_one(
+    ref: str | os.PathLike,
+    device: str | torch.device | None,
+    store: str | os.PathLike | Store | None,
+    workdir: str | os.PathLike,
+) -> list[LoadedModel]:
     """One reference: one model, or the members of an ensemble bundle (``export --top-k``)."""
     text = str(ref)
     if text.startswith("models:/"):
@@ -119,12 +128,15 @@ def _load_one(ref: str | os.PathLike, device: str | torch.device | None,
         return [load_checkpoint(_checkpoint_in(path), device=device, store=store)]
     if RUN_ID.match(text):
         return [_load_run(text, device, store, workdir)]
-    raise UserError(f"--model: {text}: neither a checkpoint file, a folder holding one, an "
-                    f"export bundle, models:/NAME@ALIAS nor an MLflow run id (32 hex digits)")
+    raise UserError(
+        f"--model: {text}: neither a checkpoint file, a folder holding one, an "
+        f"export bundle, models:/NAME@ALIAS nor an MLflow run id (32 hex digits)"
+    )
 
 
-def _load_registered(uri: str, device: str | torch.device | None, workdir: str | os.PathLike
-                     ) -> list[LoadedModel]:
+def _load_registered(
+    uri: str, device: str | torch.device | None, workdir: str | os.PathLike
+) -> list[LoadedModel]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: download the registered model
     (a `vfsearch export`) and load the bundle it carries (an ensemble: every member)."""
     if not re.match(r"^models:/[^/@]+(@[^/@]+|/\d+)$", uri):
@@ -150,9 +162,12 @@ def _checkpoint_in(path: Path) -> Path:
     raise UserError(f"--model: {path}: folder holds {len(found)} checkpoints; name one")
 
 
-def _load_run(run_id: str, device: str | torch.device | None,
-              store: str | os.PathLike | Store | None, workdir: str | os.PathLike
-              ) -> LoadedModel:
+def _load_run(
+    run_id: str,
+    device: str | torch.device | None,
+    store: str | os.PathLike | Store | None,
+    workdir: str | os.PathLike,
+) -> LoadedModel:
     """Download a run's best checkpoint artifact and load it."""
     tracker = Tracker(tracking_uri(workdir))
     try:
@@ -160,11 +175,13 @@ def _load_run(run_id: str, device: str | torch.device | None,
     except Exception as exc:  # noqa: BLE001 - unknown run ids surface as MlflowException
         raise UserError(f"--model: MLflow run {run_id}: {str(exc).splitlines()[0]}") from None
     names = [a.path for a in artifacts if not a.is_dir]
-    pick = next((n for n in names if n.endswith("best.pt")), None) or \
-        next((n for n in names if n.endswith(CHECKPOINT_SUFFIXES)), None)
+    pick = next((n for n in names if n.endswith("best.pt")), None) or next(
+        (n for n in names if n.endswith(CHECKPOINT_SUFFIXES)), None
+    )
     if pick is None:
-        raise UserError(f"--model: MLflow run {run_id} has no checkpoint artifact under "
-                        f"checkpoints/")
+        raise UserError(
+            f"--model: MLflow run {run_id} has no checkpoint artifact under checkpoints/"
+        )
     dst = Path(tempfile.mkdtemp(prefix="vfsearch-model-"))
     local = tracker.download_artifacts(run_id, pick, dst)
     run = tracker.get_run(run_id)
@@ -209,18 +226,27 @@ class CasePrediction:
 
 def _check_options(threshold: float | None, combine: str) -> None:
     if combine not in fusion.COMBINE_METHODS:
-        raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
-                        f"got {combine!r}")
+        raise UserError(
+            f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, got {combine!r}"
+        )
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold: must be between 0 and 1, got {threshold}")
 
 
-def predict_case(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os.PathLike, *,
-                 label_scheme: str = "verse", threshold: float | None = None,
-                 combine: str = "mean", device: str | torch.device | None = None,
-                 batch_size: int = 16, reuse: bool = True,
-                 store: str | os.PathLike | Store | None = None,
-                 workdir: str | os.PathLike = "mlruns") -> CasePrediction:
+def predict_case(
+    model_ref: ModelRef,
+    ct: str | os.PathLike,
+    vertebrae: str | os.PathLike,
+    *,
+    label_scheme: str = "verse",
+    threshold: float | None = None,
+    combine: str = "mean",
+    device: str | torch.device | None = None,
+    batch_size: int = 16,
+    reuse: bool = True,
+    store: str | os.PathLike | Store | None = None,
+    workdir: str | os.PathLike = "mlruns",
+) -> CasePrediction:
     """Predict the fracture map of one CT in memory (arguments as `predict`, without ``out``).
 
     Returns a `CasePrediction`; nothing is written.
@@ -237,8 +263,10 @@ def predict_case(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os
     timings["read_preprocess"] = time.perf_counter() - t1
     for lm in models:
         if lm.kind != "segmentation":
-            raise UserError(f"--model: {lm.source} is a {lm.kind} model; fracture maps need a "
-                            f"segmenter (evaluate reports classifiers)")
+            raise UserError(
+                f"--model: {lm.source} is a {lm.kind} model; fracture maps need a "
+                f"segmenter (evaluate reports classifiers)"
+            )
     bar: Any = None
 
     def tick(done: int, total: int) -> None:
@@ -249,28 +277,60 @@ def predict_case(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os
             bar.update(1)
 
     try:
-        fused = fuse_case(models, volume.array, volume.geometry,
-                          labels=labels.array if labels is not None else None,
-                          labels_geometry=labels.geometry if labels is not None else None,
-                          boxes=boxes, label_scheme=label_scheme, combine=combine,
-                          threshold=threshold, resampler=io, batch_size=batch_size,
-                          reuse=reuse, progress=tick, timings=timings, ct_source=str(ct),
-                          labels_source=str(vertebrae))
+        fused = fuse_case(
+            models,
+            volume.array,
+            volume.geometry,
+            labels=labels.array if labels is not None else None,
+            labels_geometry=labels.geometry if labels is not None else None,
+            boxes=boxes,
+            label_scheme=label_scheme,
+            combine=combine,
+            threshold=threshold,
+            resampler=io,
+            batch_size=batch_size,
+            reuse=reuse,
+            progress=tick,
+            timings=timings,
+            ct_source=str(ct),
+            labels_source=str(vertebrae),
+        )
     finally:
         if bar is not None:
             bar.close()
     timings["read_preprocess"] += timings.pop("preprocess", 0.0)
-    return CasePrediction(models, fused.prob, fused.mask, fused.labels, fused.ct_geometry,
-                          fused.ct_shape, fused.threshold, combine, fused.rows, fused.crops,
-                          fused.crop_probs, timings, case_id)
+    return CasePrediction(
+        models,
+        fused.prob,
+        fused.mask,
+        fused.labels,
+        fused.ct_geometry,
+        fused.ct_shape,
+        fused.threshold,
+        combine,
+        fused.rows,
+        fused.crops,
+        fused.crop_probs,
+        timings,
+        case_id,
+    )
 
 
-def predict(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os.PathLike,
-            out: str | os.PathLike, *, label_scheme: str = "verse",
-            threshold: float | None = None, combine: str = "mean",
-            device: str | torch.device | None = None, batch_size: int = 16, reuse: bool = True,
-            store: str | os.PathLike | Store | None = None,
-            workdir: str | os.PathLike = "mlruns") -> dict[str, Any]:
+def predict(
+    model_ref: ModelRef,
+    ct: str | os.PathLike,
+    vertebrae: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    label_scheme: str = "verse",
+    threshold: float | None = None,
+    combine: str = "mean",
+    device: str | torch.device | None = None,
+    batch_size: int = 16,
+    reuse: bool = True,
+    store: str | os.PathLike | Store | None = None,
+    workdir: str | os.PathLike = "mlruns",
+) -> dict[str, Any]:
     """Predict the fracture map of one CT and write it to folder ``out``.
 
     ``ct``: a CT file or DICOM series folder; ``vertebrae``: its vertebra label map (or a
@@ -293,37 +353,68 @@ def predict(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os.Path
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder")
     t0 = time.perf_counter()
-    case = predict_case(model_ref, ct, vertebrae, label_scheme=label_scheme,
-                        threshold=threshold, combine=combine, device=device,
-                        batch_size=batch_size, reuse=reuse, store=store, workdir=workdir)
+    case = predict_case(
+        model_ref,
+        ct,
+        vertebrae,
+        label_scheme=label_scheme,
+        threshold=threshold,
+        combine=combine,
+        device=device,
+        batch_size=batch_size,
+        reuse=reuse,
+        store=store,
+        workdir=workdir,
+    )
     timings = case.timings
     t4 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     prob_path = io.write_volume(out_dir / "fracture_prob.nii.gz", case.prob, case.ct_geometry)
     mask_path = io.write_volume(out_dir / "fracture_mask.nii.gz", case.mask, case.ct_geometry)
     # vertebrae and fracture overlap: two layers (0: VerSe ids, 1: the thresholded mask)
-    seg_path = io.write_segmentation(out_dir / "segmentation.seg.nrrd", [case.labels, case.mask],
-                                     case.ct_geometry, slicer_segments(case.labels,
-                                                                       case.threshold))
-    report = {"ct": str(ct), "vertebrae_file": str(vertebrae),
-              "model": [m.source for m in case.models], "threshold": case.threshold,
-              "combine": combine, "score": f"q{SCORE_QUANTILE:g} of the "
-              f"probability over the vertebra's voxels", "vertebrae": case.rows}
+    seg_path = io.write_segmentation(
+        out_dir / "segmentation.seg.nrrd",
+        [case.labels, case.mask],
+        case.ct_geometry,
+        slicer_segments(case.labels, case.threshold),
+    )
+    report = {
+        "ct": str(ct),
+        "vertebrae_file": str(vertebrae),
+        "model": [m.source for m in case.models],
+        "threshold": case.threshold,
+        "combine": combine,
+        "score": f"q{SCORE_QUANTILE:g} of the probability over the vertebra's voxels",
+        "vertebrae": case.rows,
+    }
     json_path = _write_json(out_dir / "vertebrae.json", report)
     timings["write"] = time.perf_counter() - t4
     timings["total"] = time.perf_counter() - t0
-    return {"files": [str(prob_path), str(mask_path), str(seg_path), str(json_path)],
-            "threshold": case.threshold, "combine": combine, "vertebrae": case.rows,
-            "seconds": timings, "ct_shape": list(case.ct_shape)}
+    return {
+        "files": [str(prob_path), str(mask_path), str(seg_path), str(json_path)],
+        "threshold": case.threshold,
+        "combine": combine,
+        "vertebrae": case.rows,
+        "seconds": timings,
+        "ct_shape": list(case.ct_shape),
+    }
 
 
 # Segment colours of segmentation.seg.nrrd: a fixed table of distinct, non-red colours by
 # VerSe id (neighbouring vertebrae always differ); red is the fracture's alone.
 VERTEBRA_COLORS: tuple[tuple[float, float, float], ...] = (
-    (0.122, 0.467, 0.706), (1.000, 0.498, 0.055), (0.173, 0.627, 0.173),
-    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761),
-    (0.737, 0.741, 0.133), (0.090, 0.745, 0.812), (0.682, 0.780, 0.910),
-    (0.596, 0.875, 0.541), (1.000, 0.733, 0.471), (0.773, 0.690, 0.835),
+    (0.122, 0.467, 0.706),
+    (1.000, 0.498, 0.055),
+    (0.173, 0.627, 0.173),
+    (0.580, 0.404, 0.741),
+    (0.549, 0.337, 0.294),
+    (0.890, 0.467, 0.761),
+    (0.737, 0.741, 0.133),
+    (0.090, 0.745, 0.812),
+    (0.682, 0.780, 0.910),
+    (0.596, 0.875, 0.541),
+    (1.000, 0.733, 0.471),
+    (0.773, 0.690, 0.835),
 )
 FRACTURE_COLOR = (1.0, 0.0, 0.0)
 
@@ -332,12 +423,28 @@ def slicer_segments(labels: np.ndarray, threshold: float) -> list[Segment]:
     """Segments of ``segmentation.seg.nrrd``: one per vertebra present in ``labels`` (layer
     0, label value = its VerSe id, named "L1"...) and "fracture" (layer 1, label value 1)."""
     counts = np.bincount(labels.ravel(), minlength=1)  # uint8 ids: cheaper than np.unique
-    segments = [Segment(vertebra_name(v), vertebra_name(v),
-                        VERTEBRA_COLORS[v % len(VERTEBRA_COLORS)], int(v), 0,
-                        (("vfsearch.verse_id", str(v)),))
-                for v in np.flatnonzero(counts).tolist() if v > 0]
-    segments.append(Segment("fracture", "fracture", FRACTURE_COLOR, 1, 1,
-                            (("vfsearch.threshold", f"{threshold:g}"),)))
+    segments = [
+        Segment(
+            vertebra_name(v),
+            vertebra_name(v),
+            VERTEBRA_COLORS[v % len(VERTEBRA_COLORS)],
+            int(v),
+            0,
+            (("vfsearch.verse_id", str(v)),),
+        )
+        for v in np.flatnonzero(counts).tolist()
+        if v > 0
+    ]
+    segments.append(
+        Segment(
+            "fracture",
+            "fracture",
+            FRACTURE_COLOR,
+            1,
+            1,
+            (("vfsearch.threshold", f"{threshold:g}"),),
+        )
+    )
     return segments
 
 
@@ -353,8 +460,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{'vertebra':<9}{'score':>8}{'fracture mm3':>15}"]
     for r in summary["vertebrae"]:
         lines.append(f"{r['name']:<9}{r['score']:>8.3f}{r['fracture_volume_mm3']:>15.1f}")
-    lines.append(f"threshold {summary['threshold']:.2f}, combine {summary['combine']}, "
-                 f"{summary['seconds']['total']:.1f} s")
+    lines.append(
+        f"threshold {summary['threshold']:.2f}, combine {summary['combine']}, "
+        f"{summary['seconds']['total']:.1f} s"
+    )
     lines += [f"wrote {f}" for f in summary["files"]]
     return "\n".join(lines)
 

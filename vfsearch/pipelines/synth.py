@@ -58,9 +58,9 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -87,9 +87,15 @@ def case_id(index: int) -> str:
     return f"synth_{index:03d}"
 
 
-def synth_dataset(out: Path, *, cases: int, seed: int,
-                  spacing: tuple[float, float, float] | None, small: bool,
-                  fracture_rate: float) -> str:
+def synth_dataset(
+    out: Path,
+    *,
+    cases: int,
+    seed: int,
+    spacing: tuple[float, float, float] | None,
+    small: bool,
+    fracture_rate: float,
+) -> str:
     """Write ``cases`` phantom cases and ``manifest.csv`` into ``out``; return a summary line.
 
     ``spacing`` (x, y, z) mm or None for the default (0.8, 0.8, 2.0; ``small``: 2, 2, 2).
@@ -108,11 +114,18 @@ def synth_dataset(out: Path, *, cases: int, seed: int,
     rows, grades_all = [], []
     ids = [case_id(k) for k in range(cases)]
     for k in progress.bar(range(cases), "synth", unit="case"):
-        case = phantom.make_case(phantom.case_rng(seed, k), spacing=spacing, small=small,
-                                 fracture_rate=fracture_rate)
-        meta = {"case_id": ids[k], "seed": int(seed), "case_index": k,
-                "generator": "vfsearch.core.phantom", "geometry": case.geometry.to_dict(),
-                **case.info, "vertebrae": {str(v): m for v, m in sorted(case.meta.items())}}
+        case = phantom.make_case(
+            phantom.case_rng(seed, k), spacing=spacing, small=small, fracture_rate=fracture_rate
+        )
+        meta = {
+            "case_id": ids[k],
+            "seed": int(seed),
+            "case_index": k,
+            "generator": "vfsearch.core.phantom",
+            "geometry": case.geometry.to_dict(),
+            **case.info,
+            "vertebrae": {str(v): m for v, m in sorted(case.meta.items())},
+        }
         _write_case(out, ids[k], case.ct, case.vertebrae, case.fracture, case.geometry, meta)
         grades = {v: int(m["grade"]) for v, m in case.meta.items()}
         grades_all.extend(grades.values())
@@ -122,10 +135,12 @@ def synth_dataset(out: Path, *, cases: int, seed: int,
     g = np.asarray(grades_all)
     sp = spacing or (phantom.SMALL_SPACING if small else phantom.DEFAULT_SPACING)
     n_frac = int((g > 0).sum())
-    return (f"wrote {cases} synthetic case(s) to {out} in {time.monotonic() - start:.1f} s: "
-            f"{len(g)} vertebrae, {n_frac} fractured ({100.0 * n_frac / max(1, len(g)):.0f} %, "
-            f"grade 1/2/3: {(g == 1).sum()}/{(g == 2).sum()}/{(g == 3).sum()}), spacing "
-            f"{','.join(f'{v:g}' for v in sp)} mm; manifest {out / MANIFEST}")
+    return (
+        f"wrote {cases} synthetic case(s) to {out} in {time.monotonic() - start:.1f} s: "
+        f"{len(g)} vertebrae, {n_frac} fractured ({100.0 * n_frac / max(1, len(g)):.0f} %, "
+        f"grade 1/2/3: {(g == 1).sum()}/{(g == 2).sum()}/{(g == 3).sum()}), spacing "
+        f"{','.join(f'{v:g}' for v in sp)} mm; manifest {out / MANIFEST}"
+    )
 
 
 def parse_fracture_spec(spec: str) -> dict[int, tuple[int, str]]:
@@ -143,8 +158,10 @@ def parse_fracture_spec(spec: str) -> dict[int, tuple[int, str]]:
         try:
             vid = verse_id(parts[0])
         except UserError:
-            raise UserError(f"--fracture: unknown vertebra {parts[0]!r} in {item!r} "
-                            f"(use VerSe ids or names like T12, L1)") from None
+            raise UserError(
+                f"--fracture: unknown vertebra {parts[0]!r} in {item!r} "
+                f"(use VerSe ids or names like T12, L1)"
+            ) from None
         try:
             grade = int(parts[1]) if len(parts) > 1 and parts[1] else 2
         except ValueError:
@@ -153,8 +170,9 @@ def parse_fracture_spec(spec: str) -> dict[int, tuple[int, str]]:
             raise UserError(f"--fracture: grade must be 1, 2 or 3 in {item!r}")
         morph = parts[2].lower() if len(parts) > 2 and parts[2] else "wedge"
         if morph not in MORPHOLOGIES:
-            raise UserError(f"--fracture: morphology must be one of {', '.join(MORPHOLOGIES)} "
-                            f"in {item!r}")
+            raise UserError(
+                f"--fracture: morphology must be one of {', '.join(MORPHOLOGIES)} in {item!r}"
+            )
         if vid in out:
             raise UserError(f"--fracture: vertebra {parts[0]} given twice")
         out[vid] = (grade, morph)
@@ -179,9 +197,17 @@ class Scan:
     origin: str
 
 
-def synth_on_background(background: Path | None, vertebrae: Path | None, out: Path, *,
-                        fracture: str | None, seed: int, label_scheme: str, variants: int = 1,
-                        warn: Callable[[str], None] | None = None) -> str:
+def synth_on_background(
+    background: Path | None,
+    vertebrae: Path | None,
+    out: Path,
+    *,
+    fracture: str | None,
+    seed: int,
+    label_scheme: str,
+    variants: int = 1,
+    warn: Callable[[str], None] | None = None,
+) -> str:
     """Simulate fractures on real CTs and write the cases and one manifest into ``out``.
 
     ``background`` is one CT (``vertebrae`` its label map, same grid), a manifest CSV or a
@@ -199,15 +225,19 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
     if variants < 1:
         raise UserError(f"--variants: must be at least 1, got {variants}")
     if fracture is not None and variants > 1:
-        raise UserError(f"--fracture: fixes one case per scan, so it cannot go with --variants "
-                        f"{variants} (variants draw their fractures at random)")
+        raise UserError(
+            f"--fracture: fixes one case per scan, so it cannot go with --variants "
+            f"{variants} (variants draw their fractures at random)"
+        )
     if label_scheme not in SCHEMES:
-        raise UserError(f"--label-scheme: must be one of {', '.join(SCHEMES)}, "
-                        f"got {label_scheme!r}")
+        raise UserError(
+            f"--label-scheme: must be one of {', '.join(SCHEMES)}, got {label_scheme!r}"
+        )
     out = Path(out)
     targets = parse_fracture_spec(fracture) if fracture is not None else None
-    scans = background_scans(Path(background), None if vertebrae is None else Path(vertebrae),
-                             label_scheme)
+    scans = background_scans(
+        Path(background), None if vertebrae is None else Path(vertebrae), label_scheme
+    )
 
     # read and check every scan before anything is written
     first: _Background | None = None
@@ -224,19 +254,25 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
     kept = list(range(len(scans)))
     if targets is None:
         kept = []
-        for i, (scan, (present, complete)) in enumerate(zip(scans, checked)):
+        for i, (scan, (present, complete)) in enumerate(zip(scans, checked, strict=False)):
             cut = ", ".join(name(v) for v in present if v not in complete)
             if not complete:
-                warn(f"{scan.vertebrae}: every vertebra T4..L5 ({cut}) is cut by the scan's "
-                     f"edge; scan {scan.name} skipped")
+                warn(
+                    f"{scan.vertebrae}: every vertebra T4..L5 ({cut}) is cut by the scan's "
+                    f"edge; scan {scan.name} skipped"
+                )
                 continue
             if cut:
-                warn(f"{scan.vertebrae}: {cut} cut by the scan's edge; not fractured in the "
-                     f"variants of {scan.name}")
+                warn(
+                    f"{scan.vertebrae}: {cut} cut by the scan's edge; not fractured in the "
+                    f"variants of {scan.name}"
+                )
             kept.append(i)
         if not kept:
-            raise UserError(f"{background}: no scan has a fully imaged vertebra T4..L5 (every "
-                            f"labelled vertebra is cut by the scan's edge)")
+            raise UserError(
+                f"{background}: no scan has a fully imaged vertebra T4..L5 (every "
+                f"labelled vertebra is cut by the scan's edge)"
+            )
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -260,13 +296,22 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
             cid, rng, chosen = scan.name, phantom.case_rng(seed, 0), targets
         res = phantom.simulate_fractures(bg.ct.array, bg.labels, bg.ct.geometry, chosen, rng)
         per_vertebra = _per_vertebra(res, bg)
-        meta = {"case_id": cid, "scan": scan.name, "subject": scan.subject,
-                "variant": k if targets is None else None, "background": str(scan.ct),
-                "vertebrae_source": str(scan.vertebrae), "label_scheme": scan.label_scheme,
-                "seed": int(seed), "generator": "vfsearch.core.phantom.simulate_fractures",
-                "geometry": bg.ct.geometry.to_dict(), "vertebrae": per_vertebra}
-        _write_case(out, cid, res.ct, res.vertebrae.astype(np.uint8), res.fracture,
-                    bg.ct.geometry, meta)
+        meta = {
+            "case_id": cid,
+            "scan": scan.name,
+            "subject": scan.subject,
+            "variant": k if targets is None else None,
+            "background": str(scan.ct),
+            "vertebrae_source": str(scan.vertebrae),
+            "label_scheme": scan.label_scheme,
+            "seed": int(seed),
+            "generator": "vfsearch.core.phantom.simulate_fractures",
+            "geometry": bg.ct.geometry.to_dict(),
+            "vertebrae": per_vertebra,
+        }
+        _write_case(
+            out, cid, res.ct, res.vertebrae.astype(np.uint8), res.fracture, bg.ct.geometry, meta
+        )
         grades = {v: int(per_vertebra[str(v)]["grade"]) for v in bg.present}
         rows.append([*_manifest_row(cid, grades), scan.subject])
         done.append(res.meta)
@@ -274,32 +319,38 @@ def synth_on_background(background: Path | None, vertebrae: Path | None, out: Pa
     _write_manifest(out, rows, BACKGROUND_COLUMNS)
     if targets is not None and len(rows) == 1 and res is not None:
         cid = rows[0][0]
-        text = ", ".join(f"{m['name']} grade {m['grade']} {m['morphology']} (height ratio "
-                         f"{m['height_ratio_before']:.2f} -> {m['height_ratio']:.2f})"
-                         for m in res.meta.values())
-        return (f"simulated {text} on {scans[0].ct}; wrote {out / cid} and {out / MANIFEST} "
-                f"({int(res.fracture.sum())} fracture voxels)")
+        text = ", ".join(
+            f"{m['name']} grade {m['grade']} {m['morphology']} (height ratio "
+            f"{m['height_ratio_before']:.2f} -> {m['height_ratio']:.2f})"
+            for m in res.meta.values()
+        )
+        return (
+            f"simulated {text} on {scans[0].ct}; wrote {out / cid} and {out / MANIFEST} "
+            f"({int(res.fracture.sum())} fracture voxels)"
+        )
     fractured = [m for d in done for m in d.values()]
     g = np.asarray([m["grade"] for m in fractured], dtype=int)
     morph = [m["morphology"] for m in fractured]
     per_scan = f"{variants} per scan" if targets is None else "--fracture " + str(fracture)
-    return (f"wrote {len(rows)} case(s) from {len(kept)} scan(s) ({per_scan}) to {out} in "
-            f"{time.monotonic() - start:.1f} s: {sum(1 for d in done if not d)} without a "
-            f"fracture, {len(fractured)} fractured vertebrae (grade 1/2/3: {(g == 1).sum()}/"
-            f"{(g == 2).sum()}/{(g == 3).sum()}; "
-            f"{'/'.join(phantom.MORPHOLOGIES)}: "
-            f"{'/'.join(str(morph.count(m)) for m in phantom.MORPHOLOGIES)}); "
-            f"manifest {out / MANIFEST}")
+    return (
+        f"wrote {len(rows)} case(s) from {len(kept)} scan(s) ({per_scan}) to {out} in "
+        f"{time.monotonic() - start:.1f} s: {sum(1 for d in done if not d)} without a "
+        f"fracture, {len(fractured)} fractured vertebrae (grade 1/2/3: {(g == 1).sum()}/"
+        f"{(g == 2).sum()}/{(g == 3).sum()}; "
+        f"{'/'.join(phantom.MORPHOLOGIES)}: "
+        f"{'/'.join(str(morph.count(m)) for m in phantom.MORPHOLOGIES)}); "
+        f"manifest {out / MANIFEST}"
+    )
 
 
 def variant_rng(seed: int, scan: str, k: int) -> np.random.Generator:
     """Generator of variant ``k`` of scan ``scan`` (independent of the other scans and of N)."""
-    return np.random.default_rng(np.random.SeedSequence(
-        [int(seed) & 0xFFFFFFFF, zlib.crc32(scan.encode("utf-8")), int(k)]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(scan.encode("utf-8")), int(k)])
+    )
 
 
-def draw_fractures(rng: np.random.Generator,
-                   complete: list[int]) -> dict[int, tuple[int, str]]:
+def draw_fractures(rng: np.random.Generator, complete: list[int]) -> dict[int, tuple[int, str]]:
     """Random fractures of one variant among the fully imaged vertebrae ``complete``.
 
     None with probability `NO_FRACTURE_SHARE`, else 1..`MAX_FRACTURED` distinct vertebrae,
@@ -309,18 +360,20 @@ def draw_fractures(rng: np.random.Generator,
         return {}
     n = int(rng.integers(1, min(MAX_FRACTURED, len(complete)) + 1))
     chosen = sorted(int(v) for v in rng.choice(np.asarray(complete), size=n, replace=False))
-    return {v: (int(rng.integers(1, 4)), str(MORPHOLOGIES[int(rng.integers(len(MORPHOLOGIES)))]))
-            for v in chosen}
+    return {
+        v: (int(rng.integers(1, 4)), str(MORPHOLOGIES[int(rng.integers(len(MORPHOLOGIES)))]))
+        for v in chosen
+    }
 
 
-def background_scans(background: Path, vertebrae: Path | None,
-                     label_scheme: str) -> list[Scan]:
+def background_scans(background: Path, vertebrae: Path | None, label_scheme: str) -> list[Scan]:
     """The scans ``--background`` names: one CT (with ``vertebrae``), a manifest or a folder."""
     background = Path(background).expanduser()
     if vertebrae is not None:
         sid = _background_case_id(background)
-        return [Scan(sid, background, Path(vertebrae).expanduser(), label_scheme, sid,
-                     str(background))]
+        return [
+            Scan(sid, background, Path(vertebrae).expanduser(), label_scheme, sid, str(background))
+        ]
     if background.is_file() and background.suffix.lower() == ".csv":
         scans = _scans_from_manifest(background, label_scheme)
     elif background.is_dir() and (background / "rawdata").is_dir():
@@ -330,20 +383,27 @@ def background_scans(background: Path, vertebrae: Path | None,
     elif not background.exists():
         raise UserError(f"{background}: --background not found")
     else:
-        raise UserError(f"--vertebrae: required when --background is one CT ({background}); "
-                        f"or give a folder or a manifest CSV of scans")
+        raise UserError(
+            f"--vertebrae: required when --background is one CT ({background}); "
+            f"or give a folder or a manifest CSV of scans"
+        )
     seen: dict[str, str] = {}
     for scan in scans:
         if scan.name in seen:
-            raise UserError(f"{scan.origin}: scan name {scan.name!r} is also used by "
-                            f"{seen[scan.name]}; scan names must be unique")
+            raise UserError(
+                f"{scan.origin}: scan name {scan.name!r} is also used by "
+                f"{seen[scan.name]}; scan names must be unique"
+            )
         seen[scan.name] = scan.origin
     return scans
 
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
-_SCHEME_TAGS = {"verse": "verse", "totalseg": "totalsegmentator",
-                "totalsegmentator": "totalsegmentator"}
+_SCHEME_TAGS = {
+    "verse": "verse",
+    "totalseg": "totalsegmentator",
+    "totalsegmentator": "totalsegmentator",
+}
 
 
 def _scans_from_manifest(path: Path, label_scheme: str) -> list[Scan]:
@@ -355,11 +415,20 @@ def _scans_from_manifest(path: Path, label_scheme: str) -> list[Scan]:
                 raise UserError(f"{where}: empty {key} for scan {sid!r}")
         scheme = cell("label_scheme").lower() or label_scheme
         if scheme not in SCHEMES:
-            raise UserError(f"{where}: label_scheme {cell('label_scheme')!r} must be one of "
-                            f"{', '.join(SCHEMES)}")
-        scans.append(Scan(sid, _resolve(path.parent, cell("ct")),
-                          _resolve(path.parent, cell("vertebrae")), scheme,
-                          cell("subject") or sid, where))
+            raise UserError(
+                f"{where}: label_scheme {cell('label_scheme')!r} must be one of "
+                f"{', '.join(SCHEMES)}"
+            )
+        scans.append(
+            Scan(
+                sid,
+                _resolve(path.parent, cell("ct")),
+                _resolve(path.parent, cell("vertebrae")),
+                scheme,
+                cell("subject") or sid,
+                where,
+            )
+        )
     if not scans:
         raise UserError(f"{path}: manifest has no scans")
     return scans
@@ -373,26 +442,36 @@ def _scans_from_folder(root: Path, label_scheme: str) -> list[Scan]:
             continue
         if len(cts) > 1:
             raise UserError(f"{sub}: several CTs ({', '.join(p.name for p in cts)}); keep one")
-        labels = sorted(p for p in sub.iterdir() if p.is_file()
-                        and p.name.lower().startswith("vertebrae") and _image_stem(p.name))
+        labels = sorted(
+            p
+            for p in sub.iterdir()
+            if p.is_file() and p.name.lower().startswith("vertebrae") and _image_stem(p.name)
+        )
         if len(labels) != 1:
-            raise UserError(f"{sub}: expected one vertebrae*.nii.gz label map next to "
-                            f"{cts[0].name}, found "
-                            f"{', '.join(p.name for p in labels) if labels else 'none'}")
-        tag = (_image_stem(labels[0].name) or "")[len("vertebrae"):].strip("_-.").lower()
+            raise UserError(
+                f"{sub}: expected one vertebrae*.nii.gz label map next to "
+                f"{cts[0].name}, found "
+                f"{', '.join(p.name for p in labels) if labels else 'none'}"
+            )
+        tag = (_image_stem(labels[0].name) or "")[len("vertebrae") :].strip("_-.").lower()
         sid = re.sub(r"[^A-Za-z0-9_.-]+", "_", sub.name).strip("._-") or "scan"
-        scans.append(Scan(sid, cts[0], labels[0], _SCHEME_TAGS.get(tag, label_scheme), sid,
-                          str(sub)))
+        scans.append(
+            Scan(sid, cts[0], labels[0], _SCHEME_TAGS.get(tag, label_scheme), sid, str(sub))
+        )
     if not scans:
-        raise UserError(f"{root}: no scans found (expected <name>/ct.nii.gz with "
-                        f"<name>/vertebrae*.nii.gz, or a VerSe rawdata/ tree); for one CT, "
-                        f"give --vertebrae")
+        raise UserError(
+            f"{root}: no scans found (expected <name>/ct.nii.gz with "
+            f"<name>/vertebrae*.nii.gz, or a VerSe rawdata/ tree); for one CT, "
+            f"give --vertebrae"
+        )
     return scans
 
 
 def _scans_from_verse_tree(root: Path, label_scheme: str) -> list[Scan]:
-    return [Scan(s.case_id, Path(s.ct), Path(s.vertebrae), label_scheme, s.subject, s.origin)
-            for s in read_verse_tree(root)]
+    return [
+        Scan(s.case_id, Path(s.ct), Path(s.vertebrae), label_scheme, s.subject, s.origin)
+        for s in read_verse_tree(root)
+    ]
 
 
 @dataclass
@@ -407,15 +486,19 @@ def _read_scan(scan: Scan) -> _Background:
     ct = read_volume(scan.ct, what="CT")
     lab = read_volume(scan.vertebrae, what="vertebra labels")
     if ct.shape != lab.shape or not ct.geometry.same_space(lab.geometry, ct.shape, lab.shape):
-        raise UserError(f"{scan.vertebrae}: label grid (size {lab.shape[::-1]}, spacing "
-                        f"{_fmt(lab.geometry.spacing)}) does not match the CT {scan.ct} (size "
-                        f"{ct.shape[::-1]}, spacing {_fmt(ct.geometry.spacing)})")
+        raise UserError(
+            f"{scan.vertebrae}: label grid (size {lab.shape[::-1]}, spacing "
+            f"{_fmt(lab.geometry.spacing)}) does not match the CT {scan.ct} (size "
+            f"{ct.shape[::-1]}, spacing {_fmt(ct.geometry.spacing)})"
+        )
     labels = to_verse(lab.array, scan.label_scheme, source=str(scan.vertebrae))
     del lab
     present = [int(v) for v in np.unique(labels) if v in TARGET_IDS]
     if not present:
-        raise UserError(f"{scan.vertebrae}: no vertebra T4..L5 in the label map "
-                        f"(label scheme {scan.label_scheme!r}; try --label-scheme)")
+        raise UserError(
+            f"{scan.vertebrae}: no vertebra T4..L5 in the label map "
+            f"(label scheme {scan.label_scheme!r}; try --label-scheme)"
+        )
     lab_c = to_canonical(labels, ct.geometry)[2].apply(labels)
     complete = [v for v in present if _complete(lab_c == v)]
     return _Background(ct, labels, present, complete)
@@ -424,14 +507,18 @@ def _read_scan(scan: Scan) -> _Background:
 def _check_targets(scan: Scan, bg: _Background, targets: dict[int, tuple[int, str]]) -> None:
     for vid in targets:
         if vid not in bg.present:
-            raise UserError(f"--fracture: {name(vid)} ({vid}) is not in {scan.vertebrae} "
-                            f"(present: {', '.join(name(v) for v in bg.present)})")
+            raise UserError(
+                f"--fracture: {name(vid)} ({vid}) is not in {scan.vertebrae} "
+                f"(present: {', '.join(name(v) for v in bg.present)})"
+            )
         if vid not in bg.complete:
-            raise UserError(f"--fracture: {name(vid)} ({vid}) is cut by the scan's edge in "
-                            f"{scan.vertebrae} (its label reaches the first or last slice "
-                            f"along the height axis), so it cannot take a height-reducing "
-                            f"fracture; fully imaged: "
-                            f"{', '.join(name(v) for v in bg.complete) or 'none'}")
+            raise UserError(
+                f"--fracture: {name(vid)} ({vid}) is cut by the scan's edge in "
+                f"{scan.vertebrae} (its label reaches the first or last slice "
+                f"along the height axis), so it cannot take a height-reducing "
+                f"fracture; fully imaged: "
+                f"{', '.join(name(v) for v in bg.complete) or 'none'}"
+            )
 
 
 def _per_vertebra(res, bg: _Background) -> dict[str, dict]:
@@ -447,11 +534,18 @@ def _per_vertebra(res, bg: _Background) -> dict[str, dict]:
             continue
         h = phantom.measure_heights(new_c, v, sp_zyx)
         out[str(v)] = {
-            "name": name(v), "grade": 0, "morphology": "none",
+            "name": name(v),
+            "grade": 0,
+            "morphology": "none",
             "height_ratio": round(h["ratio"], 4),
-            "heights_mm": [round(x, 2) for x in h["heights_mm"]], "cut_by_edge": cut,
-            "note": ("cut by the scan's edge: not simulated, heights are of the imaged part"
-                     if cut else "not simulated (the scan's own state is unknown)")}
+            "heights_mm": [round(x, 2) for x in h["heights_mm"]],
+            "cut_by_edge": cut,
+            "note": (
+                "cut by the scan's edge: not simulated, heights are of the imaged part"
+                if cut
+                else "not simulated (the scan's own state is unknown)"
+            ),
+        }
     return out
 
 
@@ -519,8 +613,9 @@ def _is_synth_output(out: Path) -> bool:
     for entry in out.iterdir():
         if entry.name == MANIFEST or entry.name.startswith(_TMP_PREFIX):
             continue
-        if not entry.is_dir() or not (entry.name in listed or re.fullmatch(r"synth_\d+",
-                                                                              entry.name)):
+        if not entry.is_dir() or not (
+            entry.name in listed or re.fullmatch(r"synth_\d+", entry.name)
+        ):
             return False
     return True
 
@@ -529,12 +624,21 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not _is_synth_output(out):
-        raise UserError(f"{out}: folder is not empty and is not an earlier synth output; "
-                        f"choose a new or empty folder")
+        raise UserError(
+            f"{out}: folder is not empty and is not an earlier synth output; "
+            f"choose a new or empty folder"
+        )
 
 
-def _write_case(out: Path, cid: str, ct: np.ndarray, vertebrae: np.ndarray,
-                fracture: np.ndarray, geometry, meta: dict) -> Path:
+def _write_case(
+    out: Path,
+    cid: str,
+    ct: np.ndarray,
+    vertebrae: np.ndarray,
+    fracture: np.ndarray,
+    geometry,
+    meta: dict,
+) -> Path:
     """Write one case folder under a temporary name, then rename it into place."""
     tmp = out / f"{_TMP_PREFIX}{cid}-{os.getpid()}"
     if tmp.exists():
@@ -544,8 +648,7 @@ def _write_case(out: Path, cid: str, ct: np.ndarray, vertebrae: np.ndarray,
         write_volume(tmp / "ct.nii.gz", ct, geometry)
         write_volume(tmp / "vertebrae.nii.gz", vertebrae.astype(np.uint8), geometry)
         write_volume(tmp / "fracture.nii.gz", fracture.astype(np.uint8), geometry)
-        (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True)
-                                       + "\n")
+        (tmp / "meta.json").write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True) + "\n")
         final = out / cid
         if final.exists():
             old = out / f"{_TMP_PREFIX}old-{cid}-{os.getpid()}"
@@ -563,19 +666,31 @@ def _write_case(out: Path, cid: str, ct: np.ndarray, vertebrae: np.ndarray,
 def _remove_stale(out: Path, keep: set[str]) -> None:
     """Drop case folders of an earlier synth run that the new manifest will not list."""
     for entry in out.iterdir():
-        if entry.is_dir() and entry.name not in keep and (
-                re.fullmatch(r"synth_\d+", entry.name) or entry.name.startswith(_TMP_PREFIX)
-                or (entry / "meta.json").is_file()):
+        if (
+            entry.is_dir()
+            and entry.name not in keep
+            and (
+                re.fullmatch(r"synth_\d+", entry.name)
+                or entry.name.startswith(_TMP_PREFIX)
+                or (entry / "meta.json").is_file()
+            )
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 
 def _manifest_row(cid: str, grades: dict[int, int]) -> list[str]:
-    return [cid, f"{cid}/ct.nii.gz", f"{cid}/vertebrae.nii.gz", f"{cid}/fracture.nii.gz",
-            ";".join(f"{v}:{g}" for v, g in sorted(grades.items()))]
+    return [
+        cid,
+        f"{cid}/ct.nii.gz",
+        f"{cid}/vertebrae.nii.gz",
+        f"{cid}/fracture.nii.gz",
+        ";".join(f"{v}:{g}" for v, g in sorted(grades.items())),
+    ]
 
 
-def _write_manifest(out: Path, rows: list[list[str]],
-                    columns: tuple[str, ...] = MANIFEST_COLUMNS) -> None:
+def _write_manifest(
+    out: Path, rows: list[list[str]], columns: tuple[str, ...] = MANIFEST_COLUMNS
+) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -593,4 +708,3 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-

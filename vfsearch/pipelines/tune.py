@@ -89,13 +89,21 @@ def _trial_driver(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = ctx.space.config_for(config)
     cfg = cfg.__class__.from_flat({**cfg.flatten(), "train.epochs": ctx.space.epochs})
-    run_training(ctx.store, cfg, name=trial_run_name(ctx.sweep, trial_id), storage=ctx.storage,
-                 workers=ctx.workers, gpus_per_worker=ctx.gpus_per_worker,
-                 cpus_per_worker=ctx.cpus_per_worker, mlflow_uri=ctx.mlflow_uri,
-                 experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                 callbacks=[TuneReportCallback()], progress=False,
-                 extra_tags={SWEEP_OF_TRIAL_TAG: ctx.sweep, TRIAL_TAG: trial_id,
-                             STATUS_TAG: "running"})
+    run_training(
+        ctx.store,
+        cfg,
+        name=trial_run_name(ctx.sweep, trial_id),
+        storage=ctx.storage,
+        workers=ctx.workers,
+        gpus_per_worker=ctx.gpus_per_worker,
+        cpus_per_worker=ctx.cpus_per_worker,
+        mlflow_uri=ctx.mlflow_uri,
+        experiment=ctx.experiment,
+        parent_run_id=ctx.parent_run_id,
+        callbacks=[TuneReportCallback()],
+        progress=False,
+        extra_tags={SWEEP_OF_TRIAL_TAG: ctx.sweep, TRIAL_TAG: trial_id, STATUS_TAG: "running"},
+    )
 
 
 def _status_callback(ctx: SweepContext):
@@ -107,14 +115,14 @@ def _status_callback(ctx: SweepContext):
             if not ctx.mlflow_uri:
                 return
             tracker = Tracker(ctx.mlflow_uri)
-            run_id = tracker.find_run(ctx.experiment, RAY_RUN_TAG,
-                                      trial_run_name(ctx.sweep, trial.trial_id))
+            run_id = tracker.find_run(
+                ctx.experiment, RAY_RUN_TAG, trial_run_name(ctx.sweep, trial.trial_id)
+            )
             if run_id is None:  # stopped before its first step: nothing was logged
                 return
             tracker.set_tags(run_id, {STATUS_TAG: status})
             # a trial stopped by ASHA or killed by an error cannot end its own run
-            if status != "completed" and \
-                    tracker.get_run(run_id).info.status == "RUNNING":
+            if status != "completed" and tracker.get_run(run_id).info.status == "RUNNING":
                 tracker.end_run(run_id, "KILLED" if status == "stopped early" else "FAILED")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -128,8 +136,9 @@ def _status_callback(ctx: SweepContext):
     return TrialStatus()
 
 
-def sweep_eta(durations: Sequence[float], remaining: int, concurrency: int,
-              elapsed: Sequence[float] = ()) -> float | None:
+def sweep_eta(
+    durations: Sequence[float], remaining: int, concurrency: int, elapsed: Sequence[float] = ()
+) -> float | None:
     """Seconds until a sweep ends: ``remaining`` trials (running or pending) at the mean
     duration of ``durations``, less what the running ones have done (``elapsed`` seconds
     each), ``concurrency`` at a time (None: nothing to estimate from)."""
@@ -168,8 +177,12 @@ def _trial_lines(space: SearchSpace, total: int, concurrency: int):
         def _tail(self, trials, finished=None, pace: float | None = None) -> str:
             done = sum(t.is_finished() or t is finished for t in trials)
             now = time.monotonic()
-            eta = sweep_eta(self.durations or ([] if pace is None else [pace]), total - done,
-                            concurrency, [now - t for t in self.started.values()])
+            eta = sweep_eta(
+                self.durations or ([] if pace is None else [pace]),
+                total - done,
+                concurrency,
+                [now - t for t in self.started.values()],
+            )
             return f"  trials {done}/{total} done  eta {progress.duration(eta)}"
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -192,11 +205,14 @@ def _trial_lines(space: SearchSpace, total: int, concurrency: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            best = (f"best val dice {_fmt(last.get('best_val_dice'))} at epoch "
-                    f"{_fmt(last.get('best_epoch'))}")
+            best = (
+                f"best val dice {_fmt(last.get('best_val_dice'))} at epoch "
+                f"{_fmt(last.get('best_epoch'))}"
+            )
             if last.get(space.metric) is not None:
-                how = "completed  " + "  ".join(f"{name} {_fmt(last.get(name))}"
-                                                for name, _ in space.objectives)
+                how = "completed  " + "  ".join(
+                    f"{name} {_fmt(last.get(name))}" for name, _ in space.objectives
+                )
             else:
                 how = f"stopped early after epoch {_fmt(last.get('epoch'))}"
             self._finished(trials, trial, f"{how}  ({best})")
@@ -207,8 +223,14 @@ def _trial_lines(space: SearchSpace, total: int, concurrency: int):
     return TrialLines()
 
 
-def max_concurrent_trials(resources: dict[str, float], *, workers: int, cpus_per_worker: float,
-                          gpus_per_worker: float, driver_resource: str | None = None) -> int:
+def max_concurrent_trials(
+    resources: dict[str, float],
+    *,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    driver_resource: str | None = None,
+) -> int:
     """How many trials fit the cluster at once: each needs its workers plus a tiny driver
     (a sliver of a CPU, or of ``driver_resource`` when the drivers run on a dedicated node)."""
     cpus = resources.get("CPU", 0.0)
@@ -250,8 +272,10 @@ class SweepSummary:
                 cells = "".join(f"{_fmt(row.get(k)):>14}" for k in keys)
                 lines.append(f"{i:>4}  {row['trial_id']:<14}{cells}")
         if self.importances:
-            lines.append("parameter importances: " + ", ".join(
-                f"{k}={v:.2f}" for k, v in self.importances.items()))
+            lines.append(
+                "parameter importances: "
+                + ", ".join(f"{k}={v:.2f}" for k, v in self.importances.items())
+            )
         if self.runs_url:
             lines.append(f"MLflow runs: {self.runs_url}")
         if self.export_command:
@@ -265,14 +289,28 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)[:13]
 
 
-def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
-         address: str | None = None, gpus_per_trial: float = 0.0, workers_per_trial: int = 1,
-         max_concurrent: int | None = None, name: str | None = None, resume: bool = False,
-         storage: str | Path | None = None, seed: int = 0, workdir: str | Path = "mlruns",
-         mlflow_uri: str | None = None, cpus_per_worker: float = 1.0,
-         initial_points: list[dict[str, Any]] | None = None, sampler: str = "tpe",
-         driver_resource: str | None = None, verbose: bool = False,
-         echo: Callable[[str], Any] = print) -> SweepSummary:
+def tune(
+    store: str | Path,
+    space_path: str | Path,
+    *,
+    num_samples: int = 4,
+    address: str | None = None,
+    gpus_per_trial: float = 0.0,
+    workers_per_trial: int = 1,
+    max_concurrent: int | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    storage: str | Path | None = None,
+    seed: int = 0,
+    workdir: str | Path = "mlruns",
+    mlflow_uri: str | None = None,
+    cpus_per_worker: float = 1.0,
+    initial_points: list[dict[str, Any]] | None = None,
+    sampler: str = "tpe",
+    driver_resource: str | None = None,
+    verbose: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> SweepSummary:
     """Run (or ``resume``) a sweep; returns the ranked trials and where to look.
 
     ``initial_points``: configs (sampled keys only) to evaluate first, e.g. known-good
@@ -301,8 +339,11 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     if not sweep or "/" in sweep or sweep.startswith("."):
         raise UserError(f"--name: {sweep!r} is not a valid sweep name")
     workdir = Path(workdir)
-    storage = str(storage) if storage and "://" in str(storage) else \
-        str(Path(storage or workdir / "ray_results").resolve())
+    storage = (
+        str(storage)
+        if storage and "://" in str(storage)
+        else str(Path(storage or workdir / "ray_results").resolve())
+    )
     sweep_dir = f"{storage.rstrip('/')}/{sweep}"
 
     import ray
@@ -310,67 +351,102 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     from ray.tune.schedulers import ASHAScheduler
 
     from vfsearch.adapters.ray_runtime import connect_ray
-    from vfsearch.pipelines.train.driver import git_commit
     from vfsearch.adapters.ray_searcher import FinalMetricOptunaSearch
+    from vfsearch.pipelines.train.driver import git_commit
 
     exists = rtune.Tuner.can_restore(sweep_dir)
     if resume and not exists:
         raise UserError(f"--resume: no sweep {sweep!r} under {storage} to resume")
     if exists and not resume:
-        raise UserError(f"--name: sweep {sweep!r} already exists under {storage}; "
-                        f"pass --resume to continue it or choose another --name")
+        raise UserError(
+            f"--name: sweep {sweep!r} already exists under {storage}; "
+            f"pass --resume to continue it or choose another --name"
+        )
 
     mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
     tracker = Tracker(mlflow_uri)
     parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     gpus_per_worker = gpus_per_trial / workers_per_trial
-    connect_ray(address, num_cpus_needed=workers_per_trial + DRIVER_CPUS,
-                num_gpus_needed=gpus_per_trial,
-                resources={driver_resource: 1.0} if driver_resource else None,
-                verbose=verbose)
+    connect_ray(
+        address,
+        num_cpus_needed=workers_per_trial * cpus_per_worker + DRIVER_CPUS,
+        num_gpus_needed=gpus_per_trial,
+        resources={driver_resource: 1.0} if driver_resource else None,
+        verbose=verbose,
+    )
     cluster = ray.cluster_resources()
     if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
-        raise UserError(f"--driver-resource: no node of the Ray cluster offers the resource "
-                        f"{driver_resource!r} (start the head with --resources "
-                        f"'{{\"{driver_resource}\": 1}}')")
-    auto = max_concurrent_trials(cluster, workers=workers_per_trial,
-                                 cpus_per_worker=cpus_per_worker,
-                                 gpus_per_worker=gpus_per_worker,
-                                 driver_resource=driver_resource)
+        raise UserError(
+            f"--driver-resource: no node of the Ray cluster offers the resource "
+            f"{driver_resource!r} (start the head with --resources "
+            f"'{{\"{driver_resource}\": 1}}')"
+        )
+    auto = max_concurrent_trials(
+        cluster,
+        workers=workers_per_trial,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        driver_resource=driver_resource,
+    )
     # on a joined cluster an explicit cap may exceed what runs now: pending trials make the
     # autoscaler add nodes; a local Ray cannot grow, so there the resources bound it
     joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    concurrent = max_concurrent if (max_concurrent and joined) else \
-        min(max_concurrent or auto, auto)
+    concurrent = (
+        max_concurrent if (max_concurrent and joined) else min(max_concurrent or auto, auto)
+    )
     if parent is None:
-        parent = tracker.start_run(SWEEP_EXPERIMENT, sweep, tags={
-            SWEEP_TAG: sweep, SPACE_FILE_TAG: str(space_path), "seed": seed,
-            GIT_COMMIT_TAG: git_commit(), STORE_TAG: str(store),
-            FINGERPRINT_TAG: json.dumps(fingerprint, sort_keys=True)[:5000],
-            "ray.version": ray.__version__, "ray.nodes": len(ray.nodes()),
-            "ray.cluster_resources": json.dumps(cluster, sort_keys=True)})
-        tracker.log_params(parent, {"sweep.num_samples": num_samples, "sweep.seed": seed,
-                                    "sweep.space": Path(space_path).name,
-                                    "sweep.workers_per_trial": workers_per_trial,
-                                    "sweep.gpus_per_trial": gpus_per_trial,
-                                    "sweep.max_concurrent": concurrent,
-                                    "sweep.epochs": space.epochs, "sweep.sampler": sampler,
-                                    "sweep.driver_resource": driver_resource or "cpu"})
+        parent = tracker.start_run(
+            SWEEP_EXPERIMENT,
+            sweep,
+            tags={
+                SWEEP_TAG: sweep,
+                SPACE_FILE_TAG: str(space_path),
+                "seed": seed,
+                GIT_COMMIT_TAG: git_commit(),
+                STORE_TAG: str(store),
+                FINGERPRINT_TAG: json.dumps(fingerprint, sort_keys=True)[:5000],
+                "ray.version": ray.__version__,
+                "ray.nodes": len(ray.nodes()),
+                "ray.cluster_resources": json.dumps(cluster, sort_keys=True),
+            },
+        )
+        tracker.log_params(
+            parent,
+            {
+                "sweep.num_samples": num_samples,
+                "sweep.seed": seed,
+                "sweep.space": Path(space_path).name,
+                "sweep.workers_per_trial": workers_per_trial,
+                "sweep.gpus_per_trial": gpus_per_trial,
+                "sweep.max_concurrent": concurrent,
+                "sweep.epochs": space.epochs,
+                "sweep.sampler": sampler,
+                "sweep.driver_resource": driver_resource or "cpu",
+            },
+        )
         tracker.log_artifact(parent, space_path, SEARCH_SPACE_DIR)
     else:
         tracker.resume_run(parent)
     runs_url = tracking.runs_url(mlflow_uri, tracker.experiment_of(parent))
-    echo(f"sweep {sweep}: {num_samples} trial(s), up to {concurrent} at once; "
-         f"MLflow {runs_url}")
+    echo(f"sweep {sweep}: {num_samples} trial(s), up to {concurrent} at once; MLflow {runs_url}")
 
-    ctx = SweepContext(store=str(Path(store).resolve()), space=space, sweep=sweep,
-                       storage=str(Path(storage) / sweep / "trials") if "://" not in storage
-                       else f"{sweep_dir}/trials",
-                       mlflow_uri=mlflow_uri, experiment=SWEEP_EXPERIMENT, parent_run_id=parent,
-                       workers=workers_per_trial, gpus_per_worker=gpus_per_worker,
-                       cpus_per_worker=cpus_per_worker)
-    trainable = rtune.with_resources(rtune.with_parameters(_trial_driver, ctx=ctx),
-                                     driver_resources(driver_resource))
+    ctx = SweepContext(
+        store=str(Path(store).resolve()),
+        space=space,
+        sweep=sweep,
+        storage=str(Path(storage) / sweep / "trials")
+        if "://" not in storage
+        else f"{sweep_dir}/trials",
+        mlflow_uri=mlflow_uri,
+        experiment=SWEEP_EXPERIMENT,
+        parent_run_id=parent,
+        workers=workers_per_trial,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+    )
+    trainable = rtune.with_resources(
+        rtune.with_parameters(_trial_driver, ctx=ctx), driver_resources(driver_resource)
+    )
     optuna_db = study_storage(workdir)
     # Per-epoch reports carry val_dice (ASHA's metric); val_dice3d arrives once, in the last
     # report, computed on the trial's best checkpoint, so the value Optuna is told (the last
@@ -395,31 +471,48 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
             names = [m for m, _ in space.objectives]
             modes = [d for _, d in space.objectives]
             searcher = FinalMetricOptunaSearch(
-                space.define_by_run, metric=names if space.multi_objective else names[0],
+                space.define_by_run,
+                metric=names if space.multi_objective else names[0],
                 mode=modes if space.multi_objective else modes[0],
-                sampler=optuna.samplers.TPESampler(
-                    seed=seed, n_startup_trials=space.startup_trials) if sampler == "tpe"
+                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials)
+                if sampler == "tpe"
                 else optuna.samplers.RandomSampler(seed=seed),
-                points_to_evaluate=initial_points or None, study_name=sweep,
-                storage=optuna.storages.RDBStorage(optuna_db))
+                points_to_evaluate=initial_points or None,
+                study_name=sweep,
+                storage=optuna.storages.RDBStorage(optuna_db),
+            )
             # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a
             # trial that ran all its epochs still has its final (val_dice3d) report to make
             # (a grace period covering every epoch means no early stopping: FIFO)
-            scheduler = ASHAScheduler(time_attr="epoch", metric=space.scheduler_metric,
-                                      mode=space.mode, max_t=space.epochs + 1,
-                                      grace_period=space.grace_period,
-                                      reduction_factor=space.reduction_factor) \
-                if space.grace_period < space.epochs else None
+            scheduler = (
+                ASHAScheduler(
+                    time_attr="epoch",
+                    metric=space.scheduler_metric,
+                    mode=space.mode,
+                    max_t=space.epochs + 1,
+                    grace_period=space.grace_period,
+                    reduction_factor=space.reduction_factor,
+                )
+                if space.grace_period < space.epochs
+                else None
+            )
             callbacks = [_status_callback(ctx)]
             if progress.enabled():
                 callbacks.append(_trial_lines(space, num_samples, concurrent))
             tuner = rtune.Tuner(
                 trainable,
-                tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                             num_samples=num_samples,
-                                             max_concurrent_trials=concurrent),
-                run_config=rtune.RunConfig(name=sweep, storage_path=storage,
-                                           callbacks=callbacks, verbose=1 if verbose else 0),
+                tune_config=rtune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=num_samples,
+                    max_concurrent_trials=concurrent,
+                ),
+                run_config=rtune.RunConfig(
+                    name=sweep,
+                    storage_path=storage,
+                    callbacks=callbacks,
+                    verbose=1 if verbose else 0,
+                ),
             )
         grid = tuner.fit()
     except BaseException:
@@ -430,10 +523,10 @@ def tune(store: str | Path, space_path: str | Path, *, num_samples: int = 4,
     return summary
 
 
-def pareto_front(rows: list[dict[str, Any]], objectives: tuple[tuple[str, str], ...]
-                 ) -> set[int]:
+def pareto_front(rows: list[dict[str, Any]], objectives: tuple[tuple[str, str], ...]) -> set[int]:
     """Indices of the rows no other row dominates (at least as good in every objective and
     better in one); rows missing an objective (stopped, failed) are never on the front."""
+
     def values(row: dict[str, Any]) -> list[float] | None:
         out = []
         for name, mode in objectives:
@@ -446,8 +539,9 @@ def pareto_front(rows: list[dict[str, Any]], objectives: tuple[tuple[str, str], 
     scored = [(i, v) for i, v in ((i, values(r)) for i, r in enumerate(rows)) if v is not None]
     front = set()
     for i, a in scored:
-        dominated = any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a
-                        for j, b in scored if j != i)
+        dominated = any(
+            all(x >= y for x, y in zip(b, a, strict=True)) and b != a for j, b in scored if j != i
+        )
         if not dominated:
             front.add(i)
     return front
@@ -460,18 +554,26 @@ def study_storage(workdir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _summarise(grid, space: SearchSpace, sweep: str, tracker: Tracker, parent: str,
-               optuna_db: str) -> SweepSummary:
+def _summarise(
+    grid, space: SearchSpace, sweep: str, tracker: Tracker, parent: str, optuna_db: str
+) -> SweepSummary:
     rows = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        row: dict[str, Any] = {"trial_id": str(trial_id),
-                               **{name: m.get(name) for name, _ in space.objectives}}
-        row.update({"val_dice": m.get("best_val_dice", m.get("val_dice")),
-                    "epoch": m.get("epoch"),
-                    "status": "failed" if result.error else
-                    ("completed" if m.get(space.metric) is not None else "stopped early")})
+        row: dict[str, Any] = {
+            "trial_id": str(trial_id),
+            **{name: m.get(name) for name, _ in space.objectives},
+        }
+        row.update(
+            {
+                "val_dice": m.get("best_val_dice", m.get("val_dice")),
+                "epoch": m.get("epoch"),
+                "status": "failed"
+                if result.error
+                else ("completed" if m.get(space.metric) is not None else "stopped early"),
+            }
+        )
         rows.append(row)
     sign = -1 if space.mode == "max" else 1
 
@@ -488,13 +590,20 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker: Tracker, parent: s
     summary = SweepSummary(sweep=sweep, table=rows, parent_run_id=parent)
     best = rows[0] if rows and key(rows[0])[0] == 0 else None
     summary.best = best
-    tags: dict[str, Any] = {"vfsearch.finished_trials": sum(r["status"] == "completed"
-                                                            for r in rows)}
+    tags: dict[str, Any] = {
+        "vfsearch.finished_trials": sum(r["status"] == "completed" for r in rows)
+    }
     if best is not None:
-        best_run = tracker.find_run(SWEEP_EXPERIMENT, RAY_RUN_TAG,
-                                    trial_run_name(sweep, best["trial_id"]))
-        tags.update({BEST_TRIAL_TAG: best["trial_id"], BEST_RUN_TAG: best_run or "",
-                     f"{BEST_PREFIX}{space.metric}": best[space.metric]})
+        best_run = tracker.find_run(
+            SWEEP_EXPERIMENT, RAY_RUN_TAG, trial_run_name(sweep, best["trial_id"])
+        )
+        tags.update(
+            {
+                BEST_TRIAL_TAG: best["trial_id"],
+                BEST_RUN_TAG: best_run or "",
+                f"{BEST_PREFIX}{space.metric}": best[space.metric],
+            }
+        )
         tracker.log_metrics(parent, {f"{BEST_PREFIX}{space.metric}": best[space.metric]}, 0)
         summary.export_command = f"vfsearch export --sweep {sweep} --metric {space.metric}"
     if space.multi_objective:
@@ -505,8 +614,7 @@ def _summarise(grid, space: SearchSpace, sweep: str, tracker: Tracker, parent: s
     return summary
 
 
-def _importances(sweep: str, optuna_db: str, tracker: Tracker, parent: str
-                 ) -> dict[str, float]:
+def _importances(sweep: str, optuna_db: str, tracker: Tracker, parent: str) -> dict[str, float]:
     """Optuna's parameter importances, logged on the parent as JSON and a bar plot."""
     import optuna
 
@@ -519,8 +627,10 @@ def _importances(sweep: str, optuna_db: str, tracker: Tracker, parent: str
         # minimise (what Optuna's default PED-ANOVA evaluator ranks for)
         sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
         target = (lambda t: sign * t.values[0]) if len(study.directions) > 1 else None
-        importances = {k: float(v) for k, v in optuna.importance.get_param_importances(
-            study, target=target).items()}
+        importances = {
+            k: float(v)
+            for k, v in optuna.importance.get_param_importances(study, target=target).items()
+        }
     except (RuntimeError, ValueError, KeyError):  # too few distinct values to rank
         return {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -533,6 +643,13 @@ def _importances(sweep: str, optuna_db: str, tracker: Tracker, parent: str
     return importances
 
 
-__all__ = ["SweepSummary", "driver_resources", "max_concurrent_trials", "pareto_front",
-           "study_storage", "sweep_eta", "trial_run_name", "tune"]
-
+__all__ = [
+    "SweepSummary",
+    "driver_resources",
+    "max_concurrent_trials",
+    "pareto_front",
+    "study_storage",
+    "sweep_eta",
+    "trial_run_name",
+    "tune",
+]

@@ -99,17 +99,32 @@ class CaseView:
 
 
 # -- building a view ------------------------------------------------------------------------
-def view_from_files(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str | os.PathLike,
-                    *, fracture: str | os.PathLike | None = None, label_scheme: str = "verse",
-                    threshold: float | None = None, combine: str = "mean",
-                    device: str | torch.device | None = None,
-                    store: str | os.PathLike | Store | None = None,
-                    workdir: str | os.PathLike = "mlruns") -> CaseView:
+def view_from_files(
+    model_ref: ModelRef,
+    ct: str | os.PathLike,
+    vertebrae: str | os.PathLike,
+    *,
+    fracture: str | os.PathLike | None = None,
+    label_scheme: str = "verse",
+    threshold: float | None = None,
+    combine: str = "mean",
+    device: str | torch.device | None = None,
+    store: str | os.PathLike | Store | None = None,
+    workdir: str | os.PathLike = "mlruns",
+) -> CaseView:
     """Predict one CT (the `vfsearch.pipelines.predict` path) and bring everything to canonical
     orientation at the CT's own resolution. ``fracture``: ground truth on the CT's grid."""
-    case = predict_case(model_ref, ct, vertebrae, label_scheme=label_scheme,
-                        threshold=threshold, combine=combine, device=device, store=store,
-                        workdir=workdir)
+    case = predict_case(
+        model_ref,
+        ct,
+        vertebrae,
+        label_scheme=label_scheme,
+        threshold=threshold,
+        combine=combine,
+        device=device,
+        store=store,
+        workdir=workdir,
+    )
     vol = io.read_volume(ct, what="CT")
     truth = None
     if fracture is not None:
@@ -117,34 +132,59 @@ def view_from_files(model_ref: ModelRef, ct: str | os.PathLike, vertebrae: str |
         if not vol.geometry.same_space(gt.geometry, vol.shape, gt.shape):
             raise UserError(f"{fracture}: fracture mask grid differs from the CT's")
         truth = gt.array > 0
-        if gt.shape != vol.shape or not np.allclose(gt.geometry.direction,
-                                                    vol.geometry.direction, atol=1e-4):
-            truth = io.resample_to(truth.astype(np.uint8), gt.geometry, vol.geometry,
-                                   vol.shape, nearest=True) > 0
+        if gt.shape != vol.shape or not np.allclose(
+            gt.geometry.direction, vol.geometry.direction, atol=1e-4
+        ):
+            truth = (
+                io.resample_to(
+                    truth.astype(np.uint8), gt.geometry, vol.geometry, vol.shape, nearest=True
+                )
+                > 0
+            )
     ro = canonical_reorientation(vol.geometry)
     ct_c, geom_c, _ = to_canonical(vol.array, vol.geometry)
     labels_c = ro.apply(case.labels)
     spine = None
     if case.prepared.vertebrae_source == "boxes":
         spine = (labels_c > 0) & (ct_c >= 150)  # boxes only: bone inside them
-    crops = {c.vid: CropView(c.vid, c.arrays["image"], Geometry.from_dict(c.attrs["geometry"]))
-             for c in case.prepared.crops}
-    return CaseView(case.case_id, ct_c, ro.apply(case.prob), labels_c,
-                    ro.apply(truth) if truth is not None else None, geom_c, case.threshold,
-                    case.models, crops, spine)
+    crops = {
+        c.vid: CropView(c.vid, c.arrays["image"], Geometry.from_dict(c.attrs["geometry"]))
+        for c in case.prepared.crops
+    }
+    return CaseView(
+        case.case_id,
+        ct_c,
+        ro.apply(case.prob),
+        labels_c,
+        ro.apply(truth) if truth is not None else None,
+        geom_c,
+        case.threshold,
+        case.models,
+        crops,
+        spine,
+    )
 
 
-def view_from_store(models: Sequence[LoadedModel], store: Store, case_id: str, *,
-                    threshold: float | None = None, combine: str = "mean",
-                    batch_size: int = 16) -> CaseView:
+def view_from_store(
+    models: Sequence[LoadedModel],
+    store: Store,
+    case_id: str,
+    *,
+    threshold: float | None = None,
+    combine: str = "mean",
+    batch_size: int = 16,
+) -> CaseView:
     """A stored case at the store's resolution: crops pasted into the case's resampled
     canonical grid (outside the crops: -1024 HU), probability fused over the crops
     (`vfsearch.core.inference.fuse_crops`, on that grid: no resampling)."""
     attrs = store.case_attrs(case_id)
     geometry = Geometry.from_dict(attrs["resampled_geometry"])
     shape = tuple(int(v) for v in attrs["resampled_shape"])
-    t = float(threshold if threshold is not None else
-              (getattr(models[0], "threshold", None) or DEFAULT_THRESHOLD))
+    t = float(
+        threshold
+        if threshold is not None
+        else (getattr(models[0], "threshold", None) or DEFAULT_THRESHOLD)
+    )
     ct = np.full(shape, -1024, np.int16)
     labels = np.zeros(shape, np.uint8)
     truth = np.zeros(shape, bool)
@@ -158,8 +198,14 @@ def view_from_store(models: Sequence[LoadedModel], store: Store, case_id: str, *
         labels[dst] = np.where(store.read(case_id, vid, "mask") > 0, vid, labels[dst])
         truth[dst] |= store.read(case_id, vid, "fracture") > 0
         crops[vid] = CropView(vid, image, Geometry.from_dict(va["geometry"]))
-    fused = fuse_crops(models, [ModelCrop(c.vid, c.image, c.geometry) for c in crops.values()],
-                       geometry, shape, resampler=None, batch_size=batch_size)
+    fused = fuse_crops(
+        models,
+        [ModelCrop(c.vid, c.image, c.geometry) for c in crops.values()],
+        geometry,
+        shape,
+        resampler=None,
+        batch_size=batch_size,
+    )
     prob = combine_maps(fused.maps, ((0, 0, 0), shape), combine, t).result()
     return CaseView(case_id, ct, prob, labels, truth, geometry, t, list(models), crops)
 
@@ -181,8 +227,11 @@ class Finding:
 
     @property
     def caption(self) -> str:
-        what = {(True, True): "predicted + true fracture", (True, False): "predicted fracture",
-                (False, True): "true fracture (missed)"}.get((self.predicted, self.true), "")
+        what = {
+            (True, True): "predicted + true fracture",
+            (True, False): "predicted fracture",
+            (False, True): "true fracture (missed)",
+        }.get((self.predicted, self.true), "")
         return f"{self.name}: score {self.score:.2f}, {what}"
 
 
@@ -241,8 +290,16 @@ def _slug(text: str) -> str:
 
 
 def _heat_row(view: CaseView, f: Finding) -> list[Any]:
-    return viz.ortho_panels(view.ct, view.prob, view.truth, view.geometry.spacing,
-                            view.geometry.origin, f.focus, box_zyx=f.box, label=f.name)
+    return viz.ortho_panels(
+        view.ct,
+        view.prob,
+        view.truth,
+        view.geometry.spacing,
+        view.geometry.origin,
+        f.focus,
+        box_zyx=f.box,
+        label=f.name,
+    )
 
 
 def _attention_rows(view: CaseView, f: Finding) -> list[list[Any]]:
@@ -261,8 +318,10 @@ def _attention_rows(view: CaseView, f: Finding) -> list[list[Any]]:
         ct2d = np.moveaxis(crop.image, axis, 0)[int(idx[axis])]
         sp = crop.geometry.spacing
         row = [viz.crop_panel(ct2d, prob, lm.plane, sp, f"{f.name} {lm.plane}: probability")]
-        row += [viz.crop_panel(ct2d, a, lm.plane, sp, f"gate level {lv} "
-                               f"(1/{2 ** lv} resolution)") for lv, a in enumerate(alphas)]
+        row += [
+            viz.crop_panel(ct2d, a, lm.plane, sp, f"gate level {lv} (1/{2**lv} resolution)")
+            for lv, a in enumerate(alphas)
+        ]
         if not alphas:
             row[0].title += " (model has no attention gates)"
         rows.append(row)
@@ -292,51 +351,94 @@ def render_3d(view: CaseView, out: Path, *, html: bool = False) -> dict[str, Any
     tones = np.asarray(SPINE_RGB)
     spine_rgb = tones[(spine.values.astype(int) % 2)]
     files["spine_stl"] = str(meshes.write_stl(out / "spine.stl", spine, name="vfsearch spine"))
-    files["spine_ply"] = str(meshes.write_ply(out / "spine.ply", spine,
-                                              (spine_rgb * 255).astype(np.uint8),
-                                              value_name="vertebra"))
+    files["spine_ply"] = str(
+        meshes.write_ply(
+            out / "spine.ply", spine, (spine_rgb * 255).astype(np.uint8), value_name="vertebra"
+        )
+    )
     frac_rgb = cmap(np.clip(frac.values, 0, 1))[:, :3]
     if frac.n_faces:
-        files["fracture_stl"] = str(meshes.write_stl(out / "fracture.stl", frac,
-                                                     name="vfsearch fracture"))
-        files["fracture_ply"] = str(meshes.write_ply(out / "fracture.ply", frac,
-                                                     (frac_rgb * 255).astype(np.uint8),
-                                                     value_name="probability"))
+        files["fracture_stl"] = str(
+            meshes.write_stl(out / "fracture.stl", frac, name="vfsearch fracture")
+        )
+        files["fracture_ply"] = str(
+            meshes.write_ply(
+                out / "fracture.ply",
+                frac,
+                (frac_rgb * 255).astype(np.uint8),
+                value_name="probability",
+            )
+        )
     if view.truth is not None and view.truth.any():
         truth = meshes.surface(view.truth, view.geometry, smooth_mm=0.5)
-        files["truth_stl"] = str(meshes.write_stl(out / "truth.stl", truth,
-                                                  name="vfsearch ground truth"))
-    files["components"] = {"spine": meshes.components(spine.faces, len(spine.vertices)),
-                           "fracture": meshes.components(frac.faces, len(frac.vertices))}
+        files["truth_stl"] = str(
+            meshes.write_stl(out / "truth.stl", truth, name="vfsearch ground truth")
+        )
+    files["components"] = {
+        "spine": meshes.components(spine.faces, len(spine.vertices)),
+        "fracture": meshes.components(frac.faces, len(frac.vertices)),
+    }
 
-    r_spine = _mesh_for_render(lambda s: meshes.label_surfaces(labels, view.geometry, ids=ids,
-                                                               step=s), spine.n_faces) or spine
-    r_frac = _mesh_for_render(lambda s: meshes.probability_surface(
-        view.prob, view.geometry, view.threshold, step=s), frac.n_faces) or frac
+    r_spine = (
+        _mesh_for_render(
+            lambda s: meshes.label_surfaces(labels, view.geometry, ids=ids, step=s), spine.n_faces
+        )
+        or spine
+    )
+    r_frac = (
+        _mesh_for_render(
+            lambda s: meshes.probability_surface(view.prob, view.geometry, view.threshold, step=s),
+            frac.n_faces,
+        )
+        or frac
+    )
     alpha = 0.3 if r_frac.n_faces else 1.0  # see-through bone when there is a fracture inside
-    sp_face = np.concatenate([tones[(r_spine.values[r_spine.faces[:, 0]].astype(int) % 2)],
-                              np.full((r_spine.n_faces, 1), alpha)], axis=1)
-    fr_face = cmap(np.clip(r_frac.values[r_frac.faces].mean(axis=1), 0, 1)) \
-        if r_frac.n_faces else np.zeros((0, 4))
+    sp_face = np.concatenate(
+        [
+            tones[(r_spine.values[r_spine.faces[:, 0]].astype(int) % 2)],
+            np.full((r_spine.n_faces, 1), alpha),
+        ],
+        axis=1,
+    )
+    fr_face = (
+        cmap(np.clip(r_frac.values[r_frac.faces].mean(axis=1), 0, 1))
+        if r_frac.n_faces
+        else np.zeros((0, 4))
+    )
     both = meshes.concat([r_spine, r_frac])
-    title = (f"{view.case_id}: spine surface, predicted fracture regions (p >= "
-             f"{view.threshold:.2f}) coloured by peak probability")
-    png = viz.render_mesh(both.vertices, both.faces, np.concatenate([sp_face, fr_face]),
-                          out / "render_3d.png", title=title,
-                          colorbar=("peak fracture probability", view.threshold, 1.0,
-                                    PROB_CMAP) if r_frac.n_faces else None)
+    title = (
+        f"{view.case_id}: spine surface, predicted fracture regions (p >= "
+        f"{view.threshold:.2f}) coloured by peak probability"
+    )
+    png = viz.render_mesh(
+        both.vertices,
+        both.faces,
+        np.concatenate([sp_face, fr_face]),
+        out / "render_3d.png",
+        title=title,
+        colorbar=("peak fracture probability", view.threshold, 1.0, PROB_CMAP)
+        if r_frac.n_faces
+        else None,
+    )
     files["render_3d"] = str(png)
     if html:
-        parts = [("spine", r_spine, (spine_rgb if r_spine is spine else
-                                     tones[(r_spine.values.astype(int) % 2)]), alpha)]
+        parts = [
+            (
+                "spine",
+                r_spine,
+                (spine_rgb if r_spine is spine else tones[(r_spine.values.astype(int) % 2)]),
+                alpha,
+            )
+        ]
         if r_frac.n_faces:
             parts.append(("fracture", r_frac, cmap(np.clip(r_frac.values, 0, 1))[:, :3], 1.0))
         files["html"] = str(write_html(out / "view_3d.html", parts, title=title))
     return files
 
 
-def render_case(view: CaseView, out: str | os.PathLike, *, html: bool = False,
-                max_vertebrae: int | None = None) -> dict[str, Any]:
+def render_case(
+    view: CaseView, out: str | os.PathLike, *, html: bool = False, max_vertebrae: int | None = None
+) -> dict[str, Any]:
     """Every picture and mesh of one case into folder ``out``; returns a summary (files,
     flagged vertebrae, picture sizes) that is also written as ``pictures.json``."""
     out = Path(out)
@@ -349,42 +451,86 @@ def render_case(view: CaseView, out: str | os.PathLike, *, html: bool = False,
         row = _heat_row(view, f)
         heat_rows.append(row)
         captions.append(f.caption)
-        pictures.append(str(viz.montage([row], out / f"heatmap_{_slug(f.name)}.png",
-                                        title=f"{view.case_id} {f.caption}")))
+        pictures.append(
+            str(
+                viz.montage(
+                    [row], out / f"heatmap_{_slug(f.name)}.png", title=f"{view.case_id} {f.caption}"
+                )
+            )
+        )
         rows = _attention_rows(view, f)
         if rows:
             att_rows += rows
-            pictures.append(str(viz.montage(
-                rows, out / f"attention_{_slug(f.name)}.png", cmap=viz.ATTENTION_CMAP,
-                floor=0.0, alpha=0.45, overlay_label="probability / attention coefficient",
-                title=f"{view.case_id} {f.name}: attention gates on the model's slice")))
+            pictures.append(
+                str(
+                    viz.montage(
+                        rows,
+                        out / f"attention_{_slug(f.name)}.png",
+                        cmap=viz.ATTENTION_CMAP,
+                        floor=0.0,
+                        alpha=0.45,
+                        overlay_label="probability / attention coefficient",
+                        title=f"{view.case_id} {f.name}: attention gates on the model's slice",
+                    )
+                )
+            )
     if heat_rows:
         title = f"{view.case_id}: " + "; ".join(captions)
     else:  # nothing flagged: one overview row through the middle of the labelled spine
         pts = np.argwhere(view.labels > 0)
-        centre = tuple(int(v) for v in (np.median(pts, axis=0) if len(pts) else
-                                        np.asarray(view.ct.shape) // 2))
-        heat_rows = [viz.ortho_panels(view.ct, view.prob, view.truth, view.geometry.spacing,
-                                      view.geometry.origin, centre, label="spine")]
+        centre = tuple(
+            int(v) for v in (np.median(pts, axis=0) if len(pts) else np.asarray(view.ct.shape) // 2)
+        )
+        heat_rows = [
+            viz.ortho_panels(
+                view.ct,
+                view.prob,
+                view.truth,
+                view.geometry.spacing,
+                view.geometry.origin,
+                centre,
+                label="spine",
+            )
+        ]
         title = f"{view.case_id}: no fracture predicted (threshold {view.threshold:.2f}) or given"
     pictures.insert(0, str(viz.montage(heat_rows, out / "heatmap_case.png", title=title)))
     if att_rows:
-        pictures.insert(1, str(viz.montage(
-            att_rows, out / "attention_case.png", cmap=viz.ATTENTION_CMAP, floor=0.0,
-            alpha=0.45,
-            overlay_label="probability / attention coefficient",
-            title=f"{view.case_id}: attention gates (finest level first)")))
+        pictures.insert(
+            1,
+            str(
+                viz.montage(
+                    att_rows,
+                    out / "attention_case.png",
+                    cmap=viz.ATTENTION_CMAP,
+                    floor=0.0,
+                    alpha=0.45,
+                    overlay_label="probability / attention coefficient",
+                    title=f"{view.case_id}: attention gates (finest level first)",
+                )
+            ),
+        )
     files = render_3d(view, out, html=html)
     pictures.append(files["render_3d"])
-    summary = {"case_id": view.case_id, "threshold": view.threshold,
-               "findings": [{"vertebra": f.vid, "name": f.name, "predicted": f.predicted,
-                             "true": f.true, "score": round(f.score, 4),
-                             "focus_zyx": list(f.focus)} for f in found],
-               "pictures": {p: list(viz.png_size(p)) for p in pictures},
-               "meshes": {k: v for k, v in files.items() if k not in ("render_3d", "components")},
-               "mesh_components": files["components"],
-               "orientation": "canonical: x patient-left, y posterior, z superior; meshes in "
-                              "physical LPS mm"}
+    summary = {
+        "case_id": view.case_id,
+        "threshold": view.threshold,
+        "findings": [
+            {
+                "vertebra": f.vid,
+                "name": f.name,
+                "predicted": f.predicted,
+                "true": f.true,
+                "score": round(f.score, 4),
+                "focus_zyx": list(f.focus),
+            }
+            for f in found
+        ],
+        "pictures": {p: list(viz.png_size(p)) for p in pictures},
+        "meshes": {k: v for k, v in files.items() if k not in ("render_3d", "components")},
+        "mesh_components": files["components"],
+        "orientation": "canonical: x patient-left, y posterior, z superior; meshes in "
+        "physical LPS mm",
+    }
     (out / "pictures.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["files"] = [*pictures, *summary["meshes"].values(), str(out / "pictures.json")]
     return summary
@@ -430,8 +576,12 @@ cv.onwheel=e=>{e.preventDefault();zoom*=e.deltaY<0?1.1:1/1.1;draw();};draw();
 """
 
 
-def write_html(path: str | os.PathLike, parts: Sequence[tuple[str, Any, np.ndarray, float]],
-               *, title: str = "vfsearch 3D view") -> Path:
+def write_html(
+    path: str | os.PathLike,
+    parts: Sequence[tuple[str, Any, np.ndarray, float]],
+    *,
+    title: str = "vfsearch 3D view",
+) -> Path:
     """A self-contained HTML page (no external scripts) with the meshes embedded and a tiny
     canvas viewer (rotate, zoom). ``parts``: (name, `vfsearch.adapters.meshes.Mesh`, per-vertex RGB
     (n, 3) in [0, 1], opacity)."""
@@ -439,10 +589,14 @@ def write_html(path: str | os.PathLike, parts: Sequence[tuple[str, Any, np.ndarr
 
     data = []
     for _name, m, rgb, alpha in parts:
-        data.append({"v": np.round(m.vertices.astype(np.float64), 2).ravel().tolist(),
-                     "f": m.faces.ravel().tolist(),
-                     "c": (np.clip(np.asarray(rgb), 0, 1) * 255).astype(int).ravel().tolist(),
-                     "a": float(alpha)})
+        data.append(
+            {
+                "v": np.round(m.vertices.astype(np.float64), 2).ravel().tolist(),
+                "f": m.faces.ravel().tolist(),
+                "c": (np.clip(np.asarray(rgb), 0, 1) * 255).astype(int).ravel().tolist(),
+                "a": float(alpha),
+            }
+        )
     text = _HTML % {"title": html_mod.escape(title), "data": json.dumps(data)}
     p = Path(path)
     p.write_text(text, encoding="utf-8")
@@ -453,19 +607,21 @@ def write_html(path: str | os.PathLike, parts: Sequence[tuple[str, Any, np.ndarr
 def run_history(tracker: Tracker, run_id: str) -> dict[str, list[tuple[float, float]]]:
     """Every metric of an MLflow run as ``{key: [(step, value), ...]}``."""
     run = tracker.get_run(run_id)
-    return {k: [(float(m.step), float(m.value)) for m in tracker.get_metric_history(run_id, k)]
-            for k in run.data.metrics}
+    return {
+        k: [(float(m.step), float(m.value)) for m in tracker.get_metric_history(run_id, k)]
+        for k in run.data.metrics
+    }
 
 
 def child_runs(tracker: Tracker, run_id: str) -> list[Any]:
     """The nested runs of a parent (a sweep's trials)."""
     exp = tracker.experiment_of(run_id)
-    return tracker.search_runs([exp], f"tags.`{PARENT_RUN_TAG}` = '{run_id}'",
-                               max_results=5000)
+    return tracker.search_runs([exp], f"tags.`{PARENT_RUN_TAG}` = '{run_id}'", max_results=5000)
 
 
-def sweep_data(tracker: Tracker, run_id: str, *, metric: str = "val_dice"
-               ) -> tuple[dict[str, list[tuple[float, float]]] | None, dict[str, float]]:
+def sweep_data(
+    tracker: Tracker, run_id: str, *, metric: str = "val_dice"
+) -> tuple[dict[str, list[tuple[float, float]]] | None, dict[str, float]]:
     """A sweep parent's trials ``{run name: [(epoch, metric), ...]}`` (None when the run has
     no nested runs) and the parameter importances it logged (``{}`` when none)."""
     children = child_runs(tracker, run_id)
@@ -475,21 +631,23 @@ def sweep_data(tracker: Tracker, run_id: str, *, metric: str = "val_dice"
     for child in children:
         name = child.data.tags.get("mlflow.runName") or child.info.run_id[:8]
         if metric in child.data.metrics:
-            trials[name] = [(float(m.step), float(m.value)) for m in
-                            tracker.get_metric_history(child.info.run_id, metric)]
+            trials[name] = [
+                (float(m.step), float(m.value))
+                for m in tracker.get_metric_history(child.info.run_id, metric)
+            ]
     importances: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = tracker.download_artifacts(run_id, IMPORTANCES_FILE, tmp)
-            importances = {str(k): float(v) for k, v in
-                           json.loads(Path(local).read_text()).items()}
+            importances = {str(k): float(v) for k, v in json.loads(Path(local).read_text()).items()}
     except Exception:  # noqa: BLE001 - none logged (fewer than 2 finished trials)
         importances = {}
     return trials, importances
 
 
-def curve_pictures(tracker: Tracker, run_id: str, out: str | os.PathLike, *,
-                   metric: str = "val_dice") -> list[Path]:
+def curve_pictures(
+    tracker: Tracker, run_id: str, out: str | os.PathLike, *, metric: str = "val_dice"
+) -> list[Path]:
     """Training curves of a run; for a sweep's parent run (one with nested runs) also
     ``metric`` against budget over its trials and the parameter importances it logged
     (``importances/param_importances.json``, written by `vfsearch.pipelines.tune`)."""
@@ -498,20 +656,25 @@ def curve_pictures(tracker: Tracker, run_id: str, out: str | os.PathLike, *,
     written = []
     history = run_history(tracker, run_id)
     if any(len(v) > 1 for v in history.values()):
-        written.append(viz.plot_training_curves(history, out / f"curves_{run_id[:8]}.png",
-                                                title=f"run {run_id}"))
+        written.append(
+            viz.plot_training_curves(
+                history, out / f"curves_{run_id[:8]}.png", title=f"run {run_id}"
+            )
+        )
     trials, importances = sweep_data(tracker, run_id, metric=metric)
     if trials is not None:
         written.append(viz.plot_budget(trials, out / "budget.png", metric=metric))
         written.append(viz.plot_importances(importances, out / "importances.png"))
     if not written:
-        raise UserError(f"--run: MLflow run {run_id} has no metric history and no nested runs "
-                        f"to plot")
+        raise UserError(
+            f"--run: MLflow run {run_id} has no metric history and no nested runs to plot"
+        )
     return written
 
 
-def log_curves(tracker: Tracker, run_id: str, *, artifact_path: str = "curves",
-               metric: str = "val_dice") -> list[str]:
+def log_curves(
+    tracker: Tracker, run_id: str, *, artifact_path: str = "curves", metric: str = "val_dice"
+) -> list[str]:
     """`curve_pictures` of ``run_id`` logged on that run under ``artifact_path``."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = curve_pictures(tracker, run_id, tmp, metric=metric)
@@ -535,12 +698,21 @@ def pick_case(store: Store, split: str = "val") -> str | None:
     return ids[0] if ids else None
 
 
-def log_visualisations(tracker: Tracker, run_id: str, model: torch.nn.Module | LoadedModel,
-                       store: str | os.PathLike | Store, config: Config | None = None,
-                       *, case_id: str | None = None, split: str = "val",
-                       threshold: float | None = None, combine: str = "mean",
-                       artifact_path: str = "visualisations", max_vertebrae: int = 4,
-                       html: bool = False) -> list[str]:
+def log_visualisations(
+    tracker: Tracker,
+    run_id: str,
+    model: torch.nn.Module | LoadedModel,
+    store: str | os.PathLike | Store,
+    config: Config | None = None,
+    *,
+    case_id: str | None = None,
+    split: str = "val",
+    threshold: float | None = None,
+    combine: str = "mean",
+    artifact_path: str = "visualisations",
+    max_vertebrae: int = 4,
+    html: bool = False,
+) -> list[str]:
     """Render one case of a training store for a trained model and log the pictures and
     meshes on MLflow run ``run_id`` under ``artifact_path/<case>/``.
 
@@ -556,8 +728,14 @@ def log_visualisations(tracker: Tracker, run_id: str, model: torch.nn.Module | L
         if config is None:
             raise ValueError("log_visualisations: a bare module needs its config")
         meta = st.meta
-        lm = LoadedModel(model.eval(), config, st.fingerprint, tuple(meta["spacing"]),
-                         float(meta["margin_mm"]), source="training run")
+        lm = LoadedModel(
+            model.eval(),
+            config,
+            st.fingerprint,
+            tuple(meta["spacing"]),
+            float(meta["margin_mm"]),
+            source="training run",
+        )
     if lm.kind != "segmentation":
         return []
     cid = case_id or pick_case(st, split)
@@ -565,8 +743,7 @@ def log_visualisations(tracker: Tracker, run_id: str, model: torch.nn.Module | L
         return []
     view = view_from_store([lm], st, cid, threshold=threshold, combine=combine)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = render_case(view, Path(tmp, _slug(cid)), html=html,
-                              max_vertebrae=max_vertebrae)
+        summary = render_case(view, Path(tmp, _slug(cid)), html=html, max_vertebrae=max_vertebrae)
         dest = f"{artifact_path}/{_slug(cid)}"
         _log_folder(tracker, run_id, Path(tmp, _slug(cid)), dest)
         logged = [f"{dest}/{Path(f).name}" for f in summary["files"]]
@@ -574,15 +751,23 @@ def log_visualisations(tracker: Tracker, run_id: str, model: torch.nn.Module | L
 
 
 # -- the command --------------------------------------------------------------------------------
-def visualize(out: str | os.PathLike, *, model: ModelRef | None = None,
-              ct: str | os.PathLike | None = None,
-              vertebrae: str | os.PathLike | None = None,
-              fracture: str | os.PathLike | None = None, run: str | None = None,
-              label_scheme: str = "verse", threshold: float | None = None,
-              combine: str = "mean", device: str | torch.device | None = None,
-              store: str | os.PathLike | Store | None = None,
-              workdir: str | os.PathLike = "mlruns", html: bool = False,
-              log_to: str | None = None) -> dict[str, Any]:
+def visualize(
+    out: str | os.PathLike,
+    *,
+    model: ModelRef | None = None,
+    ct: str | os.PathLike | None = None,
+    vertebrae: str | os.PathLike | None = None,
+    fracture: str | os.PathLike | None = None,
+    run: str | None = None,
+    label_scheme: str = "verse",
+    threshold: float | None = None,
+    combine: str = "mean",
+    device: str | torch.device | None = None,
+    store: str | os.PathLike | Store | None = None,
+    workdir: str | os.PathLike = "mlruns",
+    html: bool = False,
+    log_to: str | None = None,
+) -> dict[str, Any]:
     """``vfsearch visualize``: pictures of a model on one CT and/or curves of an MLflow run.
 
     With ``ct``: ``model`` and ``vertebrae`` are needed (as `vfsearch.pipelines.predict.predict`);
@@ -607,9 +792,18 @@ def visualize(out: str | os.PathLike, *, model: ModelRef | None = None,
             raise UserError("visualize: a CT needs --model and --vertebrae")
         if fracture is not None and not Path(fracture).exists():
             raise UserError(f"--fracture: {fracture}: not found")
-        view = view_from_files(model, ct, vertebrae, fracture=fracture,
-                               label_scheme=label_scheme, threshold=threshold, combine=combine,
-                               device=device, store=store, workdir=workdir)
+        view = view_from_files(
+            model,
+            ct,
+            vertebrae,
+            fracture=fracture,
+            label_scheme=label_scheme,
+            threshold=threshold,
+            combine=combine,
+            device=device,
+            store=store,
+            workdir=workdir,
+        )
         case = render_case(view, out_dir, html=html)
         summary.update({k: v for k, v in case.items() if k != "files"})
         summary["files"] += case["files"]
@@ -631,8 +825,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Terminal lines of a `visualize` summary."""
     lines = []
     for f in summary.get("findings", []):
-        what = "+".join(w for w, on in (("predicted", f["predicted"]), ("true", f["true"]))
-                        if on)
+        what = "+".join(w for w, on in (("predicted", f["predicted"]), ("true", f["true"])) if on)
         lines.append(f"{f['name']:<5} score {f['score']:.3f}  {what}")
     if "findings" in summary and not summary["findings"]:
         lines.append("no vertebra with a predicted or true fracture")
@@ -640,7 +833,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CaseView", "CropView", "Finding", "curve_pictures", "findings", "format_summary",
-           "hottest_point", "log_curves", "log_visualisations", "pick_case", "render_3d",
-           "render_case", "run_history", "sweep_data", "view_from_files", "view_from_store",
-           "visualize", "write_html"]
+__all__ = [
+    "CaseView",
+    "CropView",
+    "Finding",
+    "curve_pictures",
+    "findings",
+    "format_summary",
+    "hottest_point",
+    "log_curves",
+    "log_visualisations",
+    "pick_case",
+    "render_3d",
+    "render_case",
+    "run_history",
+    "sweep_data",
+    "view_from_files",
+    "view_from_store",
+    "visualize",
+    "write_html",
+]

@@ -49,18 +49,29 @@ def retry(fn: Callable[[], T], *, attempts: int | None = None, delay: float = 1.
         except (ConnectionError, OSError, MlflowException) as exc:
             text = str(exc)
             transient = not isinstance(exc, MlflowException) or any(
-                s in text for s in ("Connection", "connection", "Max retries", "timed out",
-                                    "Temporary", "503", "502"))
+                s in text
+                for s in (
+                    "Connection",
+                    "connection",
+                    "Max retries",
+                    "timed out",
+                    "Temporary",
+                    "503",
+                    "502",
+                )
+            )
             attempt += 1
             wait = min(delay * 2 ** (attempt - 1), 15.0)
-            out_of_time = (attempt >= attempts if attempts is not None
-                           else time.monotonic() + wait > deadline)
+            out_of_time = (
+                attempt >= attempts if attempts is not None else time.monotonic() + wait > deadline
+            )
             if not transient or out_of_time:
                 if isinstance(exc, MlflowException) and classify(exc) in (AUTH, UNREACHABLE):
                     # MLflow's message buries the cause in a urllib3 repr or an HTML body
                     env = os.environ.get(ENV_URI, "").strip()
-                    raise UserError(f"{f'{ENV_URI} {env}' if env else 'MLflow tracking server'}"
-                                    f": {explain(exc)}") from exc
+                    raise UserError(
+                        f"{f'{ENV_URI} {env}' if env else 'MLflow tracking server'}: {explain(exc)}"
+                    ) from exc
                 raise
             time.sleep(wait)
 
@@ -115,20 +126,27 @@ class Tracker:
 
         return retry(get_or_create)
 
-    def get_experiment_by_name(self, name: str, *, attempts: int | None = None
-                               ) -> Experiment | None:
+    def get_experiment_by_name(
+        self, name: str, *, attempts: int | None = None
+    ) -> Experiment | None:
         """Experiment ``name`` (deleted ones too), or None when there is none."""
         return retry(lambda: self.client.get_experiment_by_name(name), attempts=attempts)
 
-    def set_experiment_tag(self, experiment_id: str, key: str, value: str, *,
-                           attempts: int | None = None) -> None:
-        retry(lambda: self.client.set_experiment_tag(experiment_id, key, value),
-              attempts=attempts)
+    def set_experiment_tag(
+        self, experiment_id: str, key: str, value: str, *, attempts: int | None = None
+    ) -> None:
+        retry(lambda: self.client.set_experiment_tag(experiment_id, key, value), attempts=attempts)
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def start_run(self, experiment: str, run_name: str, *, tags: Mapping[str, Any] | None = None,
-                  parent_run_id: str | None = None) -> str:
+    def start_run(
+        self,
+        experiment: str,
+        run_name: str,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
         """Create a run (nested under ``parent_run_id`` if given); returns its id."""
         exp_id = self.experiment_id(experiment)
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -142,26 +160,41 @@ class Tracker:
         exp = self.get_experiment_by_name(experiment)
         if exp is None:
             return None
-        runs = self.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.search_runs(
+            [exp.experiment_id],
+            f"tags.`{tag}` = '{value}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
 
     def get_run(self, run_id: str, *, attempts: int | None = None) -> Run:
         """The run (info, params, metrics, tags); MlflowException when there is none."""
         return retry(lambda: self.client.get_run(run_id), attempts=attempts)
 
-    def search_runs(self, experiment_ids: Sequence[str], filter_string: str = "", *,
-                    max_results: int = 1000, order_by: Sequence[str] | None = None,
-                    page_token: str | None = None, attempts: int | None = None
-                    ) -> PagedList[Run]:
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        max_results: int = 1000,
+        order_by: Sequence[str] | None = None,
+        page_token: str | None = None,
+        attempts: int | None = None,
+    ) -> PagedList[Run]:
         """One page of runs (``.token`` names the next one; None: the last)."""
-        return retry(lambda: self.client.search_runs(
-            list(experiment_ids), filter_string=filter_string, max_results=max_results,
-            order_by=list(order_by) if order_by else None, page_token=page_token),
-            attempts=attempts)
+        return retry(
+            lambda: self.client.search_runs(
+                list(experiment_ids),
+                filter_string=filter_string,
+                max_results=max_results,
+                order_by=list(order_by) if order_by else None,
+                page_token=page_token,
+            ),
+            attempts=attempts,
+        )
 
-    def search_all_runs(self, experiment_ids: Sequence[str], filter_string: str = ""
-                        ) -> list[Run]:
+    def search_all_runs(self, experiment_ids: Sequence[str], filter_string: str = "") -> list[Run]:
         """Every run matching ``filter_string`` (every page)."""
         runs: list[Run] = []
         token = None
@@ -195,7 +228,7 @@ class Tracker:
         have = self.run_params(run_id)
         todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(todo), 100):
-            chunk = todo[i:i + 100]
+            chunk = todo[i : i + 100]
             retry(partial(self.client.log_batch, run_id, params=chunk))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -211,55 +244,61 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), now, int(step))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
         for i in range(0, len(items), 1000):
-            chunk = items[i:i + 1000]
+            chunk = items[i : i + 1000]
             retry(partial(self.client.log_batch, run_id, metrics=chunk))
 
     def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
         """Log one metric value as it is (NaN included, unlike `log_metrics`)."""
         retry(lambda: self.client.log_metric(run_id, key, float(value), step=step))
 
-    def get_metric_history(self, run_id: str, key: str, *, attempts: int | None = None
-                           ) -> list[Metric]:
+    def get_metric_history(
+        self, run_id: str, key: str, *, attempts: int | None = None
+    ) -> list[Metric]:
         """Every logged value of metric ``key`` (with its step and timestamp)."""
         return retry(lambda: self.client.get_metric_history(run_id, key), attempts=attempts)
 
     # -- artifacts --------------------------------------------------------------------------------
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None
-                     ) -> None:
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file under ``artifact_path``."""
         retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
-    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None
-                      ) -> None:
+    def log_artifacts(
+        self, run_id: str, folder: str | Path, artifact_path: str | None = None
+    ) -> None:
         """Upload every file of ``folder`` under ``artifact_path``."""
         retry(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
 
-    def list_artifacts(self, run_id: str, path: str | None = None, *,
-                       attempts: int | None = None) -> list[FileInfo]:
+    def list_artifacts(
+        self, run_id: str, path: str | None = None, *, attempts: int | None = None
+    ) -> list[FileInfo]:
         """The files and folders directly under ``path`` (``.path``, ``.is_dir``)."""
         return retry(lambda: self.client.list_artifacts(run_id, path), attempts=attempts)
 
-    def download_artifacts(self, run_id: str, path: str, dst: str | Path, *,
-                           attempts: int | None = None) -> str:
+    def download_artifacts(
+        self, run_id: str, path: str, dst: str | Path, *, attempts: int | None = None
+    ) -> str:
         """Download artifact ``path`` (a file or a folder) into ``dst``; its local path."""
-        return retry(lambda: self.client.download_artifacts(run_id, path, str(dst)),
-                     attempts=attempts)
+        return retry(
+            lambda: self.client.download_artifacts(run_id, path, str(dst)), attempts=attempts
+        )
 
     # -- the model registry -----------------------------------------------------------------------
 
-    def search_model_versions(self, filter_string: str, *, attempts: int | None = None
-                              ) -> list[ModelVersion]:
+    def search_model_versions(
+        self, filter_string: str, *, attempts: int | None = None
+    ) -> list[ModelVersion]:
         """Registered model versions matching ``filter_string`` (``name = 'n'``,
         ``run_id IN ('a', 'b')``...)."""
-        return retry(lambda: self.client.search_model_versions(filter_string),
-                     attempts=attempts)
+        return retry(lambda: self.client.search_model_versions(filter_string), attempts=attempts)
 
-    def get_registered_model(self, name: str, *, attempts: int | None = None
-                             ) -> RegisteredModel:
+    def get_registered_model(self, name: str, *, attempts: int | None = None) -> RegisteredModel:
         return retry(lambda: self.client.get_registered_model(name), attempts=attempts)
 
 

@@ -48,9 +48,11 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
 DEFAULT_PARAMS: dict[str, Any] = {
-    "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+    "spacing": [1.0, 1.0, 1.0],
+    "origin": [0.0, 0.0, 0.0],
     "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-    "label_scheme": "verse", "combine": "mean",
+    "label_scheme": "verse",
+    "combine": "mean",
 }
 
 
@@ -69,8 +71,11 @@ class FractureModel(mlflow.pyfunc.PythonModel):
         return predict_arrays(self._loaded, model_input, params)
 
 
-def predict_arrays(loaded: LoadedModel | Sequence[LoadedModel], model_input: Mapping[str, Any],
-                   params: Mapping[str, Any] | None = None) -> np.ndarray:
+def predict_arrays(
+    loaded: LoadedModel | Sequence[LoadedModel],
+    model_input: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+) -> np.ndarray:
     """The fused probability map (z, y, x) float32 of CT + labels given as arrays.
 
     ``loaded``: a `LoadedModel` or several (per-plane models, an ensemble's members: the list
@@ -81,24 +86,33 @@ def predict_arrays(loaded: LoadedModel | Sequence[LoadedModel], model_input: Map
     written to disk.
     """
     if not isinstance(model_input, Mapping) or not {"ct", "vertebrae"} <= set(model_input):
-        raise UserError("model_input: expected a dict with arrays 'ct' and 'vertebrae' "
-                        "(z, y, x)")
+        raise UserError("model_input: expected a dict with arrays 'ct' and 'vertebrae' (z, y, x)")
     p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
     ct = np.asarray(model_input["ct"])
     labels = np.asarray(model_input["vertebrae"])
     if ct.ndim != 3 or ct.shape != labels.shape:
-        raise UserError(f"model_input: 'ct' and 'vertebrae' must be 3D arrays of one shape, "
-                        f"got {ct.shape} and {labels.shape}")
+        raise UserError(
+            f"model_input: 'ct' and 'vertebrae' must be 3D arrays of one shape, "
+            f"got {ct.shape} and {labels.shape}"
+        )
     combine = str(p["combine"])
     if combine not in fusion.COMBINE_METHODS:
-        raise UserError(f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, "
-                        f"got {combine!r}")
+        raise UserError(
+            f"--combine: must be one of {', '.join(fusion.COMBINE_METHODS)}, got {combine!r}"
+        )
     models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     if not models:
         raise UserError("--model: no model given")
     geometry = Geometry(tuple(p["spacing"]), tuple(p["origin"]), tuple(p["direction"]))
-    fused = fuse_case(models, ct.astype(np.float32), geometry, labels=labels.astype(np.int16),
-                      label_scheme=str(p["label_scheme"]), combine=combine, resampler=io)
+    fused = fuse_case(
+        models,
+        ct.astype(np.float32),
+        geometry,
+        labels=labels.astype(np.int16),
+        label_scheme=str(p["label_scheme"]),
+        combine=combine,
+        resampler=io,
+    )
     return fused.prob.astype(np.float32)
 
 
@@ -110,20 +124,28 @@ def signature() -> ModelSignature:
 
     vol = (-1, -1, -1)
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), vol, "ct"),
-                       TensorSpec(np.dtype(np.int32), vol, "vertebrae")]),
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), vol, "ct"),
+                TensorSpec(np.dtype(np.int32), vol, "vertebrae"),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.float32), vol)]),
-        params=ParamSchema([
-            ParamSpec("spacing", "double", DEFAULT_PARAMS["spacing"], (-1,)),
-            ParamSpec("origin", "double", DEFAULT_PARAMS["origin"], (-1,)),
-            ParamSpec("direction", "double", DEFAULT_PARAMS["direction"], (-1,)),
-            ParamSpec("label_scheme", "string", "verse"),
-            ParamSpec("combine", "string", "mean"),
-        ]))
+        params=ParamSchema(
+            [
+                ParamSpec("spacing", "double", DEFAULT_PARAMS["spacing"], (-1,)),
+                ParamSpec("origin", "double", DEFAULT_PARAMS["origin"], (-1,)),
+                ParamSpec("direction", "double", DEFAULT_PARAMS["direction"], (-1,)),
+                ParamSpec("label_scheme", "string", "verse"),
+                ParamSpec("combine", "string", "mean"),
+            ]
+        ),
+    )
 
 
-def input_example(spacing: tuple[float, float, float]) -> tuple[dict[str, np.ndarray],
-                                                                 dict[str, Any]]:
+def input_example(
+    spacing: tuple[float, float, float],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A tiny synthetic CT (air around a 300 HU block labelled vertebra L1, VerSe 20) at the
     model's training ``spacing`` (x, y, z mm), with its params: small enough to predict in
     well under a second, real enough to pass through every stage."""
@@ -132,9 +154,14 @@ def input_example(spacing: tuple[float, float, float]) -> tuple[dict[str, np.nda
     labels = np.zeros((z, y, x), np.int32)
     ct[5:15, 6:18, 6:18] = 300.0
     labels[5:15, 6:18, 6:18] = 20
-    return ({"ct": ct, "vertebrae": labels},
-            {"spacing": [float(s) for s in spacing]})
+    return ({"ct": ct, "vertebrae": labels}, {"spacing": [float(s) for s in spacing]})
 
 
-__all__ = ["ARTIFACT_KEY", "DEFAULT_PARAMS", "FractureModel", "input_example", "predict_arrays",
-           "signature"]
+__all__ = [
+    "ARTIFACT_KEY",
+    "DEFAULT_PARAMS",
+    "FractureModel",
+    "input_example",
+    "predict_arrays",
+    "signature",
+]

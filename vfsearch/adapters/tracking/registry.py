@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 # pip requirements of the pyfunc flavour: what the loading process needs (not the training stack)
 REQUIREMENTS = ("mlflow", "torch", "numpy", "SimpleITK", "scipy")
 # the "models from code" file: the loader imports it instead of unpickling an object
-MODEL_CODE = ("import mlflow.models\n\nfrom vfsearch.adapters.tracking.pyfunc import "
-              "FractureModel\n\nmlflow.models.set_model(FractureModel())\n")
+MODEL_CODE = (
+    "import mlflow.models\n\nfrom vfsearch.adapters.tracking.pyfunc import "
+    "FractureModel\n\nmlflow.models.set_model(FractureModel())\n"
+)
 
 
 def requirements() -> list[str]:
@@ -53,9 +55,16 @@ def requirements() -> list[str]:
     return out
 
 
-def log_and_register(bundle_dir: str | os.PathLike[str], *, tracker: Tracker, run_id: str,
-                     experiment_id: str, name: str, tags: Mapping[str, Any],
-                     spacing: tuple[float, float, float]) -> ModelVersion:
+def log_and_register(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    tracker: Tracker,
+    run_id: str,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, Any],
+    spacing: tuple[float, float, float],
+) -> ModelVersion:
     """Log the bundle as a pyfunc `LoggedModel` linked to ``run_id`` and register it as a new
     version of registered model ``name`` with ``tags``; returns the `ModelVersion`.
 
@@ -76,20 +85,30 @@ def log_and_register(bundle_dir: str | os.PathLike[str], *, tracker: Tracker, ru
     with tempfile.TemporaryDirectory(prefix="vfsearch-model-") as tmp:
         # the package's sources only: each file is one upload request
         code = Path(tmp, "code", "vfsearch")
-        shutil.copytree(Path(vfsearch.__file__).parent, code,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(vfsearch.__file__).parent,
+            code,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         model_file = Path(tmp, "fracture_model.py")
         model_file.write_text(MODEL_CODE)
-        logged = retry(lambda: client.create_logged_model(
-            experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, tags=str_tags))
+        logged = retry(
+            lambda: client.create_logged_model(
+                experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, tags=str_tags
+            )
+        )
         try:
             local = Path(tmp, "model")
             mlflow.pyfunc.save_model(
-                str(local), python_model=str(model_file),
+                str(local),
+                python_model=str(model_file),
                 mlflow_model=Model(model_id=logged.model_id, run_id=run_id),
-                artifacts={BUNDLE_ARTIFACT: str(bundle_dir)}, signature=signature(),
-                input_example=input_example(spacing), pip_requirements=requirements(),
-                code_paths=[str(code)])
+                artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                signature=signature(),
+                input_example=input_example(spacing),
+                pip_requirements=requirements(),
+                code_paths=[str(code)],
+            )
             retry(lambda: client.log_model_artifacts(logged.model_id, str(local)))
             retry(lambda: client.finalize_logged_model(logged.model_id, "READY"))
         except BaseException:
@@ -101,9 +120,15 @@ def log_and_register(bundle_dir: str | os.PathLike[str], *, tracker: Tracker, ru
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    return retry(lambda: client.create_model_version(
-        name, source=f"models:/{logged.model_id}", run_id=run_id, tags=str_tags,
-        model_id=logged.model_id))
+    return retry(
+        lambda: client.create_model_version(
+            name,
+            source=f"models:/{logged.model_id}",
+            run_id=run_id,
+            tags=str_tags,
+            model_id=logged.model_id,
+        )
+    )
 
 
 def exported_runs(version: ModelVersion) -> frozenset[str]:
@@ -116,8 +141,7 @@ def exported_runs(version: ModelVersion) -> frozenset[str]:
     return frozenset([run]) if run else frozenset()
 
 
-def version_of_run(tracker: Tracker, name: str, run_id: str | Sequence[str]
-                   ) -> ModelVersion | None:
+def version_of_run(tracker: Tracker, name: str, run_id: str | Sequence[str]) -> ModelVersion | None:
     """The newest version of registered model ``name`` exported from ``run_id``, or None (also
     when ``name`` is not registered yet).
 
@@ -138,8 +162,7 @@ def champion(tracker: Tracker, name: str, alias: str) -> ModelVersion | None:
     try:
         return retry(lambda: tracker.client.get_model_version_by_alias(name, alias))
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
-                              "NOT_FOUND"):
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
 
@@ -149,8 +172,7 @@ def set_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:
     retry(lambda: tracker.client.set_registered_model_alias(name, alias, str(version)))
 
 
-def download_bundle(uri: str, tracking_uri: str, dst: str | os.PathLike[str] | None = None
-                    ) -> Path:
+def download_bundle(uri: str, tracking_uri: str, dst: str | os.PathLike[str] | None = None) -> Path:
     """Download the registered model ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/V``)
     and return the folder of its bundle artifact."""
     import mlflow.artifacts
@@ -160,19 +182,33 @@ def download_bundle(uri: str, tracking_uri: str, dst: str | os.PathLike[str] | N
 
     dst = Path(dst or tempfile.mkdtemp(prefix="vfsearch-model-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri,
-            registry_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri,
+                dst_path=str(dst),
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
+            )
+        )
     except MlflowException as exc:
         raise UserError(f"--model: {uri}: {str(exc).splitlines()[0]}") from None
     # the outermost bundle: an ensemble's members are bundles too
-    found = sorted((c.parent for c in local.rglob("config.json") if is_bundle(c.parent)),
-                   key=lambda p: (len(p.parts), str(p)))
+    found = sorted(
+        (c.parent for c in local.rglob("config.json") if is_bundle(c.parent)),
+        key=lambda p: (len(p.parts), str(p)),
+    )
     if not found:
-        raise UserError(f"--model: {uri} is not a vfsearch model (no bundle among its "
-                        f"artifacts)")
+        raise UserError(f"--model: {uri} is not a vfsearch model (no bundle among its artifacts)")
     return found[0]
 
 
-__all__ = ["REQUIREMENTS", "champion", "download_bundle", "exported_runs", "log_and_register",
-           "requirements", "set_alias", "version_of_run"]
+__all__ = [
+    "REQUIREMENTS",
+    "champion",
+    "download_bundle",
+    "exported_runs",
+    "log_and_register",
+    "requirements",
+    "set_alias",
+    "version_of_run",
+]

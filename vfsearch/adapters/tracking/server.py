@@ -83,6 +83,7 @@ Info = TypeVar("Info", ServerInfo, DashboardInfo)
 
 # -- probes -----------------------------------------------------------------------------------
 
+
 def _answers(url: str, path: str, timeout: float) -> bool:
     """True when ``GET <url><path>`` answers 200."""
     try:
@@ -168,6 +169,7 @@ def _dashboard_executable() -> list[str]:
 
 # -- one detached server of a working folder ------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Service:
     """What differs between the two detached servers; the helpers below do the rest.
@@ -186,11 +188,28 @@ class _Service:
     says_why: bool  # a failed start names the exit code and the log's last line
 
 
-MLFLOW = _Service("the MLflow server", "server", ServerInfo, lambda u, t: is_healthy(u, t),
-                  lambda pid: _is_mlflow_server(pid), ENV_PORT, "--port", 30.0, True)
-DASHBOARD = _Service("the Optuna dashboard", "dashboard", DashboardInfo,
-                     lambda u, t: dashboard_healthy(u, t), lambda pid: _is_dashboard(pid),
-                     ENV_DASHBOARD_PORT, "--dashboard-port", 0.0, False)
+MLFLOW = _Service(
+    "the MLflow server",
+    "server",
+    ServerInfo,
+    lambda u, t: is_healthy(u, t),
+    lambda pid: _is_mlflow_server(pid),
+    ENV_PORT,
+    "--port",
+    30.0,
+    True,
+)
+DASHBOARD = _Service(
+    "the Optuna dashboard",
+    "dashboard",
+    DashboardInfo,
+    lambda u, t: dashboard_healthy(u, t),
+    lambda pid: _is_dashboard(pid),
+    ENV_DASHBOARD_PORT,
+    "--dashboard-port",
+    0.0,
+    False,
+)
 
 
 @contextlib.contextmanager
@@ -220,8 +239,13 @@ def _read(svc: _Service, workdir: Path) -> ServerInfo | DashboardInfo | None:
     try:
         data = json.loads((workdir / f"{svc.stem}.json").read_text())
         extra = {"storage": str(data["storage"])} if svc.info is DashboardInfo else {}
-        return svc.info(url=str(data["url"]), pid=int(data["pid"]), port=int(data["port"]),
-                        workdir=str(data.get("workdir", workdir)), **extra)
+        return svc.info(
+            url=str(data["url"]),
+            pid=int(data["pid"]),
+            port=int(data["port"]),
+            workdir=str(data.get("workdir", workdir)),
+            **extra,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -261,16 +285,22 @@ def _pick_port(svc: _Service, port: int | None) -> int:
     return port
 
 
-def _launch(svc: _Service, wd: Path, cmd: list[str], info: Callable[[int], Info],
-            timeout: float) -> Info:
+def _launch(
+    svc: _Service, wd: Path, cmd: list[str], info: Callable[[int], Info], timeout: float
+) -> Info:
     """Start ``cmd`` detached (own session: it outlives this command and is stopped as one
     group), record ``info(pid)`` and wait until it answers; on failure stop it, drop the
     record and raise `UserError` naming the log."""
     log_path = wd / f"{svc.stem}.log"
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=str(wd))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(wd),
+        )
     started = info(proc.pid)
     _write(svc, wd, started)
     if not _wait_healthy(svc, started.url, proc.pid, timeout, proc):
@@ -280,8 +310,11 @@ def _launch(svc: _Service, wd: Path, cmd: list[str], info: Callable[[int], Info]
         if not svc.says_why:
             raise UserError(f"{log_path}: {svc.title} did not start within {timeout:.0f} s")
         # the cause is in the server's log: its last line, usually the exception
-        problem = (f"exited with code {code} while starting" if code is not None
-                   else f"did not start within {timeout:.0f} s")
+        problem = (
+            f"exited with code {code} while starting"
+            if code is not None
+            else f"did not start within {timeout:.0f} s"
+        )
         raise UserError(f"{log_path}: {svc.title} {problem}{_log_cause(log_path)}")
     return started
 
@@ -298,8 +331,9 @@ def _log_cause(log: Path) -> str:
     return f" ({last[:200]})" if last else ""
 
 
-def _wait_healthy(svc: _Service, url: str, pid: int, timeout: float,
-                  proc: subprocess.Popen[bytes] | None = None) -> bool:
+def _wait_healthy(
+    svc: _Service, url: str, pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> bool:
     """Poll ``url`` every 0.25 s for ``timeout`` seconds; False early when the process ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -348,14 +382,20 @@ def _stop(svc: _Service, workdir: str | os.PathLike[str]) -> bool:
 
 # -- the MLflow server ----------------------------------------------------------------------------
 
+
 def find_server(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> ServerInfo | None:
     """The embedded server of ``workdir`` if it is recorded, alive and healthy; else None."""
     info = _find(MLFLOW, workdir)
     return info if isinstance(info, ServerInfo) else None
 
 
-def ensure_server(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port: int | None = None,
-                  timeout: float = 120.0, workers: int = 1) -> ServerInfo:
+def ensure_server(
+    workdir: str | os.PathLike[str] = DEFAULT_WORKDIR,
+    *,
+    port: int | None = None,
+    timeout: float = 120.0,
+    workers: int = 1,
+) -> ServerInfo:
     """Return the embedded server of ``workdir``, starting it first if none is running.
 
     ``port``: 0 or None picks ``$VFSEARCH_MLFLOW_PORT`` or else a free port. The server is a
@@ -371,13 +411,26 @@ def ensure_server(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port: in
         port = _pick_port(MLFLOW, port)
         url = f"http://{HOST}:{port}"
         cmd = _mlflow_executable() + [
-            "server", "--host", HOST, "--port", str(port), "--workers", str(workers),
-            "--backend-store-uri", f"sqlite:///{wd / 'mlflow.db'}",
-            "--serve-artifacts", "--artifacts-destination", str(wd / "artifacts"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--backend-store-uri",
+            f"sqlite:///{wd / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(wd / "artifacts"),
         ]
-        return _launch(MLFLOW, wd, cmd,
-                       lambda pid: ServerInfo(url=url, pid=pid, port=port, workdir=str(wd)),
-                       timeout)
+        return _launch(
+            MLFLOW,
+            wd,
+            cmd,
+            lambda pid: ServerInfo(url=url, pid=pid, port=port, workdir=str(wd)),
+            timeout,
+        )
 
 
 def stop_server(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> bool:
@@ -385,19 +438,23 @@ def stop_server(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> bool:
     return _stop(MLFLOW, workdir)
 
 
-def tracking_uri(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *,
-                 port: int | None = None) -> str:
+def tracking_uri(
+    workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port: int | None = None
+) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else the URL of the embedded server (started once)."""
     env = os.environ.get(ENV_URI, "").strip()
     if env:
         if env.startswith("file:") or "://" not in env:
-            raise UserError(f"{ENV_URI}: {env!r} is a file store, which MLflow 3.17 rejects; "
-                            "unset it or point it to an http(s) server")
+            raise UserError(
+                f"{ENV_URI}: {env!r} is a file store, which MLflow 3.17 rejects; "
+                "unset it or point it to an http(s) server"
+            )
         return env
     return ensure_server(workdir, port=port).url
 
 
 # -- the Optuna dashboard -------------------------------------------------------------------------
+
 
 def optuna_storage(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> str:
     """SQLite URL of a working folder's Optuna studies (``<workdir>/optuna.db``)."""
@@ -410,8 +467,12 @@ def find_dashboard(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> Dashboa
     return info if isinstance(info, DashboardInfo) else None
 
 
-def ensure_dashboard(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port: int | None = None,
-                     timeout: float = 120.0) -> DashboardInfo:
+def ensure_dashboard(
+    workdir: str | os.PathLike[str] = DEFAULT_WORKDIR,
+    *,
+    port: int | None = None,
+    timeout: float = 120.0,
+) -> DashboardInfo:
     """Return the Optuna dashboard of ``workdir``, starting it first if none is running.
 
     A detached ``optuna-dashboard sqlite:///<workdir>/optuna.db --host 127.0.0.1 --port P``
@@ -432,12 +493,16 @@ def ensure_dashboard(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port:
 
             optuna.storages.RDBStorage(storage)
         url = f"http://{HOST}:{port}"
-        cmd = _dashboard_executable() + [storage, "--host", HOST, "--port", str(port),
-                                         "--quiet"]
-        return _launch(DASHBOARD, wd, cmd,
-                       lambda pid: DashboardInfo(url=url, pid=pid, port=port, workdir=str(wd),
-                                                 storage=storage),
-                       timeout)
+        cmd = _dashboard_executable() + [storage, "--host", HOST, "--port", str(port), "--quiet"]
+        return _launch(
+            DASHBOARD,
+            wd,
+            cmd,
+            lambda pid: DashboardInfo(
+                url=url, pid=pid, port=port, workdir=str(wd), storage=storage
+            ),
+            timeout,
+        )
 
 
 def stop_dashboard(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> bool:
@@ -445,7 +510,20 @@ def stop_dashboard(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> bool:
     return _stop(DASHBOARD, workdir)
 
 
-__all__ = ["DEFAULT_WORKDIR", "ENV_DASHBOARD_PORT", "ENV_PORT", "DashboardInfo", "ServerInfo",
-           "dashboard_healthy", "ensure_dashboard", "ensure_server", "find_dashboard",
-           "find_server", "is_healthy", "optuna_storage", "stop_dashboard", "stop_server",
-           "tracking_uri"]
+__all__ = [
+    "DEFAULT_WORKDIR",
+    "ENV_DASHBOARD_PORT",
+    "ENV_PORT",
+    "DashboardInfo",
+    "ServerInfo",
+    "dashboard_healthy",
+    "ensure_dashboard",
+    "ensure_server",
+    "find_dashboard",
+    "find_server",
+    "is_healthy",
+    "optuna_storage",
+    "stop_dashboard",
+    "stop_server",
+    "tracking_uri",
+]

@@ -49,8 +49,12 @@ def runs_url(uri: str, experiment_id: str) -> str:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
-def ui_url(workdir: str | os.PathLike[str] = DEFAULT_WORKDIR, *, port: int | None = None,
-           experiment: str = DEFAULT_EXPERIMENT) -> str:
+def ui_url(
+    workdir: str | os.PathLike[str] = DEFAULT_WORKDIR,
+    *,
+    port: int | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+) -> str:
     """``vfsearch ui``: the URL to open (the runs table of ``experiment`` when it exists).
 
     Uses ``$MLFLOW_TRACKING_URI`` when set, else starts or finds the embedded server.
@@ -73,48 +77,81 @@ def sweep_filter(parent_run_id: str) -> str:
     return f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
 
 
-def sweep_view_state(metric: str, *, parent_run_id: str, mode: str = "max",
-                     metrics: Sequence[str] = (), params: Sequence[str] = (),
-                     tags: Sequence[str] = ()) -> dict[str, Any]:
+def sweep_view_state(
+    metric: str,
+    *,
+    parent_run_id: str,
+    mode: str = "max",
+    metrics: Sequence[str] = (),
+    params: Sequence[str] = (),
+    tags: Sequence[str] = (),
+) -> dict[str, Any]:
     """The runs-table state of a sweep: its trials (children of ``parent_run_id``), best first
     by ``metric`` (``mode`` max: descending), with the columns of ``metric``, ``metrics``,
     ``params`` and ``tags`` shown (at most `MAX_VIEW_COLUMNS`)."""
     columns = [metric_column(m) for m in dict.fromkeys([metric, *metrics])]
     columns += [f"params.`{p}`" for p in dict.fromkeys(params)]
     columns += [f"tags.`{t}`" for t in dict.fromkeys(tags)]
-    return {"searchFilter": sweep_filter(parent_run_id), "orderByKey": metric_column(metric),
-            "orderByAsc": mode == "min", "selectedColumns": columns[:MAX_VIEW_COLUMNS],
-            "runsHiddenMode": "SHOW_ALL"}
+    return {
+        "searchFilter": sweep_filter(parent_run_id),
+        "orderByKey": metric_column(metric),
+        "orderByAsc": mode == "min",
+        "selectedColumns": columns[:MAX_VIEW_COLUMNS],
+        "runsHiddenMode": "SHOW_ALL",
+    }
 
 
-def sweep_url(uri: str, experiment_id: str, metric: str, *, parent_run_id: str | None = None,
-              mode: str = "max", share_key: str | None = None) -> str:
+def sweep_url(
+    uri: str,
+    experiment_id: str,
+    metric: str,
+    *,
+    parent_run_id: str | None = None,
+    mode: str = "max",
+    share_key: str | None = None,
+) -> str:
     """Browser link to an experiment's runs table sorted by ``metric`` (best first by
     ``mode``), filtered to the trials of ``parent_run_id`` when given. With ``share_key`` (a
     view stored by `share_view`): the link that opens that view, columns included."""
     base = runs_url(uri, experiment_id)
     if share_key:
         return f"{base}?{SHARE_KEY_PARAM}={quote(share_key, safe='')}"
-    query = {"orderByKey": metric_column(metric),
-             "orderByAsc": "true" if mode == "min" else "false"}
+    query = {
+        "orderByKey": metric_column(metric),
+        "orderByAsc": "true" if mode == "min" else "false",
+    }
     if parent_run_id:
         query["searchFilter"] = sweep_filter(parent_run_id)
     return f"{base}?{urlencode(query, quote_via=quote)}"
 
 
-def share_view(tracker: Tracker, experiment_id: str, key: str, name: str,
-               state: Mapping[str, Any]) -> None:
+def share_view(
+    tracker: Tracker, experiment_id: str, key: str, name: str, state: Mapping[str, Any]
+) -> None:
     """Store ``state`` as the saved view ``key`` (titled ``name``) of an experiment, in the
     3.17 UI's format (it also lists it among the experiment's saved views)."""
     now = int(time.time() * 1000)
-    value = json.dumps({"name": name, "createdAt": now, "updatedAt": now,
-                        "state": json.dumps(dict(state), separators=(",", ":"))},
-                       separators=(",", ":"))
+    value = json.dumps(
+        {
+            "name": name,
+            "createdAt": now,
+            "updatedAt": now,
+            "state": json.dumps(dict(state), separators=(",", ":")),
+        },
+        separators=(",", ":"),
+    )
     tracker.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, value, attempts=3)
 
 
-def sweep_view(uri: str, parent_run_id: str, name: str, space: SearchSpace | None = None, *,
-               metric: str = DEFAULT_METRIC, mode: str = "max") -> str:
+def sweep_view(
+    uri: str,
+    parent_run_id: str,
+    name: str,
+    space: SearchSpace | None = None,
+    *,
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+) -> str:
     """Store the runs-table view of a sweep and return the link that opens it.
 
     ``space``: the sweep's `vfsearch.adapters.search_space.SearchSpace` (its objectives give
@@ -132,8 +169,14 @@ def sweep_view(uri: str, parent_run_id: str, name: str, space: SearchSpace | Non
     except Exception:  # noqa: BLE001 - a link is never worth failing a finished sweep
         return uri
     key = f"vfsearch-sweep-{parent_run_id}"
-    state = sweep_view_state(metric, parent_run_id=parent_run_id, mode=mode, metrics=extra,
-                             params=params, tags=[STATUS_TAG])
+    state = sweep_view_state(
+        metric,
+        parent_run_id=parent_run_id,
+        mode=mode,
+        metrics=extra,
+        params=params,
+        tags=[STATUS_TAG],
+    )
     try:
         share_view(tracker, exp_id, key, f"sweep {name}: trials by {metric}", state)
     except Exception:  # noqa: BLE001 - sorted and filtered, default columns
@@ -141,5 +184,15 @@ def sweep_view(uri: str, parent_run_id: str, name: str, space: SearchSpace | Non
     return sweep_url(uri, exp_id, metric, share_key=key)
 
 
-__all__ = ["MAX_VIEW_COLUMNS", "SHARE_KEY_PARAM", "metric_column", "runs_url", "share_view",
-           "sweep_filter", "sweep_url", "sweep_view", "sweep_view_state", "ui_url"]
+__all__ = [
+    "MAX_VIEW_COLUMNS",
+    "SHARE_KEY_PARAM",
+    "metric_column",
+    "runs_url",
+    "share_view",
+    "sweep_filter",
+    "sweep_url",
+    "sweep_view",
+    "sweep_view_state",
+    "ui_url",
+]

@@ -16,5 +16,11 @@ from __future__ import annotations
 from vfsearch.core.models.registry import build_discriminator, build_model, list_models, register
 from vfsearch.core.models.unet import AttentionUNet25D, ModelOutput
 
-__all__ = ["AttentionUNet25D", "ModelOutput", "build_discriminator", "build_model",
-           "list_models", "register"]
+__all__ = [
+    "AttentionUNet25D",
+    "ModelOutput",
+    "build_discriminator",
+    "build_model",
+    "list_models",
+    "register",
+]

@@ -77,8 +77,9 @@ class AttentionGate(nn.Module):
         phi_g = self.phi(g)
         if phi_g.shape[-2:] != theta_x.shape[-2:]:
             # Odd sizes (ResNet stems) can leave the grids one pixel apart.
-            phi_g = F.interpolate(phi_g, size=theta_x.shape[-2:], mode="bilinear",
-                                  align_corners=False)
+            phi_g = F.interpolate(
+                phi_g, size=theta_x.shape[-2:], mode="bilinear", align_corners=False
+            )
         q = self.psi(F.relu(theta_x + phi_g))  # (N, 1, H/2, W/2)
         alpha = torch.sigmoid(q)
         alpha = F.interpolate(alpha, size=x.shape[-2:], mode="bilinear", align_corners=False)

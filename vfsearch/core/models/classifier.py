@@ -34,8 +34,9 @@ class ResNetSliceClassifier(nn.Module):
     layer3: nn.Sequential
     layer4: nn.Sequential
 
-    def __init__(self, *, seq_len: int, arch: str = "resnet18", dropout: float = 0.0,
-                 weights: str = "") -> None:
+    def __init__(
+        self, *, seq_len: int, arch: str = "resnet18", dropout: float = 0.0, weights: str = ""
+    ) -> None:
         super().__init__()
         self.seq_len = seq_len
         self.conv1 = nn.Conv2d(seq_len, 64, 7, stride=2, padding=3, bias=False)
@@ -56,8 +57,9 @@ class ResNetSliceClassifier(nn.Module):
 
     def forward(self, window: torch.Tensor) -> ModelOutput:
         if window.dim() != 4 or window.shape[1] != self.seq_len:
-            raise ValueError(f"expected a window (B, {self.seq_len}, H, W), "
-                             f"got {tuple(window.shape)}")
+            raise ValueError(
+                f"expected a window (B, {self.seq_len}, H, W), got {tuple(window.shape)}"
+            )
         x = self.maxpool(self.relu(self.bn1(self.conv1(window))))  # (B, 64, H/4, W/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 512, H/32, W/32)
         x = self.dropout(self.avgpool(x).flatten(1))  # (B, 512)

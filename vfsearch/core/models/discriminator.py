@@ -37,12 +37,20 @@ class PatchDiscriminator(nn.Module):
     docstring); with ``instance``/``batch`` the first layer has no norm, as pix2pix.
     """
 
-    def __init__(self, *, seq_len: int, mask_channels: int = 1, channels: int = 32,
-                 layers: int = 3, norm: str = "spectral") -> None:
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        mask_channels: int = 1,
+        channels: int = 32,
+        layers: int = 3,
+        norm: str = "spectral",
+    ) -> None:
         super().__init__()
         if norm not in DISC_NORMS:
-            raise ValueError(f"unknown discriminator norm {norm!r}; expected one of "
-                             f"{', '.join(DISC_NORMS)}")
+            raise ValueError(
+                f"unknown discriminator norm {norm!r}; expected one of {', '.join(DISC_NORMS)}"
+            )
         self.seq_len = seq_len
         self.mask_channels = mask_channels
         spectral = norm == "spectral"
@@ -51,8 +59,10 @@ class PatchDiscriminator(nn.Module):
             c = nn.Conv2d(cin, cout, 4, stride, 1, bias=bias)
             return spectral_norm(c) if spectral else c
 
-        mods: list[nn.Module] = [conv(seq_len + mask_channels, channels, 2),
-                                 nn.LeakyReLU(0.2, inplace=True)]
+        mods: list[nn.Module] = [
+            conv(seq_len + mask_channels, channels, 2),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
         prev = channels
         for n in range(1, layers + 1):
             out = channels * min(2**n, 8)
@@ -68,10 +78,13 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, window: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if window.dim() != 4 or window.shape[1] != self.seq_len:
-            raise ValueError(f"expected a window (B, {self.seq_len}, H, W), "
-                             f"got {tuple(window.shape)}")
+            raise ValueError(
+                f"expected a window (B, {self.seq_len}, H, W), got {tuple(window.shape)}"
+            )
         if mask.shape != (window.shape[0], self.mask_channels, *window.shape[2:]):
-            raise ValueError(f"expected a mask (B, {self.mask_channels}, H, W) matching the "
-                             f"window, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"expected a mask (B, {self.mask_channels}, H, W) matching the "
+                f"window, got {tuple(mask.shape)}"
+            )
         logits: torch.Tensor = self.net(torch.cat([window, mask.to(window.dtype)], dim=1))
         return logits

@@ -30,8 +30,11 @@ class UNetEncoder(nn.Module):
         super().__init__()
         chans = [base * 2**level for level in range(depth + 1)]
         self.levels = nn.ModuleList(
-            [ConvBlock(1 if level == 0 else chans[level - 1], chans[level], norm, dropout)
-             for level in range(depth)])
+            [
+                ConvBlock(1 if level == 0 else chans[level - 1], chans[level], norm, dropout)
+                for level in range(depth)
+            ]
+        )
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = ConvBlock(chans[depth - 1], chans[depth], norm, dropout)
         self.skip_channels: list[int] = chans[:depth]
@@ -56,8 +59,9 @@ class ResNetEncoder(nn.Module):
     file, or "" for random initialisation.
     """
 
-    def __init__(self, arch: str, depth: int, base: int, norm: str, dropout: float,
-                 weights: str = "") -> None:
+    def __init__(
+        self, arch: str, depth: int, base: int, norm: str, dropout: float, weights: str = ""
+    ) -> None:
         super().__init__()
         if arch not in RESNET_LAYERS:
             raise ValueError(f"unknown ResNet {arch!r}; expected one of {list(RESNET_LAYERS)}")
@@ -77,8 +81,11 @@ class ResNetEncoder(nn.Module):
             setattr(self, f"layer{s}", make_stage(in_ch, out_ch, blocks[s - 1], stride))
             chans.append(out_ch)
             in_ch = out_ch
-        init_resnet(nn.ModuleList([self.conv1, self.bn1] + [getattr(self, f"layer{s}")
-                                                            for s in range(1, depth)]))
+        init_resnet(
+            nn.ModuleList(
+                [self.conv1, self.bn1] + [getattr(self, f"layer{s}") for s in range(1, depth)]
+            )
+        )
         self.skip_channels: list[int] = chans[:depth]
         self.bottleneck_channels: int = chans[depth]
         if weights:

@@ -20,11 +20,13 @@ _REGISTRY: dict[str, Builder] = {}
 
 def register(name: str) -> Callable[[Builder], Builder]:
     """Decorator: make ``builder`` available as ``model.family = name``."""
+
     def deco(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model family {name!r} registered twice")
         _REGISTRY[name] = builder
         return builder
+
     return deco
 
 
@@ -33,8 +35,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(model_cfg: ModelConfig, seq_len: int, *, load_weights: bool = True
-                ) -> nn.Module:
+def build_model(model_cfg: ModelConfig, seq_len: int, *, load_weights: bool = True) -> nn.Module:
     """Build ``model_cfg.family`` for windows of ``seq_len`` slices (weights: random or file).
 
     The returned module has ``output_kind`` (``"segmentation"`` or ``"classification"``),
@@ -50,8 +51,9 @@ def build_model(model_cfg: ModelConfig, seq_len: int, *, load_weights: bool = Tr
     if seq_len < 1 or seq_len % 2 == 0:
         raise UserError(f"data.seq_len: must be odd and >= 1, got {seq_len}")
     if model_cfg.family not in _REGISTRY:
-        raise UserError(f"model.family: unknown {model_cfg.family!r}; known: "
-                        f"{', '.join(list_models())}")
+        raise UserError(
+            f"model.family: unknown {model_cfg.family!r}; known: {', '.join(list_models())}"
+        )
     model = _REGISTRY[model_cfg.family](model_cfg, seq_len)
     model.model_cfg = given  # type: ignore[assignment]  # torch types Module.__setattr__ narrowly
     return model
@@ -62,10 +64,13 @@ def build_discriminator(model_cfg: ModelConfig, seq_len: int) -> nn.Module:
     from vfsearch.core.models.discriminator import PatchDiscriminator
 
     validate_model(model_cfg, source="config")
-    return PatchDiscriminator(seq_len=seq_len,
-                              mask_channels=seq_len if model_cfg.predict_all_slices else 1,
-                              channels=model_cfg.disc_channels, layers=model_cfg.disc_layers,
-                              norm=model_cfg.disc_norm)
+    return PatchDiscriminator(
+        seq_len=seq_len,
+        mask_channels=seq_len if model_cfg.predict_all_slices else 1,
+        channels=model_cfg.disc_channels,
+        layers=model_cfg.disc_layers,
+        norm=model_cfg.disc_norm,
+    )
 
 
 @register("attention_unet")
@@ -73,14 +78,23 @@ def _attention_unet(cfg: ModelConfig, seq_len: int) -> nn.Module:
     from vfsearch.core.models.unet import AttentionUNet25D
 
     if cfg.encoder == "unet" and cfg.encoder_weights:
-        raise UserError("model.encoder_weights: pretrained weights need model.encoder "
-                        "resnet18 or resnet34")
+        raise UserError(
+            "model.encoder_weights: pretrained weights need model.encoder resnet18 or resnet34"
+        )
     return AttentionUNet25D(
-        seq_len=seq_len, depth=cfg.depth, base_channels=cfg.base_channels, norm=cfg.norm,
-        dropout=cfg.dropout, attention=cfg.attention, temporal=cfg.temporal,
-        bidirectional=cfg.bidirectional, temporal_hidden=cfg.temporal_hidden,
-        predict_all_slices=cfg.predict_all_slices, encoder=cfg.encoder,
-        encoder_weights=cfg.encoder_weights)
+        seq_len=seq_len,
+        depth=cfg.depth,
+        base_channels=cfg.base_channels,
+        norm=cfg.norm,
+        dropout=cfg.dropout,
+        attention=cfg.attention,
+        temporal=cfg.temporal,
+        bidirectional=cfg.bidirectional,
+        temporal_hidden=cfg.temporal_hidden,
+        predict_all_slices=cfg.predict_all_slices,
+        encoder=cfg.encoder,
+        encoder_weights=cfg.encoder_weights,
+    )
 
 
 @register("resnet18_classifier")
@@ -88,5 +102,6 @@ def _resnet18_classifier(cfg: ModelConfig, seq_len: int) -> nn.Module:
     """Honours ``dropout`` and ``encoder_weights``; the U-Net fields do not apply."""
     from vfsearch.core.models.classifier import ResNetSliceClassifier
 
-    return ResNetSliceClassifier(seq_len=seq_len, arch="resnet18", dropout=cfg.dropout,
-                                 weights=cfg.encoder_weights)
+    return ResNetSliceClassifier(
+        seq_len=seq_len, arch="resnet18", dropout=cfg.dropout, weights=cfg.encoder_weights
+    )

@@ -37,7 +37,8 @@ class BasicBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -63,8 +64,9 @@ def init_resnet(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def read_state_dict(path: str | Path, *, option: str = "model.encoder_weights"
-                    ) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | Path, *, option: str = "model.encoder_weights"
+) -> dict[str, torch.Tensor]:
     """Read a ``state_dict`` file with ``torch.load(weights_only=True)`` (no code unpickled).
 
     A dict wrapping the weights under ``state_dict`` or ``model`` is unwrapped, and a
@@ -76,20 +78,21 @@ def read_state_dict(path: str | Path, *, option: str = "model.encoder_weights"
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{option}: cannot read weights file {str(p)!r} "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                        ) from None
+        raise UserError(
+            f"{option}: cannot read weights file {str(p)!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{option}: {str(p)!r} does not hold a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_resnet_weights(module: nn.Module, path: str | Path, *, arch: str,
-                        option: str = "model.encoder_weights") -> None:
+def load_resnet_weights(
+    module: nn.Module, path: str | Path, *, arch: str, option: str = "model.encoder_weights"
+) -> None:
     """Copy torchvision ResNet weights from ``path`` into the matching keys of ``module``.
 
     ``module`` owns torchvision-named children (``conv1``, ``bn1``, ``layer1``...); keys it
@@ -106,16 +109,20 @@ def load_resnet_weights(module: nn.Module, path: str | Path, *, arch: str,
     wanted = [k for k in own if k.startswith(tv_prefixes)]
     missing = [k for k in wanted if k not in src]
     if missing:
-        raise UserError(f"{option}: {str(path)!r} is not a torchvision {arch} state_dict "
-                        f"(missing {len(missing)} keys, e.g. {missing[0]!r})")
+        raise UserError(
+            f"{option}: {str(path)!r} is not a torchvision {arch} state_dict "
+            f"(missing {len(missing)} keys, e.g. {missing[0]!r})"
+        )
     # A ResNet34 file holds every ResNet18 key with the same shapes: compare block counts.
     for s in range(1, 5):
         own_blocks = {k.split(".")[1] for k in own if k.startswith(f"layer{s}.")}
         src_blocks = {k.split(".")[1] for k in src if k.startswith(f"layer{s}.")}
         if own_blocks and own_blocks != src_blocks:
-            raise UserError(f"{option}: {str(path)!r} is not a torchvision {arch} state_dict "
-                            f"(layer{s} has {len(src_blocks)} blocks, {arch} has "
-                            f"{len(own_blocks)})")
+            raise UserError(
+                f"{option}: {str(path)!r} is not a torchvision {arch} state_dict "
+                f"(layer{s} has {len(src_blocks)} blocks, {arch} has "
+                f"{len(own_blocks)})"
+            )
     new: dict[str, torch.Tensor] = {}
     for k in wanted:
         value = src[k]
@@ -124,7 +131,9 @@ def load_resnet_weights(module: nn.Module, path: str | Path, *, arch: str,
             k_in = own[k].shape[1]
             value = value.mean(dim=1, keepdim=True).repeat(1, k_in, 1, 1) / k_in
         if value.shape != own[k].shape:
-            raise UserError(f"{option}: {str(path)!r} does not fit {arch}: {k} has shape "
-                            f"{tuple(value.shape)}, expected {tuple(own[k].shape)}")
+            raise UserError(
+                f"{option}: {str(path)!r} does not fit {arch}: {k} has shape "
+                f"{tuple(value.shape)}, expected {tuple(own[k].shape)}"
+            )
         new[k] = value.to(own[k].dtype)
     module.load_state_dict(new, strict=False)

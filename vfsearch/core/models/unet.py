@@ -48,23 +48,44 @@ class Decoder(nn.Module):
     concatenated with the gated skip and refined by a `ConvBlock` to ``channels[l]``.
     """
 
-    def __init__(self, skip_channels: list[int], bottleneck_channels: int,
-                 channels: list[int], norm: str, dropout: float, attention: bool) -> None:
+    def __init__(
+        self,
+        skip_channels: list[int],
+        bottleneck_channels: int,
+        channels: list[int],
+        norm: str,
+        dropout: float,
+        attention: bool,
+    ) -> None:
         super().__init__()
         depth = len(skip_channels)
         in_ch = [*channels[1:], bottleneck_channels]  # in_ch[l]: channels of g at step l
-        self.gates = nn.ModuleList(
-            [AttentionGate(skip_channels[lv], in_ch[lv], max(skip_channels[lv] // 2, 1), norm)
-             for lv in range(depth)]) if attention else None
+        self.gates = (
+            nn.ModuleList(
+                [
+                    AttentionGate(
+                        skip_channels[lv], in_ch[lv], max(skip_channels[lv] // 2, 1), norm
+                    )
+                    for lv in range(depth)
+                ]
+            )
+            if attention
+            else None
+        )
         self.ups = nn.ModuleList(
-            [nn.ConvTranspose2d(in_ch[lv], channels[lv], 2, stride=2) for lv in range(depth)])
+            [nn.ConvTranspose2d(in_ch[lv], channels[lv], 2, stride=2) for lv in range(depth)]
+        )
         self.blocks = nn.ModuleList(
-            [ConvBlock(channels[lv] + skip_channels[lv], channels[lv], norm, dropout)
-             for lv in range(depth)])
+            [
+                ConvBlock(channels[lv] + skip_channels[lv], channels[lv], norm, dropout)
+                for lv in range(depth)
+            ]
+        )
         self.head = nn.Conv2d(channels[0], 1, 1)
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, skips: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         alphas: list[torch.Tensor] = []
         for lv in reversed(range(len(skips))):
             skip = skips[lv]  # (N, C_l, H_l, W_l)
@@ -100,11 +121,22 @@ class AttentionUNet25D(nn.Module):
 
     output_kind = "segmentation"
 
-    def __init__(self, *, seq_len: int, depth: int = 4, base_channels: int = 16,
-                 norm: str = "batch", dropout: float = 0.0, attention: bool = True,
-                 temporal: str = "lstm", bidirectional: bool = True, temporal_hidden: int = 0,
-                 predict_all_slices: bool = False, encoder: str = "unet",
-                 encoder_weights: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        depth: int = 4,
+        base_channels: int = 16,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        attention: bool = True,
+        temporal: str = "lstm",
+        bidirectional: bool = True,
+        temporal_hidden: int = 0,
+        predict_all_slices: bool = False,
+        encoder: str = "unet",
+        encoder_weights: str = "",
+    ) -> None:
         super().__init__()
         self.seq_len = seq_len
         self.depth = depth
@@ -115,14 +147,19 @@ class AttentionUNet25D(nn.Module):
                 raise ValueError("encoder_weights needs a ResNet encoder")
             self.encoder: nn.Module = UNetEncoder(depth, base_channels, norm, dropout)
         else:
-            self.encoder = ResNetEncoder(encoder, depth, base_channels, norm, dropout,
-                                         encoder_weights)
+            self.encoder = ResNetEncoder(
+                encoder, depth, base_channels, norm, dropout, encoder_weights
+            )
         c_bottleneck = self.encoder.bottleneck_channels
-        self.temporal_module = make_temporal(temporal, c_bottleneck, temporal_hidden,
-                                             bidirectional)
-        self.decoder = Decoder(self.encoder.skip_channels, c_bottleneck,
-                               [base_channels * 2**lv for lv in range(depth)], norm, dropout,
-                               attention)
+        self.temporal_module = make_temporal(temporal, c_bottleneck, temporal_hidden, bidirectional)
+        self.decoder = Decoder(
+            self.encoder.skip_channels,
+            c_bottleneck,
+            [base_channels * 2**lv for lv in range(depth)],
+            norm,
+            dropout,
+            attention,
+        )
 
     # -- seams ---------------------------------------------------------------------------
 
@@ -135,14 +172,14 @@ class AttentionUNet25D(nn.Module):
         """``(B, T, C, h, w) -> (B, T, C, h, w)``: each position refined by the window."""
         return cast(torch.Tensor, self.temporal_module(bottlenecks))
 
-    def decode(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def decode(
+        self, bottleneck: torch.Tensor, skips: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(N, C, h, w)`` + skips of the same ``N`` slices -> logits ``(N, 1, H, W)`` and
         attention maps ``[(N, 1, H/2**l, W/2**l)]`` (empty without gates)."""
         return cast("tuple[torch.Tensor, list[torch.Tensor]]", self.decoder(bottleneck, skips))
 
-    def forward_features(self, bottlenecks: torch.Tensor, skips: list[torch.Tensor]
-                         ) -> ModelOutput:
+    def forward_features(self, bottlenecks: torch.Tensor, skips: list[torch.Tensor]) -> ModelOutput:
         """Temporal module + decoder on encoder features a caller has assembled.
 
         ``bottlenecks``: ``(B, T', C, h, w)`` for the window's slices in order (``T'`` odd;
@@ -165,14 +202,16 @@ class AttentionUNet25D(nn.Module):
     def forward(self, window: torch.Tensor) -> ModelOutput:
         """``window (B, T, H, W)`` normalised CT -> `ModelOutput`."""
         if window.dim() != 4 or window.shape[1] != self.seq_len:
-            raise ValueError(f"expected a window (B, {self.seq_len}, H, W), "
-                             f"got {tuple(window.shape)}")
+            raise ValueError(
+                f"expected a window (B, {self.seq_len}, H, W), got {tuple(window.shape)}"
+            )
         b, t, h, w = window.shape
         if h % 2**self.depth or w % 2**self.depth:
-            raise ValueError(f"H and W must be divisible by 2**depth = {2**self.depth}, "
-                             f"got {h}x{w}")
+            raise ValueError(
+                f"H and W must be divisible by 2**depth = {2**self.depth}, got {h}x{w}"
+            )
         if self.temporal_kind == "none" and not self.predict_all_slices:
-            window = window[:, t // 2: t // 2 + 1]  # centre only: others cannot matter
+            window = window[:, t // 2 : t // 2 + 1]  # centre only: others cannot matter
             t = 1
         bottleneck, skips = self.encode(window.reshape(b * t, 1, h, w))
         bottlenecks = bottleneck.view(b, t, *bottleneck.shape[1:])  # (B, T, C, h, w)
@@ -182,5 +221,7 @@ class AttentionUNet25D(nn.Module):
         return self.forward_features(bottlenecks, skips)
 
     def extra_repr(self) -> str:
-        return (f"seq_len={self.seq_len}, depth={self.depth}, temporal={self.temporal_kind!r},"
-                f" predict_all_slices={self.predict_all_slices}")
+        return (
+            f"seq_len={self.seq_len}, depth={self.depth}, temporal={self.temporal_kind!r},"
+            f" predict_all_slices={self.predict_all_slices}"
+        )

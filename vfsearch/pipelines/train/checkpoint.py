@@ -54,9 +54,13 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-        "python": [int(py_state[0]), [int(v) for v in py_state[1]],
-                   None if py_state[2] is None else float(py_state[2])],
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "python": [
+            int(py_state[0]),
+            [int(v) for v in py_state[1]],
+            None if py_state[2] is None else float(py_state[2]),
+        ],
     }
     if torch.cuda.is_available():
         state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
@@ -82,9 +86,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(folder: str | Path, parts: Parts, state: TrainState, *, rank: int,
-                    world: int, config: Mapping[str, Any], name: str = "",
-                    experiment_id: str = "", metrics: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(
+    folder: str | Path,
+    parts: Parts,
+    state: TrainState,
+    *,
+    rank: int,
+    world: int,
+    config: Mapping[str, Any],
+    name: str = "",
+    experiment_id: str = "",
+    metrics: Mapping[str, Any] | None = None,
+) -> None:
     """Write rank ``rank``'s share of the checkpoint of ``state.epoch`` into ``folder``:
     every rank its RNG state, rank 0 ``state.pt``, ``best.pt`` (when there is a best model)
     and ``meta.json``. ``config`` is the flat config, ``name`` the run's, ``experiment_id``
@@ -93,23 +106,41 @@ def save_checkpoint(folder: str | Path, parts: Parts, state: TrainState, *, rank
     torch.save(rng_state(), folder / rng_file(rank))
     if rank != 0:
         return
-    torch.save({
-        "model": parts.inner.state_dict(),
-        "disc": parts.inner_d.state_dict() if parts.inner_d is not None else {},
-        "opt_g": parts.opt_g.state_dict(),
-        "opt_d": parts.opt_d.state_dict() if parts.opt_d is not None else {},
-        "sched": parts.sched.state_dict(), "scaler": parts.scaler.state_dict(),
-        "epoch": state.epoch, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-        "since_best": state.since_best, "config": config,
-        "mlflow_run_id": state.run_id or "", "world_size": world,
-    }, folder / STATE_FILE)
+    torch.save(
+        {
+            "model": parts.inner.state_dict(),
+            "disc": parts.inner_d.state_dict() if parts.inner_d is not None else {},
+            "opt_g": parts.opt_g.state_dict(),
+            "opt_d": parts.opt_d.state_dict() if parts.opt_d is not None else {},
+            "sched": parts.sched.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "epoch": state.epoch,
+            "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch,
+            "since_best": state.since_best,
+            "config": config,
+            "mlflow_run_id": state.run_id or "",
+            "world_size": world,
+        },
+        folder / STATE_FILE,
+    )
     if state.best is not None:
         torch.save(state.best, folder / BEST_FILE)
-    (folder / META_FILE).write_text(json.dumps(
-        {"epoch": state.epoch, "best_epoch": state.best_epoch,
-         "best_val_dice": state.best_metric, "mlflow_run_id": state.run_id or "", "name": name,
-         "mlflow_experiment_id": experiment_id,
-         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}}))
+    (folder / META_FILE).write_text(
+        json.dumps(
+            {
+                "epoch": state.epoch,
+                "best_epoch": state.best_epoch,
+                "best_val_dice": state.best_metric,
+                "mlflow_run_id": state.run_id or "",
+                "name": name,
+                "mlflow_experiment_id": experiment_id,
+                "metrics": {
+                    k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))
+                },
+            }
+        )
+    )
 
 
 def restore(folder: str | Path, parts: Parts, *, rank: int, world: int, seed: int) -> TrainState:
@@ -138,9 +169,15 @@ def restore(folder: str | Path, parts: Parts, *, rank: int, world: int, seed: in
     best = None
     if rank == 0 and (folder / BEST_FILE).is_file():
         best = torch.load(folder / BEST_FILE, map_location="cpu", weights_only=True)
-    return TrainState(epoch=epoch, best_metric=float(saved["best_metric"]),
-                      best_epoch=int(saved["best_epoch"]), since_best=int(saved["since_best"]),
-                      resumed_from=epoch, run_id=saved.get("mlflow_run_id") or None, best=best)
+    return TrainState(
+        epoch=epoch,
+        best_metric=float(saved["best_metric"]),
+        best_epoch=int(saved["best_epoch"]),
+        since_best=int(saved["since_best"]),
+        resumed_from=epoch,
+        run_id=saved.get("mlflow_run_id") or None,
+        best=best,
+    )
 
 
 __all__ = [

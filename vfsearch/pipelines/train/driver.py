@@ -42,14 +42,26 @@ if TYPE_CHECKING:
     from ray.util.queue import Queue
 
 
-def build_trainer(store: str | Path, config: Config, *, name: str, storage: str | Path,
-                  workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                  mlflow_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                  parent_run_id: str | None = None, launch_id: str | None = None,
-                  tags: Mapping[str, Any] | None = None, config_file: str | Path | None = None,
-                  callbacks: Sequence[UserCallback] | None = None, lines: Queue | None = None,
-                  fault: Mapping[str, Any] | None = None,
-                  t_launch: float | None = None) -> TorchTrainer:
+def build_trainer(
+    store: str | Path,
+    config: Config,
+    *,
+    name: str,
+    storage: str | Path,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    mlflow_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    launch_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    callbacks: Sequence[UserCallback] | None = None,
+    lines: Queue | None = None,
+    fault: Mapping[str, Any] | None = None,
+    t_launch: float | None = None,
+) -> TorchTrainer:
     """The `ray.train.torch.TorchTrainer` of one training run (a Tune trial driver calls this).
 
     Args:
@@ -85,31 +97,51 @@ def build_trainer(store: str | Path, config: Config, *, name: str, storage: str 
     mlflow = None
     if mlflow_uri:
         mlflow = {
-            "uri": mlflow_uri, "experiment": experiment, "name": name,
-            "parent_run_id": parent_run_id, "launch_id": launch_id or uuid.uuid4().hex,
-            "tags": {RAY_RUN_TAG: name, GIT_COMMIT_TAG: git_commit(), STORE_TAG: store,
-                     **{k: str(v) for k, v in (tags or {}).items()}},
+            "uri": mlflow_uri,
+            "experiment": experiment,
+            "name": name,
+            "parent_run_id": parent_run_id,
+            "launch_id": launch_id or uuid.uuid4().hex,
+            "tags": {
+                RAY_RUN_TAG: name,
+                GIT_COMMIT_TAG: git_commit(),
+                STORE_TAG: store,
+                **{k: str(v) for k, v in (tags or {}).items()},
+            },
             "params": {"run.workers": workers, "run.gpus_per_worker": gpus_per_worker},
-            "config_file": ({"name": Path(config_file).name,
-                             "text": Path(config_file).read_text()} if config_file else None),
+            "config_file": (
+                {"name": Path(config_file).name, "text": Path(config_file).read_text()}
+                if config_file
+                else None
+            ),
         }
-    loop = {"store": store, "config": config.flatten(), "name": name, "mlflow": mlflow,
-            "lines": lines, "fault": dict(fault) if fault else None, "cpus": cpus_per_worker,
-            "t_launch": time.time() if t_launch is None else t_launch}
+    loop = {
+        "store": store,
+        "config": config.flatten(),
+        "name": name,
+        "mlflow": mlflow,
+        "lines": lines,
+        "fault": dict(fault) if fault else None,
+        "cpus": cpus_per_worker,
+        "t_launch": time.time() if t_launch is None else t_launch,
+    }
     storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop,
         torch_config=PrewarmTorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name,
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             # the final report's checkpoint (best.pt with its threshold) is kept on top of
             # the last keep_checkpoints epochs
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.train.keep_checkpoints + int(config.train.final_eval)),
+                num_to_keep=config.train.keep_checkpoints + int(config.train.final_eval)
+            ),
             # Ray Train's own per-report INFO lines would bury the progress lines
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks) if callbacks else None,
@@ -134,8 +166,11 @@ class TrainSummary:
 
     def __str__(self) -> str:
         best = "-" if self.best_val_dice is None else f"{self.best_val_dice:.4f}"
-        lines = [f"run {self.name}: {self.epochs_done} epochs, best val dice {best} at epoch "
-                 f"{self.best_epoch}", f"checkpoint: {self.checkpoint}"]
+        lines = [
+            f"run {self.name}: {self.epochs_done} epochs, best val dice {best} at epoch "
+            f"{self.best_epoch}",
+            f"checkpoint: {self.checkpoint}",
+        ]
         if self.mlflow_run_id:
             lines.append(f"mlflow run {self.mlflow_run_id}: {self.runs_url}")
         lines.append(f"resume or extend with: --name {self.name}")
@@ -146,13 +181,22 @@ def git_commit() -> str:
     """The vfsearch source tree's commit (``+dirty`` when modified), or ``unknown``."""
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False)
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10, check=False)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -163,17 +207,30 @@ def _check_store(store: str | Path) -> None:
     _ = s.meta  # raises UserError for a folder that is not a store
     for split in ("train", "val"):
         if not s.case_ids(split):
-            raise UserError(f"{store}: no complete cases in split {split!r} "
-                            "(re-run `vfsearch ingest` with a different --split)")
+            raise UserError(
+                f"{store}: no complete cases in split {split!r} "
+                "(re-run `vfsearch ingest` with a different --split)"
+            )
 
 
-def run_training(store: str | Path, config: Config, *, name: str, storage: str | Path,
-                 workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                 mlflow_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-                 parent_run_id: str | None = None, config_file: str | Path | None = None,
-                 callbacks: Sequence[UserCallback] | None = None,
-                 extra_tags: Mapping[str, Any] | None = None, progress: bool | None = None,
-                 fault: Mapping[str, Any] | None = None) -> TrainSummary:
+def run_training(
+    store: str | Path,
+    config: Config,
+    *,
+    name: str,
+    storage: str | Path,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    mlflow_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    config_file: str | Path | None = None,
+    callbacks: Sequence[UserCallback] | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+    fault: Mapping[str, Any] | None = None,
+) -> TrainSummary:
     """Fit one run on an already connected Ray, tracked in MLflow when ``mlflow_uri`` is set.
 
     Rank 0 creates the MLflow run (nested under ``parent_run_id`` if given; a run restarted
@@ -189,19 +246,35 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
     t_launch = time.time()
     launch_id = uuid.uuid4().hex
     relay = LineRelay() if (_progress.enabled() if progress is None else progress) else None
-    trainer = build_trainer(store, config, name=name, storage=storage, workers=workers,
-                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                            mlflow_uri=mlflow_uri, experiment=experiment,
-                            parent_run_id=parent_run_id, launch_id=launch_id,
-                            tags=extra_tags, config_file=config_file, callbacks=callbacks,
-                            lines=relay.queue if relay else None, fault=fault,
-                            t_launch=t_launch)
+    trainer = build_trainer(
+        store,
+        config,
+        name=name,
+        storage=storage,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        mlflow_uri=mlflow_uri,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+        launch_id=launch_id,
+        tags=extra_tags,
+        config_file=config_file,
+        callbacks=callbacks,
+        lines=relay.queue if relay else None,
+        fault=fault,
+        t_launch=t_launch,
+    )
     try:
         result = trainer.fit()
     except BaseException as exc:
         if mlflow_uri:
-            _mark_failed(mlflow_uri, experiment, launch_id,
-                         "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _mark_failed(
+                mlflow_uri,
+                experiment,
+                launch_id,
+                "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+            )
         if isinstance(exc, ray.train.TrainingFailedError):
             raise RuntimeError(f"training run {name} failed: {exc}") from exc
         raise
@@ -217,12 +290,17 @@ def run_training(store: str | Path, config: Config, *, name: str, storage: str |
     run_id = meta.get("mlflow_run_id") or None
     exp_id = meta.get("mlflow_experiment_id") or None
     return TrainSummary(
-        name=name, storage=str(storage), checkpoint=ckpt_dir,
+        name=name,
+        storage=str(storage),
+        checkpoint=ckpt_dir,
         best_val_dice=meta.get("best_val_dice", metrics.get("best_val_dice")),
         best_epoch=meta.get("best_epoch", metrics.get("best_epoch")),
-        epochs_done=meta.get("epoch", metrics.get("epoch")), metrics=metrics,
-        mlflow_run_id=run_id, tracking_uri=mlflow_uri,
-        runs_url=runs_url(mlflow_uri, exp_id) if (mlflow_uri and exp_id) else None)
+        epochs_done=meta.get("epoch", metrics.get("epoch")),
+        metrics=metrics,
+        mlflow_run_id=run_id,
+        tracking_uri=mlflow_uri,
+        runs_url=runs_url(mlflow_uri, exp_id) if (mlflow_uri and exp_id) else None,
+    )
 
 
 def _mark_failed(uri: str, experiment: str, launch_id: str, status: str) -> None:
@@ -236,12 +314,24 @@ def _mark_failed(uri: str, experiment: str, launch_id: str, status: str) -> None
         pass
 
 
-def train(store: str | Path, config: Config, *, workers: int = 1, gpus_per_worker: float = 0.0,
-          name: str | None = None, address: str | None = None, storage: str | Path | None = None,
-          workdir: str | Path = "mlruns", mlflow_uri: str | None = None,
-          experiment: str = DEFAULT_EXPERIMENT, config_file: str | Path | None = None,
-          track: bool = True, verbose: bool = False,
-          echo: Callable[[str], Any] = print) -> TrainSummary:
+def train(
+    store: str | Path,
+    config: Config,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    name: str | None = None,
+    address: str | None = None,
+    storage: str | Path | None = None,
+    workdir: str | Path = "mlruns",
+    mlflow_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    config_file: str | Path | None = None,
+    track: bool = True,
+    verbose: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> TrainSummary:
     """``vfsearch train``: train ``config`` on ``store`` with Ray Train, tracked in MLflow.
 
     ``storage`` defaults to ``<workdir>/checkpoints``; ``name`` to ``train-<time>`` (pass the
@@ -254,6 +344,8 @@ def train(store: str | Path, config: Config, *, workers: int = 1, gpus_per_worke
         raise UserError(f"--workers: must be >= 1, got {workers}")
     if gpus_per_worker < 0:
         raise UserError(f"--gpus-per-worker: must be >= 0, got {gpus_per_worker}")
+    if cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker: must be > 0, got {cpus_per_worker}")
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise UserError(f"--name: {name!r} is not a valid run name")
     _check_store(store)
@@ -261,13 +353,28 @@ def train(store: str | Path, config: Config, *, workers: int = 1, gpus_per_worke
     storage = storage or Path(workdir) / "checkpoints"
     if mlflow_uri is None and track:
         mlflow_uri = tracking_uri(workdir)
-    connect_ray(address, num_cpus_needed=workers, num_gpus_needed=workers * gpus_per_worker,
-                verbose=verbose)
-    echo(f"training {name}: {workers} worker(s), store {store}, storage {storage}"
-         + (f", MLflow {mlflow_uri}" if mlflow_uri else ""))
-    return run_training(store, config, name=name, storage=storage, workers=workers,
-                        gpus_per_worker=gpus_per_worker, mlflow_uri=mlflow_uri,
-                        experiment=experiment, config_file=config_file)
+    connect_ray(
+        address,
+        num_cpus_needed=workers * cpus_per_worker,
+        num_gpus_needed=workers * gpus_per_worker,
+        verbose=verbose,
+    )
+    echo(
+        f"training {name}: {workers} worker(s), store {store}, storage {storage}"
+        + (f", MLflow {mlflow_uri}" if mlflow_uri else "")
+    )
+    return run_training(
+        store,
+        config,
+        name=name,
+        storage=storage,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        mlflow_uri=mlflow_uri,
+        experiment=experiment,
+        config_file=config_file,
+    )
 
 
 __all__ = ["TrainSummary", "build_trainer", "git_commit", "run_training", "train"]

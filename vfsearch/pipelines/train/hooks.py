@@ -87,9 +87,15 @@ def fault_hooks(fault: Mapping[str, Any] | None) -> Hooks:
     if not fault:
         return hooks
     if "pid_file" in fault:
-        hooks.on_batch.append(KillPoint(fault["pid_file"], epoch=fault.get("epoch", 2),
-                                        batch=fault.get("batch", 1), rank=fault.get("rank", 0),
-                                        wait_s=float(fault.get("wait_s", 300))))
+        hooks.on_batch.append(
+            KillPoint(
+                fault["pid_file"],
+                epoch=fault.get("epoch", 2),
+                batch=fault.get("batch", 1),
+                rank=fault.get("rank", 0),
+                wait_s=float(fault.get("wait_s", 300)),
+            )
+        )
     if fault.get("raise_after_epoch") is not None:
         hooks.on_epoch_end.append(RaiseAfterEpoch(fault["raise_after_epoch"]))
     return hooks

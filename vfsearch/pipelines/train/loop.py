@@ -44,6 +44,7 @@ Reduce = Callable[[Sequence[float] | torch.Tensor], torch.Tensor]  # float64 sum
 
 # -- pure helpers ------------------------------------------------------------------------
 
+
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor at optimiser step ``step`` (0-based): linear warm-up from
     ``1/warmup_steps`` to 1 over ``warmup_steps``, then a cosine from 1 to 0 at
@@ -102,6 +103,7 @@ def all_summer(device: torch.device, world: int) -> Reduce:
 
 # -- what a worker trains, and on what ----------------------------------------------------
 
+
 @dataclass
 class Parts:
     """The models, losses and optimisers of one worker.
@@ -125,39 +127,82 @@ class Parts:
     grad_clip: float
 
     @classmethod
-    def build(cls, config: Config, model: nn.Module, disc: nn.Module | None, loss_fn: SegLoss,
-              *, device: torch.device, steps_per_epoch: int) -> Parts:
+    def build(
+        cls,
+        config: Config,
+        model: nn.Module,
+        disc: nn.Module | None,
+        loss_fn: SegLoss,
+        *,
+        device: torch.device,
+        steps_per_epoch: int,
+    ) -> Parts:
         """AdamW/Adam with warm-up + cosine per optimiser step for ``model``, Adam for
         ``disc``; bf16 autocast on CUDA with ``train.amp``."""
         tc = config.train
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         opt_g = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        opt_d = (torch.optim.Adam(disc.parameters(), lr=tc.disc_lr, betas=(0.5, 0.999))
-                 if disc is not None else None)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt_g, partial(
-            warmup_cosine, warmup_steps=tc.warmup_epochs * steps_per_epoch,
-            total_steps=tc.epochs * steps_per_epoch))
+        opt_d = (
+            torch.optim.Adam(disc.parameters(), lr=tc.disc_lr, betas=(0.5, 0.999))
+            if disc is not None
+            else None
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt_g,
+            partial(
+                warmup_cosine,
+                warmup_steps=tc.warmup_epochs * steps_per_epoch,
+                total_steps=tc.epochs * steps_per_epoch,
+            ),
+        )
         amp_dtype = torch.bfloat16 if (device.type == "cuda" and tc.amp) else None
         scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
         inner = _unwrap(model)
         assert inner is not None
-        return cls(model=model, inner=inner, disc=disc, inner_d=_unwrap(disc), loss_fn=loss_fn,
-                   d_loss_fn=partial(gan_d_loss, config.loss.gan_mode), opt_g=opt_g,
-                   opt_d=opt_d, sched=sched, scaler=scaler, device=device,
-                   amp_dtype=amp_dtype, grad_clip=tc.grad_clip)
+        return cls(
+            model=model,
+            inner=inner,
+            disc=disc,
+            inner_d=_unwrap(disc),
+            loss_fn=loss_fn,
+            d_loss_fn=partial(gan_d_loss, config.loss.gan_mode),
+            opt_g=opt_g,
+            opt_d=opt_d,
+            sched=sched,
+            scaler=scaler,
+            device=device,
+            amp_dtype=amp_dtype,
+            grad_clip=tc.grad_clip,
+        )
 
     def step(self, batch: Mapping[str, Any], gan_active: bool) -> dict[str, float]:
         """One optimiser step (GAN or segmentation) and one scheduler step; the loss terms."""
         if gan_active:
             assert self.disc is not None and self.opt_d is not None  # gan_active needs a GAN
-            out = gan_step(self.model, self.disc, batch, self.loss_fn, self.opt_g, self.opt_d,
-                           d_loss_fn=self.d_loss_fn, scaler=self.scaler,
-                           grad_clip=self.grad_clip, amp_dtype=self.amp_dtype,
-                           device=self.device)
+            out = gan_step(
+                self.model,
+                self.disc,
+                batch,
+                self.loss_fn,
+                self.opt_g,
+                self.opt_d,
+                d_loss_fn=self.d_loss_fn,
+                scaler=self.scaler,
+                grad_clip=self.grad_clip,
+                amp_dtype=self.amp_dtype,
+                device=self.device,
+            )
         else:
-            out = seg_step(self.model, batch, self.loss_fn, self.opt_g, scaler=self.scaler,
-                           grad_clip=self.grad_clip, amp_dtype=self.amp_dtype,
-                           device=self.device)
+            out = seg_step(
+                self.model,
+                batch,
+                self.loss_fn,
+                self.opt_g,
+                scaler=self.scaler,
+                grad_clip=self.grad_clip,
+                amp_dtype=self.amp_dtype,
+                device=self.device,
+            )
         self.sched.step()
         return out
 
@@ -190,34 +235,59 @@ class TrainData:
     rank: int = 0
 
     @classmethod
-    def open(cls, store: str | Path, config: Config, *, rank: int, world: int,
-             device: torch.device, cpus: float = 1.0) -> TrainData:
+    def open(
+        cls,
+        store: str | Path,
+        config: Config,
+        *,
+        rank: int,
+        world: int,
+        device: torch.device,
+        cpus: float = 1.0,
+    ) -> TrainData:
         tc = config.train
-        train_ds = WindowDataset(store, "train", config.data,
-                                 augment=config.data.augment > 0, seed=tc.seed)
+        train_ds = WindowDataset(
+            store, "train", config.data, augment=config.data.augment > 0, seed=tc.seed
+        )
         val_ds = WindowDataset(store, "val", config.data, augment=False, seed=tc.seed)
         val_part = Subset(val_ds, list(range(rank, len(val_ds), world)))
         # what prediction needs to preprocess a new scan exactly as this store was made
         store_meta = Store(store).meta if rank == 0 else {}
-        store_info = {"spacing": list(store_meta.get("spacing", [])),
-                      "margin_mm": store_meta.get("margin_mm"),
-                      "fingerprint": dict(store_meta.get("fingerprint", {}))}
+        store_info = {
+            "spacing": list(store_meta.get("spacing", [])),
+            "margin_mm": store_meta.get("margin_mm"),
+            "fingerprint": dict(store_meta.get("fingerprint", {})),
+        }
         workers = loader_workers(tc.num_workers, device, cpus)
-        loader_kw: dict[str, Any] = {"batch_size": tc.batch_size, "num_workers": workers,
-                                     "pin_memory": device.type == "cuda"}
+        loader_kw: dict[str, Any] = {
+            "batch_size": tc.batch_size,
+            "num_workers": workers,
+            "pin_memory": device.type == "cuda",
+        }
         if workers > 0:
             loader_kw["multiprocessing_context"] = "spawn"  # zarr and fork do not mix
             loader_kw["prefetch_factor"] = 4 if device.type == "cuda" else 2
-        n_train = len(train_ds) if tc.max_windows_per_epoch <= 0 else \
-            min(len(train_ds), tc.max_windows_per_epoch)
+        n_train = (
+            len(train_ds)
+            if tc.max_windows_per_epoch <= 0
+            else min(len(train_ds), tc.max_windows_per_epoch)
+        )
         steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / tc.batch_size))
-        sampler = EpochSampler(train_ds, n_train, rank=rank, world=world,
-                               open_vertebrae=config.data.open_vertebrae)
-        loader = DataLoader(train_ds, sampler=sampler, persistent_workers=workers > 0,
-                            **loader_kw)
-        return cls(train=train_ds, val=val_part, store_info=store_info, loader_kw=loader_kw,
-                   n_train=n_train, steps_per_epoch=steps_per_epoch, sampler=sampler,
-                   loader=loader, rank=rank)
+        sampler = EpochSampler(
+            train_ds, n_train, rank=rank, world=world, open_vertebrae=config.data.open_vertebrae
+        )
+        loader = DataLoader(train_ds, sampler=sampler, persistent_workers=workers > 0, **loader_kw)
+        return cls(
+            train=train_ds,
+            val=val_part,
+            store_info=store_info,
+            loader_kw=loader_kw,
+            n_train=n_train,
+            steps_per_epoch=steps_per_epoch,
+            sampler=sampler,
+            loader=loader,
+            rank=rank,
+        )
 
     def train_loader(self, epoch: int) -> DataLoader:
         """This rank's shard of the epoch's windows; the same loader (and processes) each
@@ -229,25 +299,35 @@ class TrainData:
         return DataLoader(self.val, **self.loader_kw)
 
 
-def setup(store: str | Path, config: Config, *, rank: int, world: int, device: torch.device,
-          cpus: float = 1.0,
-          prepare: Callable[[nn.Module], nn.Module] = lambda m: m) -> tuple[Parts, TrainData]:
+def setup(
+    store: str | Path,
+    config: Config,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    cpus: float = 1.0,
+    prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> tuple[Parts, TrainData]:
     """Models, loss, data and optimisers of one worker, in that order; ``prepare`` wraps a
     model for distributed training (Ray's ``prepare_model``: device, DDP); ``cpus``: the
     worker's CPUs (sizes the automatic number of loader processes)."""
     # the same seed on every rank (DDP also broadcasts rank 0's weights)
     model, disc = build_models(config)
-    loss_fn = build_loss(config.loss, gan=config.model.gan,
-                         output_kind=getattr(model, "output_kind", "segmentation"))
+    loss_fn = build_loss(
+        config.loss, gan=config.model.gan, output_kind=getattr(model, "output_kind", "segmentation")
+    )
     model = prepare(model)
     disc = prepare(disc) if disc is not None else None
     data = TrainData.open(store, config, rank=rank, world=world, device=device, cpus=cpus)
-    parts = Parts.build(config, model, disc, loss_fn, device=device,
-                        steps_per_epoch=data.steps_per_epoch)
+    parts = Parts.build(
+        config, model, disc, loss_fn, device=device, steps_per_epoch=data.steps_per_epoch
+    )
     return parts, data
 
 
 # -- one epoch ----------------------------------------------------------------------------
+
 
 @dataclass
 class StepSums:
@@ -272,8 +352,15 @@ class StepSums:
         return means, total_windows
 
 
-def train_epoch(parts: Parts, batches: Iterable[Mapping[str, Any]], *, epoch: int, rank: int,
-                gan_active: bool, hooks: Hooks) -> StepSums:
+def train_epoch(
+    parts: Parts,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    epoch: int,
+    rank: int,
+    gan_active: bool,
+    hooks: Hooks,
+) -> StepSums:
     """Train on ``batches`` (this rank's shard of the epoch); the loss sums of its steps."""
     parts.model.train()
     if parts.disc is not None:
@@ -287,9 +374,14 @@ def train_epoch(parts: Parts, batches: Iterable[Mapping[str, Any]], *, epoch: in
     return sums
 
 
-def validate(model: nn.Module, batches: Iterable[Mapping[str, Any]], threshold: float, *,
-             amp_dtype: torch.dtype | None = None,
-             device: torch.device | None = None) -> torch.Tensor:
+def validate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    threshold: float,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Summed TP, FP, FN (float64 ``(3,)``) of ``sigmoid(model) > threshold`` over
     ``batches``, in eval mode: this rank's counts, to be summed across ranks before dividing
     (`val_metrics`)."""
@@ -303,9 +395,15 @@ def validate(model: nn.Module, batches: Iterable[Mapping[str, Any]], threshold: 
 def val_metrics(counts: torch.Tensor) -> dict[str, float]:
     """Validation Dice/IoU/precision/recall from the all-reduced counts, and the counts."""
     val = scores(counts)
-    return {"val_dice": val["dice"], "val_iou": val["iou"],
-            "val_precision": val["precision"], "val_recall": val["recall"],
-            "val_tp": float(counts[0]), "val_fp": float(counts[1]), "val_fn": float(counts[2])}
+    return {
+        "val_dice": val["dice"],
+        "val_iou": val["iou"],
+        "val_precision": val["precision"],
+        "val_recall": val["recall"],
+        "val_tp": float(counts[0]),
+        "val_fp": float(counts[1]),
+        "val_fn": float(counts[2]),
+    }
 
 
 @dataclass
@@ -335,34 +433,67 @@ class TrainState:
         return patience > 0 and self.since_best >= patience
 
 
-def best_snapshot(model: nn.Module, epoch: int, dice: float, *, config: Mapping[str, Any],
-                  seq_len: int, store_info: Mapping[str, Any]) -> dict[str, Any]:
+def best_snapshot(
+    model: nn.Module,
+    epoch: int,
+    dice: float,
+    *,
+    config: Mapping[str, Any],
+    seq_len: int,
+    store_info: Mapping[str, Any],
+) -> dict[str, Any]:
     """best.pt: a CPU copy of ``model``'s weights with the epoch, its validation Dice, the
     flat config, ``seq_len`` and the store's preprocessing (``store``)."""
-    return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "epoch": epoch, "val_dice": dice, "config": config, "seq_len": seq_len,
-            "store": store_info}
+    return {
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "epoch": epoch,
+        "val_dice": dice,
+        "config": config,
+        "seq_len": seq_len,
+        "store": store_info,
+    }
 
 
 KeepBest = Callable[[int, float], dict[str, Any]]  # (epoch, val Dice) -> best.pt
 
 
-def run_epoch(parts: Parts, data: TrainData, state: TrainState, tc: TrainConfig, *, epoch: int,
-              hooks: Hooks, all_sum: Reduce,
-              keep_best: KeepBest | None) -> tuple[dict[str, Any], bool]:
+def run_epoch(
+    parts: Parts,
+    data: TrainData,
+    state: TrainState,
+    tc: TrainConfig,
+    *,
+    epoch: int,
+    hooks: Hooks,
+    all_sum: Reduce,
+    keep_best: KeepBest | None,
+) -> tuple[dict[str, Any], bool]:
     """Train and validate ``epoch``, track the best model (`keep_best` makes best.pt: rank
     0's), and return the epoch's metrics and whether to stop early."""
     t0 = time.perf_counter()
     gan_active = parts.disc is not None and epoch > tc.gan_start()  # -1: epochs // 2
-    sums = train_epoch(parts, data.train_loader(epoch), epoch=epoch, rank=data.rank,
-                       gan_active=gan_active, hooks=hooks)
+    sums = train_epoch(
+        parts,
+        data.train_loader(epoch),
+        epoch=epoch,
+        rank=data.rank,
+        gan_active=gan_active,
+        hooks=hooks,
+    )
     train_time = time.perf_counter() - t0
     train_means, total_windows = sums.means(all_sum)
 
     # validation: counts over the whole split, summed across workers, divided once
     parts.model.eval()
-    counts = all_sum(validate(parts.inner, data.val_loader(), tc.val_threshold,
-                              amp_dtype=parts.amp_dtype, device=parts.device))
+    counts = all_sum(
+        validate(
+            parts.inner,
+            data.val_loader(),
+            tc.val_threshold,
+            amp_dtype=parts.amp_dtype,
+            device=parts.device,
+        )
+    )
     val = val_metrics(counts)
     epoch_time = time.perf_counter() - t0
 
@@ -370,12 +501,17 @@ def run_epoch(parts: Parts, data: TrainData, state: TrainState, tc: TrainConfig,
         state.best = keep_best(epoch, val["val_dice"])
     stop = state.stale(tc.early_stop_patience)
     return {
-        **train_means, **val,
-        "best_val_dice": state.best_metric, "best_epoch": state.best_epoch,
+        **train_means,
+        **val,
+        "best_val_dice": state.best_metric,
+        "best_epoch": state.best_epoch,
         "lr": float(parts.opt_g.param_groups[0]["lr"]),
-        "epoch_time": epoch_time, "train_time": train_time,
+        "epoch_time": epoch_time,
+        "train_time": train_time,
         "windows_per_s": total_windows / max(train_time, 1e-9),
-        "gan_active": float(gan_active), "epoch": epoch, "resumed_from_epoch": state.resumed_from,
+        "gan_active": float(gan_active),
+        "epoch": epoch,
+        "resumed_from_epoch": state.resumed_from,
         "early_stopped": float(stop),
     }, stop
 

@@ -62,6 +62,7 @@ from vfsearch.pipelines.visualize import log_visualisations
 if TYPE_CHECKING:
     from ray.util.queue import Queue
 
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs. ``loop`` is plain data (see `build_trainer`)."""
     import ray.train
@@ -73,31 +74,55 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    parts, data = setup(loop["store"], config, rank=rank, world=world, device=device,
-                        cpus=loop.get("cpus", 1.0), prepare=ray.train.torch.prepare_model)
+    parts, data = setup(
+        loop["store"],
+        config,
+        rank=rank,
+        world=world,
+        device=device,
+        cpus=loop.get("cpus", 1.0),
+        prepare=ray.train.torch.prepare_model,
+    )
     state = _restore_or_start(parts, rank=rank, world=world, seed=tc.seed)
 
-    tracker = (_RankZeroRun(loop, run_id=state.run_id, resumed_from=state.resumed_from,
-                            digest=optimizer_digest(parts.opt_g.state_dict()))
-               if rank == 0 and loop.get("mlflow") else None)
+    tracker = (
+        _RankZeroRun(
+            loop,
+            run_id=state.run_id,
+            resumed_from=state.resumed_from,
+            digest=optimizer_digest(parts.opt_g.state_dict()),
+        )
+        if rank == 0 and loop.get("mlflow")
+        else None
+    )
     echo = _line_sender(loop.get("lines") if rank == 0 else None)
     if state.resumed_from:
         echo(f"resumed from epoch {state.resumed_from} of run {loop.get('name')}")
     hooks = fault_hooks(loop.get("fault"))
     clock = _StartClock(loop.get("t_launch"), t_entry, tracker)
     hooks.after_step.append(clock)
-    keep_best = (partial(best_snapshot, parts.inner, config=loop["config"],
-                         seq_len=config.data.seq_len, store_info=data.store_info)
-                 if rank == 0 else None)
-    report = partial(_save_and_report, parts, state, rank=rank, world=world, loop=loop,
-                     tracker=tracker)
+    keep_best = (
+        partial(
+            best_snapshot,
+            parts.inner,
+            config=loop["config"],
+            seq_len=config.data.seq_len,
+            store_info=data.store_info,
+        )
+        if rank == 0
+        else None
+    )
+    report = partial(
+        _save_and_report, parts, state, rank=rank, world=world, loop=loop, tracker=tracker
+    )
     all_sum = all_summer(device, world)
 
     metrics: dict[str, Any] = {}
     epoch_times: list[float] = []
     for epoch in range(state.epoch + 1, tc.epochs + 1):
-        metrics, stop = run_epoch(parts, data, state, tc, epoch=epoch, hooks=hooks,
-                                  all_sum=all_sum, keep_best=keep_best)
+        metrics, stop = run_epoch(
+            parts, data, state, tc, epoch=epoch, hooks=hooks, all_sum=all_sum, keep_best=keep_best
+        )
         if not state.resumed_from:
             metrics.update(clock.metrics())
         # rank 0 logs before the report barrier, so that the other ranks wait there rather
@@ -110,13 +135,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         report(metrics, f"epoch_{epoch:04d}")
         hooks.epoch_end(epoch, rank)
         if stop:
-            echo(f"early stop: no val_dice gain for {state.since_best} epochs "
-                 f"(best {state.best_metric:.4f} at epoch {state.best_epoch})")
+            echo(
+                f"early stop: no val_dice gain for {state.since_best} epochs "
+                f"(best {state.best_metric:.4f} at epoch {state.best_epoch})"
+            )
             break
     _finish(loop, config, parts.inner, state, metrics, tracker=tracker, report=report, rank=rank)
 
 
 # -- the pieces the worker calls ----------------------------------------------------------
+
 
 def _restore_or_start(parts: Parts, *, rank: int, world: int, seed: int) -> TrainState:
     """Continue from Ray's last checkpoint of this run if there is one, else start afresh
@@ -131,20 +159,38 @@ def _restore_or_start(parts: Parts, *, rank: int, world: int, seed: int) -> Trai
         return restore(d, parts, rank=rank, world=world, seed=seed)
 
 
-def _save_and_report(parts: Parts, state: TrainState, metrics: dict[str, Any], dir_name: str,
-                     *, rank: int, world: int, loop: Mapping[str, Any],
-                     tracker: _RankZeroRun | None) -> None:
+def _save_and_report(
+    parts: Parts,
+    state: TrainState,
+    metrics: dict[str, Any],
+    dir_name: str,
+    *,
+    rank: int,
+    world: int,
+    loop: Mapping[str, Any],
+    tracker: _RankZeroRun | None,
+) -> None:
     """Every rank's share of the checkpoint (`save_checkpoint`), and one `ray.train.report`."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
-        save_checkpoint(tmp, parts, state, rank=rank, world=world, config=loop["config"],
-                        name=loop.get("name", ""),
-                        experiment_id=tracker.experiment_id if tracker else "", metrics=metrics)
+        save_checkpoint(
+            tmp,
+            parts,
+            state,
+            rank=rank,
+            world=world,
+            config=loop["config"],
+            name=loop.get("name", ""),
+            experiment_id=tracker.experiment_id if tracker else "",
+            metrics=metrics,
+        )
         # a barrier: every rank reports once; the folders merge into one
-        ray.train.report(metrics if rank == 0 else {},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=dir_name)
+        ray.train.report(
+            metrics if rank == 0 else {},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=dir_name,
+        )
 
 
 class _StartClock:
@@ -152,8 +198,9 @@ class _StartClock:
     entry (``worker_setup_s``) to this attempt's first optimiser step. That step also starts
     rank 0's MLflow set-up, which then overlaps the first epoch, not the start-up."""
 
-    def __init__(self, t_launch: float | None, t_entry: float,
-                 tracker: _RankZeroRun | None) -> None:
+    def __init__(
+        self, t_launch: float | None, t_entry: float, tracker: _RankZeroRun | None
+    ) -> None:
         self.t_launch, self.t_entry, self.tracker = t_launch, t_entry, tracker
         self.first_step_s: float | None = None
         self.worker_setup_s = 0.0
@@ -173,9 +220,17 @@ class _StartClock:
         return {"startup_s": self.first_step_s, "worker_setup_s": self.worker_setup_s}
 
 
-def _finish(loop: Mapping[str, Any], config: Config, model: nn.Module, state: TrainState,
-            metrics: dict[str, Any], *, tracker: _RankZeroRun | None,
-            report: Callable[[dict[str, Any], str], None], rank: int) -> None:
+def _finish(
+    loop: Mapping[str, Any],
+    config: Config,
+    model: nn.Module,
+    state: TrainState,
+    metrics: dict[str, Any],
+    *,
+    tracker: _RankZeroRun | None,
+    report: Callable[[dict[str, Any], str], None],
+    rank: int,
+) -> None:
     """The end of a run: rank 0's fused 3D validation of the best weights (its threshold goes
     into best.pt) and pictures, a last checkpoint and report, the MLflow run finished."""
     final = _final_evaluation(loop, config, model, state.best, rank=rank)
@@ -195,8 +250,14 @@ def _finish(loop: Mapping[str, Any], config: Config, model: nn.Module, state: Tr
         tracker.finish(state.best)
 
 
-def _final_evaluation(loop: Mapping[str, Any], config: Config, model: nn.Module,
-                      best_state: Mapping[str, Any] | None, *, rank: int) -> dict[str, float]:
+def _final_evaluation(
+    loop: Mapping[str, Any],
+    config: Config,
+    model: nn.Module,
+    best_state: Mapping[str, Any] | None,
+    *,
+    rank: int,
+) -> dict[str, float]:
     """Rank 0: the fused 3D validation figures (``val_dice3d`` ...) of the best weights.
 
     Every slice of every validation vertebra is predicted, fused into 3D and mapped back to
@@ -235,33 +296,45 @@ def _latency_ms(model: nn.Module, config: Config, *, repeats: int = 5) -> float:
     return 1000.0 * sorted(times)[len(times) // 2]
 
 
-def _log_pictures(loop: Mapping[str, Any], config: Config, model: nn.Module,
-                  tracker: _RankZeroRun, threshold: float | None) -> None:
+def _log_pictures(
+    loop: Mapping[str, Any],
+    config: Config,
+    model: nn.Module,
+    tracker: _RankZeroRun,
+    threshold: float | None,
+) -> None:
     """Heatmap, attention and 3D pictures of the best model on one validation case."""
     if not config.train.log_pictures:
         return
     try:
-        log_visualisations(tracker.tracker, tracker.ready(), model, loop["store"], config,
-                           threshold=threshold)
+        log_visualisations(
+            tracker.tracker, tracker.ready(), model, loop["store"], config, threshold=threshold
+        )
     except Exception as exc:  # noqa: BLE001 - pictures must never fail a finished run
         _write_line(f"warning: could not log pictures ({type(exc).__name__}: {exc})")
 
 
 # -- console lines ------------------------------------------------------------------------
 
-def format_epoch(epoch: int, epochs: int, m: Mapping[str, float],
-                 eta_s: float | None = None) -> str:
+
+def format_epoch(
+    epoch: int, epochs: int, m: Mapping[str, float], eta_s: float | None = None
+) -> str:
     """One epoch's line: losses, validation Dice/IoU, lr, windows/s, seconds (and ETA)."""
-    terms = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items()
-                     if k.startswith("train/") and k not in ("train/loss", "train/grad_norm",
-                                                            "train/d_loss", "train/g_loss"))
-    gan = (f"  D {m['train/d_loss']:.4f} G {m['train/g_loss']:.4f}"
-           if "train/d_loss" in m else "")
+    terms = " ".join(
+        f"{k.split('/', 1)[1]} {v:.4f}"
+        for k, v in m.items()
+        if k.startswith("train/")
+        and k not in ("train/loss", "train/grad_norm", "train/d_loss", "train/g_loss")
+    )
+    gan = f"  D {m['train/d_loss']:.4f} G {m['train/g_loss']:.4f}" if "train/d_loss" in m else ""
     eta = "" if eta_s is None else f"  eta {duration(eta_s)}"
-    return (f"epoch {epoch}/{epochs}  loss {m['train/loss']:.4f} ({terms}){gan}  "
-            f"val dice {m['val_dice']:.4f} iou {m['val_iou']:.4f}  "
-            f"lr {m['lr']:.2e}  {m['windows_per_s']:.1f} windows/s  {m['epoch_time']:.1f} s"
-            f"{eta}")
+    return (
+        f"epoch {epoch}/{epochs}  loss {m['train/loss']:.4f} ({terms}){gan}  "
+        f"val dice {m['val_dice']:.4f} iou {m['val_iou']:.4f}  "
+        f"lr {m['lr']:.2e}  {m['windows_per_s']:.1f} windows/s  {m['epoch_time']:.1f} s"
+        f"{eta}"
+    )
 
 
 def _write_line(line: str) -> None:
@@ -325,6 +398,7 @@ class LineRelay:
 
 # -- rank 0's MLflow run ------------------------------------------------------------------
 
+
 class _RankZeroRun:
     """Rank 0's MLflow run: the only worker that logs.
 
@@ -336,8 +410,9 @@ class _RankZeroRun:
     params, launch id and config file (see `build_trainer`).
     """
 
-    def __init__(self, loop: Mapping[str, Any], *, run_id: str | None, resumed_from: int,
-                 digest: float) -> None:
+    def __init__(
+        self, loop: Mapping[str, Any], *, run_id: str | None, resumed_from: int, digest: float
+    ) -> None:
         self.spec = dict(loop["mlflow"])
         self.store, self.config = loop["store"], loop["config"]
         self.run_id, self.resumed_from, self.digest = run_id, resumed_from, digest
@@ -348,8 +423,7 @@ class _RankZeroRun:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._setup, name="vfsearch-mlflow",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._setup, name="vfsearch-mlflow", daemon=True)
             self._thread.start()
 
     def _setup(self) -> None:
@@ -357,20 +431,30 @@ class _RankZeroRun:
             spec = self.spec
             t = Tracker(spec["uri"])
             self.experiment_id = t.experiment_id(spec["experiment"])
-            tags = {**spec["tags"], LAUNCH_TAG: spec["launch_id"],
-                    FINGERPRINT_TAG: dataset_fingerprint(self.store), **_node_tags()}
+            tags = {
+                **spec["tags"],
+                LAUNCH_TAG: spec["launch_id"],
+                FINGERPRINT_TAG: dataset_fingerprint(self.store),
+                **_node_tags(),
+            }
             if self.run_id:
                 t.resume_run(self.run_id)
             else:
-                self.run_id = t.find_run(spec["experiment"], LAUNCH_TAG, spec["launch_id"]) \
-                    or t.start_run(spec["experiment"], spec["name"], tags=tags,
-                                   parent_run_id=spec.get("parent_run_id"))
+                self.run_id = t.find_run(
+                    spec["experiment"], LAUNCH_TAG, spec["launch_id"]
+                ) or t.start_run(
+                    spec["experiment"],
+                    spec["name"],
+                    tags=tags,
+                    parent_run_id=spec.get("parent_run_id"),
+                )
             t.set_tags(self.run_id, tags)
             t.log_params(self.run_id, {**self.config, **spec.get("params", {})})
             if self.resumed_from:
                 t.set_tags(self.run_id, {"vfsearch.resumed_from_epoch": self.resumed_from})
-                t.log_metrics(self.run_id, {"resume/optimizer_digest": self.digest},
-                              self.resumed_from)
+                t.log_metrics(
+                    self.run_id, {"resume/optimizer_digest": self.digest}, self.resumed_from
+                )
             self.tracker = t
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
             self._error = exc
