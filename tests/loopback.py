@@ -59,7 +59,13 @@ class LoopbackCluster:
             "0",
         ]
 
-    def _start(self, args: list[str], resources: dict[str, float] | None, num_cpus: int) -> str:
+    def _start(
+        self,
+        args: list[str],
+        resources: dict[str, float] | None,
+        num_cpus: int,
+        prefix: list[str] | None = None,
+    ) -> str:
         before = set(self.node_ids(alive_only=False)) if self.address else set()
         # a temp dir of the node's own: `ray start` records its cluster in
         # <temp dir>/ray_current_cluster, and a record left in /tmp/ray after the node is
@@ -85,6 +91,7 @@ class LoopbackCluster:
         ]
         if resources:
             cmd += ["--resources", json.dumps(resources)]
+        cmd = [*(prefix or []), *cmd]
         env = {**os.environ, **self.env}
         proc = subprocess.Popen(
             cmd,
@@ -138,8 +145,29 @@ class LoopbackCluster:
             num_cpus,
         )
 
-    def add_node(self, *, num_cpus: int, resources: dict[str, float] | None = None) -> str:
-        return self._start(["--address", self.address], resources, num_cpus)
+    def add_node(
+        self,
+        *,
+        num_cpus: int,
+        resources: dict[str, float] | None = None,
+        hide: str | Path | None = None,
+    ) -> str:
+        """A node joining the cluster; with ``hide``, that folder is an empty private tmpfs
+        for this node and its workers (its own mount namespace), as a node-local disk would
+        be: the other nodes keep seeing the real folder."""
+        prefix = None
+        if hide is not None:
+            prefix = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs tmpfs "$0" && exec "$@"',
+                str(hide),
+            ]
+        return self._start(["--address", self.address], resources, num_cpus, prefix)
 
     def _gcs_nodes(self) -> list[dict]:
         from ray._raylet import GcsClient
@@ -189,3 +217,29 @@ class LoopbackCluster:
                     proc.wait(timeout=10)
         for temp_dir in self.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def can_hide_folders() -> bool:
+    """Whether this machine lets a process mount a private tmpfs (root, mount namespaces)."""
+    probe = tempfile.mkdtemp(prefix="vfhide-")
+    try:
+        return (
+            subprocess.run(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    f'mount -t tmpfs tmpfs "{probe}"',
+                ],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        os.rmdir(probe)

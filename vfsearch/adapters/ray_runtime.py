@@ -123,3 +123,37 @@ def start_local_ray(**init_kwargs: Any) -> str:
 
 
 __all__ = ["connect_ray", "ray_output", "start_local_ray"]
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The connected cluster's alive nodes (``NodeID``, ``NodeManagerAddress``, resources)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def missing_on_nodes(
+    paths: list[str], nodes: list[dict[str, Any]] | None = None, timeout_s: float = 120.0
+) -> dict[str, list[str]]:
+    """Which of ``paths`` each node cannot see: ``{node address: [missing paths]}`` for the
+    nodes that miss any. A zero-CPU task pinned to each node checks; it never writes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _missing(ps: list[str]) -> list[str]:
+        return [p for p in ps if not os.path.exists(p)]
+
+    nodes = alive_nodes() if nodes is None else nodes
+    refs = {
+        f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _missing.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(list(paths))
+        for n in nodes
+    }
+    out = {}
+    for node, ref in refs.items():
+        missing = ray.get(ref, timeout=timeout_s)
+        if missing:
+            out[node] = missing
+    return out

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 from vfsearch.adapters import progress, tracking
 from vfsearch.adapters.plots import plot_importances
+from vfsearch.adapters.ray_runtime import connect_ray
 from vfsearch.adapters.search_space import SearchSpace, load_space, resolve_space
 from vfsearch.adapters.store import Store
 from vfsearch.adapters.tracking import Tracker
@@ -37,6 +39,7 @@ from vfsearch.adapters.tracking.schema import (
     BEST_PREFIX,
     BEST_RUN_TAG,
     BEST_TRIAL_TAG,
+    ENV_URI,
     FINGERPRINT_TAG,
     GIT_COMMIT_TAG,
     IMPORTANCES_DIR,
@@ -52,6 +55,10 @@ from vfsearch.adapters.tracking.schema import (
     TRIAL_TAG,
 )
 from vfsearch.core.errors import UserError
+from vfsearch.pipelines.guards import check_cluster, check_gpu_split, is_url
+from vfsearch.pipelines.train import run_training
+from vfsearch.pipelines.train.driver import git_commit
+from vfsearch.pipelines.train.worker import format_epoch
 
 DRIVER_CPUS = 0.05  # the trial driver only waits on its TorchTrainer
 DRIVER_SHARE = 0.01  # of the custom resource named by --driver-resource (one unit: 100 drivers)
@@ -83,8 +90,6 @@ def _trial_driver(config: dict[str, Any], ctx: SweepContext) -> None:
     """One Tune trial: fit one `TorchTrainer` whose rank-0 reports reach Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from vfsearch.pipelines.train import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = ctx.space.config_for(config)
@@ -160,11 +165,8 @@ def _trial_lines(space: SearchSpace, total: int, concurrency: int):
     first one: the reporting trial's pace over its epochs) and how long the running ones
     have run.
     """
-    import time
 
     from ray.tune import Callback
-
-    from vfsearch.pipelines.train.worker import format_epoch
 
     class TrialLines(Callback):
         def __init__(self) -> None:
@@ -333,6 +335,7 @@ def tune(
         raise UserError(f"--gpus-per-trial: must be >= 0, got {gpus_per_trial}")
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler: must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_gpu_split(workers_per_trial, gpus_per_trial / workers_per_trial, "--gpus-per-trial")
     driver_resource = driver_resource or os.environ.get("VFSEARCH_DRIVER_RESOURCE") or None
     fingerprint = Store(store).fingerprint  # a bad store fails here too
     sweep = name or f"{Path(space_path).stem}-s{seed}"
@@ -350,9 +353,8 @@ def tune(
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
-    from vfsearch.adapters.ray_runtime import connect_ray
+    # imported here: it subclasses Ray's OptunaSearch, so importing it imports ray
     from vfsearch.adapters.ray_searcher import FinalMetricOptunaSearch
-    from vfsearch.pipelines.train.driver import git_commit
 
     exists = rtune.Tuner.can_restore(sweep_dir)
     if resume and not exists:
@@ -363,6 +365,7 @@ def tune(
             f"pass --resume to continue it or choose another --name"
         )
 
+    embedded_tracking = mlflow_uri is None and not os.environ.get(ENV_URI)
     mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
     tracker = Tracker(mlflow_uri)
     parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
@@ -373,6 +376,13 @@ def tune(
         num_gpus_needed=gpus_per_trial,
         resources={driver_resource: 1.0} if driver_resource else None,
         verbose=verbose,
+    )
+    # multi-node: a tracking server, checkpoints and a store every node reaches
+    check_cluster(
+        embedded_tracking=embedded_tracking,
+        tracking_uri=mlflow_uri,
+        storage=storage,
+        store=str(store),
     )
     cluster = ray.cluster_resources()
     if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
@@ -431,7 +441,7 @@ def tune(
     echo(f"sweep {sweep}: {num_samples} trial(s), up to {concurrent} at once; MLflow {runs_url}")
 
     ctx = SweepContext(
-        store=str(Path(store).resolve()),
+        store=str(store) if is_url(store) else str(Path(store).resolve()),
         space=space,
         sweep=sweep,
         storage=str(Path(storage) / sweep / "trials")

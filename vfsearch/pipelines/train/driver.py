@@ -13,6 +13,7 @@ what a Tune trial driver calls) and `build_trainer` (its `TorchTrainer`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -27,6 +28,7 @@ from vfsearch.adapters.store import Store
 from vfsearch.adapters.tracking import Tracker, runs_url, tracking_uri
 from vfsearch.adapters.tracking.schema import (
     DEFAULT_EXPERIMENT,
+    ENV_URI,
     GIT_COMMIT_TAG,
     LAUNCH_TAG,
     RAY_RUN_TAG,
@@ -34,6 +36,7 @@ from vfsearch.adapters.tracking.schema import (
 )
 from vfsearch.core.config import Config
 from vfsearch.core.errors import UserError
+from vfsearch.pipelines.guards import check_cluster, check_gpu_split, is_url
 from vfsearch.pipelines.train.worker import LineRelay, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -133,7 +136,9 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
-        run_config=ray.train.RunConfig(
+        # mypy reads ray.train.RunConfig as ray.air's; at run time ray/train/__init__.py
+        # rebinds it to Train V2's (logging_config, UserCallback callbacks): stub gap
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
@@ -144,7 +149,7 @@ def build_trainer(
             ),
             # Ray Train's own per-report INFO lines would bury the progress lines
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=list(callbacks) if callbacks else None,
+            callbacks=list(callbacks) if callbacks else None,  # type: ignore[arg-type]
         ),
     )
 
@@ -348,9 +353,11 @@ def train(
         raise UserError(f"--cpus-per-worker: must be > 0, got {cpus_per_worker}")
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise UserError(f"--name: {name!r} is not a valid run name")
+    check_gpu_split(workers, gpus_per_worker, "--gpus-per-worker")
     _check_store(store)
     name = name or time.strftime("train-%Y%m%d-%H%M%S")
     storage = storage or Path(workdir) / "checkpoints"
+    embedded_tracking = track and mlflow_uri is None and not os.environ.get(ENV_URI)
     if mlflow_uri is None and track:
         mlflow_uri = tracking_uri(workdir)
     connect_ray(
@@ -358,6 +365,12 @@ def train(
         num_cpus_needed=workers * cpus_per_worker,
         num_gpus_needed=workers * gpus_per_worker,
         verbose=verbose,
+    )
+    check_cluster(
+        embedded_tracking=embedded_tracking,
+        tracking_uri=mlflow_uri or "",
+        storage=str(storage) if is_url(storage) else str(Path(storage).resolve()),
+        store=str(store),
     )
     echo(
         f"training {name}: {workers} worker(s), store {store}, storage {storage}"
