@@ -357,3 +357,12 @@ def test_train_command_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "model.depth" in res.output
     res = runner.invoke(app, ["train", "--store", str(tmp_path), "--workers", "0"])
     assert res.exit_code == 2
+
+
+def test_mlflow_artifact_bars_are_off_unless_the_user_asks(monkeypatch):
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    client.Tracker("http://127.0.0.1:9").client  # noqa: B018 - creating the client is the point
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    client.Tracker("http://127.0.0.1:9").client  # noqa: B018
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"

@@ -99,6 +99,9 @@ class Tracker:
     def client(self) -> MlflowClient:
         """The process's `mlflow.MlflowClient` (for the tracking package's own modules)."""
         if self._client is None:
+            # MLflow's own "Downloading artifacts" bars are noise in our commands' output
+            # (which show their own progress); a user's explicit setting wins
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
