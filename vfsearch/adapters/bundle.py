@@ -64,7 +64,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from vfsearch.adapters.store import Store
 from vfsearch.core.config import Config
@@ -680,12 +680,13 @@ def load_checkpoint(
         ) from None
     model.to(_device(device)).eval()
     threshold = ckpt.get("threshold")
+    # `missing` above has ruled out None for fingerprint, spacing and margin
     return LoadedModel(
         model,
         config,
-        dict(fingerprint),
-        tuple(float(s) for s in spacing),
-        float(margin),
+        dict(cast("dict[str, Any]", fingerprint)),
+        tuple(float(s) for s in cast("Sequence[float]", spacing)),
+        float(cast(float, margin)),
         source=str(p),
         run_id=ckpt.get("run_id"),
         threshold=float(threshold) if threshold is not None else None,

@@ -26,7 +26,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -131,9 +131,9 @@ class WindowDataset(Dataset):
             counts = np.asarray(stored.get(self.data.plane, []), dtype=np.int64)
             if counts.shape == (shapes[k][self.axis],):  # else: read from the mask when needed
                 self._counts[k] = counts
-        counts = [s[self.axis] for s in shapes]
+        lengths = [s[self.axis] for s in shapes]
         self._shapes = shapes  # type: ignore[assignment]
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._fingerprint = fingerprint
         self._items = items
 
@@ -164,8 +164,9 @@ class WindowDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"window {index} outside 0..{n - 1}")
-        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return k, int(index - self._offsets[k])  # type: ignore[index]
+        offsets = cast(np.ndarray, self._offsets)  # built by len(self)
+        k = int(np.searchsorted(offsets, index, side="right")) - 1
+        return k, int(index - offsets[k])
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws (like `DistributedSampler.set_epoch`).
@@ -205,9 +206,9 @@ class WindowDataset(Dataset):
         while self._cache and self._cache_used + size > self.cache_bytes:
             _, old = self._cache.popitem(last=False)
             self._cache_used -= sum(a.nbytes for a in old)
-        self._cache[k] = vols  # type: ignore[assignment]
+        self._cache[k] = vols
         self._cache_used += size
-        return vols  # type: ignore[return-value]
+        return vols
 
     def _read_window(self, k: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw window of vertebra ``k`` at slice ``t``: HU and fracture, both ``(T, h, w)``.
@@ -337,7 +338,13 @@ class WindowDataset(Dataset):
         state = np.random.SeedSequence([base, rank]).generate_state(1, np.uint64)[0]
         gen = torch.Generator().manual_seed(int(state) if num_replicas > 1 else base)
         count = num_samples or -(-len(weights) // num_replicas)
-        return WeightedRandomSampler(weights, count, replacement=True, generator=gen)
+        # torch's stub says Sequence[float]; the sampler takes a tensor (it calls as_tensor)
+        return WeightedRandomSampler(
+            weights,  # type: ignore[arg-type]
+            count,
+            replacement=True,
+            generator=gen,
+        )
 
     def epoch_order(
         self,

@@ -144,6 +144,7 @@ def ortho_panels(
         return None if vol is None else np.asarray(vol[index])
 
     panels = []
+    idx: tuple[slice | int, ...]
     for plane in planes:
         if plane == "sagittal":
             idx, extent, origin = (slice(None), slice(None), i), (*ey, *ez), "lower"
@@ -173,7 +174,7 @@ def ortho_panels(
         panels.append(
             Panel(
                 f"{label} {plane} ({where})".strip(),
-                cut(ct, idx),
+                np.asarray(ct[idx]),
                 cut(overlay, idx),
                 cut(truth, idx),
                 extent,

@@ -167,10 +167,10 @@ def resolve_space(path: str | Path) -> Path:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file, or a packaged space by name."""
-    p = resolve_space(path)
-    src = str(p) if Path(path).is_file() else str(path)
+    file = resolve_space(path)
+    src = str(file) if Path(path).is_file() else str(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{src}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -214,7 +214,7 @@ def load_space(path: str | Path) -> SearchSpace:
     raw_params = raw.get("params") or {}
     if not isinstance(raw_params, dict) or not raw_params:
         raise _err(src, "params", "must be a non-empty mapping of config keys to ranges")
-    params = []
+    params: list[Param] = []
     for key, spec in raw_params.items():
         params.append(_param(src, key, spec, types))
     sampled = {p.key for p in params}
@@ -304,8 +304,9 @@ def _param(src: str, key: str, spec: Any, types: dict[str, type]) -> Param:
             f"{where}.type",
             f"{key} is a {tp.__name__}; use {'categorical' if tp not in (int, float) else 'int'}",
         )
-    low, high = spec.get("low"), spec.get("high")
-    for name, v in (("low", low), ("high", high)):
+    bounds: dict[str, float | int] = {}
+    for name in ("low", "high"):
+        v = spec.get(name)
         if (
             isinstance(v, bool)
             or not isinstance(v, (int, float))
@@ -313,6 +314,8 @@ def _param(src: str, key: str, spec: Any, types: dict[str, type]) -> Param:
         ):
             what = "an integer" if kind == "int" else "a number"
             raise _err(src, f"{where}.{name}", f"must be {what}, got {v!r}")
+        bounds[name] = v
+    low, high = bounds["low"], bounds["high"]
     if low >= high:
         raise _err(src, where, f"empty range: low {low} >= high {high}")
     log = bool(spec.get("log", False))

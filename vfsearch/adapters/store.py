@@ -59,7 +59,7 @@ class Store:
         return {"path": self.path, "mode": self.mode}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["mode"])
+        Store.__init__(self, state["path"], state["mode"])
 
     @property
     def root(self):

@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
 
 _sitk = importer("SimpleITK", setup=lambda m: m.ProcessObject_SetGlobalWarningDisplay(False))
@@ -222,6 +223,8 @@ class _quiet_stderr:
     Their failures reach us as exceptions turned into one-line `UserError`s; the raw
     C++ chatter would break the CLI's one-line error contract.
     """
+
+    _saved: int | None
 
     def __enter__(self) -> None:
 
@@ -501,9 +504,12 @@ def resample(
         max(1, int(round(n * s / t)))
         for n, s, t in zip(array.shape[::-1], geometry.spacing, spacing, strict=False)
     ]
-    target = Geometry(tuple(spacing), geometry.origin, geometry.direction)
+    target = Geometry(
+        cast("tuple[float, float, float]", tuple(spacing)), geometry.origin, geometry.direction
+    )
+    shape = cast("tuple[int, int, int]", tuple(size[::-1]))
     return Volume(
-        resample_to(array, geometry, target, tuple(size[::-1]), nearest=nearest, default=default),
+        resample_to(array, geometry, target, shape, nearest=nearest, default=default),
         target,
     )
 

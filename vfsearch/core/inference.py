@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -212,12 +212,12 @@ def to_ct_grid(
         return None
     lo, hi = box
     sub = ct_geometry.shifted(lo)
-    shape = tuple(b - a for a, b in zip(lo, hi, strict=True))
+    shape = cast("tuple[int, int, int]", tuple(b - a for a, b in zip(lo, hi, strict=True)))
     values = resampler.resample_to(
         array,
         crop_geometry,
         sub,
-        shape,  # type: ignore[arg-type]
+        shape,
         nearest=nearest,
         default=0,
     )
@@ -226,7 +226,7 @@ def to_ct_grid(
             np.ones(array.shape, np.uint8), crop_geometry, sub, shape, nearest=True, default=0
         )
         > 0
-    )  # type: ignore[arg-type]
+    )
     return values, lo, cover
 
 

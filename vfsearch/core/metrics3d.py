@@ -273,7 +273,9 @@ class ThresholdSweep:
         return float(t[k]), float(d[k])
 
 
-def best_threshold(candidates: Sequence[float], dice: Sequence[float]) -> tuple[float, float]:
+def best_threshold(
+    candidates: Sequence[float] | np.ndarray, dice: Sequence[float]
+) -> tuple[float, float]:
     """The candidate with the highest Dice (ties: the one closest to 0.5)."""
     d = np.asarray(dice, dtype=np.float64)
     t = np.asarray(candidates, dtype=np.float64)

@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from vfsearch.core.losses import soften_real_mask
+from vfsearch.core.losses import slice_labels, soften_real_mask
 from vfsearch.core.metrics import confusion_counts
 
 # (logits, target[, disc_fake_logits]) -> (total, terms); `vfsearch.core.losses.SegLoss` is one
@@ -56,8 +56,6 @@ def target_like(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The target in the logits' form: slice labels ``(B, 1)`` for the classifier's ``(B, 1)``
     logits (`vfsearch.core.losses.slice_labels`), the mask itself for segmenters."""
     if logits.dim() == 2 and target.dim() == 4:
-        from vfsearch.core.losses import slice_labels
-
         return slice_labels(target)
     return target
 

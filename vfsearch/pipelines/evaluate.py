@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -125,7 +125,7 @@ def case_truth(store: Store, case_id: str) -> CaseTruth:
     """Fracture mask and vertebra labels of a stored case in its original CT grid."""
     attrs = store.case_attrs(case_id)
     ct_geometry = Geometry.from_dict(attrs["ct_geometry"])
-    ct_shape = tuple(int(v) for v in attrs["ct_shape"])
+    ct_shape = cast("tuple[int, int, int]", tuple(int(v) for v in attrs["ct_shape"]))
     vids = store.vertebrae(case_id)
     boxes = []
     for vid in vids:
@@ -239,7 +239,7 @@ def evaluate_case(
     models: Sequence[LoadedModel],
     store: Store,
     case_id: str,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | np.ndarray,
     *,
     combine: str = "mean",
     details: bool = False,
@@ -302,7 +302,7 @@ def evaluate_case(
                 )
             )
             slice_scores += p_sl.reshape(len(p_sl), -1).max(axis=1).tolist()
-            slice_labels += f_sl.reshape(len(f_sl), -1).any(axis=1).tolist()
+            slice_labels += cast("list[bool]", f_sl.reshape(len(f_sl), -1).any(axis=1).tolist())
 
     maps, box = fused.maps, truth.box  # box: the crops' bounding box in the CT grid
     vids = [m.vid for m in maps]
@@ -566,12 +566,14 @@ def classify_case(
     ``bar`` (see `vertebra_bar`) advances by one per vertebra."""
     truth = case_truth(store, case_id)
     axis = PLANE_AXIS[lm.plane]
-    verts, scores, labels = [], [], []
+    verts: list[tuple[int, float, int]] = []
+    scores: list[float] = []
+    labels: list[bool] = []
     for vid in store.vertebrae(case_id):
         s = crop_slice_scores(lm, store.read(case_id, vid, "image"), batch_size=batch_size)
         frac = fusion.volume_to_slices(store.read(case_id, vid, "fracture") > 0, axis)
         scores += s.tolist()
-        labels += frac.reshape(len(frac), -1).any(axis=1).tolist()
+        labels += cast("list[bool]", frac.reshape(len(frac), -1).any(axis=1).tolist())
         verts.append(
             (vid, float(s.max()), int(np.count_nonzero(truth.fracture[truth.cells == vid])))
         )

@@ -69,6 +69,8 @@ from typing import TYPE_CHECKING, Any
 
 import vfsearch
 from vfsearch.adapters import tracking
+from vfsearch.adapters.bundle import read_config, write_bundle, write_ensemble
+from vfsearch.adapters.store import Store
 from vfsearch.adapters.tracking import Tracker, registry
 from vfsearch.adapters.tracking.schema import (
     BEST_CHECKPOINT,
@@ -99,6 +101,10 @@ from vfsearch.adapters.tracking.schema import (
     VISUALISATIONS_DIR,
 )
 from vfsearch.core.errors import UserError
+from vfsearch.core.inference import LoadedModel
+from vfsearch.pipelines.evaluate import fused_validation_metrics
+from vfsearch.pipelines.predict import CHECKPOINT_SUFFIXES, load_checkpoint
+from vfsearch.pipelines.visualize import log_visualisations
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -343,7 +349,7 @@ def export(
     out: str | os.PathLike | None = None,
     force: bool = False,
     minimum: float | None = None,
-    store: Any = None,
+    store: str | os.PathLike | Store | None = None,
     top_k: int = 1,
     onnx: bool = True,
     torch_export: bool = False,
@@ -564,8 +570,6 @@ def export(
         tags = {VERSION_RUN_TAG: chosen.run_id}
 
     def write(folder: str | os.PathLike) -> Path:
-        from vfsearch.adapters.bundle import write_bundle, write_ensemble  # imports torch
-
         if ensemble:
             return write_ensemble(
                 loaded,
@@ -669,7 +673,9 @@ def _provenance(c: Candidate, metric: str, mode: str) -> dict[str, Any]:
     }
 
 
-def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str:
+def _ensemble_store(
+    store: str | os.PathLike | Store | None, members: Sequence[Candidate], top_k: int
+) -> str:
     """The store whose val split judges an ensemble: ``store``, else the ``store`` tag the
     members share when that folder exists here; `UserError` otherwise."""
     if store is not None:
@@ -686,7 +692,7 @@ def _ensemble_store(store: Any, members: Sequence[Candidate], top_k: int) -> str
     )
 
 
-def _check_compatible(loaded: Sequence[Any], top_k: int) -> None:
+def _check_compatible(loaded: Sequence[LoadedModel], top_k: int) -> None:
     """Ensemble members average crop maps voxel by voxel: same spacing and margin."""
     first = loaded[0]
     for m in loaded[1:]:
@@ -700,12 +706,10 @@ def _check_compatible(loaded: Sequence[Any], top_k: int) -> None:
 
 
 def _judge_ensemble(
-    loaded: list[Any], store: str, metric: str, top_k: int
+    loaded: list[LoadedModel], store: str, metric: str, top_k: int
 ) -> tuple[float, float | None, dict[str, float]]:
     """The ensemble's own ``metric`` (cross-fitted: honest), the lower bound of its interval
     when one is given, and every fused figure, on the val split of ``store`` (never test)."""
-    from vfsearch.pipelines.evaluate import fused_validation_metrics
-
     validation = fused_validation_metrics(loaded, store, split=ENSEMBLE_SPLIT)
     if not validation:
         raise UserError(
@@ -732,8 +736,8 @@ def _judge_ensemble(
 def _log_pictures(
     tracker: Tracker,
     run_id: str,
-    loaded: Any,
-    store: Any,
+    loaded: LoadedModel,
+    store: str | os.PathLike | Store | None,
     artifact_path: str,
     echo: Callable[[str], Any],
 ) -> None:
@@ -744,8 +748,6 @@ def _log_pictures(
     """
     if not store or not Path(str(store)).exists():
         return
-    from vfsearch.pipelines.visualize import log_visualisations
-
     try:
         paths = log_visualisations(tracker, run_id, loaded, store, artifact_path=artifact_path)
         echo(f"logged {len(paths)} picture(s) to run {run_id} under {artifact_path}/")
@@ -754,8 +756,6 @@ def _log_pictures(
 
 
 def _onnx_status(bundle_dir: Path) -> str:
-    from vfsearch.adapters.bundle import read_config  # imports torch
-
     o = read_config(bundle_dir).get("onnx") or {}
     return "ok" if o.get("status") == "ok" else f"skipped: {o.get('reason', 'unknown')}"
 
@@ -819,8 +819,6 @@ def _candidates(
 
 def _checkpoint_artifact(tracker: Tracker, run_id: str) -> str | None:
     """Path of the run's best checkpoint artifact (``checkpoints/best.pt`` preferred)."""
-    from vfsearch.pipelines.predict import CHECKPOINT_SUFFIXES
-
     try:
         items = tracker.list_artifacts(run_id, CHECKPOINTS_DIR)
     except Exception:  # noqa: BLE001 - no artifact folder at all
@@ -878,10 +876,10 @@ def _champion_value(tracker: Tracker, version: ModelVersion, metric: str) -> flo
     return None
 
 
-def _load_candidate(tracker: Tracker, c: Candidate, ckpt_name: str, store: Any) -> tuple[Any, str]:
+def _load_candidate(
+    tracker: Tracker, c: Candidate, ckpt_name: str, store: str | os.PathLike | Store | None
+) -> tuple[LoadedModel, str]:
     """Download the run's checkpoint and load it (CPU); the threshold's source in words."""
-    from vfsearch.pipelines.predict import load_checkpoint
-
     tag_store = c.tags.get(STORE_TAG)
     if store is None and tag_store and Path(tag_store).exists():
         store = tag_store
@@ -956,7 +954,7 @@ def _metric_rows(metrics: Mapping[str, float], prefix: str) -> list[str]:
 
 def model_card(
     c: Candidate,
-    loaded: Any,
+    loaded: LoadedModel,
     *,
     metric: str,
     mode: str,
@@ -1062,7 +1060,7 @@ def model_card(
 
 def ensemble_card(
     members: Sequence[Candidate],
-    loaded: Sequence[Any],
+    loaded: Sequence[LoadedModel],
     *,
     metric: str,
     mode: str,
@@ -1209,7 +1207,7 @@ def _limits_lines(threshold: float | None, threshold_source: str) -> list[str]:
     ]
 
 
-def _data_lines(c: Candidate, loaded: Any) -> list[str]:
+def _data_lines(c: Candidate, loaded: LoadedModel) -> list[str]:
     fp = loaded.fingerprint
     return [
         "## Data",

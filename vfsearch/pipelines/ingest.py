@@ -85,7 +85,13 @@ import numpy as np
 
 from vfsearch.adapters import progress
 from vfsearch.adapters import volumes as io
-from vfsearch.adapters.store import CHUNK_SLICES, PLANE_AXIS, hu_histogram
+from vfsearch.adapters.store import (
+    CHUNK_SLICES,
+    PLANE_AXIS,
+    Store,
+    fingerprint_from_hist,
+    hu_histogram,
+)
 from vfsearch.adapters.volumes import Volume
 from vfsearch.core import crops
 from vfsearch.core.crops import Box, Crop
@@ -458,7 +464,7 @@ def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
     return PreparedCase(spec.case_id, attrs, case.crops, hist)
 
 
-def write_case(store, prepared: PreparedCase, split: str, chunk_axis: int) -> None:
+def write_case(store: Store, prepared: PreparedCase, split: str, chunk_axis: int) -> None:
     """Write one prepared case; ``complete`` flips to true only with the last write."""
     store.begin_case(prepared.case_id, {**prepared.attrs, "split": split})
     for crop in prepared.crops:
@@ -480,11 +486,7 @@ def _run_case(
     spec: CaseSpec, params: Params, store_path: str, split: str, threads: int = 0
 ) -> dict[str, Any]:
     """Worker entry point (top level so that spawned processes can import it)."""
-    from vfsearch.adapters.store import PLANE_AXIS, Store
-
     if threads:
-        from vfsearch.adapters import volumes as io
-
         io.set_threads(threads)
     store = Store(store_path, "a")
     try:
@@ -560,10 +562,8 @@ def dataset_id(kind: str, source: Path, params: Params) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _open_store(out: Path, meta: dict[str, Any]):
+def _open_store(out: Path, meta: dict[str, Any]) -> tuple[Store, bool, bool]:
     """Open ``out`` for this dataset; returns (store, created_by_us, pre-existing empty dir)."""
-    from vfsearch.adapters.store import Store
-
     created, empty_dir = not out.exists(), False
     if out.exists():
         if not out.is_dir():
@@ -596,10 +596,8 @@ def _open_store(out: Path, meta: dict[str, Any]):
     return store, created, empty_dir
 
 
-def _fingerprint(store) -> dict[str, Any]:
+def _fingerprint(store: Store) -> dict[str, Any]:
     """Fingerprint of the train cases (of all complete cases only if there is no train case)."""
-    from vfsearch.adapters.store import fingerprint_from_hist
-
     ids, from_split = store.case_ids("train"), "train"
     if not ids:
         ids, from_split = store.case_ids(), "all"
@@ -644,8 +642,6 @@ def ingest(
     box; ``chunk_plane`` (axial, coronal, sagittal) picks the axis whose consecutive slices
     share chunks. See the module docstring for sources, layout and guarantees.
     """
-    from vfsearch.adapters.store import PLANE_AXIS
-
     if label_scheme not in SCHEMES:
         raise UserError(
             f"--label-scheme: must be one of {', '.join(SCHEMES)}, got {label_scheme!r}"
@@ -654,16 +650,16 @@ def ingest(
         raise UserError(
             f"--chunk-plane: must be one of {', '.join(PLANE_AXIS)}, got {chunk_plane!r}"
         )
-    spacing = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise UserError(f"--spacing: expected three positive numbers, got {spacing}")
+    spacing_xyz = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))
+    if len(spacing_xyz) != 3 or min(spacing_xyz) <= 0:
+        raise UserError(f"--spacing: expected three positive numbers, got {spacing_xyz}")
     if margin_mm < 0:
         raise UserError(f"--margin: must be >= 0 mm, got {margin_mm}")
     if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
         raise UserError(f"--split: expected train,val,test fractions summing to 1, got {split}")
     if workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
-    params = Params(spacing, float(margin_mm), label_scheme, chunk_plane)  # type: ignore[arg-type]
+    params = Params(spacing_xyz, float(margin_mm), label_scheme, chunk_plane)
     src = Path(source).expanduser()
     kind, specs = discover(src)
     for spec in specs:  # fail fast, before anything is written
@@ -684,7 +680,7 @@ def ingest(
         "dataset_id": did,
         "kind": kind,
         "source": str(src.resolve()),
-        "spacing": list(spacing),
+        "spacing": list(spacing_xyz),
         "margin_mm": margin_mm,
         "label_scheme": label_scheme,
         "chunk_plane": chunk_plane,
@@ -729,7 +725,7 @@ def ingest(
     )
 
 
-def _finish_meta(store) -> None:
+def _finish_meta(store: Store) -> None:
     with contextlib.suppress(Exception):  # never mask the error that got us here
         store.set_meta(fingerprint=_fingerprint(store))
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from vfsearch.adapters import plots as viz
 from vfsearch.adapters import tracking
 from vfsearch.adapters.search_space import SearchSpace, load_space
-from vfsearch.adapters.tracking import Tracker
+from vfsearch.adapters.tracking import DashboardInfo, Tracker
 from vfsearch.adapters.tracking.schema import (
     BEST_PREFIX,
     BEST_RUN_TAG,
@@ -219,6 +219,7 @@ def ui(
     """``vfsearch ui``: start or find the MLflow server (unless ``$MLFLOW_TRACKING_URI``) and
     the Optuna dashboard of ``workdir``; with ``sweep``, also that sweep's two links."""
     mlflow_url = tracking.ui_url(workdir, port=port, experiment=experiment)
+    board: DashboardInfo | None
     try:
         board = tracking.ensure_dashboard(workdir, port=dashboard_port)
     except UserError as exc:  # MLflow's link is still worth printing
@@ -419,6 +420,7 @@ def curve_figures(
     """The best trial's training curves and the sweep's ``val_dice`` against budget, drawn by
     `vfsearch.adapters.plots` from the MLflow histories
     (`vfsearch.pipelines.visualize.run_history`/`sweep_data`)."""
+    # here, not at the top: visualize imports torch, which `vfsearch ui` (this module) needs not
     from vfsearch.pipelines.visualize import run_history, sweep_data
 
     figures = []

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from scipy import ndimage
@@ -277,8 +277,12 @@ def findings(view: CaseView, *, include_all: bool = False) -> list[Finding]:
         score = vertebra_score(prob, labels, cells, vid)
         # hottest point of probability + truth: lands in the overlap when both exist
         region = cell & (pred | truth) if (is_pred or is_true) else own
-        focus = hottest_point(prob + truth, region) or hottest_point(prob, own)
-        focus = tuple(int(f + o) for f, o in zip(focus, lo, strict=True))
+        # `own` is the label of a present vertebra (it has a box), so a peak exists
+        peak = cast(
+            "tuple[int, int, int]",
+            hottest_point(prob + truth, region) or hottest_point(prob, own),
+        )
+        focus = (int(peak[0] + lo[0]), int(peak[1] + lo[1]), int(peak[2] + lo[2]))
         box = (tuple(s.start for s in sl), tuple(s.stop for s in sl))
         out.append(Finding(vid, vertebra_name(vid), is_pred, is_true, score, focus, box))
     return sorted(out, key=lambda f: -f.focus[0])  # superior first

@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import mlflow.pyfunc  # at import time: FractureModel's base class
 import numpy as np
+from mlflow.pyfunc import PythonModel  # at import time: FractureModel's base class
 
 from vfsearch.adapters import volumes as io
 from vfsearch.adapters.bundle import load_members
@@ -56,7 +56,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 
-class FractureModel(mlflow.pyfunc.PythonModel):
+class FractureModel(PythonModel):
     """pyfunc wrapper: bundle artifact -> `vfsearch.core.inference.fuse_case` on in-memory
     arrays (an ensemble bundle: every member, maps averaged)."""
 
@@ -144,7 +144,7 @@ def signature() -> ModelSignature:
 
 
 def input_example(
-    spacing: tuple[float, float, float],
+    spacing: Sequence[float],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """A tiny synthetic CT (air around a 300 HU block labelled vertebra L1, VerSe 20) at the
     model's training ``spacing`` (x, y, z mm), with its params: small enough to predict in

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import vfsearch
 from vfsearch.adapters.tracking.client import Tracker, retry
 from vfsearch.adapters.tracking.schema import (
     BUNDLE_ARTIFACT,
@@ -63,7 +64,7 @@ def log_and_register(
     experiment_id: str,
     name: str,
     tags: Mapping[str, Any],
-    spacing: tuple[float, float, float],
+    spacing: Sequence[float],
 ) -> ModelVersion:
     """Log the bundle as a pyfunc `LoggedModel` linked to ``run_id`` and register it as a new
     version of registered model ``name`` with ``tags``; returns the `ModelVersion`.
@@ -77,7 +78,7 @@ def log_and_register(
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    import vfsearch
+    # here, not at the top: pyfunc imports mlflow at import time (FractureModel's base class)
     from vfsearch.adapters.tracking.pyfunc import input_example, signature
 
     client = tracker.client
@@ -178,7 +179,8 @@ def download_bundle(uri: str, tracking_uri: str, dst: str | os.PathLike[str] | N
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from vfsearch.adapters.bundle import is_bundle  # imports torch
+    # here, not at the top: bundle imports torch, which the tracking package must not load
+    from vfsearch.adapters.bundle import is_bundle
 
     dst = Path(dst or tempfile.mkdtemp(prefix="vfsearch-model-"))
     try:

@@ -13,6 +13,9 @@ from torch import nn
 
 from vfsearch.core.config import ModelConfig, validate_model
 from vfsearch.core.errors import UserError
+from vfsearch.core.models.classifier import ResNetSliceClassifier
+from vfsearch.core.models.discriminator import PatchDiscriminator
+from vfsearch.core.models.unet import AttentionUNet25D
 
 Builder = Callable[[ModelConfig, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -61,8 +64,6 @@ def build_model(model_cfg: ModelConfig, seq_len: int, *, load_weights: bool = Tr
 
 def build_discriminator(model_cfg: ModelConfig, seq_len: int) -> nn.Module:
     """The conditional PatchGAN judging ``(window (B, T, H, W), mask (B, 1 or T, H, W))``."""
-    from vfsearch.core.models.discriminator import PatchDiscriminator
-
     validate_model(model_cfg, source="config")
     return PatchDiscriminator(
         seq_len=seq_len,
@@ -75,8 +76,6 @@ def build_discriminator(model_cfg: ModelConfig, seq_len: int) -> nn.Module:
 
 @register("attention_unet")
 def _attention_unet(cfg: ModelConfig, seq_len: int) -> nn.Module:
-    from vfsearch.core.models.unet import AttentionUNet25D
-
     if cfg.encoder == "unet" and cfg.encoder_weights:
         raise UserError(
             "model.encoder_weights: pretrained weights need model.encoder resnet18 or resnet34"
@@ -100,8 +99,6 @@ def _attention_unet(cfg: ModelConfig, seq_len: int) -> nn.Module:
 @register("resnet18_classifier")
 def _resnet18_classifier(cfg: ModelConfig, seq_len: int) -> nn.Module:
     """Honours ``dropout`` and ``encoder_weights``; the U-Net fields do not apply."""
-    from vfsearch.core.models.classifier import ResNetSliceClassifier
-
     return ResNetSliceClassifier(
         seq_len=seq_len, arch="resnet18", dropout=cfg.dropout, weights=cfg.encoder_weights
     )

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -307,8 +307,14 @@ def _log_pictures(
     if not config.train.log_pictures:
         return
     try:
+        # the run's metrics were logged before this (ready() has set the tracker)
         log_visualisations(
-            tracker.tracker, tracker.ready(), model, loop["store"], config, threshold=threshold
+            cast(Tracker, tracker.tracker),
+            tracker.ready(),
+            model,
+            loop["store"],
+            config,
+            threshold=threshold,
         )
     except Exception as exc:  # noqa: BLE001 - pictures must never fail a finished run
         _write_line(f"warning: could not log pictures ({type(exc).__name__}: {exc})")
