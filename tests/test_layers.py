@@ -42,7 +42,7 @@ def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
 
 def imports(path: Path, modules: set[str], here: str | None = None) -> list[tuple[str, int, bool]]:
     """(imported module, line, only under TYPE_CHECKING) for each import in the file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     here = here or module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
@@ -155,12 +155,13 @@ def test_cycle_finder_finds_a_planted_cycle(edges, expected):
 def test_layer_check_catches_a_planted_upward_import(tmp_path):
     planted = tmp_path / "geometry.py"
     planted.write_text(
-        (PACKAGE / "core" / "geometry.py").read_text()
-        + "\n\ndef late():\n    from vfsearch.pipelines import predict\n"
+        (PACKAGE / "core" / "geometry.py").read_text(encoding="utf-8")
+        + "\n\ndef late():\n    from vfsearch.pipelines import predict\n",
+        encoding="utf-8",
     )
     mods = set(all_modules())
     found = imports(planted, mods, here="vfsearch.core.geometry")
     assert upward({"vfsearch.core.geometry": found}) == [
-        f"vfsearch.core.geometry:{len(planted.read_text().splitlines())} imports "
+        f"vfsearch.core.geometry:{len(planted.read_text(encoding='utf-8').splitlines())} imports "
         "vfsearch.pipelines.predict"
     ]

@@ -204,7 +204,7 @@ def test_the_tracking_package_imports_no_mlflow():
 def _reaches_into_mlflow(path: Path) -> list[str]:
     """Lines of ``path`` that use `Tracker.client`, the package's `retry`, or import mlflow
     (other than for type checking)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 
     def typing_only(node: ast.AST) -> bool:
