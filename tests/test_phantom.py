@@ -279,6 +279,199 @@ def test_simulate_fracture_on_canonical_phantom_arrays():
 
 
 # --------------------------------------------------------------------------------------------
+# variety: per-case scanner and patient randomisation
+# --------------------------------------------------------------------------------------------
+
+VARIETY_SEEDS = range(12)
+
+
+@pytest.fixture(scope="module")
+def variety_cases():
+    return [phantom.make_case(seed, small=True, variety=1.0) for seed in VARIETY_SEEDS]
+
+
+def _same_case(a, b) -> bool:
+    return (
+        all(
+            x.dtype == y.dtype and np.array_equal(x, y)
+            for x, y in ((a.ct, b.ct), (a.vertebrae, b.vertebrae), (a.fracture, b.fracture))
+        )
+        and a.geometry == b.geometry
+        and a.meta == b.meta
+        and a.info == b.info
+    )
+
+
+def test_variety_zero_is_the_standard_phantom_bit_for_bit(small_cases, default_case):
+    for seed in (0, 1):
+        assert _same_case(phantom.make_case(seed, small=True, variety=0.0), small_cases[seed])
+    assert _same_case(phantom.make_case(7, variety=0), default_case)
+    # a dataset's generator, an explicit spacing and fracture rate: still the same
+    kw = {"small": True, "spacing": (1.5, 1.5, 2.5), "fracture_rate": 0.5}
+    a = phantom.make_case(phantom.case_rng(3, 2), **kw)
+    b = phantom.make_case(phantom.case_rng(3, 2), variety=0.0, **kw)
+    assert _same_case(a, b) and "variety" not in b.info
+    # while any variety changes the case
+    c = phantom.make_case(phantom.case_rng(3, 2), variety=0.2, **kw)
+    assert c.ct.shape != a.ct.shape or not np.array_equal(c.ct, a.ct)
+    assert c.info["variety"] == 0.2
+
+
+def test_variety_is_reproducible_and_validated():
+    a = phantom.make_case(4, small=True, variety=0.7)
+    b = phantom.make_case(4, small=True, variety=0.7)
+    assert _same_case(a, b)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="variety"):
+            phantom.make_case(4, small=True, variety=bad)
+    # an explicit spacing is kept; only spacing=None is drawn
+    fixed = phantom.make_case(4, small=True, spacing=(1.8, 1.8, 2.4), variety=1.0)
+    assert fixed.geometry.spacing == (1.8, 1.8, 2.4)
+
+
+def test_variety_spreads_noise_bone_density_and_spacing(variety_cases):
+    stats = [_tissue_stats(c) for c in variety_cases]
+    noise = [s["noise"] for s in stats]
+    cores = [s["core"] for s in stats]
+    assert max(noise) > 2.0 * min(noise), noise  # noise level (standard: 10-30 HU, < 2x)
+    assert min(noise) < 10 and max(noise) > 25, noise
+    assert min(cores) < 150, cores  # an osteopenic case
+    assert max(cores) > 240 and max(cores) - min(cores) > 100, cores
+    for s, case in zip(stats, variety_cases, strict=True):
+        assert 20 <= s["soft"] <= 60, s  # the neighbours leave the paraspinal muscle alone
+        assert abs(s["noise"] - case.info["noise_sigma_hu"]) < 0.35 * case.info["noise_sigma_hu"]
+    spacing = np.array([c.geometry.spacing for c in variety_cases])
+    assert spacing[:, 2].max() >= 2.5 and spacing[:, 2].min() <= 1.3, spacing[:, 2]
+    assert np.ptp(spacing[:, 0]) > 0.4 and (spacing[:, 0] == spacing[:, 1]).all()
+    for case, sp in zip(variety_cases, spacing, strict=True):
+        assert case.ct.shape[0] * sp[2] > 250  # T4-L5 fits whatever the slice spacing
+    # the cortical shell and grain vary too
+    assert np.ptp([c.info["cortex_mm"] for c in variety_cases]) > 0.4
+    assert np.ptp([c.info["noise_blur_vox_zyx"][2] for c in variety_cases]) > 0.5
+
+
+def _lumbar_gas(case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Air enclosed by the body (not the air around it) on the slices of L2-L5 (canonical)."""
+    ct, labels, frac, _ = canonical(case)
+    zs = np.nonzero(np.isin(labels, [21, 22, 23, 24]).any(axis=(1, 2)))[0]
+    gas = np.zeros(ct.shape, dtype=bool)
+    for k in range(zs.min(), zs.max() + 1):
+        gas[k] = ndi.binary_fill_holes(ct[k] > -500) & (ct[k] < -500)
+    return gas, labels, frac
+
+
+def test_variety_adds_ribs_aorta_and_gas_unlabelled(variety_cases, small_cases):
+    n_gas = n_aorta = n_ribs = 0
+    for case in [*variety_cases, *small_cases[:3]]:
+        varied = "variety" in case.info
+        ct, labels, frac, (sz, sy, sx) = canonical(case)
+        assert set(np.unique(labels)) == {0, *IDS}
+        fractured = [v for v in IDS if case.meta[v]["grade"]]
+        assert set(np.unique(labels[frac > 0])) == set(fractured)
+        x_mid = np.nonzero(labels)[2].mean()
+        lateral = np.abs(np.arange(ct.shape[2]) - x_mid) * sx  # mm from the midline
+        # thoracic labels stay within the transverse processes: no rib is labelled
+        assert lateral[np.nonzero((labels >= 11) & (labels <= 19))[2]].max() < 40
+        # bowel gas: air inside the body in front of the lumbar spine, never labelled
+        gas, _, _ = _lumbar_gas(case)
+        if gas.sum() > 5:
+            assert varied and ct[gas].max() < -500
+            assert not labels[gas].any() and not frac[gas].any()
+            body_front = np.nonzero(np.isin(labels, [21, 22, 23, 24]))[1].min()
+            assert np.nonzero(gas)[1].max() < body_front  # anterior (y grows posteriorly)
+            n_gas += 1
+        # ribs: bone beside the thoracic spine, beyond the transverse processes
+        zs = np.nonzero(np.isin(labels, range(12, 18)).any(axis=(1, 2)))[0]  # T5-T10
+        ribs = (ct[zs.min() : zs.max() + 1] > 250) & (lateral > 40)[None, None, :]
+        if ribs.sum() > 5:
+            assert varied
+            n_ribs += 1
+        # aorta: contrast-filled vessel in front of L1-L3 (4-45 mm ahead of the bodies), left of
+        # the midline (x to the patient's left); a 3-voxel mean keeps noise and plaques out
+        zs = np.nonzero(np.isin(labels, [20, 21, 22]).any(axis=(1, 2)))[0]
+        front = np.nonzero(np.isin(labels, [20, 21, 22]))[1].min()
+        win = np.zeros(ct.shape, dtype=bool)
+        win[
+            zs.min() : zs.max() + 1, max(0, front - int(45 / sy)) : front - int(np.ceil(4 / sy))
+        ] = 1
+        vessel = win & (ndi.uniform_filter(ct.astype(np.float32), 3) > 130) & (labels == 0)
+        if vessel.sum() > 500:
+            assert varied and case.info["structures"]["aorta"]["contrast"]
+            assert (np.nonzero(vessel)[2].mean() - x_mid) * sx > 5.0  # patient's left
+            assert not frac[vessel].any()
+            n_aorta += 1
+    assert n_gas >= 3 and n_ribs >= len(variety_cases) - 1 and n_aorta >= 2, (
+        n_gas,
+        n_ribs,
+        n_aorta,
+    )
+
+
+def test_variety_fractures_reduce_height_as_before(variety_cases, small_cases):
+    n_frac = 0
+    for seed, case in zip(VARIETY_SEEDS, variety_cases, strict=True):
+        _, labels, _, sp = canonical(case)
+        for vid in IDS:
+            r = ratio(labels, vid, sp[0])
+            grade = case.meta[vid]["grade"]
+            if grade:
+                n_frac += 1
+                assert r < 0.8, (seed, vid, grade, case.meta[vid])
+            else:
+                assert r > 0.85, (seed, vid, case.meta[vid])  # intact stays intact
+            assert abs(r - case.meta[vid]["height_ratio"]) < 0.03
+            loss = 1 - r + 1e-9  # e.g. 9 of 12 voxels: exactly 25 % loss, grade 2
+            expected = 3 if loss >= 0.4 else 2 if loss >= 0.25 else 1 if loss >= 0.2 else 0
+            assert grade == expected, (seed, vid, r, case.meta[vid])
+        if seed < len(small_cases):  # the same vertebrae break as at variety 0
+            standard = small_cases[seed]
+            assert {v for v in IDS if case.meta[v]["grade"]} == {
+                v for v in IDS if standard.meta[v]["grade"]
+            }
+    assert n_frac >= len(variety_cases)
+
+
+def test_variety_refused_out_of_range_by_the_pipeline(tmp_path):
+    from vfsearch.pipelines import synth
+
+    with pytest.raises(UserError, match="--variety"):
+        synth.synth_dataset(
+            tmp_path / "v", cases=1, seed=0, spacing=None, small=True, fracture_rate=0.2, variety=2
+        )
+    assert not (tmp_path / "v").exists()
+
+
+def test_cli_synth_variety_out_of_range_is_one_line_exit_2(tmp_path):
+    runner = CliRunner()
+    for args in (
+        ["--variety", "1.5"],
+        ["--variety", "-0.5"],
+        ["--variety", "0.5", "--background", str(tmp_path / "ct.nii.gz")],
+    ):
+        bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--small", *args])
+        assert bad.exit_code == 2, (args, bad.output)
+        lines = bad.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), bad.output
+        assert "--variety" in lines[0]
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.integration
+def test_cli_synth_variety_writes_varied_cases(tmp_path):
+    result = CliRunner().invoke(
+        app, ["synth", str(tmp_path / "v"), "--cases", "2", "--small", "--variety", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "spacing drawn per case (variety 1)" in result.output
+    metas = [
+        json.loads((tmp_path / "v" / c / "meta.json").read_text())
+        for c in ("synth_000", "synth_001")
+    ]
+    assert all(m["variety"] == 1.0 and m["structures"]["ribs"] > 0 for m in metas)
+    assert metas[0]["spacing"] != metas[1]["spacing"]
+
+
+# --------------------------------------------------------------------------------------------
 # synth_dataset: files, manifest, determinism
 # --------------------------------------------------------------------------------------------
 
@@ -770,6 +963,7 @@ def test_cli_synth_help():
         "--background",
         "--fracture",
         "--variants",
+        "--variety",
     ):
         assert option in result.output
 

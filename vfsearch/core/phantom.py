@@ -25,6 +25,31 @@ Heights are snapped to the voxel grid: endplates sit on voxel boundaries (curvat
 +-0.4 voxel), so a fracture's height loss is a whole number of voxels and the label-measured
 height ratio equals the planned one. Genant grades follow the height loss that was realised
 (1: 20-25 %, 2: 25-40 %, 3: >= 40 %); on a coarse grid a requested grade 1 may become grade 2.
+
+Variety
+-------
+``make_case(variety=v)`` (0-1) randomises per case what differs between scanners and patients,
+so that a model does not learn one scanner's look. Each knob's range widens linearly from the
+standard phantom's (``v = 0``: exactly the standard output, bit for bit, for a seed) to the
+``VARIETY_*`` ranges at ``v = 1``; the draws come from a stream spawned from the case generator,
+so the anatomy and fractures of a seed are those of ``v = 0`` (on the drawn grid):
+
+* spacing (only when the caller passes ``spacing=None``): in-plane 0.6-1.0 mm (``small``:
+  1.5-2.5 mm), slices 1-3 mm;
+* noise: sigma 5-40 HU (log-uniform), grain: Gaussian correlation of 0.3-1.8 voxels in-plane and
+  0-0.8 voxels along z;
+* bone: trabecular HU 80-300 (osteopenic to dense, +-10 % between the levels of a case), texture
+  SD 15-60 HU with a 0.5-2 mm grain, stretched along z (vertical trabeculae) in osteopenic bone;
+  cortical shell 0.3-1.2 mm thick at 700-1600 HU;
+* partial volume: slices 1-1.6 x thicker than their spacing (a z blur growing with the slice
+  thickness) and a softer kernel (in-plane blur sigma up to 0.5 mm);
+* neighbours, each present with probability ``v`` (gas: ``0.85 v``): ribs T3-T12 in a chest wall
+  (lateral of the transverse processes, 2.5 mm clear of them), the descending aorta anterior-left
+  of the spine (21-27 mm wide in a fat halo, contrast 150-350 HU or plain 30-55 HU, sometimes
+  calcified plaques) down to its bifurcation near L4, and 1-8 bowel gas pockets (-1000 HU) in
+  front of the lumbar spine; the abdomen in front of the spine grows to make room for them.
+  They are never labelled and never touch a vertebra (the spine is drawn over them), so the
+  label map and fracture mask keep their meaning and intact vertebrae stay intact.
 """
 
 from __future__ import annotations
@@ -284,22 +309,149 @@ def case_rng(seed: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]))
 
 
+# --------------------------------------------------------------------------------------------
+# variety: per-case scanner and patient randomisation (opt-in, ``make_case(variety=...)``)
+# --------------------------------------------------------------------------------------------
+
+# full ranges at variety 1; at variety v a value is ``base + v * (draw - base)`` where ``base``
+# is what variety 0 uses, so the range of each knob widens linearly from today's to these
+VARIETY_INPLANE_MM = (0.6, 1.0)  # default field of view (small: SMALL_VARIETY_INPLANE_MM)
+SMALL_VARIETY_INPLANE_MM = (1.5, 2.5)
+VARIETY_SLICE_MM = (1.0, 3.0)
+VARIETY_TRABECULAR_HU = (80.0, 300.0)  # osteopenic to dense
+VARIETY_TEXTURE_SD_HU = (15.0, 60.0)
+VARIETY_TEXTURE_MM = (0.5, 2.0)  # trabecular texture correlation length
+VARIETY_CORTEX_HU = (700.0, 1600.0)
+VARIETY_CORTEX_MM = (0.3, 1.2)
+VARIETY_NOISE_HU = (5.0, 40.0)  # log-uniform
+VARIETY_NOISE_BLUR_XY = (0.3, 1.8)  # voxels (grain size), variety 0: 0.6
+VARIETY_NOISE_BLUR_Z = (0.0, 0.8)  # voxels, variety 0: 0
+VARIETY_SLICE_FACTOR = (1.0, 1.6)  # slice thickness / slice spacing (overlapping slices)
+VARIETY_KERNEL_MM = (0.0, 0.5)  # extra in-plane blur sigma (a softer kernel)
+VARIETY_DENSITY_PER_LEVEL = 0.1  # +- share of trabecular HU between the levels of a case
+
+
+def check_variety(variety: float) -> float:
+    """``variety`` as a float in [0, 1]; `ValueError` otherwise."""
+    v = float(variety)
+    if not 0.0 <= v <= 1.0:  # also refuses NaN
+        raise ValueError(f"variety must be between 0 and 1, got {variety}")
+    return v
+
+
+@dataclass
+class _Variety:
+    """Draws of one case at variety ``level`` (full-range values are blended in `make_case`)."""
+
+    level: float
+    rng: np.random.Generator  # the variety stream; the neighbouring structures draw on
+    spacing: tuple[float, float, float]  # x, y, z mm, already blended
+    trab_hu: float
+    level_density: dict[int, float]  # per level factor on the trabecular HU
+    tex_sd: float
+    tex_mm: float
+    cort_hu: float
+    cort_mm: float
+    noise_sd: float
+    noise_blur_xy: float
+    noise_blur_z: float
+    slice_factor: float
+    kernel_mm: float
+    extra_front: float  # mm of abdomen added in front of the spine (room for aorta and gas)
+    ribs: bool
+    aorta: bool
+    contrast: bool
+    gas: bool
+
+
+def _variety_rng(rng: np.random.Generator) -> np.random.Generator:
+    """An independent stream derived from the case generator without consuming its draws."""
+    try:
+        return rng.spawn(1)[0]
+    except (TypeError, ValueError, AttributeError):  # a generator without a SeedSequence
+        return np.random.default_rng(int(rng.integers(0, 2**63 - 1)))
+
+
+def _draw_variety(vrng: np.random.Generator, v: float, small: bool) -> _Variety:
+    """All per-case variety draws, in a fixed order (the spacing already blended at ``v``)."""
+
+    def mix(base: float, lo: float, hi: float) -> float:
+        return base + v * (float(vrng.uniform(lo, hi)) - base)
+
+    def full(lo: float, hi: float) -> float:
+        return float(vrng.uniform(lo, hi))
+
+    xy_base = SMALL_SPACING[0] if small else DEFAULT_SPACING[0]
+    xy_lo, xy_hi = SMALL_VARIETY_INPLANE_MM if small else VARIETY_INPLANE_MM
+    sxy = round(mix(xy_base, xy_lo, xy_hi), 2)
+    sz = round(mix(DEFAULT_SPACING[2], *VARIETY_SLICE_MM), 2)
+    trab = full(*VARIETY_TRABECULAR_HU)
+    dens = {
+        lv: 1.0 + v * full(-VARIETY_DENSITY_PER_LEVEL, VARIETY_DENSITY_PER_LEVEL) for lv in _LEVELS
+    }
+    tex_sd, tex_mm = full(*VARIETY_TEXTURE_SD_HU), full(*VARIETY_TEXTURE_MM)
+    cort_hu, cort_mm = full(*VARIETY_CORTEX_HU), full(*VARIETY_CORTEX_MM)
+    lo, hi = np.log(VARIETY_NOISE_HU[0]), np.log(VARIETY_NOISE_HU[1])
+    noise_sd = float(np.exp(vrng.uniform(lo, hi)))
+    blur_xy, blur_z = mix(0.6, *VARIETY_NOISE_BLUR_XY), mix(0.0, *VARIETY_NOISE_BLUR_Z)
+    slice_factor, kernel_mm = mix(1.0, *VARIETY_SLICE_FACTOR), mix(0.0, *VARIETY_KERNEL_MM)
+    extra_front = v * (40.0 if small else full(10.0, 50.0))
+    ribs, aorta = bool(vrng.random() < v), bool(vrng.random() < v)
+    contrast, gas = bool(vrng.random() < 0.5), bool(vrng.random() < 0.85 * v)
+    return _Variety(
+        level=v,
+        rng=vrng,
+        spacing=(sxy, sxy, sz),
+        trab_hu=trab,
+        level_density=dens,
+        tex_sd=tex_sd,
+        tex_mm=tex_mm,
+        cort_hu=cort_hu,
+        cort_mm=cort_mm,
+        noise_sd=noise_sd,
+        noise_blur_xy=blur_xy,
+        noise_blur_z=blur_z,
+        slice_factor=slice_factor,
+        kernel_mm=kernel_mm,
+        extra_front=extra_front,
+        ribs=ribs,
+        aorta=aorta,
+        contrast=contrast,
+        gas=gas,
+    )
+
+
+def _blend(base: float, drawn: float, v: float) -> float:
+    return base + v * (drawn - base)
+
+
 def make_case(
     seed: int | np.random.Generator,
     *,
     spacing: tuple[float, float, float] | None = None,
     small: bool = False,
     fracture_rate: float = 0.22,
+    variety: float = 0.0,
 ) -> PhantomCase:
     """Generate one synthetic thoracolumbar CT case (T4..L5).
 
     ``spacing`` is (x, y, z) in mm; default 0.8 x 0.8 x 2.0 (``small``: 2 x 2 x 2 with a
     ~64 x 64 in-plane field of view, well under a second). ``fracture_rate`` is the expected
     share of fractured vertebrae (about 0.22 gives 20-25 %); when it is above 0 every case has
-    at least one fracture. Returns a `PhantomCase` (arrays as stored, see the module docstring).
+    at least one fracture. ``variety`` (0-1, `ValueError` outside) randomises per case what
+    differs between scanners and patients (see the module docstring, "Variety"): 0 gives
+    exactly the standard phantom, 1 the full ranges; with ``spacing=None`` the spacing is drawn
+    too. Returns a `PhantomCase` (arrays as stored, see the module docstring).
     """
     rng = seed if isinstance(seed, np.random.Generator) else case_rng(int(seed), 0)
-    sp_xyz = tuple(float(v) for v in (spacing or (SMALL_SPACING if small else DEFAULT_SPACING)))
+    variety = check_variety(variety)
+    # the variety draws come from a stream of their own: the main stream, and so the anatomy
+    # and fractures of a seed, stay as they are at variety 0
+    vary = _draw_variety(_variety_rng(rng), variety, small) if variety > 0 else None
+    if spacing is None and vary is not None:
+        sp_xyz: tuple[float, ...] = vary.spacing
+    else:
+        sp_xyz = tuple(float(v) for v in (spacing or (SMALL_SPACING if small else DEFAULT_SPACING)))
     if len(sp_xyz) != 3 or min(sp_xyz) < 0.3 or max(sp_xyz) > 4.0:
         raise UserError(f"--spacing: each value must be between 0.3 and 4 mm, got {sp_xyz}")
     if not 0.0 <= fracture_rate <= 1.0:
@@ -317,6 +469,12 @@ def make_case(
     soft_hu = SOFT_HU + rng.uniform(-4.0, 6.0)
     fat_hu = FAT_HU + rng.uniform(-10.0, 10.0)
     kyph, lord, scol = rng.uniform(3, 8), rng.uniform(3, 8), rng.uniform(-4, 4)
+    if vary is not None:  # widen today's ranges towards the variety ranges
+        trab_hu = _blend(trab_hu, vary.trab_hu, variety)
+        tex_sd = _blend(tex_sd, vary.tex_sd, variety)
+        cort_hu = _blend(cort_hu, vary.cort_hu, variety)
+        cort_mm = _blend(cort_mm, vary.cort_mm, variety)
+        noise_sd = _blend(noise_sd, vary.noise_sd, variety)
     # point-spread function (FWHM ~ voxel, at least 1 mm as for a body kernel) plus the voxel
     # box along each axis: the blur a surface gets
     s_zyx = tuple(float(np.sqrt((max(v, 1.0) / 2.355) ** 2 + v * v / 12.0)) for v in (sz, sy, sx))
@@ -369,7 +527,7 @@ def make_case(
             y_ant=y_post - depth,
             y_post=y_post,
             canal=(rcx, rcy),
-            inner_hu=trab_hu,
+            inner_hu=trab_hu if vary is None else trab_hu * vary.level_density[v],
             concavity=min(0.4 * sz, 1.2) * rng.uniform(0.5, 1.0),
         )
 
@@ -408,6 +566,8 @@ def make_case(
     else:
         a_t, front, back, m = rng.uniform(110, 125), rng.uniform(60, 80), rng.uniform(18, 28), 8.0
         fat_mm = rng.uniform(10.0, 25.0)
+    if vary is not None:
+        front += vary.extra_front
     b_t = (y_tip + back - (y_front - front)) / 2
     y_tc = y_tip + back - b_t
     nx = round(2 * (a_t + m) / sx)
@@ -427,6 +587,12 @@ def make_case(
     # lungs (default size only: a small torso has no room beside the spine)
     if a_t > 80:
         _add_lungs(ct, grid, verts, a_t, b_t, y_tc, s_zyx, rng)
+
+    # neighbouring structures (label 0), drawn before the spine so bone and discs stay on top
+    structures: dict[str, Any] = {}
+    if vary is not None:
+        torso = _Torso(a_t, b_t, y_tc, fat_mm, fat_hu, trab_hu, cort_hu, small, a_t > 80, bg2d)
+        structures = _add_neighbours(ct, grid, verts, torso, s_zyx, vary)
 
     # ---- spinal canal and discs, then bone, inside a box around the spine
     xs_all = [vt.cx for vt in verts.values()]
@@ -454,7 +620,14 @@ def make_case(
     tex = rng.standard_normal(bone.d.shape, dtype=np.float32)
     from scipy.ndimage import gaussian_filter
 
-    tex = gaussian_filter(tex, [max(0.5, 0.8 / v) for v in (sz, sy, sx)], mode="wrap")
+    if vary is None:
+        tex_sigma = [max(0.5, 0.8 / v) for v in (sz, sy, sx)]
+    else:
+        # coarser grain at random; osteopenic bone keeps its vertical trabeculae (streaks)
+        tex_mm = _blend(0.8, vary.tex_mm, variety)
+        streak = 1.0 + 1.5 * variety * float(np.clip((170.0 - trab_hu) / 90.0, 0.0, 1.0))
+        tex_sigma = [max(0.5, tex_mm * streak / sz), max(0.5, tex_mm / sy), max(0.5, tex_mm / sx)]
+    tex = gaussian_filter(tex, tex_sigma, mode="wrap")
     tex *= tex_sd / max(float(tex.std()), 1e-6)
     fracture_sub = np.zeros(bone.d.shape, dtype=bool)
     for v in levels:
@@ -471,9 +644,24 @@ def make_case(
     fracture = np.zeros(grid.shape, dtype=np.uint8)
     fracture[spine_sl] = fracture_sub
 
+    noise_blur = (0.0, 0.6, 0.6)
+    slice_mm = sz
+    if vary is not None:
+        # partial volume: a slice thicker than its spacing (overlapping reconstruction) widens
+        # the z profile by a box of the extra thickness; a softer kernel blurs in-plane
+        slice_mm = vary.slice_factor * sz
+        pv = (
+            float(np.sqrt((vary.slice_factor**2 - 1.0) / 12.0)),
+            vary.kernel_mm / sy,
+            vary.kernel_mm / sx,
+        )
+        if max(pv) > 0.05:
+            ct = gaussian_filter(ct, pv, mode="nearest")
+        noise_blur = (vary.noise_blur_z, vary.noise_blur_xy, vary.noise_blur_xy)
+
     # ---- noise: correlated in-plane like filtered back-projection noise
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
-    noise = gaussian_filter(noise, (0.0, 0.6, 0.6), mode="wrap")
+    noise = gaussian_filter(noise, noise_blur, mode="wrap")
     noise *= noise_sd / max(float(noise[:: max(1, nz // 16)].std()), 1e-6)
     ct += noise
     ct_i16 = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
@@ -506,7 +694,7 @@ def make_case(
     # ---- store as dcm2niix often does: x and y flipped, direction diag(-1, -1, 1)
     origin = (float(grid.x[-1]), float(grid.y[-1]), float(grid.z[0]))
     geometry = Geometry((sx, sy, sz), origin, STORED_DIRECTION)
-    info = {
+    info: dict[str, Any] = {
         "spacing": [sx, sy, sz],
         "shape_zyx": [nz, ny, nx],
         "small": bool(small),
@@ -520,6 +708,13 @@ def make_case(
         "z_order": "inferior to superior",
         "labels": "whole vertebra (body + posterior elements), VerSe ids 11-24",
     }
+    if vary is not None:
+        info["variety"] = variety
+        info["slice_thickness_mm"] = round(slice_mm, 2)
+        info["kernel_blur_mm"] = round(vary.kernel_mm, 3)
+        info["noise_blur_vox_zyx"] = [round(float(b), 3) for b in noise_blur]
+        info["texture_sd_hu"] = round(tex_sd, 1)
+        info["structures"] = structures
     flip = (slice(None), slice(None, None, -1), slice(None, None, -1))
     return PhantomCase(
         np.ascontiguousarray(ct_i16[flip]),
@@ -564,6 +759,311 @@ def _add_lungs(
     f = _phi(lung / s_zyx[2])
     hu = LUNG_HU + rng.uniform(-30, 30)
     ct[sl] = ct[sl] * (1 - f) + hu * f
+
+
+@dataclass
+class _Torso:
+    a: float  # half width, mm
+    b: float  # half depth
+    yc: float  # centre (y)
+    fat_mm: float
+    fat_hu: float
+    trab_hu: float
+    cort_hu: float
+    small: bool
+    lungs: bool
+    bg2d: np.ndarray  # the background slice before the lungs: air, fat, soft tissue
+
+    def inner(self, inset: float) -> tuple[float, float]:
+        """Half axes of the ellipse ``inset`` mm inside the subcutaneous fat (thicker in front)."""
+        return self.a - self.fat_mm - inset, self.b - 1.3 * self.fat_mm - inset
+
+
+def _level_z(vt: _Vertebra, sz: float) -> float:
+    """Centre of a vertebral body along z, mm."""
+    return (vt.z_lo + vt.n / 2 - 0.5) * sz
+
+
+def _spine_front(grid: _Grid, verts: dict[int, _Vertebra]) -> np.ndarray:
+    """Per slice, a y (mm) in front of the vertebral bodies and discs within 15 mm along z."""
+    from scipy.ndimage import minimum_filter1d, uniform_filter1d
+
+    sz = grid.sp[0]
+    front = np.full(grid.shape[0], np.inf)
+    for vt in verts.values():
+        lo, hi = (vt.z_lo - 0.5) * sz - 12.0, (vt.z_lo + vt.n - 0.5) * sz + 12.0
+        sel = (grid.z >= lo) & (grid.z <= hi)
+        front[sel] = np.minimum(front[sel], vt.y_ant - 1.5)  # a disc bulges ~1 mm further
+    finite = np.isfinite(front)
+    front[~finite] = float(front[finite].min()) if finite.any() else 0.0
+    r = max(1, round(15.0 / sz))
+    front = minimum_filter1d(front, 2 * r + 1, mode="nearest")
+    # a moving mean narrower than the minimum's window stays in front of every body it passes
+    out: np.ndarray = uniform_filter1d(front, 2 * (r // 2) + 1, mode="nearest")
+    return out
+
+
+def _add_neighbours(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    torso: _Torso,
+    s_zyx: tuple[float, ...],
+    vary: _Variety,
+) -> dict[str, Any]:
+    """Ribs, aorta and bowel gas into the background ``ct`` (canonical, float32), in place.
+
+    None of them is labelled (label 0) and none touches a vertebra: the aorta and the gas lie
+    in front of the spine's anterior surface, the ribs start lateral of the transverse
+    processes; the spine is drawn afterwards, on top. Returns what was drawn (for ``info``).
+    """
+    rng = vary.rng
+    front = _spine_front(grid, verts)
+    out: dict[str, Any] = {"ribs": 0, "aorta": None, "gas_pockets": 0}
+    path = None
+    if vary.ribs and torso.lungs:  # the ribs lie in the chest wall, outside the lungs
+        _add_chest_wall(ct, grid, verts, torso, 16.0, s_zyx)
+    if vary.aorta:
+        out["aorta"], path = _add_aorta(ct, grid, verts, torso, front, s_zyx, rng, vary.contrast)
+    if vary.gas:
+        out["gas_pockets"] = _add_gas(ct, grid, verts, torso, front, path, s_zyx, rng)
+    if vary.ribs:
+        out["ribs"] = _add_ribs(ct, grid, verts, torso, s_zyx, rng)
+    return out
+
+
+def _add_chest_wall(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    torso: _Torso,
+    width: float,
+    s_zyx: tuple[float, ...],
+) -> None:
+    """Above the diaphragm, the lungs give way to the chest wall: fat and ``width`` mm muscle."""
+    z_dia = (verts[18].z_lo + verts[18].n / 2) * grid.sp[0]  # as in `_add_lungs`
+    sl = grid.box((z_dia - 6.0, 1e9), (-1e9, 1e9), (-1e9, 1e9))
+    if sl is None:
+        return
+    y, x = grid.y[:, None], grid.x[None, :]
+    d_t = _ellipse_sd(x, y - torso.yc, torso.a, torso.b)
+    fat = torso.fat_mm * (1 + 0.3 * np.clip((torso.yc - y) / torso.b, 0, 1))
+    f = _phi((fat + width - d_t) / s_zyx[2])
+    ct[sl] = ct[sl] * (1.0 - f) + torso.bg2d * f
+
+
+def _add_aorta(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    torso: _Torso,
+    front: np.ndarray,
+    s_zyx: tuple[float, ...],
+    rng: np.random.Generator,
+    contrast: bool,
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Descending aorta anterior-left of the spine down to its bifurcation near L4.
+
+    ~21-27 mm wide (narrowing by 15 % towards the bifurcation), in a halo of fat, contrast
+    enhanced (150-350 HU) or not (30-55 HU), sometimes with calcified wall plaques. Returns its
+    info and its path per slice: centre x, centre y and radius (mm; radius 0 below its end).
+    """
+    sz = grid.sp[0]
+    order = sorted(verts.values(), key=lambda vt: vt.z_lo)
+    zs = [_level_z(vt, sz) for vt in order]
+    cx = np.interp(grid.z, zs, [vt.cx for vt in order])
+    z_l2, z_t11 = _level_z(verts[21], sz), _level_z(verts[18], sz)
+    off = np.interp(grid.z, [z_l2, z_t11], [rng.uniform(6.0, 14.0), rng.uniform(14.0, 24.0)])
+    r_top = float(rng.uniform(10.5, 13.5))
+    z_bif = _level_z(verts[23], sz) - float(rng.uniform(0.0, 0.5)) * verts[23].n * sz
+    z_top = float(grid.z[-1])
+    taper = np.clip((grid.z - z_bif) / max(z_top - z_bif, 1.0), 0.0, 1.0)
+    r = r_top * (0.85 + 0.15 * taper)
+    gap, halo = float(rng.uniform(1.5, 4.0)), float(rng.uniform(1.0, 4.0))
+    xa = cx + off
+    ya = front - gap - r
+    hu = float(rng.uniform(150.0, 350.0) if contrast else rng.uniform(30.0, 55.0))
+    pad = r_top + halo + 6.0
+    sl = grid.box(
+        (z_bif - pad, 1e9),
+        (float(ya.min()) - pad, float(ya.max()) + pad),
+        (float(xa.min()) - pad, float(xa.max()) + pad),
+    )
+    info: dict[str, Any] = {
+        "contrast": contrast,
+        "blood_hu": round(hu, 1),
+        "diameter_mm": round(2 * r_top, 1),
+        "calcifications": 0,
+    }
+    r_path = np.where(grid.z >= z_bif, r, 0.0)
+    if sl is None:
+        return info, (xa, ya, r_path)
+    z, y, x = grid.coords(sl)
+    kz = sl[0]
+    rr = np.sqrt((x - xa[kz][:, None, None]) ** 2 + (y - ya[kz][:, None, None]) ** 2)
+    r3 = r[kz][:, None, None]
+    s_xy, s_z = s_zyx[2], s_zyx[0]
+    f_fat = _phi((r3 + halo - rr) / s_xy) * _phi((z - z_bif + halo) / s_z)
+    f = _phi((r3 - rr) / s_xy) * _phi((z - z_bif) / s_z)
+    box = ct[sl] * (1.0 - f_fat) + torso.fat_hu * f_fat
+    ct[sl] = box * (1.0 - f) + hu * f
+    # calcified plaques on the wall, mostly in the abdominal aorta
+    n_calc = int(rng.integers(1, 7)) if rng.random() < 0.4 else 0
+    for _ in range(n_calc):
+        k = int(np.clip(round(rng.uniform(z_bif, min(z_top, z_bif + 150.0)) / sz), 0, len(xa) - 1))
+        ang, rq = float(rng.uniform(0.0, 2 * np.pi)), float(rng.uniform(1.0, 2.5))
+        c = (float(grid.z[k]), ya[k] + (r[k] - rq) * np.sin(ang), xa[k] + (r[k] - rq) * np.cos(ang))
+        _add_blob(ct, grid, c, (rq, rq, rq), float(rng.uniform(300.0, 900.0)), s_zyx)
+    info["calcifications"] = n_calc
+    return info, (xa, ya, np.where(r_path > 0, r_path + halo, 0.0))
+
+
+def _add_blob(
+    ct: np.ndarray,
+    grid: _Grid,
+    centre_zyx: tuple[float, float, float],
+    radii_zyx: tuple[float, float, float],
+    hu: float,
+    s_zyx: tuple[float, ...],
+) -> None:
+    """A blurred ellipsoid of ``hu`` (axis-aligned, first-order signed distance)."""
+    s = float(np.mean(s_zyx))
+    pad = [rv + 3.0 * s for rv in radii_zyx]
+    sl = grid.box(*((c - p, c + p) for c, p in zip(centre_zyx, pad, strict=True)))
+    if sl is None:
+        return
+    z, y, x = grid.coords(sl)
+    q = np.sqrt(
+        ((z - centre_zyx[0]) / radii_zyx[0]) ** 2
+        + ((y - centre_zyx[1]) / radii_zyx[1]) ** 2
+        + ((x - centre_zyx[2]) / radii_zyx[2]) ** 2
+    )
+    f = _phi(min(radii_zyx) * (1.0 - q) / s)
+    ct[sl] = ct[sl] * (1.0 - f) + hu * f
+
+
+def _add_gas(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    torso: _Torso,
+    front: np.ndarray,
+    aorta: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    s_zyx: tuple[float, ...],
+    rng: np.random.Generator,
+) -> int:
+    """1-8 bowel gas pockets (air, -1000 HU) in the abdomen in front of the lumbar spine."""
+    sz = grid.sp[0]
+    z_lo = (verts[24].z_lo - 0.5) * sz  # L5 bottom .. L1 top
+    z_hi = (verts[20].z_lo + verts[20].n - 0.5) * sz
+    a_in, b_in = torso.inner(3.0)
+    n_want = min(8, 1 + int(rng.poisson(2.5)))
+    placed = 0
+    for _ in range(n_want):
+        r = float(rng.uniform(3.0, 7.0) if torso.small else rng.uniform(5.0, 16.0))
+        ry, rz = r * float(rng.uniform(0.6, 1.3)), r * float(rng.uniform(0.6, 1.5))
+        for _try in range(40):
+            zq, xq = float(rng.uniform(z_lo, z_hi)), float(rng.uniform(-a_in, a_in))
+            k = int(np.clip(round(zq / sz), 0, grid.shape[0] - 1))
+            y_max = float(front[k]) - 8.0 - ry  # clear of the spine
+            if y_max <= torso.yc - b_in:
+                continue
+            yq = float(rng.uniform(torso.yc - b_in, y_max))
+            corners = ((xq - r, yq), (xq + r, yq), (xq, yq - ry), (xq, yq + ry))
+            if any((cx / a_in) ** 2 + ((cy - torso.yc) / b_in) ** 2 > 1.0 for cx, cy in corners):
+                continue
+            clear = max(r, ry) + 3.0
+            if aorta is not None and np.hypot(xq - aorta[0][k], yq - aorta[1][k]) < (
+                aorta[2][k] + clear if aorta[2][k] > 0 else 0.0
+            ):
+                continue
+            _add_blob(ct, grid, (zq, yq, xq), (rz, ry, r), AIR_HU, s_zyx)
+            placed += 1
+            break
+    return placed
+
+
+def _add_ribs(
+    ct: np.ndarray,
+    grid: _Grid,
+    verts: dict[int, _Vertebra],
+    torso: _Torso,
+    s_zyx: tuple[float, ...],
+    rng: np.random.Generator,
+) -> int:
+    """Ribs of T3..T12: from just lateral of each transverse process along the chest wall.
+
+    A tube (cortex around marrow, a little taller than wide) that starts 2.5 mm clear of the
+    transverse process, reaches the inner chest wall and follows it anteriorly while sloping
+    down; T11 and T12 are short (floating) ribs. Returns the number of ribs drawn.
+    """
+    sz = grid.sp[0]
+    n = 0
+    for vid in range(10, 20):
+        vt = verts[vid]
+        zc = (vt.z_lo - 0.5) * sz + 0.55 * vt.n * sz  # the transverse process' level
+        r = float(rng.uniform(2.5, 3.5) if torso.small else rng.uniform(3.5, 5.0))
+        shell = float(rng.uniform(0.7, 1.4))
+        cort = torso.cort_hu * float(rng.uniform(0.8, 1.0))
+        marrow = torso.trab_hu * float(rng.uniform(0.7, 1.0))
+        slope = float(rng.uniform(0.3, 0.55))
+        span = float(rng.uniform(0.5, 0.9) if vid >= 18 else rng.uniform(1.3, 1.8))
+        a_in, b_in = torso.inner(r + 2.0)
+        for side in (-1.0, 1.0):
+            tx = vt.cx + side * _interp(_TRANSVERSE_X, vid)
+            ty = vt.cy + _interp(_TRANSVERSE_Y, vid)
+            p0x = tx + side * (3.2 + r * 1.3 + 2.5)  # 3.2: the transverse process' radius
+            th1 = float(np.arccos(np.clip((ty - torso.yc) / b_in, -0.95, 0.95)))
+            if a_in * np.sin(th1) < abs(p0x) + 2.0:
+                continue  # no room between the process and the wall
+            th = np.minimum(th1 + np.linspace(0.0, span, max(2, int(span / 0.15) + 1)), 2.9)
+            px = np.concatenate([[p0x], side * a_in * np.sin(th)])
+            py = np.concatenate([[ty], torso.yc + b_in * np.cos(th)])
+            arc = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(px), np.diff(py)))])
+            pz = zc - slope * arc
+            _add_tube(ct, grid, np.stack([pz, py, px], axis=1), r, shell, cort, marrow, s_zyx)
+            n += 1
+    return n
+
+
+def _add_tube(
+    ct: np.ndarray,
+    grid: _Grid,
+    pts_zyx: np.ndarray,
+    r: float,
+    shell: float,
+    cort_hu: float,
+    marrow_hu: float,
+    s_zyx: tuple[float, ...],
+    aspect: float = 1.3,
+) -> None:
+    """A bony tube along a polyline: a ``shell`` mm cortex around marrow, ``aspect`` x taller."""
+    s = float(np.sqrt((s_zyx[0] ** 2 + s_zyx[2] ** 2) / 2.0))
+    pad = r * aspect + 3.0 * s + 1.0
+    lo, hi = pts_zyx.min(axis=0) - pad, pts_zyx.max(axis=0) + pad
+    sl = grid.box((lo[0], hi[0]), (lo[1], hi[1]), (lo[2], hi[2]))
+    if sl is None:
+        return
+    sub = _Grid(
+        cast("tuple[int, int, int]", tuple(v.stop - v.start for v in sl)),
+        grid.sp,
+        (float(grid.z[sl[0]][0]), float(grid.y[sl[1]][0]), float(grid.x[sl[2]][0])),
+    )
+    d = np.full(sub.shape, -30.0, dtype=np.float32)
+    for p0, p1 in itertools.pairwise(pts_zyx):
+        a, b = np.minimum(p0, p1) - pad, np.maximum(p0, p1) + pad
+        ssl = sub.box((a[0], b[0]), (a[1], b[1]), (a[2], b[2]))
+        if ssl is None:
+            continue
+        z, y, x = sub.coords(ssl)
+        v = (p1 - p0) / np.array([aspect, 1.0, 1.0])
+        wz, wy, wx = (z - p0[0]) / aspect, y - p0[1], x - p0[2]
+        h = np.clip((wz * v[0] + wy * v[1] + wx * v[2]) / max(float(v @ v), 1e-9), 0.0, 1.0)
+        dist = np.sqrt((wz - h * v[0]) ** 2 + (wy - h * v[1]) ** 2 + (wx - h * v[2]) ** 2)
+        d[ssl] = np.maximum(d[ssl], (r - dist).astype(np.float32))
+    f_b = _phi(d / s)
+    f_c = _phi((d - shell) / s)
+    ct[sl] = ct[sl] * (1.0 - f_b) + cort_hu * (f_b - f_c) + marrow_hu * f_c
 
 
 def _add_canal(

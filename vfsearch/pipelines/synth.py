@@ -65,10 +65,10 @@ from pathlib import Path
 import numpy as np
 
 from vfsearch.adapters import progress
-from vfsearch.adapters.volumes import read_volume, write_volume
+from vfsearch.adapters.volumes import Volume, read_volume, write_volume
 from vfsearch.core import phantom
 from vfsearch.core.errors import UserError
-from vfsearch.core.geometry import to_canonical
+from vfsearch.core.geometry import Geometry, to_canonical
 from vfsearch.core.labels import SCHEMES, TARGET_IDS, name, to_verse, verse_id
 from vfsearch.core.phantom import MORPHOLOGIES, fully_imaged
 from vfsearch.pipelines.ingest import manifest_rows, read_verse_tree
@@ -95,11 +95,14 @@ def synth_dataset(
     spacing: tuple[float, float, float] | None,
     small: bool,
     fracture_rate: float,
+    variety: float = 0.0,
 ) -> str:
     """Write ``cases`` phantom cases and ``manifest.csv`` into ``out``; return a summary line.
 
-    ``spacing`` (x, y, z) mm or None for the default (0.8, 0.8, 2.0; ``small``: 2, 2, 2).
-    ``out`` must be absent, empty or an earlier synth output (which is replaced).
+    ``spacing`` (x, y, z) mm or None for the default (0.8, 0.8, 2.0; ``small``: 2, 2, 2; with
+    ``variety`` above 0, drawn per case). ``variety`` (0-1) randomises scanner and patient per
+    case (`phantom.make_case`); 0 writes the standard phantom. ``out`` must be absent, empty
+    or an earlier synth output (which is replaced).
     """
     out = Path(out)
     if cases < 1:
@@ -108,14 +111,21 @@ def synth_dataset(
         raise UserError(f"--fracture-rate: must be between 0 and 1, got {fracture_rate}")
     if spacing is not None and (len(spacing) != 3 or min(spacing) < 0.3 or max(spacing) > 4.0):
         raise UserError(f"--spacing: each value must be between 0.3 and 4 mm, got {spacing}")
+    if not 0.0 <= variety <= 1.0:  # also refuses NaN
+        raise UserError(f"--variety: must be between 0 and 1, got {variety}")
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    rows, grades_all = [], []
+    rows: list[list[str]] = []
+    grades_all: list[int] = []
     ids = [case_id(k) for k in range(cases)]
     for k in progress.bar(range(cases), "synth", unit="case"):
         case = phantom.make_case(
-            phantom.case_rng(seed, k), spacing=spacing, small=small, fracture_rate=fracture_rate
+            phantom.case_rng(seed, k),
+            spacing=spacing,
+            small=small,
+            fracture_rate=fracture_rate,
+            variety=variety,
         )
         meta = {
             "case_id": ids[k],
@@ -134,12 +144,18 @@ def synth_dataset(
     _write_manifest(out, rows)
     g = np.asarray(grades_all)
     sp = spacing or (phantom.SMALL_SPACING if small else phantom.DEFAULT_SPACING)
+    if spacing is None and variety > 0:
+        sp_text = f"spacing drawn per case (variety {variety:g})"
+    else:
+        sp_text = f"spacing {','.join(f'{v:g}' for v in sp)} mm" + (
+            f" (variety {variety:g})" if variety > 0 else ""
+        )
     n_frac = int((g > 0).sum())
     return (
         f"wrote {cases} synthetic case(s) to {out} in {time.monotonic() - start:.1f} s: "
         f"{len(g)} vertebrae, {n_frac} fractured ({100.0 * n_frac / max(1, len(g)):.0f} %, "
-        f"grade 1/2/3: {(g == 1).sum()}/{(g == 2).sum()}/{(g == 3).sum()}), spacing "
-        f"{','.join(f'{v:g}' for v in sp)} mm; manifest {out / MANIFEST}"
+        f"grade 1/2/3: {(g == 1).sum()}/{(g == 2).sum()}/{(g == 3).sum()}), {sp_text}; "
+        f"manifest {out / MANIFEST}"
     )
 
 
@@ -243,13 +259,13 @@ def synth_on_background(
     first: _Background | None = None
     checked: list[tuple[list[int], list[int]]] = []
     for i, scan in enumerate(scans):
-        bg = _read_scan(scan)
+        scan_bg = _read_scan(scan)
         if targets is not None:
-            _check_targets(scan, bg, targets)
-        checked.append((bg.present, bg.complete))
+            _check_targets(scan, scan_bg, targets)
+        checked.append((scan_bg.present, scan_bg.complete))
         if i == 0:
-            first = bg
-        del bg
+            first = scan_bg
+        del scan_bg
     _check_out(out)
     kept = list(range(len(scans)))
     if targets is None:
@@ -476,7 +492,7 @@ def _scans_from_verse_tree(root: Path, label_scheme: str) -> list[Scan]:
 
 @dataclass
 class _Background:
-    ct: object  # io.Volume: array (z, y, x) as stored and geometry
+    ct: Volume  # array (z, y, x) as stored and geometry
     labels: np.ndarray  # VerSe ids T4..L5 (uint8), as stored
     present: list[int]
     complete: list[int]  # present and fully imaged (not cut by the scan's edge)
@@ -524,7 +540,7 @@ def _check_targets(scan: Scan, bg: _Background, targets: dict[int, tuple[int, st
 def _per_vertebra(res, bg: _Background) -> dict[str, dict]:
     """meta.json entries for every labelled vertebra of a simulated case."""
     _, geom_c, ro = to_canonical(res.vertebrae, bg.ct.geometry)
-    sp_zyx = tuple(geom_c.spacing[::-1])
+    sp_zyx = geom_c.spacing[::-1]
     new_c = ro.apply(res.vertebrae)
     out: dict[str, dict] = {}
     for v in bg.present:
@@ -636,7 +652,7 @@ def _write_case(
     ct: np.ndarray,
     vertebrae: np.ndarray,
     fracture: np.ndarray,
-    geometry,
+    geometry: Geometry,
     meta: dict,
 ) -> Path:
     """Write one case folder under a temporary name, then rename it into place."""
