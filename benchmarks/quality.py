@@ -100,17 +100,25 @@ def _manifest_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, Path]:
-    """The phantom store (train/val seed 0, test seed 1) and the real-anatomy store (test)."""
+def build_data(
+    work: Path, *, train_cases: int, test_cases: int, variety: float = 0.0
+) -> tuple[Path, Path]:
+    """The phantom store (train/val seed 0, test seed 1) and the real-anatomy store (test).
+
+    ``variety`` randomises the training and validation phantoms (`vfsearch synth --variety`);
+    the test phantoms stay at variety 0, so the phantom figure stays comparable across runs."""
     from vfsearch.pipelines.ingest import ingest
     from vfsearch.pipelines.synth import synth_dataset, synth_on_background
 
     raw = work / "raw"
     rows = []
     for seed, n in ((0, train_cases), (1, test_cases)):
-        folder = raw / f"phantom_s{seed}"
+        v = variety if seed == 0 else 0.0
+        folder = raw / (f"phantom_s{seed}" + (f"_v{v:g}" if v else ""))
         if not (folder / "manifest.csv").is_file():
-            synth_dataset(folder, cases=n, seed=seed, spacing=None, small=True, fracture_rate=0.3)
+            synth_dataset(
+                folder, cases=n, seed=seed, spacing=None, small=True, fracture_rate=0.3, variety=v
+            )
         for i, r in enumerate(_manifest_rows(folder)):
             split = "test" if seed == 1 else ("val" if i >= n - max(1, n // 4) else "train")
             rows.append(
@@ -120,9 +128,9 @@ def build_data(work: Path, *, train_cases: int, test_cases: int) -> tuple[Path, 
                     **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
                 }
             )
-    phantom_manifest = raw / "phantoms.csv"
+    phantom_manifest = raw / (f"phantoms_v{variety:g}.csv" if variety else "phantoms.csv")
     _write_manifest(phantom_manifest, rows)
-    phantoms = work / "phantoms.zarr"
+    phantoms = work / (f"phantoms_v{variety:g}.zarr" if variety else "phantoms.zarr")
     ingest(phantom_manifest, phantoms, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
 
     rows = []
@@ -273,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=float, default=2.0, help="CPUs per training worker")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     parser.add_argument(
+        "--variety",
+        type=float,
+        default=0.0,
+        help="randomise the training phantoms (synth --variety, 0-1); test phantoms stay at 0",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -293,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    phantoms, real = build_data(work, train_cases=args.train_cases, test_cases=args.test_cases)
+    phantoms, real = build_data(
+        work, train_cases=args.train_cases, test_cases=args.test_cases, variety=args.variety
+    )
     print(f"data ready in {time.perf_counter() - t_start:.0f} s: {phantoms}, {real}", flush=True)
 
     base = {
