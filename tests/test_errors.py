@@ -351,3 +351,20 @@ def test_train_address_where_nothing_listens_exits_2_naming_it(small_store, tmp_
     assert errors == [
         f"error: --address: cannot join the Ray cluster at {address}: nothing answers at {address}"
     ], out.stderr
+
+
+def test_pure_code_names_the_parameter_and_the_cli_names_the_option(tmp_path):
+    """Layer 0 knows no command-line words: its error names the parameter; `vfsearch synth`
+    prints the same problem against the option, one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from vfsearch.cli import app
+    from vfsearch.core.errors import BadValue
+    from vfsearch.core.phantom import make_case
+
+    with pytest.raises(BadValue) as info:
+        make_case(0, fracture_rate=1.5)
+    assert str(info.value).startswith("fracture_rate: ") and "--" not in str(info.value)
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "out"), "--fracture-rate", "1.5"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith("error: --fracture-rate: ")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import typer
 
 from vfsearch.adapters import progress
-from vfsearch.core.errors import UserError
+from vfsearch.core.errors import BadValue, UserError
 
 app = typer.Typer(
     name="vfsearch",
@@ -807,6 +807,9 @@ class _errors:
         return None
 
     def __exit__(self, tp, exc, tb) -> Literal[False]:
+        if isinstance(exc, BadValue):  # pure code names the parameter; here it is an option
+            typer.echo(f"error: {exc.as_option()}", err=True)
+            raise typer.Exit(code=2)
         if isinstance(exc, UserError):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2)

@@ -15,6 +15,22 @@ class UserError(Exception):
     exit_code = 2
 
 
+class BadValue(UserError):
+    """A bad value of a named parameter, raised by pure code that knows no option names.
+
+    ``str()`` reads ``"<parameter>: <problem>"``; the CLI prints the parameter as its option
+    (``fracture_rate`` -> ``--fracture-rate``), see `as_option`.
+    """
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter}: {problem}")
+        self.parameter, self.problem = parameter, problem
+
+    def as_option(self) -> str:
+        """The message naming the command-line option instead of the parameter."""
+        return f"--{self.parameter.replace('_', '-')}: {self.problem}"
+
+
 def fail(subject: object, problem: str) -> UserError:
     """Build a `UserError` reading ``"<subject>: <problem>"``."""
     return UserError(f"{subject}: {problem}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vfsearch.core.errors import UserError
+from vfsearch.core.errors import BadValue, UserError
 
 SCHEMES = ("verse", "totalsegmentator")
 TARGET_IDS: tuple[int, ...] = tuple(range(11, 25))  # T4..L5 in VerSe ids
@@ -57,7 +57,7 @@ def to_verse(labels: np.ndarray, scheme: str, *, source: str = "labels") -> np.n
     Returns uint8 (z, y, x).
     """
     if scheme not in SCHEMES:
-        raise UserError(f"--label-scheme: must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        raise BadValue("label_scheme", f"must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     arr = labels
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):

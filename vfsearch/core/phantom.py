@@ -61,7 +61,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from vfsearch.core.errors import UserError
+from vfsearch.core.errors import BadValue, UserError
 from vfsearch.core.geometry import Geometry, to_canonical
 from vfsearch.core.labels import TARGET_IDS, name
 
@@ -453,9 +453,9 @@ def make_case(
     else:
         sp_xyz = tuple(float(v) for v in (spacing or (SMALL_SPACING if small else DEFAULT_SPACING)))
     if len(sp_xyz) != 3 or min(sp_xyz) < 0.3 or max(sp_xyz) > 4.0:
-        raise UserError(f"--spacing: each value must be between 0.3 and 4 mm, got {sp_xyz}")
+        raise BadValue("spacing", f"each value must be between 0.3 and 4 mm, got {sp_xyz}")
     if not 0.0 <= fracture_rate <= 1.0:
-        raise UserError(f"--fracture-rate: must be between 0 and 1, got {fracture_rate}")
+        raise BadValue("fracture_rate", f"must be between 0 and 1, got {fracture_rate}")
     sx, sy, sz = sp_xyz
 
     # ---- per-case anatomy and physics parameters
@@ -1374,15 +1374,16 @@ def simulate_fractures(
     for vid in sorted(targets):
         grade, morph = targets[vid]
         if grade not in GRADE_LOSS:
-            raise UserError(f"--fracture: grade must be 1, 2 or 3, got {grade}")
+            raise BadValue("fracture", f"grade must be 1, 2 or 3, got {grade}")
         loss_weight(morph, np.zeros(1), np.zeros(1))  # validates the morphology name
         if not (labels == vid).any():
-            raise UserError(f"--fracture: vertebra {name(vid)} ({vid}) is not in the label map")
+            raise BadValue("fracture", f"vertebra {name(vid)} ({vid}) is not in the label map")
         if not fully_imaged(labels == vid):
-            raise UserError(
-                f"--fracture: vertebra {name(vid)} ({vid}) is cut by the scan's "
+            raise BadValue(
+                "fracture",
+                f"vertebra {name(vid)} ({vid}) is cut by the scan's "
                 f"edge (its label reaches the first or last slice along the "
-                f"height axis); only a fully imaged vertebra can be fractured"
+                f"height axis); only a fully imaged vertebra can be fractured",
             )
         before = measure_heights(labels, vid, sp)
         work, labels, m, info = _compress(work, labels, vid, sp, grade, morph, before, rng)
