@@ -537,20 +537,11 @@ def _onnx_or_reason(
             _max_diff(onnx_logits(path, a), eager_a), _max_diff(onnx_logits(path, b), eager_b)
         )
     except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure skips the variant
-        path.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return {
-            "file": None,
-            "status": "skipped",
-            "reason": f"export failed: {type(exc).__name__}: {first}",
-        }
+        return _skipped(path, f"export failed: {_first_line(exc)}")
     if not diff <= PARITY_ATOL:
-        path.unlink(missing_ok=True)
-        return {
-            "file": None,
-            "status": "skipped",
-            "reason": f"onnxruntime logits differ from eager by {diff:.3g} (> {PARITY_ATOL})",
-        }
+        return _skipped(
+            path, f"onnxruntime logits differ from eager by {diff:.3g} (> {PARITY_ATOL})"
+        )
     import onnxruntime as ort
 
     return {
@@ -561,6 +552,18 @@ def _onnx_or_reason(
         "checked_with": f"onnxruntime {ort.__version__}",
         "exporter": "torch.onnx (dynamo=False)",
     }
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters of it)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _skipped(path: Path, reason: str) -> dict[str, Any]:
+    """A variant that failed export or parity: its file removed, the reason recorded."""
+    path.unlink(missing_ok=True)
+    return {"file": None, "status": "skipped", "reason": reason}
 
 
 def _pt2_or_reason(
@@ -580,20 +583,9 @@ def _pt2_or_reason(
         with torch.no_grad():
             diff = max(_max_diff(program(a), eager_a), _max_diff(program(b), eager_b))
     except Exception as exc:  # noqa: BLE001 - an unsupported construct skips the program
-        path.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return {
-            "file": None,
-            "status": "skipped",
-            "reason": f"torch.export failed: {type(exc).__name__}: {first}",
-        }
+        return _skipped(path, f"torch.export failed: {_first_line(exc)}")
     if not diff <= PARITY_ATOL:
-        path.unlink(missing_ok=True)
-        return {
-            "file": None,
-            "status": "skipped",
-            "reason": f"exported program differs from eager by {diff:.3g}",
-        }
+        return _skipped(path, f"exported program differs from eager by {diff:.3g}")
     return {
         "file": EXPORTED,
         "status": "ok",
