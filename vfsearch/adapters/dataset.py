@@ -353,7 +353,7 @@ class WindowDataset(Dataset):
         *,
         rank: int = 0,
         world: int = 1,
-        open_vertebrae: int = 8,
+        open_vertebrae: int = 32,
         oversample: float | None = None,
         seed: int | None = None,
     ) -> list[int]:
@@ -410,7 +410,7 @@ class EpochSampler(Sampler[int]):
         *,
         rank: int = 0,
         world: int = 1,
-        open_vertebrae: int = 8,
+        open_vertebrae: int = 32,
         oversample: float | None = None,
     ) -> None:
         self.dataset, self.count = dataset, int(count)

@@ -77,7 +77,7 @@ def epoch_order(
     epoch: int,
     rank: int = 0,
     world: int = 1,
-    open_vertebrae: int = 8,
+    open_vertebrae: int = 32,
     weights: npt.NDArray[np.float64] | None = None,
 ) -> IntArray:
     """This rank's virtual window indices for ``epoch`` (see the module docstring).
