@@ -18,7 +18,7 @@ import pytest
 from loopback import LoopbackCluster, can_hide_folders
 from sweeps import client, write_space
 
-from vfsearch.adapters.tracking import stop_server
+from vfsearch.adapters.tracking import find_server, stop_server
 from vfsearch.adapters.tracking.schema import SWEEP_EXPERIMENT, SWEEP_TAG
 from vfsearch.pipelines import guards
 
@@ -97,8 +97,9 @@ def test_embedded_tracking_server_is_refused_on_two_nodes(cluster, small_store, 
     try:
         res, lines = _tune(cluster, small_store, tmp_path, name="embedded")
         error = _assert_refused(res, lines, "MLFLOW_TRACKING_URI", "127.0.0.1", "1 node")
+        assert find_server(tmp_path / "wd") is None  # refused before any server started
     finally:
-        stop_server(tmp_path / "wd")  # the embedded server it started to find its address
+        stop_server(tmp_path / "wd")
     assert error.startswith("error: MLFLOW_TRACKING_URI: not set")
     assert not (tmp_path / "wd" / "ray_results" / "embedded").exists()
 
@@ -171,7 +172,6 @@ def test_url_storage_and_store_pass_through_untouched(monkeypatch):
     monkeypatch.setattr(guards, "missing_on_nodes", lambda paths, ns: probed.append(paths) or {})
     n = guards.check_cluster(
         embedded_tracking=False,
-        tracking_uri="http://10.0.0.1:5000",
         storage="s3://bucket/ray",
         store="s3://bucket/store.zarr",
     )
@@ -179,17 +179,9 @@ def test_url_storage_and_store_pass_through_untouched(monkeypatch):
     with pytest.raises(guards.UserError, match="127.0.0.1"):
         guards.check_cluster(
             embedded_tracking=True,
-            tracking_uri="http://127.0.0.1:5000",
             storage="s3://bucket/ray",
             store="s3://bucket/store.zarr",
         )
-    # an explicitly given server on loopback is the user's choice (a tunnel, say): allowed
-    guards.check_cluster(
-        embedded_tracking=False,
-        tracking_uri="http://127.0.0.1:5000",
-        storage="s3://b/r",
-        store="s3://b/s",
-    )
     guards.check_gpu_split(2, 1.0, "--gpus-per-trial")  # whole GPUs: fine
     guards.check_gpu_split(1, 0.5, "--gpus-per-trial")  # one worker may share a GPU
     with pytest.raises(guards.UserError, match="0.5 GPU"):

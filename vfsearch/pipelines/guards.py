@@ -19,13 +19,10 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 from vfsearch.adapters.ray_runtime import alive_nodes, missing_on_nodes
 from vfsearch.adapters.store import Store
 from vfsearch.core.errors import UserError
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
 def check_gpu_split(workers: int, gpus_per_worker: float, option: str) -> None:
@@ -44,7 +41,6 @@ def is_url(path: str | Path) -> bool:
 def check_cluster(
     *,
     embedded_tracking: bool,
-    tracking_uri: str,
     storage: str,
     store: str,
     storage_option: str = "--storage",
@@ -53,11 +49,10 @@ def check_cluster(
     nodes = alive_nodes()
     if len(nodes) < 2:
         return len(nodes)
-    host = urlparse(tracking_uri).hostname or ""
-    if embedded_tracking and host in LOOPBACK:
+    if embedded_tracking:  # the embedded server always listens on 127.0.0.1
         raise UserError(
-            f"MLFLOW_TRACKING_URI: not set, and the embedded MLflow server at {tracking_uri} "
-            f"cannot be reached from the other {len(nodes) - 1} node(s) of this cluster; "
+            "MLFLOW_TRACKING_URI: not set, and the embedded MLflow server (127.0.0.1) cannot "
+            f"be reached from the other {len(nodes) - 1} node(s) of this cluster; "
             "set MLFLOW_TRACKING_URI to a server every node reaches (cluster/README.md)"
         )
     if not is_url(storage):

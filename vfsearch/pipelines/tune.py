@@ -365,10 +365,6 @@ def tune(
             f"pass --resume to continue it or choose another --name"
         )
 
-    embedded_tracking = mlflow_uri is None and not os.environ.get(ENV_URI)
-    mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
-    tracker = Tracker(mlflow_uri)
-    parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     gpus_per_worker = gpus_per_trial / workers_per_trial
     connect_ray(
         address,
@@ -377,13 +373,16 @@ def tune(
         resources={driver_resource: 1.0} if driver_resource else None,
         verbose=verbose,
     )
-    # multi-node: a tracking server, checkpoints and a store every node reaches
+    # multi-node: a tracking server, checkpoints and a store every node reaches; checked
+    # before the embedded MLflow server is started, so a refused sweep leaves nothing behind
     check_cluster(
-        embedded_tracking=embedded_tracking,
-        tracking_uri=mlflow_uri,
+        embedded_tracking=mlflow_uri is None and not os.environ.get(ENV_URI),
         storage=storage,
         store=str(store),
     )
+    mlflow_uri = mlflow_uri or tracking.tracking_uri(workdir)
+    tracker = Tracker(mlflow_uri)
+    parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     cluster = ray.cluster_resources()
     if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
         raise UserError(

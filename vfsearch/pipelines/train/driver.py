@@ -357,21 +357,20 @@ def train(
     _check_store(store)
     name = name or time.strftime("train-%Y%m%d-%H%M%S")
     storage = storage or Path(workdir) / "checkpoints"
-    embedded_tracking = track and mlflow_uri is None and not os.environ.get(ENV_URI)
-    if mlflow_uri is None and track:
-        mlflow_uri = tracking_uri(workdir)
     connect_ray(
         address,
         num_cpus_needed=workers * cpus_per_worker,
         num_gpus_needed=workers * gpus_per_worker,
         verbose=verbose,
     )
+    # before the embedded MLflow server is started: a refused run leaves nothing behind
     check_cluster(
-        embedded_tracking=embedded_tracking,
-        tracking_uri=mlflow_uri or "",
+        embedded_tracking=track and mlflow_uri is None and not os.environ.get(ENV_URI),
         storage=str(storage) if is_url(storage) else str(Path(storage).resolve()),
         store=str(store),
     )
+    if mlflow_uri is None and track:
+        mlflow_uri = tracking_uri(workdir)
     echo(
         f"training {name}: {workers} worker(s), store {store}, storage {storage}"
         + (f", MLflow {mlflow_uri}" if mlflow_uri else "")
