@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from vfsearch.adapters.dataset import EpochSampler, WindowDataset
+from vfsearch.adapters.dataset import EpochSampler, WindowDataset, finish_batch
 from vfsearch.adapters.store import Store
 from vfsearch.core.config import Config, load_config
 from vfsearch.core.inference import LoadedModel, crop_probability
@@ -265,6 +265,7 @@ def data_wait_run(
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
+            batch = finish_batch(batch, device)  # augmentation on the device (part of the step)
             seg_step(
                 model,
                 batch,

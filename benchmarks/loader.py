@@ -18,8 +18,15 @@ product's sampler (`WindowDataset.epoch_order`: vertebrae shuffled, a few open a
 is timed against a global shuffle with the same cache and against the memmap in the same
 order. Goal: ``zarr_vs_memmap_large >= 0.5``.
 
+Augmentation off the loader. The same Zarr windows with augmentation (strength 1) through
+a batch loop (read, collate, `finish_batch`, batches of ``--aug-batch``) in one process with
+one torch thread: per window in the loader (``data.augment_device=cpu``) against the loader
+drawing the patch only and the batch augmented by `vfsearch.core.augment` on this CPU
+(``device``), and without augmentation. ``--only-aug`` runs just this.
+
 The last line is ``RESULT zarr_vs_memmap=<ratio> zarr_vs_nifti=<ratio> ...
-zarr_vs_memmap_large=<ratio> local_vs_shuffle_large=<ratio> ...``.
+zarr_vs_memmap_large=<ratio> local_vs_shuffle_large=<ratio> ... aug_windows_per_s_cpu=<n>
+aug_windows_per_s_device=<n> ...``.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
-from vfsearch.adapters.dataset import WindowDataset
+from vfsearch.adapters.dataset import WindowDataset, finish_batch
 from vfsearch.adapters.store import Store, fingerprint_from_hist, hu_histogram
 from vfsearch.core import windows as W
 from vfsearch.core.config import DataConfig
@@ -292,6 +301,72 @@ def rate(ds: WindowDataset, order: np.ndarray) -> tuple[float, float]:
     return len(order) / elapsed, len(order) / max(cpu_used, 1e-9)
 
 
+def batched_rate(
+    ds: WindowDataset, order: np.ndarray, batch: int, finish: bool = True
+) -> tuple[float, float]:
+    """Windows per wall-clock and per CPU second of the training loop's data path on this
+    CPU: items read, collated, and `finish_batch` (the batched augmentation where it was
+    deferred; ``finish=False``: the loader's share only)."""
+    device = torch.device("cpu")
+    start, cpu = time.perf_counter(), time.process_time()
+    for b in range(0, len(order), batch):
+        out = default_collate([ds[int(i)] for i in order[b : b + batch]])
+        if finish:
+            out = finish_batch(out, device)
+    elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu
+    assert ("aug_seed" in out) == (ds.device_augment and not finish)
+    assert out["image"].shape[1] == ds.data.seq_len
+    return len(order) / elapsed, len(order) / max(cpu_used, 1e-9)
+
+
+def aug_run(
+    store_path: Path, data: DataConfig, order: np.ndarray, *, batch: int, repeat: int
+) -> dict[str, float]:
+    """Augmentation per window in the loader (cpu) vs batched after collation (device, on
+    this CPU) vs none, and the loader's share of the device path (what is left to the
+    loader processes when the batch is augmented on a GPU); best of ``repeat`` interleaved
+    passes."""
+    runs = {
+        "noaug": (replace(data, augment_device="cpu"), False),
+        "cpu": (replace(data, augment_device="cpu"), True),
+        "device": (replace(data, augment_device="device"), True),
+        "device_loader": (replace(data, augment_device="device"), True),
+    }
+    best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
+    for _ in range(repeat):
+        for name, (cfg, aug) in runs.items():
+            ds = WindowDataset(store_path, None, cfg, augment=aug)
+            len(ds)
+            ds[int(order[0])]  # the first vertebra's decode is not what is compared
+            wall, cpu = batched_rate(ds, order, batch, finish=name != "device_loader")
+            best[name] = max(best.get(name, 0.0), wall)
+            best_cpu[name] = max(best_cpu.get(name, 0.0), cpu)
+    print(
+        f"\naugmentation (strength {data.augment:g}; read + collate + finish_batch, batches of "
+        f"{batch}, 1 process, 1 torch thread, {len(order)} windows, best of {repeat}):"
+    )
+    print(f"  {'windows per':<36}{'wall s':>9}{'CPU s':>9}")
+    for name, label in (
+        ("noaug", "no augmentation"),
+        ("cpu", "per window in the loader (cpu)"),
+        ("device", "batched after collation (device)"),
+        ("device_loader", "  of which the loader (read, collate)"),
+    ):
+        print(f"  {label:<36}{best[name]:>9.0f}{best_cpu[name]:>9.0f}")
+    return {
+        "aug_windows_per_s_cpu": best["cpu"],
+        "aug_windows_per_s_device": best["device"],
+        "aug_device_vs_cpu": best["device"] / best["cpu"],
+        "aug_windows_per_cpu_s_cpu": best_cpu["cpu"],
+        "aug_windows_per_cpu_s_device": best_cpu["device"],
+        "aug_device_vs_cpu_cpu_s": best_cpu["device"] / best_cpu["cpu"],
+        "aug_loader_windows_per_s_device": best["device_loader"],
+        "aug_loader_windows_per_cpu_s_device": best_cpu["device_loader"],
+        "noaug_batched_windows_per_s": best["noaug"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=2, help="phantom cases (14 vertebrae each)")
@@ -350,6 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1500,
         help="windows timed under a global shuffle in the large run",
     )
+    parser.add_argument(
+        "--only-aug",
+        action="store_true",
+        help="only the augmentation run (cpu vs device path); no memmap, NIfTI or large run",
+    )
+    parser.add_argument("--aug-batch", type=int, default=16, help="batch of the augmentation run")
+    parser.add_argument(
+        "--aug-windows", type=int, default=1500, help="windows timed per augmentation pass"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -375,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         else:
             write_direct_store(store_path, args.cases, args.size, args.seed)
-        data = DataConfig(seq_len=5, plane="sagittal", patch_size=128, augment=1.0)
+        # the per-window path, so that the "_aug" runs below time augmentation in the loader
+        data = DataConfig(
+            seq_len=5, plane="sagittal", patch_size=128, augment=1.0, augment_device="cpu"
+        )
         probe = WindowDataset(store_path, None, data)
         n = len(probe)
         shapes = np.array(probe._shapes)
@@ -385,13 +472,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{tuple(int(v) for v in np.median(shapes, 0))}, max "
             f"{tuple(int(v) for v in shapes.max(0))}"
         )
+        rng = np.random.default_rng(args.seed)
+        order = rng.permutation(n)[: args.windows or n]
+        aug_order = order[: args.aug_windows or n]
+        if args.only_aug:
+            aug = aug_run(store_path, data, aug_order, batch=args.aug_batch, repeat=args.repeat)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(f"(load average {load:.1f} on {os.cpu_count()} CPUs)")
+            aug["load_average"] = load
+            print(
+                "RESULT "
+                + " ".join(f"{k}={v:.3f}" if "vs" in k else f"{k}={v:.1f}" for k, v in aug.items())
+            )
+            return 0
         folders = {MemmapWindows: work / "mm", NiftiWindows: work / "nii"}
         for cls, folder in folders.items():
             folder.mkdir(exist_ok=True)
             cls(store_path, None, data).write(folder)
 
-        rng = np.random.default_rng(args.seed)
-        order = rng.permutation(n)[: args.windows or n]
         nifti_order = order[: args.nifti_windows]
         runs = [
             ("zarr", WindowDataset, False, order, {}),
@@ -449,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             "zarr_windows_per_cpu_s": cpu_results["zarr"],
             "load_average": load,
         }
+        ratios.update(aug_run(store_path, data, aug_order, batch=args.aug_batch, repeat=1))
         ratios.update(
             large_run(
                 work,

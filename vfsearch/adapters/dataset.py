@@ -18,13 +18,20 @@ worker) reopens both, so no zarr handle crosses a process boundary (zarr 3 was r
 deadlock in forked workers after the parent had read an array; ``spawn`` works as well).
 It is map-style, so `torch.utils.data.DistributedSampler` shards it; `WindowDataset.sampler`
 gives a `WeightedRandomSampler` that oversamples windows with fracture.
+
+Augmentation. The random patch position is always drawn here. The rotation/scaling and
+intensity augmentation run either here, per window (``data.augment_device=cpu``), or batched
+on the training device (``device``; ``auto`` = device on CUDA and
+`vfsearch.core.augment.AUTO_ON_CPU` otherwise): items then carry ``aug_seed`` (the window's
+own seed), ``aug_strength`` and ``aug_fill``, and the training loop calls `finish_batch`
+once the collated batch is on its device.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,11 +41,13 @@ from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
 from vfsearch.adapters.store import Store
 from vfsearch.core import windows as W
+from vfsearch.core.augment import augment_batch, augment_on_device
 from vfsearch.core.config import DataConfig
 from vfsearch.core.errors import UserError
 from vfsearch.core.sampling import decode, epoch_order
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
+AUG_KEYS = ("aug_seed", "aug_strength", "aug_fill")  # an item's deferred augmentation
 
 
 class WindowDataset(Dataset):
@@ -52,13 +61,17 @@ class WindowDataset(Dataset):
         augment: apply a random patch position, affine and intensity augmentation of
             strength ``data.augment`` (0: none); seeded per (``seed``, epoch, index), see
             `set_epoch`. Without it every patch is centred and nothing random happens.
+            Where ``data.augment_device`` resolves to the device, only the patch position
+            is drawn here and the items carry `AUG_KEYS` for `finish_batch`.
         seed: base seed of the augmentation and of `sampler`.
         cache_bytes: per-process LRU budget for decoded vertebra crops (0: no cache).
 
     Items: ``{"image": float32 (T, P, P) normalised, "target": float32 (1, P, P) 0/1, or
     (T, P, P) with ``target_all_slices``, "case": str, "vertebra": int, "slice": int}`` with
     T = ``seq_len``, P = ``patch_size``; the in-plane axes keep the canonical order (sagittal:
-    (z, y), coronal: (z, x), axial: (y, x)).
+    (z, y), coronal: (z, x), axial: (y, x)). With augmentation deferred to the device, also
+    ``"aug_seed": int`` (>= 0; a function of seed, epoch and draw, index), ``"aug_strength":
+    float``, ``"aug_fill": float`` (the normalised value of air).
 
     Nothing is read in ``__init__``; the index (array shapes only) is built on first use.
     """
@@ -80,6 +93,8 @@ class WindowDataset(Dataset):
         if data.seq_len < 1 or data.seq_len % 2 == 0:
             raise UserError(f"data.seq_len: must be odd and >= 1, got {data.seq_len}")
         self.augment = bool(augment)
+        # resolved once here (the training process): loader processes get the decision
+        self.device_augment = augment_on_device(data.augment_device, cuda=torch.cuda.is_available())
         self.seed = int(seed)
         self.epoch = 0
         self.cache_bytes = int(cache_bytes)
@@ -249,16 +264,23 @@ class WindowDataset(Dataset):
             if strength > 0
             else None
         )
+        defer = rng is not None and self.device_augment
         img, tgt = W.make_window(
             image,
             fracture,
             self._fingerprint,
             patch_size=self.data.patch_size,
             rng=rng,
-            strength=strength,
+            strength=0.0 if defer else strength,  # deferred: the patch position only
         )
         case, vid = self.items[k]
-        return {"image": img, "target": tgt, "case": case, "vertebra": int(vid), "slice": t}
+        item = {"image": img, "target": tgt, "case": case, "vertebra": int(vid), "slice": t}
+        if defer:
+            assert rng is not None
+            item["aug_seed"] = int(rng.integers(2**63 - 1))
+            item["aug_strength"] = float(strength)
+            item["aug_fill"] = W.normalised_floor(self._fingerprint)
+        return item
 
     # -- fracture flags and oversampling --------------------------------------------------
     def slice_counts(self, k: int) -> np.ndarray:
@@ -388,11 +410,28 @@ class WindowDataset(Dataset):
         return (
             f"WindowDataset({self.store.path!r}, split={self.split!r}, "
             f"plane={self.data.plane}, seq_len={self.data.seq_len}, "
-            f"patch={self.data.patch_size}, augment={self.augment}, windows={n})"
+            f"patch={self.data.patch_size}, augment={self.augment}"
+            f"{' (device)' if self.augment and self.device_augment else ''}, windows={n})"
         )
 
 
-__all__ = ["DEFAULT_CACHE_BYTES", "WindowDataset"]
+def finish_batch(batch: Mapping[str, Any], device: torch.device) -> Mapping[str, Any]:
+    """A collated batch ready for a step: image and target moved to ``device`` and their
+    deferred augmentation (`AUG_KEYS`) applied there in one batched pass
+    (`vfsearch.core.augment.augment_batch`); a batch without it is returned as it is."""
+    if "aug_seed" not in batch:
+        return batch
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    image, target = augment_batch(
+        image, target, batch["aug_seed"], batch["aug_strength"], batch["aug_fill"]
+    )
+    out = {k: v for k, v in batch.items() if k not in AUG_KEYS}
+    out["image"], out["target"] = image, target
+    return out
+
+
+__all__ = ["AUG_KEYS", "DEFAULT_CACHE_BYTES", "EpochSampler", "WindowDataset", "finish_batch"]
 
 
 class EpochSampler(Sampler[int]):

@@ -96,6 +96,8 @@ class DataConfig:
     target_all_slices: bool = False
     open_vertebrae: int = 32  # vertebrae the epoch order draws from at a time: batches mix
     #                           about as well as a global shuffle, and 32 crops fit the cache
+    augment_device: str = "auto"  # cpu: per window in the loader; device: batched on the
+    #                    training device (vfsearch.core.augment); auto: device on CUDA, else cpu
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.extra": ("none", "focal", "tversky"),
     "loss.gan_mode": ("vanilla", "lsgan", "hinge"),
     "data.plane": PLANES,
+    "data.augment_device": ("auto", "cpu", "device"),  # core.augment.AUGMENT_DEVICES
     "train.optimizer": ("adam", "adamw"),
 }
 

@@ -9,6 +9,10 @@ or last slice repeat the edge slice.
 Every function here is pure: the dataset (`vfsearch.adapters.dataset`) reads the arrays, and
 prediction/export reuse `normalise`, `window_indices` and `cut_window` so that a model sees the
 same input at training and inference time.
+
+The augmentation here (`augment_window`) is the per-window path that DataLoader processes run
+(``data.augment_device=cpu``); `vfsearch.core.augment` is its batched twin on the training
+device, drawing from the same ranges (`ROTATE_DEG` .. `NOISE`).
 """
 
 from __future__ import annotations
@@ -196,6 +200,14 @@ def fit_to_patch(array: np.ndarray, size: int, start: tuple[int, int], fill: flo
 
 # -- augmentation ---------------------------------------------------------------------------
 
+# ranges at strength 1, shared with the batched device path (`vfsearch.core.augment`)
+ROTATE_DEG = 15.0  # rotation uniform in ±ROTATE_DEG·s degrees
+SCALE = 0.15  # isotropic scale uniform in 1 ± SCALE·s
+CONTRAST = 0.25  # contrast ×(1 ± CONTRAST·s) about the window mean
+BRIGHTNESS = 0.2  # brightness ± BRIGHTNESS·s (normalised units)
+GAMMA = 0.5  # gamma log-uniform in [1/(1 + GAMMA·s), 1 + GAMMA·s]
+NOISE = 0.1  # Gaussian noise sigma uniform in [0, NOISE·s]
+
 
 def random_affine(rng: np.random.Generator, strength: float) -> np.ndarray:
     """A random in-plane rotation + isotropic scaling as a ``(2, 3)`` `affine_grid` theta.
@@ -205,8 +217,8 @@ def random_affine(rng: np.random.Generator, strength: float) -> np.ndarray:
     symmetric to the vertebral body). The theta maps output to input normalised coordinates
     of a square patch, so the transform is a rotation, not a shear.
     """
-    angle = math.radians(15.0 * strength) * rng.uniform(-1.0, 1.0)
-    scale = 1.0 + 0.15 * strength * rng.uniform(-1.0, 1.0)
+    angle = math.radians(ROTATE_DEG * strength) * rng.uniform(-1.0, 1.0)
+    scale = 1.0 + SCALE * strength * rng.uniform(-1.0, 1.0)
     c, s = math.cos(angle) / scale, math.sin(angle) / scale
     return np.array([[c, -s, 0.0], [s, c, 0.0]], dtype=np.float32)
 
@@ -244,10 +256,10 @@ def augment_intensity(
     """
     if strength <= 0:
         return image
-    contrast = 1.0 + 0.25 * strength * rng.uniform(-1.0, 1.0)
-    brightness = 0.2 * strength * rng.uniform(-1.0, 1.0)
-    gamma = math.exp(math.log1p(0.5 * strength) * rng.uniform(-1.0, 1.0))
-    sigma = 0.1 * strength * rng.uniform(0.0, 1.0)
+    contrast = 1.0 + CONTRAST * strength * rng.uniform(-1.0, 1.0)
+    brightness = BRIGHTNESS * strength * rng.uniform(-1.0, 1.0)
+    gamma = math.exp(math.log1p(GAMMA * strength) * rng.uniform(-1.0, 1.0))
+    sigma = NOISE * strength * rng.uniform(0.0, 1.0)
     # contrast and brightness as one affine map of the values: x*c + (m*(1-c) + b)
     out = image * contrast + (float(image.mean()) * (1.0 - contrast) + brightness)
     lo, hi = float(out.min()), float(out.max())

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vfsearch.adapters.dataset import EpochSampler, WindowDataset
+from vfsearch.adapters.dataset import EpochSampler, WindowDataset, finish_batch
 from vfsearch.adapters.store import Store
 from vfsearch.core.config import Config, TrainConfig
 from vfsearch.core.losses import SegLoss, build_loss, gan_d_loss
@@ -361,13 +361,17 @@ def train_epoch(
     gan_active: bool,
     hooks: Hooks,
 ) -> StepSums:
-    """Train on ``batches`` (this rank's shard of the epoch); the loss sums of its steps."""
+    """Train on ``batches`` (this rank's shard of the epoch); the loss sums of its steps.
+
+    A batch whose augmentation the loader deferred (``data.augment_device``) is moved to
+    ``parts.device`` and augmented there, in one batched pass (`finish_batch`)."""
     parts.model.train()
     if parts.disc is not None:
         parts.disc.train()
     sums = StepSums()
     for i, batch in enumerate(batches):
         hooks.batch(epoch, i, rank)
+        batch = finish_batch(batch, parts.device)
         out = parts.step(batch, gan_active)
         hooks.step(epoch, i, rank)
         sums.add(out, int(batch["image"].shape[0]))
