@@ -8,8 +8,15 @@ Data (built here, nothing downloaded):
 * **real anatomy**: fractures simulated (``vfsearch synth --background``) into the real CT
   scans of ``../shared/data/real`` (a lumbar crop in VerSe ids, an abdominal CT in
   TotalSegmentator ids), three cases, every one a test case of a second store ingested with
-  the same spacing and margin. They are never used for training (so leave-one-scan-out holds
-  trivially); the intact vertebrae of those scans are the negatives of vertebra detection.
+  the same spacing and margin. By default they are never used for training (so
+  leave-one-scan-out holds trivially); the intact vertebrae of those scans are the negatives
+  of vertebra detection;
+* **real training data, leave-one-scan-out** (``--real-train N``): the recipe of a user who
+  has healthy scans. Every model is trained once per real scan held out, on the phantoms plus
+  N variants with random fractures simulated into each *other* real scan (``vfsearch synth
+  --background --variants N``, a quarter of them in val); each fold's model scores only its
+  held-out scan's cases, and the real figures pool the folds. The phantom test figure is
+  that of the first fold's model (held out: ``tptbox_l3``).
 
 Every model is trained by `vfsearch.pipelines.train.run_training` (Ray Train V2 on a local Ray, the
 final fused 3D validation included) and scored by `vfsearch.pipelines.evaluate.evaluate` on the test
@@ -72,6 +79,13 @@ REAL_CASES = [
         "L2:3:crush,L4:1:biconcave",
     ),  # T12 is cut by the scan's edge
 ]
+# leave-one-scan-out folds of --real-train: the real scan held out -> its test cases
+FOLDS = {
+    "tptbox_l3": ("real_tptbox_l3",),
+    "totalseg_abdomen": ("real_abdomen_l1", "real_abdomen_l2_l4"),
+}
+ALL_REAL = tuple(case for case, *_ in REAL_CASES)
+SCANS = {scan: (ct, labels, scheme) for _, scan, ct, labels, scheme, _ in REAL_CASES}
 SPACING = (2.0, 2.0, 2.0)
 MARGIN_MM = 6.0
 PLAN = "attention+lstm"
@@ -98,6 +112,10 @@ def variants() -> dict[str, dict[str, Any]]:
 def _manifest_rows(folder: Path) -> list[dict[str, str]]:
     with open(folder / "manifest.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def phantom_manifest(work: Path, variety: float) -> Path:
+    return work / "raw" / (f"phantoms_v{variety:g}.csv" if variety else "phantoms.csv")
 
 
 def build_data(
@@ -128,10 +146,9 @@ def build_data(
                     **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
                 }
             )
-    phantom_manifest = raw / (f"phantoms_v{variety:g}.csv" if variety else "phantoms.csv")
-    _write_manifest(phantom_manifest, rows)
+    _write_manifest(phantom_manifest(work, variety), rows)
     phantoms = work / (f"phantoms_v{variety:g}.zarr" if variety else "phantoms.zarr")
-    ingest(phantom_manifest, phantoms, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
+    ingest(phantom_manifest(work, variety), phantoms, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
 
     rows = []
     for name, scan, ct, labels, scheme, fractures in REAL_CASES:
@@ -165,6 +182,93 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
         w = csv.DictWriter(f, fieldnames=["case_id", "ct", "vertebrae", "fracture", "split"])
         w.writeheader()
         w.writerows(rows)
+
+
+def build_loso(work: Path, phantoms_manifest: Path, *, variants: int) -> dict[str, Path]:
+    """One training store per held-out real scan (leave-one-scan-out).
+
+    Each holds the phantom train/val cases and ``variants`` cases with random fractures
+    simulated (`vfsearch synth --background --variants`) into every *other* real scan, the
+    last quarter of those in val (so the threshold is chosen partly on real anatomy too).
+    The held-out scan's own healthy anatomy is never in its fold's training data."""
+    from vfsearch.pipelines.ingest import ingest
+    from vfsearch.pipelines.synth import synth_on_background
+
+    raw = work / "raw"
+    phantom_rows = [r for r in _read_rows(phantoms_manifest) if r["split"] != "test"]
+    bg_rows: dict[str, list[dict[str, str]]] = {}
+    for scan, (ct, labels, scheme) in SCANS.items():
+        folder = raw / f"bg_{scan}_n{variants}"
+        if not (folder / "manifest.csv").is_file():
+            synth_on_background(
+                REAL / scan / ct,
+                REAL / scan / labels,
+                folder,
+                fracture=None,
+                seed=0,
+                label_scheme=scheme,
+                variants=variants,
+                warn=lambda line: None,
+            )
+        found = _manifest_rows(folder)
+        n_val = max(1, len(found) // 4)
+        bg_rows[scan] = [
+            {
+                "case_id": f"bg_{r['case_id']}",
+                "split": "val" if i >= len(found) - n_val else "train",
+                **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
+            }
+            for i, r in enumerate(found)
+        ]
+    stores = {}
+    for held_out in FOLDS:
+        rows = phantom_rows + [r for scan, rs in bg_rows.items() if scan != held_out for r in rs]
+        manifest = raw / f"loso_{held_out}_n{variants}.csv"
+        _write_manifest(manifest, rows)
+        stores[held_out] = work / f"loso_{held_out}_n{variants}.zarr"
+        ingest(manifest, stores[held_out], spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
+    return stores
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pooled_report(parts: list[tuple[dict[str, Any], Path, tuple[str, ...]]]) -> dict[str, Any]:
+    """One test report from the folds' reports: each fold keeps only its held-out cases.
+
+    ``parts`` holds (report, its per_vertebra.csv, the fold's case ids). Dice from the summed
+    counts, mean Dice over fractured vertebrae, vertebra PR/ROC-AUC over the pooled scores
+    (the folds' models score their own cases; a pooled AUC mixes two calibrations)."""
+    from vfsearch.core import metrics3d
+
+    per_case, rows = [], []
+    for report, csv_path, cases in parts:
+        per_case += [c for c in report["per_case"] if c["case_id"] in cases]
+        for r in _read_rows(csv_path):
+            if r["case_id"] in cases:
+                rows.append(
+                    {
+                        "tp": int(r["tp"]),
+                        "fp": int(r["fp"]),
+                        "fn": int(r["fn"]),
+                        "score": float(r["score"]),
+                        "gt": r["gt_positive"] == "True",
+                    }
+                )
+    summ = metrics3d.summarize(rows)
+    det = metrics3d.detection([r["score"] for r in rows], [r["gt"] for r in rows], 0.5)
+    order = [c for _, _, cases in parts for c in cases]
+    per_case.sort(key=lambda c: order.index(c["case_id"]))
+    flat = {
+        "test_dice3d": summ["pooled_dice"],
+        "test_dice3d_mean": summ["mean_dice"],
+        "test_vertebra_pr_auc": det["pr_auc"],
+        "test_vertebra_roc_auc": det["roc_auc"],
+        "test_vertebra_prevalence": det["prevalence"],
+    }
+    return {"per_case": per_case, "flat": flat, "cases": order}
 
 
 # -- training and evaluation ------------------------------------------------------------------
@@ -287,6 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         help="randomise the training phantoms (synth --variety, 0-1); test phantoms stay at 0",
     )
     parser.add_argument(
+        "--real-train",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave-one-scan-out: also train on N variants with random fractures simulated "
+        "into each other real scan (synth --background --variants N); 0: phantoms only",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -337,78 +449,88 @@ def main(argv: list[str] | None = None) -> int:
     val: dict[str, dict[str, float]] = {}
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     train_s: dict[str, float] = {}
-    try:
-        for name, overrides in todo.items():
-            ckpts[name], val[name], train_s[name] = train_one(
-                name, phantoms, {**base, **overrides}, work, gpus=gpus, cpus=args.cpus
-            )
-            threshold = val[name]["val_threshold3d"]  # chosen on phantom val by training
-            reports[name] = {
-                "phantom": score(
-                    ckpts[name],
+    # folds: (training store, the real test cases its models score); one fold without
+    # --real-train (phantoms only: every real case is unseen), else one per held-out scan
+    folds: dict[str, tuple[Path, tuple[str, ...]]] = {"": (phantoms, ALL_REAL)}
+    if args.real_train:
+        stores = build_loso(work, phantom_manifest(work, args.variety), variants=args.real_train)
+        folds = {scan: (stores[scan], FOLDS[scan]) for scan in FOLDS}
+        print(f"leave-one-scan-out stores ready: {', '.join(map(str, stores.values()))}")
+
+    def fit_and_score(name: str, flat: dict[str, Any]) -> None:
+        """Train ``name`` once per fold; phantom test by the first fold's model, real test
+        pooled over the folds (each fold's model scores its held-out scan's cases)."""
+        parts = []
+        for i, (fold, (store, cases)) in enumerate(folds.items()):
+            key = f"{name}@{fold}" if fold else name
+            ckpt, metrics, seconds = train_one(key, store, flat, work, gpus=gpus, cpus=args.cpus)
+            fold_ckpts.setdefault(fold, {})[name] = ckpt
+            fold_val.setdefault(fold, {})[name] = metrics
+            train_s[name] = train_s.get(name, 0.0) + seconds
+            threshold = metrics.get("val_threshold3d")  # chosen on val by training
+            if name == cls_name:  # the classifier's threshold: chosen on its phantom val
+                threshold = None
+            if i == 0:
+                ckpts[name], val[name] = ckpt, metrics
+                ph = score(
+                    ckpt,
                     phantoms,
                     work / "eval" / name / "phantom",
                     threshold=threshold,
                     device=args.device,
-                ),
-                "real": score(
-                    ckpts[name],
-                    real,
-                    work / "eval" / name / "real",
-                    threshold=threshold,
-                    device=args.device,
-                ),
-            }
-            print(
-                f"{name}: trained in {train_s[name]:.0f} s (best epoch "
-                f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
-                f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
-                f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}",
-                flush=True,
-            )
+                )
+                if threshold is None:
+                    threshold = min(max(float(ph["threshold"]), 1e-3), 0.999)
+            else:
+                if threshold is None:
+                    threshold = reports[name]["phantom_threshold"]
+            out = work / "eval" / name / (f"real_{fold}" if fold else "real")
+            re = score(ckpt, real, out, threshold=threshold, device=args.device)
+            parts.append((re, out / "per_vertebra.csv", cases))
+            if i == 0:
+                reports[name] = {"phantom": ph, "phantom_threshold": threshold}
+        reports[name]["real"] = pooled_report(parts) if args.real_train else parts[0][0]
+        print(
+            f"{name}: trained in {train_s[name]:.0f} s (best epoch "
+            f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
+            f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
+            f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}",
+            flush=True,
+        )
 
+    cls_name = "resnet18_classifier"
+    fold_ckpts: dict[str, dict[str, Path]] = {}
+    fold_val: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for name, overrides in todo.items():
+            fit_and_score(name, {**base, **overrides})
         # the earlier study's baseline: the slice classifier, vertebra score = max slice score
-        cls_name = "resnet18_classifier"
-        cls_ckpt, _, train_s[cls_name] = train_one(
-            cls_name,
-            phantoms,
-            {**base, "model.family": cls_name, "model.norm": "batch"},
-            work,
-            gpus=gpus,
-            cpus=args.cpus,
-        )
-        cls_ph = score(
-            cls_ckpt,
-            phantoms,
-            work / "eval" / cls_name / "phantom",
-            threshold=None,
-            device=args.device,
-        )
-        cls_re = score(
-            cls_ckpt,
-            real,
-            work / "eval" / cls_name / "real",
-            threshold=min(max(float(cls_ph["threshold"]), 1e-3), 0.999),
-            device=args.device,
-        )
+        fit_and_score(cls_name, {**base, "model.family": cls_name, "model.norm": "batch"})
+        cls_ph, cls_re = reports[cls_name]["phantom"], reports[cls_name]["real"]
+        seg_names = [k for k in reports if k != cls_name]
 
-        # top-3 ensemble, members chosen on the honest val_dice3d; threshold chosen on val
-        ranked = sorted(val, key=lambda k: -val[k].get("val_dice3d", -1.0))
+        # top-3 ensemble per fold, members chosen on the fold's honest val_dice3d; threshold
+        # chosen on the phantom val (first fold), phantom test by the first fold's ensemble
+        ranked = sorted(seg_names, key=lambda k: -val[k].get("val_dice3d", -1.0))
         members = ranked[:3]
-        ens_ph = score(
-            [str(ckpts[m]) for m in members],
-            phantoms,
-            work / "eval" / "ensemble" / "phantom",
-            threshold=None,
-            device=args.device,
-        )
-        ens_re = score(
-            [str(ckpts[m]) for m in members],
-            real,
-            work / "eval" / "ensemble" / "real",
-            threshold=float(ens_ph["threshold"]),
-            device=args.device,
-        )
+        parts = []
+        ens_ph: dict[str, Any] = {}
+        for i, (fold, (_, cases)) in enumerate(folds.items()):
+            fv = fold_val[fold]
+            fold_members = sorted(seg_names, key=lambda k: -fv[k].get("val_dice3d", -1.0))[:3]
+            paths = [str(fold_ckpts[fold][m]) for m in fold_members]
+            if i == 0:
+                ens_ph = score(
+                    paths,
+                    phantoms,
+                    work / "eval" / "ensemble" / "phantom",
+                    threshold=None,
+                    device=args.device,
+                )
+            out = work / "eval" / "ensemble" / (f"real_{fold}" if fold else "real")
+            re = score(paths, real, out, threshold=float(ens_ph["threshold"]), device=args.device)
+            parts.append((re, out / "per_vertebra.csv", cases))
+        ens_re = pooled_report(parts) if args.real_train else parts[0][0]
     finally:
         ray.shutdown()
 
@@ -423,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'model':<22}{'Dice':>7}{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  |{'Dice':>7}"
         f"{'mDice':>7}{'PRAUC':>7}{'ROC':>7}  val_dice3d  train s"
     )
-    for name in reports:
+    for name in seg_names:
         print(
             _row(
                 name,
@@ -467,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     print(f"wall time {wall / 60:.1f} min")
     summary = {
-        "reports": {k: {s: figures(v) for s, v in r.items()} for k, r in reports.items()},
+        "reports": {k: {s: figures(r[s]) for s in ("phantom", "real")} for k, r in reports.items()},
+        "real_train": args.real_train,
         "val": val,
         "gains": gains,
         "ensemble_members": members,

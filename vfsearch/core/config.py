@@ -92,7 +92,9 @@ class DataConfig:
     plane: str = "sagittal"
     patch_size: int = 128
     augment: float = 0.5  # augmentation strength 0 (off) .. 1
-    oversample_fracture: float = 0.0  # extra sampling weight for windows with fracture
+    oversample_fracture: float = 2.0  # extra sampling weight for windows with fracture; at 0
+    #                                   a model on real-background data learned nothing in 8
+    #                                   epochs (benchmarks/quality.py --real-train), at 2 it did
     target_all_slices: bool = False
     open_vertebrae: int = 32  # vertebrae the epoch order draws from at a time: batches mix
     #                           about as well as a global shuffle, and 32 crops fit the cache
