@@ -15,10 +15,14 @@ seed; the share of the budget TPE + ASHA needs to reach random search's final be
 most one third; median over seeds, ``inf`` when it never does); and the share of the sweeps'
 wall time spent in training steps (the workers' ``train_time``: data loading, forward,
 backward, optimiser) against everything else (Ray and trial start-up, validation, the fused
-3D evaluation, logging).
+3D evaluation, logging), with two of those parts per trial: the start-up (from the end of the
+previous trial, or the sweep's start, to the trial's first optimiser step: Tune, the searcher,
+the trial's process and set-up) and the final fused 3D evaluation (trials that reach it).
 
-Usage: ``python benchmarks/hpo.py [--seeds 3] [--budget 24] [--epochs 4]``. Ends with one line
-``RESULT budget_share_to_random_best=<fraction> train_share_of_wall=<fraction>``.
+Usage: ``python benchmarks/hpo.py [--seeds 3] [--budget 24] [--epochs 4] [--trials MODE]``
+(``--trials torchtrainer``: one-worker trials through a `TorchTrainer` instead of in-process,
+the way to compare the two). Ends with one line ``RESULT budget_share_to_random_best=<fraction>
+train_share_of_wall=<fraction> startup_s_per_trial=<s> final_eval_s_per_trial=<s>``.
 """
 
 from __future__ import annotations
@@ -60,25 +64,49 @@ params:
 
 def trial_costs(uri: str, sweep: str) -> list[dict]:
     """Each child run of ``sweep`` in the order it started: epochs spent, val_dice3d (None
-    for trials ASHA stopped), seconds in training steps."""
+    for trials ASHA stopped), seconds in training steps and in the final evaluation (None
+    when not reached), the wall clock time of the first optimiser step and of the run's end
+    (seconds), and the worker's own start-up figure (``startup_s``: the trial function's
+    entry to the first step)."""
     from mlflow import MlflowClient
 
-    from vfsearch.pipelines.tune import EXPERIMENT, SWEEP_TAG
+    from vfsearch.adapters.tracking.schema import SWEEP_EXPERIMENT, SWEEP_TAG
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = client.get_experiment_by_name(SWEEP_EXPERIMENT)
     parent = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'")[0]
     kids = client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     rows = []
     for kid in sorted(kids, key=lambda r: r.info.start_time):
-        steps = {m.step for m in client.get_metric_history(kid.info.run_id, "val_dice")}
-        train = sum(m.value for m in client.get_metric_history(kid.info.run_id, "train_time"))
+        rid, m = kid.info.run_id, kid.data.metrics
+        steps = {h.step for h in client.get_metric_history(rid, "val_dice")}
+        train = sum(h.value for h in client.get_metric_history(rid, "train_time"))
+        first = client.get_metric_history(rid, "first_step_unix_s")
         rows.append(
-            {"epochs": len(steps), "value": kid.data.metrics.get("val_dice3d"), "train_time": train}
+            {
+                "epochs": len(steps),
+                "value": m.get("val_dice3d"),
+                "train_time": train,
+                "final_eval_s": m.get("final_eval_s"),
+                "startup_s": m.get("startup_s"),
+                "first_step_at": min(h.value for h in first) if first else None,
+                "end_at": kid.info.end_time / 1000 if kid.info.end_time else None,
+            }
         )
     return rows
+
+
+def startups(rows: list[dict], t_start: float) -> list[float]:
+    """Seconds from the end of the previous trial (the first: the sweep's start) to each
+    trial's first optimiser step; trials run one at a time."""
+    out, previous_end = [], t_start
+    for row in rows:
+        if row["first_step_at"] is not None and previous_end is not None:
+            out.append(row["first_step_at"] - previous_end)
+        previous_end = row["end_at"]
+    return out
 
 
 def best_curve(rows: list[dict], budget: int) -> list[float]:
@@ -117,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="trials TPE + ASHA may start (default: 2 x budget / epochs)",
     )
+    parser.add_argument(
+        "--trials",
+        choices=("auto", "torchtrainer"),
+        default="auto",
+        help="how one-worker trials run: the product's default (in-process) or a TorchTrainer",
+    )
     args = parser.parse_args(argv)
     if args.budget % args.epochs:
         parser.error("--budget must be a multiple of --epochs")
@@ -143,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
         curves: dict[str, list[list[float]]] = {"random": [], "tpe_asha": []}
         shares, wall, train = [], 0.0, 0.0
+        first_trials, later_trials, worker_startups, final_evals = [], [], [], []
+        n_trials = 0
         try:
             start_local_ray(num_cpus=2)
             for seed in range(args.seeds):
                 for method in ("random", "tpe_asha"):
                     sweep = f"{method}-s{seed}"
-                    t0 = time.perf_counter()
+                    t0, t0_wall = time.perf_counter(), time.time()
                     tune(
                         store,
                         spaces[method],
@@ -161,17 +197,25 @@ def main(argv: list[str] | None = None) -> int:
                         storage=root / "ray",
                         mlflow_uri=uri,
                         echo=lambda s: None,
+                        in_process=False if args.trials == "torchtrainer" else None,
                     )
                     wall += time.perf_counter() - t0
                     rows = trial_costs(uri, sweep)
                     train += sum(r["train_time"] for r in rows)
+                    n_trials += len(rows)
+                    starts = startups(rows, t0_wall)
+                    first_trials += starts[:1]
+                    later_trials += starts[1:]
+                    worker_startups += [r["startup_s"] for r in rows if r["startup_s"]]
+                    final_evals += [r["final_eval_s"] for r in rows if r["final_eval_s"]]
                     curves[method].append(best_curve(rows, args.budget))
                     used = sum(r["epochs"] for r in rows)
                     done = [r["value"] for r in rows if r["value"] is not None]
                     print(
                         f"seed {seed} {method:>8}: {len(rows)} trials, {used} trial-epochs "
                         f"run, {len(done)} finished, best within budget "
-                        f"{curves[method][-1][-1]:.4f}",
+                        f"{curves[method][-1][-1]:.4f}; {time.perf_counter() - t0:.0f} s, "
+                        f"training steps {sum(r['train_time'] for r in rows):.0f} s",
                         flush=True,
                     )
                 target = curves["random"][-1][-1]
@@ -194,11 +238,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     share = statistics.median(shares)
     share_of_wall = train / wall if wall else float("nan")
+    # a trial's start-up: the later trials of each sweep (the first one also carries the
+    # sweep's own set-up, shown apart)
+    startup = statistics.mean(later_trials or first_trials or [math.nan])
+    final_eval = statistics.mean(final_evals or [math.nan])
     print(
         f"per-seed shares: {', '.join(f'{s:.3f}' for s in shares)}; sweeps' wall time "
-        f"{wall:.0f} s, of which training steps {train:.0f} s"
+        f"{wall:.0f} s for {n_trials} trials, of which training steps {train:.0f} s"
     )
-    print(f"RESULT budget_share_to_random_best={share:.3f} train_share_of_wall={share_of_wall:.3f}")
+    print(
+        f"start-up per trial: {startup:.2f} s from the previous trial's end to the first "
+        f"step (first trial of a sweep, with the sweep's set-up: "
+        f"{statistics.mean(first_trials or [math.nan]):.2f} s; inside the trial: "
+        f"{statistics.mean(worker_startups or [math.nan]):.2f} s); final fused evaluation "
+        f"{final_eval:.2f} s per trial that reached it ({len(final_evals)})"
+    )
+    print(
+        f"RESULT budget_share_to_random_best={share:.3f} train_share_of_wall={share_of_wall:.3f}"
+        f" startup_s_per_trial={startup:.2f} final_eval_s_per_trial={final_eval:.2f}"
+    )
     return 0
 
 

@@ -150,6 +150,10 @@ def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_pa
     assert two["val_tp"] + two["val_fp"] == pytest.approx(one["val_tp"] + one["val_fp"], abs=2)
     assert two["val_dice"] == pytest.approx(one["val_dice"], abs=1e-4)
     assert two["val_iou"] == pytest.approx(one["val_iou"], abs=1e-4)
+    # the final fused 3D validation, shared by the two workers (rank 0's best weights
+    # broadcast, each rank fusing its cases, counts summed): the one worker's figures
+    for key in ("val_tp3d", "val_fp3d", "val_fn3d", "val_threshold3d", "val_dice3d_tuned"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
 def test_resume_continues_next_epoch_with_saved_optimizer(

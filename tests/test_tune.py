@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -190,6 +191,14 @@ def test_asha_stops_a_bad_trial_and_the_next_still_runs(
     assert len(finished) == 2
     assert all(len(client.get_metric_history(c.info.run_id, "val_dice")) == 3 for c in finished)
     assert {r["status"] for r in summary.table} == {"completed", "stopped early"}
+    # one-worker trials run in the trial's process, which Tune hands to the next trial
+    # (reuse_actors: warm imports); a stopped trial's process too
+    pids = {
+        json.loads(line)["pid"]
+        for result in (tmp_path / "ray" / "asha").glob("*/result.json")
+        for line in result.read_text().splitlines()
+    }
+    assert len(pids) < 3, pids
 
 
 def test_interrupted_sweep_resumes_without_duplicates(

@@ -122,7 +122,16 @@ class CaseTruth:
 
 
 def case_truth(store: Store, case_id: str) -> CaseTruth:
-    """Fracture mask and vertebra labels of a stored case in its original CT grid."""
+    """Fracture mask and vertebra labels of a stored case in its original CT grid.
+
+    Read (and the vertebra cells computed) once per store contents: the result is kept in
+    this process and on disk (`TRUTH_CACHE`), keyed by `truth_key`, and every later call (the
+    next trial's final validation, an evaluation) loads it from there.
+    """
+    return TRUTH_CACHE.get(store, case_id)
+
+
+def _compute_case_truth(store: Store, case_id: str) -> CaseTruth:
     attrs = store.case_attrs(case_id)
     ct_geometry = Geometry.from_dict(attrs["ct_geometry"])
     ct_shape = cast("tuple[int, int, int]", tuple(int(v) for v in attrs["ct_shape"]))
@@ -199,6 +208,169 @@ def _from_crops(
         for vid in vids
     )
     return paste_crops(items, ct_geometry, ct_shape, resampler=io)
+
+
+# -- the truth cache ---------------------------------------------------------------------------
+TRUTH_FORMAT = 1  # bump when CaseTruth or its computation changes: old entries are not read
+TRUTH_MEMORY_BYTES = 1 << 30  # in-process budget (least recently used entries leave first)
+ENV_CACHE_DIR = "VFSEARCH_CACHE_DIR"  # the disk cache's folder; "off" (or "0") turns it off
+
+
+def _truth_inputs(store: Store, case_id: str) -> tuple[bool, bool]:
+    """Whether `_compute_case_truth` rebuilds the fracture mask and the labels from the
+    stored crops (True) rather than reading source files."""
+    attrs = store.case_attrs(case_id)
+    source = attrs.get("source") or {}
+    frac_path, lab_path = source.get("fracture"), source.get("vertebrae")
+    frac_from_files = bool(frac_path and Path(frac_path).exists()) or (
+        not frac_path and bool(source.get("ct"))
+    )
+    lab_from_files = bool(lab_path and Path(lab_path).exists()) and (
+        attrs.get("vertebrae_source") != "boxes"
+    )
+    return not frac_from_files, not lab_from_files
+
+
+def truth_key(store: Store, case_id: str) -> str:
+    """What a case's truth is computed from, hashed: the store's metadata (its fingerprint,
+    spacing, margin), the case's and its crops' attributes (grids, source paths), each
+    source file's size and modification time, and the stored crops' bytes where the truth
+    is rebuilt from them. Any change gives a new key."""
+    import hashlib
+
+    attrs = store.case_attrs(case_id)
+    vids = store.vertebrae(case_id)
+    files = {}
+    for name, path in sorted((attrs.get("source") or {}).items()):
+        if path:
+            try:
+                st = os.stat(path)
+                files[name] = [path, st.st_size, st.st_mtime_ns]
+            except OSError:
+                files[name] = [path, None]
+    payload = {
+        "format": TRUTH_FORMAT,
+        "meta": store.meta,
+        "case": attrs,
+        "vertebrae": {str(v): store.vertebra_attrs(case_id, v) for v in vids},
+        "files": files,
+    }
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    for name, from_crops in zip(("fracture", "mask"), _truth_inputs(store, case_id), strict=True):
+        if from_crops:
+            for v in vids:
+                h.update(np.ascontiguousarray(store.read(case_id, v, name)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def truth_cache_dir() -> Path | None:
+    """The disk cache's folder: ``$VFSEARCH_CACHE_DIR/truth`` when set (``off``: no disk
+    cache), else ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/vfsearch/truth``."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env is not None:
+        off = env.strip().lower() in ("", "0", "off", "false", "no")
+        return None if off else Path(env) / "truth"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home directory to put it in
+        return None
+    return Path(base) / "vfsearch" / "truth"
+
+
+class TruthCache:
+    """Cases' truth (`CaseTruth`) by `truth_key`: in this process (a byte-bounded LRU, so a
+    process that runs trial after trial reads each case once) and in `truth_cache_dir`
+    (``<key>.npz``, written atomically; shared by the processes of a node). ``hits`` /
+    ``misses`` count where each `get` was answered (``memory``, ``disk``, computed)."""
+
+    def __init__(self, memory_bytes: int = TRUTH_MEMORY_BYTES) -> None:
+        from collections import OrderedDict
+
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, CaseTruth] = OrderedDict()
+        self._used = 0
+        self.hits = {"memory": 0, "disk": 0}
+        self.misses = 0
+
+    def clear(self) -> None:
+        """Forget what this process holds (the disk cache stays)."""
+        self._memory.clear()
+        self._used = 0
+
+    def get(self, store: Store, case_id: str) -> CaseTruth:
+        key = truth_key(store, case_id)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits["memory"] += 1
+            return self._memory[key]
+        folder = truth_cache_dir()
+        path = folder / f"{key}.npz" if folder is not None else None
+        truth = _load_truth(path) if path is not None and path.is_file() else None
+        if truth is not None:
+            self.hits["disk"] += 1
+        else:
+            self.misses += 1
+            truth = _compute_case_truth(store, case_id)
+            if path is not None:
+                _save_truth(path, truth)
+        for arr in (truth.fracture, truth.labels, truth.cells):
+            arr.setflags(write=False)  # shared by every caller: read-only
+        self._keep(key, truth)
+        return truth
+
+    def _keep(self, key: str, truth: CaseTruth) -> None:
+        size = truth.fracture.nbytes + truth.labels.nbytes + truth.cells.nbytes
+        if size > self.memory_bytes:
+            return
+        while self._memory and self._used + size > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._used -= old.fracture.nbytes + old.labels.nbytes + old.cells.nbytes
+        self._memory[key] = truth
+        self._used += size
+
+
+def _save_truth(path: Path, truth: CaseTruth) -> None:
+    head = {
+        "case_id": truth.case_id,
+        "ct_geometry": truth.ct_geometry.to_dict(),
+        "ct_shape": list(truth.ct_shape),
+        "box": [list(truth.box[0]), list(truth.box[1])],
+        "outside": truth.outside,
+        "source": truth.source,
+    }
+    try:
+        with atomic_path(path, ".npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                head=np.frombuffer(json.dumps(head).encode(), np.uint8),
+                fracture=truth.fracture,
+                labels=truth.labels,
+                cells=truth.cells,
+            )
+    except OSError:  # a read-only or full disk: the cache is an optimisation only
+        pass
+
+
+def _load_truth(path: Path) -> CaseTruth | None:
+    try:
+        with np.load(path) as z:
+            head = json.loads(z["head"].tobytes().decode())
+            return CaseTruth(
+                head["case_id"],
+                Geometry.from_dict(head["ct_geometry"]),
+                cast("tuple[int, int, int]", tuple(int(v) for v in head["ct_shape"])),
+                (tuple(head["box"][0]), tuple(head["box"][1])),
+                z["fracture"],
+                z["labels"],
+                z["cells"],
+                int(head["outside"]),
+                str(head["source"]),
+            )
+    except (OSError, ValueError, KeyError):  # unreadable or half-written: compute again
+        return None
+
+
+TRUTH_CACHE = TruthCache()
 
 
 # -- one case ------------------------------------------------------------------------------
@@ -376,10 +548,16 @@ def choose_threshold(
             )
             for cid in ids
         ]
+    t, d = pooled_best_threshold(results)
+    return t, d, results
+
+
+def pooled_best_threshold(results: Sequence[CaseResult]) -> tuple[float, float]:
+    """The candidate threshold (of the results' common ``thresholds``) maximising 3D Dice of
+    the counts pooled over ``results``, and that Dice."""
     pooled = np.sum([r.curve for r in results], axis=0)
     dice = [metrics3d.overlap(*row)["dice"] for row in pooled]
-    t, d = metrics3d.best_threshold(candidates, dice)
-    return t, d, results
+    return metrics3d.best_threshold(results[0].thresholds, dice)
 
 
 def _per_case(k: int | Sequence[int], n: int) -> list[int]:
@@ -871,6 +1049,137 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- the fused validation shared by training workers ----------------------------------------
+SOURCES = ("crops", "files", "files+crops")  # CaseResult.source, coded as its index
+
+
+def shard_cases(sizes: Sequence[int], world: int) -> list[list[int]]:
+    """Case indices per rank: disjoint, together all of them, balanced by ``sizes`` (the
+    number of vertebrae: the fusion's work), largest first to the least loaded rank; each
+    rank's indices in increasing order. Deterministic, so every rank computes the same."""
+    loads = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += max(1, int(sizes[i]))
+    return [sorted(idx) for idx in out]
+
+
+Layout = Sequence[tuple[str, Sequence[int]]]  # (case id, its stored vertebrae) in split order
+
+
+def _block_size(n_vertebrae: int, n_thresholds: int) -> int:
+    # case: present, source, curve; per vertebra: present, score, gt voxels, hd95, curve
+    return 2 + 3 * n_thresholds + n_vertebrae * (4 + 3 * n_thresholds)
+
+
+def pack_results(results: dict[int, CaseResult], layout: Layout, n_thresholds: int) -> np.ndarray:
+    """The case results of some cases (by index into ``layout``) as one float64 vector with a
+    slot for every case of ``layout`` (zeros where a case is not among ``results``), so that
+    vectors of disjoint shards summed (an all-reduce) hold every case exactly: each value
+    comes from one rank and is added to zeros only."""
+    sizes = [_block_size(len(vids), n_thresholds) for _, vids in layout]
+    vec = np.zeros(sum(sizes), np.float64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    for i, r in results.items():
+        cid, vids = layout[i]
+        if r.case_id != cid or len(r.thresholds) != n_thresholds:
+            raise ValueError(f"case result {r.case_id} does not fit slot {i} ({cid})")
+        at = int(starts[i])
+        vec[at] = 1.0
+        vec[at + 1] = SOURCES.index(r.source) if r.source in SOURCES else -1
+        vec[at + 2 : at + 2 + 3 * n_thresholds] = r.curve.ravel()
+        at += 2 + 3 * n_thresholds
+        by_vid = {v.vid: v for v in r.vertebrae}
+        for vid in vids:
+            v = by_vid.get(vid)
+            if v is not None:
+                vec[at : at + 4] = (1.0, v.score, v.gt_voxels, v.hd95)
+                vec[at + 4 : at + 4 + 3 * n_thresholds] = v.curve.ravel()
+            at += 4 + 3 * n_thresholds
+    return vec
+
+
+def unpack_results(vec: np.ndarray, layout: Layout, thresholds: np.ndarray) -> list[CaseResult]:
+    """The case results `pack_results` vectors (summed over ranks) hold, in ``layout``
+    order; every case must be there."""
+    thresholds = np.asarray(thresholds, np.float64)
+    n = len(thresholds)
+    out = []
+    at = 0
+    for cid, vids in layout:
+        if vec[at] != 1.0:
+            raise ValueError(f"case {cid}: no rank (or more than one) evaluated it")
+        code = int(vec[at + 1])
+        curve = np.rint(vec[at + 2 : at + 2 + 3 * n]).astype(np.int64).reshape(n, 3)
+        at += 2 + 3 * n
+        verts = []
+        for vid in vids:
+            if vec[at] == 1.0:
+                verts.append(
+                    VertebraResult(
+                        int(vid),
+                        float(vec[at + 1]),
+                        int(round(vec[at + 2])),
+                        np.rint(vec[at + 4 : at + 4 + 3 * n]).astype(np.int64).reshape(n, 3),
+                        float(vec[at + 3]),
+                    )
+                )
+            at += 4 + 3 * n
+        source = SOURCES[code] if 0 <= code < len(SOURCES) else "unknown"
+        out.append(CaseResult(cid, thresholds.copy(), verts, curve, source))
+    return out
+
+
+def shared_case_results(
+    models: Sequence[LoadedModel],
+    store: Store,
+    case_ids: Sequence[str],
+    candidates: np.ndarray,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    all_sum: Callable[[Any], Any] | None = None,
+    combine: str = "mean",
+    batch_size: int = 16,
+    desc: str = "fused validation",
+) -> list[CaseResult]:
+    """`evaluate_case` of every case of ``case_ids`` at the ``candidates``, the work shared by
+    ``world`` ranks: this rank evaluates its share (`shard_cases`), the shares are packed
+    (`pack_results`), summed over the ranks by ``all_sum`` (a collective every rank calls:
+    e.g. `vfsearch.pipelines.train.loop.all_summer`) and unpacked, so every rank returns every
+    case's results, in ``case_ids`` order, as one process would have computed them."""
+    if world <= 1:
+        with vertebra_bar(store, case_ids, desc) as bar:
+            return [
+                evaluate_case(
+                    models, store, c, candidates, combine=combine, batch_size=batch_size, bar=bar
+                )
+                for c in case_ids
+            ]
+    if all_sum is None:
+        raise ValueError("sharing the fused validation needs all_sum (a sum over the ranks)")
+    layout = [(c, store.vertebrae(c)) for c in case_ids]
+    mine = shard_cases([len(v) for _, v in layout], world)[rank]
+    with vertebra_bar(store, [case_ids[i] for i in mine], desc) as bar:
+        local = {
+            i: evaluate_case(
+                models,
+                store,
+                case_ids[i],
+                candidates,
+                combine=combine,
+                batch_size=batch_size,
+                bar=bar,
+            )
+            for i in mine
+        }
+    vec = pack_results(local, layout, len(candidates))
+    summed = np.asarray(all_sum(vec), dtype=np.float64)
+    return unpack_results(summed, layout, np.round(np.asarray(candidates, np.float64), 3))
+
+
 # -- end of training -------------------------------------------------------------------------
 def fused_validation_metrics(
     model: torch.nn.Module | LoadedModel | list[LoadedModel] | tuple[LoadedModel, ...],
@@ -882,6 +1191,9 @@ def fused_validation_metrics(
     batch_size: int = 16,
     max_cases: int | None = None,
     fixed_threshold: float = 0.5,
+    rank: int = 0,
+    world: int = 1,
+    all_sum: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
     """Fused 3D figures of a trained model (or an ensemble) on ``split``, for selection.
 
@@ -899,7 +1211,11 @@ def fused_validation_metrics(
       Dice at it, optimistic by construction (selected on the cases it scores), logged for
       reference and never used to select anything.
 
-    Classifiers: vertebra/slice detection at 0.5.
+    ``rank`` / ``world`` / ``all_sum``: training workers sharing the work (every rank calls
+    this with the same arguments; see `shared_case_results`); each rank fuses only its share
+    of the cases, and every rank returns the same figures, from every case's counts.
+    Classifiers: vertebra/slice detection at 0.5, computed by rank 0 alone (the other ranks
+    return ``{}``).
     """
     st = store if isinstance(store, Store) else Store(store)
     if isinstance(model, LoadedModel):
@@ -924,11 +1240,23 @@ def fused_validation_metrics(
         return {}
     prefix = f"{split}_"
     if models[0].kind == "classification":
+        if rank != 0:
+            return {}
         cases = _classify_all(models[0], st, ids, f"fused validation ({split})")
         return classifier_metrics(cases, 0.5, prefix)
-    t, tuned_dice, results = choose_threshold(
-        models, st, split, combine=combine, batch_size=batch_size, cases=ids
+    results = shared_case_results(
+        models,
+        st,
+        ids,
+        SWEEP_VOTE if combine == "vote" else SWEEP,
+        rank=rank,
+        world=world,
+        all_sum=all_sum,
+        combine=combine,
+        batch_size=batch_size,
+        desc=f"fused validation ({split})",
     )
+    t, tuned_dice = pooled_best_threshold(results)
     flat = segmentation_metrics(
         results, k=crossfit_indices(results, fixed_threshold), prefix=prefix, n_boot=0
     )
@@ -941,8 +1269,10 @@ def fused_validation_metrics(
 
 __all__ = [
     "CSV_COLUMNS",
+    "TRUTH_CACHE",
     "CaseResult",
     "CaseTruth",
+    "TruthCache",
     "case_truth",
     "choose_threshold",
     "classifier_metrics",
@@ -952,6 +1282,13 @@ __all__ = [
     "evaluate_case",
     "format_report",
     "fused_validation_metrics",
+    "pack_results",
+    "pooled_best_threshold",
+    "shard_cases",
+    "shared_case_results",
+    "truth_cache_dir",
+    "truth_key",
+    "unpack_results",
     "rows_at",
     "segmentation_metrics",
     "slice_metrics",

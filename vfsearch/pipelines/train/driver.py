@@ -6,8 +6,10 @@ what a Tune trial driver calls) and `build_trainer` (its `TorchTrainer`).
   `run_training`.
 * `run_training`: builds the `TorchTrainer` with `build_trainer`, fits it and summarises
   the result (`TrainSummary`), marking the MLflow run FAILED if training fails.
-* `build_trainer`: the plain-data ``loop`` dict every worker's
+* `build_trainer`: the plain-data ``loop`` dict (`loop_config`) every worker's
   `vfsearch.pipelines.train.worker.train_loop_per_worker` receives, and Ray's configs.
+* `run_in_process`: a one-worker Tune trial's run without Ray Train: the same loop, in the
+  trial's own process, reporting to Tune.
 """
 
 from __future__ import annotations
@@ -43,6 +45,104 @@ if TYPE_CHECKING:
     from ray.train import UserCallback
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
+
+
+def loop_config(
+    store: str | Path,
+    config: Config,
+    *,
+    name: str,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    mlflow_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    launch_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    lines: Queue | None = None,
+    fault: Mapping[str, Any] | None = None,
+    t_launch: float | None = None,
+) -> dict[str, Any]:
+    """The plain-data ``loop`` dict the worker loop receives (arguments: `build_trainer`)."""
+    store = str(store) if "://" in str(store) else str(Path(store).resolve())
+    mlflow = None
+    if mlflow_uri:
+        mlflow = {
+            "uri": mlflow_uri,
+            "experiment": experiment,
+            "name": name,
+            "parent_run_id": parent_run_id,
+            "launch_id": launch_id or uuid.uuid4().hex,
+            "tags": {
+                RAY_RUN_TAG: name,
+                GIT_COMMIT_TAG: git_commit(),
+                STORE_TAG: store,
+                **{k: str(v) for k, v in (tags or {}).items()},
+            },
+            "params": {"run.workers": workers, "run.gpus_per_worker": gpus_per_worker},
+            "config_file": (
+                {"name": Path(config_file).name, "text": Path(config_file).read_text()}
+                if config_file
+                else None
+            ),
+        }
+    return {
+        "store": store,
+        "config": config.flatten(),
+        "name": name,
+        "mlflow": mlflow,
+        "lines": lines,
+        "fault": dict(fault) if fault else None,
+        "cpus": cpus_per_worker,
+        "t_launch": time.time() if t_launch is None else t_launch,
+    }
+
+
+def run_in_process(
+    store: str | Path,
+    config: Config,
+    *,
+    name: str,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    mlflow_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    fault: Mapping[str, Any] | None = None,
+    t_launch: float | None = None,
+) -> None:
+    """One run as a one-worker Ray Tune trial, in the trial's own process.
+
+    What `run_training` does with a one-worker `TorchTrainer`, without Ray Train: the same
+    worker loop (`vfsearch.pipelines.train.worker.tune_trial_loop`) reports each epoch's
+    metrics and checkpoint to Tune (``ray.tune.report``), which keeps the checkpoints, hands
+    the last one back when the trial is retried (Tune's ``FailureConfig``) or its sweep
+    restored, and stops the trial at a report (ASHA). Must be called inside a Tune trial,
+    whose resources are the worker's (CPUs, GPU). The MLflow run's launch id derives from the
+    parent run and ``name``, so a retried trial that failed before its first checkpoint
+    continues the run its first attempt created.
+    """
+    from vfsearch.pipelines.train.worker import tune_trial_loop
+
+    loop = loop_config(
+        store,
+        config,
+        name=name,
+        workers=1,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        mlflow_uri=mlflow_uri,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+        launch_id=f"{parent_run_id or 'run'}-{name}",
+        tags=extra_tags,
+        fault=fault,
+        t_launch=t_launch,
+    )
+    tune_trial_loop(loop)
 
 
 def build_trainer(
@@ -96,38 +196,23 @@ def build_trainer(
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
-    store = str(store) if "://" in str(store) else str(Path(store).resolve())
-    mlflow = None
-    if mlflow_uri:
-        mlflow = {
-            "uri": mlflow_uri,
-            "experiment": experiment,
-            "name": name,
-            "parent_run_id": parent_run_id,
-            "launch_id": launch_id or uuid.uuid4().hex,
-            "tags": {
-                RAY_RUN_TAG: name,
-                GIT_COMMIT_TAG: git_commit(),
-                STORE_TAG: store,
-                **{k: str(v) for k, v in (tags or {}).items()},
-            },
-            "params": {"run.workers": workers, "run.gpus_per_worker": gpus_per_worker},
-            "config_file": (
-                {"name": Path(config_file).name, "text": Path(config_file).read_text()}
-                if config_file
-                else None
-            ),
-        }
-    loop = {
-        "store": store,
-        "config": config.flatten(),
-        "name": name,
-        "mlflow": mlflow,
-        "lines": lines,
-        "fault": dict(fault) if fault else None,
-        "cpus": cpus_per_worker,
-        "t_launch": time.time() if t_launch is None else t_launch,
-    }
+    loop = loop_config(
+        store,
+        config,
+        name=name,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        mlflow_uri=mlflow_uri,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+        launch_id=launch_id,
+        tags=tags,
+        config_file=config_file,
+        lines=lines,
+        fault=fault,
+        t_launch=t_launch,
+    )
     storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     return TorchTrainer(
         train_loop_per_worker,
@@ -389,4 +474,12 @@ def train(
     )
 
 
-__all__ = ["TrainSummary", "build_trainer", "git_commit", "run_training", "train"]
+__all__ = [
+    "TrainSummary",
+    "build_trainer",
+    "git_commit",
+    "loop_config",
+    "run_in_process",
+    "run_training",
+    "train",
+]

@@ -4,7 +4,10 @@
 One process per worker: DDP (gloo on CPU, NCCL on GPU), an `EpochSampler` shard of the
 train split, validation on the whole validation split every epoch from all-reduced TP/FP/FN,
 one ``ray.train.report`` (a barrier) with a checkpoint per epoch, early stopping, and at the
-end the fused 3D validation of the best weights. The pieces live in
+end the fused 3D validation of the best weights, shared by the ranks (each fuses its own
+cases; the per-threshold counts are summed). A one-worker Tune trial runs the same loop in
+the trial's own process (`tune_trial_loop`): the few calls to Ray go through a `Session`
+(`vfsearch.adapters.ray_backend`), Ray Train's or Ray Tune's. The pieces live in
 `vfsearch.pipelines.train.loop` (training), `.checkpoint` (files) and `.hooks` (fault drill).
 
 Console: Ray's own output stays in its log files unless ``verbose``
@@ -21,6 +24,7 @@ artifacts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import sys
@@ -30,9 +34,10 @@ import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vfsearch.adapters.progress import duration
@@ -50,6 +55,7 @@ from vfsearch.pipelines.train.checkpoint import restore, save_checkpoint, seed_e
 from vfsearch.pipelines.train.hooks import fault_hooks
 from vfsearch.pipelines.train.loop import (
     Parts,
+    Reduce,
     TrainState,
     all_summer,
     best_snapshot,
@@ -63,17 +69,51 @@ if TYPE_CHECKING:
     from ray.util.queue import Queue
 
 
+class Session(Protocol):
+    """What the worker loop asks of Ray (`vfsearch.adapters.ray_backend`: `TrainSession` in a
+    `TorchTrainer` worker, `TuneSession` in a one-worker Tune trial run in-process)."""
+
+    def rank_world(self) -> tuple[int, int]: ...
+
+    def device(self) -> torch.device: ...
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def get_checkpoint(self) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], folder: str, dir_name: str) -> None: ...
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs. ``loop`` is plain data (see `build_trainer`)."""
-    import ray.train
-    import ray.train.torch
+    from vfsearch.adapters.ray_backend import TrainSession
 
+    run_worker(loop, TrainSession())
+
+
+def tune_trial_loop(loop: dict[str, Any]) -> None:
+    """The same loop as the only worker of a one-worker Ray Tune trial, in the trial's own
+    process (`vfsearch.adapters.ray_backend.TuneSession`): no Train controller, placement
+    group or worker actor to start. The process may run the next trial too (Tune's
+    ``reuse_actors``): its imports stay warm, and what this trial held is released here."""
+    from vfsearch.adapters.ray_backend import TuneSession, prewarm_imports
+
+    prewarm_imports()  # the first trial in a process: overlaps the model and data set-up
+    try:
+        run_worker(loop, TuneSession())
+    finally:
+        gc.collect()  # data loaders, models and optimisers of this trial
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_worker(loop: dict[str, Any], session: Session) -> None:
+    """One worker's whole run: set-up, restore, the epochs, the end (`_finish`)."""
     t_entry = time.time()
     config = Config.from_flat(loop["config"])
     tc = config.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank_world()
+    device = session.device()
     parts, data = setup(
         loop["store"],
         config,
@@ -81,9 +121,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         world=world,
         device=device,
         cpus=loop.get("cpus", 1.0),
-        prepare=ray.train.torch.prepare_model,
+        prepare=session.prepare_model,
     )
-    state = _restore_or_start(parts, rank=rank, world=world, seed=tc.seed)
+    state = _restore_or_start(parts, session, rank=rank, world=world, seed=tc.seed)
 
     tracker = (
         _RankZeroRun(
@@ -113,7 +153,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         else None
     )
     report = partial(
-        _save_and_report, parts, state, rank=rank, world=world, loop=loop, tracker=tracker
+        _save_and_report,
+        parts,
+        state,
+        session=session,
+        rank=rank,
+        world=world,
+        loop=loop,
+        tracker=tracker,
     )
     all_sum = all_summer(device, world)
 
@@ -140,18 +187,30 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 f"(best {state.best_metric:.4f} at epoch {state.best_epoch})"
             )
             break
-    _finish(loop, config, parts.inner, state, metrics, tracker=tracker, report=report, rank=rank)
+    del data  # the training loader's processes are not needed for the final evaluation
+    _finish(
+        loop,
+        config,
+        parts,
+        state,
+        metrics,
+        tracker=tracker,
+        report=report,
+        rank=rank,
+        world=world,
+        all_sum=all_sum,
+    )
 
 
 # -- the pieces the worker calls ----------------------------------------------------------
 
 
-def _restore_or_start(parts: Parts, *, rank: int, world: int, seed: int) -> TrainState:
+def _restore_or_start(
+    parts: Parts, session: Session, *, rank: int, world: int, seed: int
+) -> TrainState:
     """Continue from Ray's last checkpoint of this run if there is one, else start afresh
     (every rank seeded differently)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is None:
         seed_everything(seed + rank)
         return TrainState()
@@ -165,14 +224,14 @@ def _save_and_report(
     metrics: dict[str, Any],
     dir_name: str,
     *,
+    session: Session,
     rank: int,
     world: int,
     loop: Mapping[str, Any],
     tracker: _RankZeroRun | None,
 ) -> None:
-    """Every rank's share of the checkpoint (`save_checkpoint`), and one `ray.train.report`."""
-    import ray.train
-
+    """Every rank's share of the checkpoint (`save_checkpoint`), and one report (Ray Train's
+    ``report``, or Tune's for a trial run in-process)."""
     with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
         save_checkpoint(
             tmp,
@@ -186,17 +245,14 @@ def _save_and_report(
             metrics=metrics,
         )
         # a barrier: every rank reports once; the folders merge into one
-        ray.train.report(
-            metrics if rank == 0 else {},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=dir_name,
-        )
+        session.report(metrics if rank == 0 else {}, tmp, dir_name)
 
 
 class _StartClock:
     """``after_step`` hook: seconds from the launch (``startup_s``) and from the worker loop's
-    entry (``worker_setup_s``) to this attempt's first optimiser step. That step also starts
-    rank 0's MLflow set-up, which then overlaps the first epoch, not the start-up."""
+    entry (``worker_setup_s``) to this attempt's first optimiser step, and that step's wall
+    clock time (``first_step_unix_s``, for start-up measured across processes). That step also
+    starts rank 0's MLflow set-up, which then overlaps the first epoch, not the start-up."""
 
     def __init__(
         self, t_launch: float | None, t_entry: float, tracker: _RankZeroRun | None
@@ -204,6 +260,7 @@ class _StartClock:
         self.t_launch, self.t_entry, self.tracker = t_launch, t_entry, tracker
         self.first_step_s: float | None = None
         self.worker_setup_s = 0.0
+        self.first_step_at = 0.0
 
     def __call__(self, epoch: int, batch: int, rank: int) -> None:
         if self.first_step_s is not None:
@@ -211,29 +268,40 @@ class _StartClock:
         now = time.time()
         self.first_step_s = now - float(self.t_launch or now)
         self.worker_setup_s = now - self.t_entry
+        self.first_step_at = now
         if self.tracker is not None:
             self.tracker.start()  # MLflow set-up overlaps the first epoch, not start-up
 
     def metrics(self) -> dict[str, float]:
         if self.first_step_s is None:
             return {}
-        return {"startup_s": self.first_step_s, "worker_setup_s": self.worker_setup_s}
+        return {
+            "startup_s": self.first_step_s,
+            "worker_setup_s": self.worker_setup_s,
+            "first_step_unix_s": self.first_step_at,
+        }
 
 
 def _finish(
     loop: Mapping[str, Any],
     config: Config,
-    model: nn.Module,
+    parts: Parts,
     state: TrainState,
     metrics: dict[str, Any],
     *,
     tracker: _RankZeroRun | None,
     report: Callable[[dict[str, Any], str], None],
     rank: int,
+    world: int,
+    all_sum: Reduce,
 ) -> None:
-    """The end of a run: rank 0's fused 3D validation of the best weights (its threshold goes
-    into best.pt) and pictures, a last checkpoint and report, the MLflow run finished."""
-    final = _final_evaluation(loop, config, model, state.best, rank=rank)
+    """The end of a run: the fused 3D validation of the best weights, shared by every rank
+    (its threshold goes into rank 0's best.pt), rank 0's pictures, a last checkpoint and
+    report, the MLflow run finished."""
+    model = parts.inner
+    final = _final_evaluation(
+        loop, config, parts, state.best, rank=rank, world=world, all_sum=all_sum
+    )
     if final:
         metrics = {**metrics, **final}
         if state.best is not None and "val_threshold3d" in final:
@@ -253,28 +321,72 @@ def _finish(
 def _final_evaluation(
     loop: Mapping[str, Any],
     config: Config,
-    model: nn.Module,
+    parts: Parts,
     best_state: Mapping[str, Any] | None,
     *,
     rank: int,
+    world: int,
+    all_sum: Reduce,
 ) -> dict[str, float]:
-    """Rank 0: the fused 3D validation figures (``val_dice3d`` ...) of the best weights.
+    """The fused 3D validation figures (``val_dice3d`` ...) of the best weights, on every rank.
 
     Every slice of every validation vertebra is predicted, fused into 3D and mapped back to
-    the original CT grid (`vfsearch.pipelines.evaluate.fused_validation_metrics`), on this
-    worker's device. The model is left holding the best weights.
+    the original CT grid (`vfsearch.pipelines.evaluate.fused_validation_metrics`). The work is
+    shared: rank 0's best weights are broadcast, each rank fuses its own share of the cases
+    on its device (bf16 autocast on CUDA with ``train.amp``), and the per-threshold TP/FP/FN
+    of every case are summed across ranks, so that every rank chooses the threshold on the
+    whole split and returns the same figures. The model is left holding the best weights.
+    Classifiers are scored by rank 0 alone (no fusion to share).
     """
-    if rank != 0 or not config.train.final_eval or best_state is None:
+    if not config.train.final_eval:
         return {}
-    model.load_state_dict(best_state["model"])
+    model = parts.inner
+    if not _best_weights_everywhere(model, best_state, rank=rank, world=world, all_sum=all_sum):
+        return {}
     t0 = time.perf_counter()
-    out = fused_validation_metrics(model, loop["store"], config, split="val")
+    with _autocast(parts.device, parts.amp_dtype):
+        out = fused_validation_metrics(
+            model, loop["store"], config, split="val", rank=rank, world=world, all_sum=all_sum
+        )
     out = {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
     out["final_eval_s"] = time.perf_counter() - t0
     # the cost side of a multi-objective sweep (Dice against size or speed)
     out["model_params"] = float(sum(p.numel() for p in model.parameters()))
-    out["latency_ms"] = _latency_ms(model, config)
+    if rank == 0:
+        out["latency_ms"] = _latency_ms(model, config)
     return out
+
+
+def _best_weights_everywhere(
+    model: nn.Module,
+    best_state: Mapping[str, Any] | None,
+    *,
+    rank: int,
+    world: int,
+    all_sum: Reduce,
+) -> bool:
+    """Load rank 0's best weights into ``model`` on every rank (a broadcast when distributed;
+    only rank 0 keeps best.pt). False everywhere when rank 0 has none."""
+    has_best = float(all_sum([1.0 if (rank == 0 and best_state is not None) else 0.0])[0])
+    if has_best < 0.5:
+        return False
+    if rank == 0:
+        assert best_state is not None
+        model.load_state_dict(best_state["model"])
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        with torch.no_grad():
+            for tensor in model.state_dict().values():  # the same order on every rank
+                dist.broadcast(tensor, src=0)
+    return True
+
+
+def _autocast(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for inference on CUDA (``amp_dtype`` set by `Parts.build`), else none."""
+    if device.type == "cuda" and amp_dtype is not None:
+        return torch.autocast(device_type="cuda", dtype=amp_dtype)
+    return contextlib.nullcontext()
 
 
 def _latency_ms(model: nn.Module, config: Config, *, repeats: int = 5) -> float:
@@ -424,6 +536,7 @@ class _RankZeroRun:
         self.run_id, self.resumed_from, self.digest = run_id, resumed_from, digest
         self.experiment_id = ""
         self.tracker: Tracker | None = None
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) of earlier attempts
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -445,15 +558,18 @@ class _RankZeroRun:
             }
             if self.run_id:
                 t.resume_run(self.run_id)
+                self.logged = _logged_steps(t, self.run_id)
             else:
-                self.run_id = t.find_run(
-                    spec["experiment"], LAUNCH_TAG, spec["launch_id"]
-                ) or t.start_run(
-                    spec["experiment"],
-                    spec["name"],
-                    tags=tags,
-                    parent_run_id=spec.get("parent_run_id"),
-                )
+                self.run_id = t.find_run(spec["experiment"], LAUNCH_TAG, spec["launch_id"])
+                if self.run_id:  # an earlier attempt of this launch made it
+                    self.logged = _logged_steps(t, self.run_id)
+                else:
+                    self.run_id = t.start_run(
+                        spec["experiment"],
+                        spec["name"],
+                        tags=tags,
+                        parent_run_id=spec.get("parent_run_id"),
+                    )
             t.set_tags(self.run_id, tags)
             t.log_params(self.run_id, {**self.config, **spec.get("params", {})})
             if self.resumed_from:
@@ -474,8 +590,14 @@ class _RankZeroRun:
         return self.run_id  # type: ignore[return-value]
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> str:
+        """Log ``metrics`` at ``step``, except those an earlier attempt of this run logged at
+        that step already (it ran the epoch, but the checkpoint of it never registered: a
+        sweep interrupted or a worker lost between the two), so that no step is twice in a
+        metric's history."""
         run_id = self.ready()
         assert self.tracker is not None
+        if self.logged:
+            metrics = {k: v for k, v in metrics.items() if (k, step) not in self.logged}
         self.tracker.log_metrics(run_id, metrics, step=step)
         return run_id
 
@@ -497,6 +619,12 @@ class _RankZeroRun:
                 torch.save(dict(best_state), Path(tmp, BEST_CHECKPOINT))
                 t.log_artifact(run_id, Path(tmp, BEST_CHECKPOINT), CHECKPOINTS_DIR)
         t.end_run(run_id, "FINISHED")
+
+
+def _logged_steps(tracker: Tracker, run_id: str) -> set[tuple[str, int]]:
+    """Every (metric, step) already in the run (read when an attempt continues it)."""
+    keys = tracker.get_run(run_id).data.metrics
+    return {(k, int(m.step)) for k in keys for m in tracker.get_metric_history(run_id, k)}
 
 
 def dataset_fingerprint(store: str | Path) -> str:
@@ -523,5 +651,7 @@ __all__ = [
     "LineRelay",
     "dataset_fingerprint",
     "format_epoch",
+    "run_worker",
     "train_loop_per_worker",
+    "tune_trial_loop",
 ]
