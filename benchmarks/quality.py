@@ -245,14 +245,14 @@ def pooled_report(parts: list[tuple[dict[str, Any], Path, tuple[str, ...]]]) -> 
 
     per_case, rows = [], []
     for report, csv_path, cases in parts:
-        per_case += [c for c in report["per_case"] if c["case_id"] in cases]
+        per_case += [c for c in report.get("per_case", []) if c["case_id"] in cases]
         for r in _read_rows(csv_path):
             if r["case_id"] in cases:
                 rows.append(
-                    {
-                        "tp": int(r["tp"]),
-                        "fp": int(r["fp"]),
-                        "fn": int(r["fn"]),
+                    {  # a classifier's rows have a score and no voxel counts
+                        "tp": int(r["tp"] or 0),
+                        "fp": int(r["fp"] or 0),
+                        "fn": int(r["fn"] or 0),
                         "score": float(r["score"]),
                         "gt": r["gt_positive"] == "True",
                     }
@@ -261,9 +261,10 @@ def pooled_report(parts: list[tuple[dict[str, Any], Path, tuple[str, ...]]]) -> 
     det = metrics3d.detection([r["score"] for r in rows], [r["gt"] for r in rows], 0.5)
     order = [c for _, _, cases in parts for c in cases]
     per_case.sort(key=lambda c: order.index(c["case_id"]))
+    nan = float("nan")
     flat = {
-        "test_dice3d": summ["pooled_dice"],
-        "test_dice3d_mean": summ["mean_dice"],
+        "test_dice3d": summ["pooled_dice"] if per_case else nan,
+        "test_dice3d_mean": summ["mean_dice"] if per_case else nan,
         "test_vertebra_pr_auc": det["pr_auc"],
         "test_vertebra_roc_auc": det["roc_auc"],
         "test_vertebra_prevalence": det["prevalence"],
@@ -493,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name}: trained in {train_s[name]:.0f} s (best epoch "
             f"{val[name]['best_epoch']:.0f}, val_dice3d {val[name].get('val_dice3d', 0):.3f}"
-            f"), phantom test Dice {reports[name]['phantom']['flat']['test_dice3d']:.3f}, "
-            f"real test Dice {reports[name]['real']['flat']['test_dice3d']:.3f}",
+            f"), phantom test Dice {figures(reports[name]['phantom'])['dice3d']:.3f}, "
+            f"real test Dice {figures(reports[name]['real'])['dice3d']:.3f}, real vertebra "
+            f"ROC-AUC {figures(reports[name]['real'])['roc_auc']:.3f}",
             flush=True,
         )
 
