@@ -109,9 +109,31 @@ def variants() -> dict[str, dict[str, Any]]:
 
 
 # -- data ------------------------------------------------------------------------------------
-def _manifest_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "manifest.csv", newline="") as f:
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _manifest_rows(folder: Path) -> list[dict[str, str]]:
+    return _read_rows(folder / "manifest.csv")
+
+
+def _on_background(folder: Path, scan: str, *, fracture: str | None, variants: int = 1) -> None:
+    """``synth --background`` of one real scan into ``folder``, unless it is already there."""
+    from vfsearch.pipelines.synth import synth_on_background
+
+    if (folder / "manifest.csv").is_file():
+        return
+    ct, labels, scheme = SCANS[scan]
+    synth_on_background(
+        REAL / scan / ct,
+        REAL / scan / labels,
+        folder,
+        fracture=fracture,
+        seed=0,
+        label_scheme=scheme,
+        variants=variants,
+    )
 
 
 def phantom_manifest(work: Path, variety: float) -> Path:
@@ -126,7 +148,7 @@ def build_data(
     ``variety`` randomises the training and validation phantoms (`vfsearch synth --variety`);
     the test phantoms stay at variety 0, so the phantom figure stays comparable across runs."""
     from vfsearch.pipelines.ingest import ingest
-    from vfsearch.pipelines.synth import synth_dataset, synth_on_background
+    from vfsearch.pipelines.synth import synth_dataset
 
     raw = work / "raw"
     rows = []
@@ -151,17 +173,9 @@ def build_data(
     ingest(phantom_manifest(work, variety), phantoms, spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
 
     rows = []
-    for name, scan, ct, labels, scheme, fractures in REAL_CASES:
+    for name, scan, _, _, _, fractures in REAL_CASES:
         folder = raw / name
-        if not (folder / "manifest.csv").is_file():
-            synth_on_background(
-                REAL / scan / ct,
-                REAL / scan / labels,
-                folder,
-                fracture=fractures,
-                seed=0,
-                label_scheme=scheme,
-            )
+        _on_background(folder, scan, fracture=fractures)
         r = _manifest_rows(folder)[0]
         rows.append(
             {
@@ -192,24 +206,13 @@ def build_loso(work: Path, phantoms_manifest: Path, *, variants: int) -> dict[st
     last quarter of those in val (so the threshold is chosen partly on real anatomy too).
     The held-out scan's own healthy anatomy is never in its fold's training data."""
     from vfsearch.pipelines.ingest import ingest
-    from vfsearch.pipelines.synth import synth_on_background
 
     raw = work / "raw"
     phantom_rows = [r for r in _read_rows(phantoms_manifest) if r["split"] != "test"]
     bg_rows: dict[str, list[dict[str, str]]] = {}
-    for scan, (ct, labels, scheme) in SCANS.items():
+    for scan in SCANS:
         folder = raw / f"bg_{scan}_n{variants}"
-        if not (folder / "manifest.csv").is_file():
-            synth_on_background(
-                REAL / scan / ct,
-                REAL / scan / labels,
-                folder,
-                fracture=None,
-                seed=0,
-                label_scheme=scheme,
-                variants=variants,
-                warn=lambda line: None,
-            )
+        _on_background(folder, scan, fracture=None, variants=variants)
         found = _manifest_rows(folder)
         n_val = max(1, len(found) // 4)
         bg_rows[scan] = [
@@ -228,11 +231,6 @@ def build_loso(work: Path, phantoms_manifest: Path, *, variants: int) -> dict[st
         stores[held_out] = work / f"loso_{held_out}_n{variants}.zarr"
         ingest(manifest, stores[held_out], spacing=SPACING, margin_mm=MARGIN_MM, seed=0)
     return stores
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def pooled_report(parts: list[tuple[dict[str, Any], Path, tuple[str, ...]]]) -> dict[str, Any]:
@@ -446,7 +444,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     chosen = [v for v in args.only.split(",") if v]
     todo = {k: v for k, v in variants().items() if not chosen or k in chosen}
-    ckpts: dict[str, Path] = {}
     val: dict[str, dict[str, float]] = {}
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     train_s: dict[str, float] = {}
@@ -468,11 +465,11 @@ def main(argv: list[str] | None = None) -> int:
             fold_ckpts.setdefault(fold, {})[name] = ckpt
             fold_val.setdefault(fold, {})[name] = metrics
             train_s[name] = train_s.get(name, 0.0) + seconds
-            threshold = metrics.get("val_threshold3d")  # chosen on val by training
-            if name == cls_name:  # the classifier's threshold: chosen on its phantom val
-                threshold = None
+            # a segmenter's threshold was chosen on its fold's val by training; the
+            # classifier's is chosen on the phantom val by the first fold's evaluation
+            threshold = None if name == cls_name else metrics.get("val_threshold3d")
             if i == 0:
-                ckpts[name], val[name] = ckpt, metrics
+                val[name] = metrics
                 ph = score(
                     ckpt,
                     phantoms,
@@ -482,14 +479,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if threshold is None:
                     threshold = min(max(float(ph["threshold"]), 1e-3), 0.999)
-            else:
-                if threshold is None:
-                    threshold = reports[name]["phantom_threshold"]
+                reports[name] = {"phantom": ph, "phantom_threshold": threshold}
+            elif threshold is None:
+                threshold = reports[name]["phantom_threshold"]
             out = work / "eval" / name / (f"real_{fold}" if fold else "real")
             re = score(ckpt, real, out, threshold=threshold, device=args.device)
             parts.append((re, out / "per_vertebra.csv", cases))
-            if i == 0:
-                reports[name] = {"phantom": ph, "phantom_threshold": threshold}
         reports[name]["real"] = pooled_report(parts) if args.real_train else parts[0][0]
         print(
             f"{name}: trained in {train_s[name]:.0f} s (best epoch "
