@@ -130,7 +130,7 @@ def test_more_ranks_than_cases_leaves_some_ranks_idle():
 
 def _random_results(rng: np.random.Generator, layout, n_t: int) -> list[CaseResult]:
     out = []
-    for cid, vids in layout:
+    for i, (cid, vids) in enumerate(layout):
         present = [v for v in vids if rng.random() > 0.2]  # some crops map outside the CT
         verts = [
             VertebraResult(
@@ -144,8 +144,13 @@ def _random_results(rng: np.random.Generator, layout, n_t: int) -> list[CaseResu
         ]
         thresholds = np.round(np.linspace(0.01, 0.99, n_t), 3)
         curve = rng.integers(0, 10**12, size=(n_t, 3))
-        out.append(CaseResult(cid, thresholds, verts, curve, str(rng.choice(ev.SOURCES))))
+        out.append(CaseResult(cid, thresholds, verts, curve, TRUTH_SOURCES[i % len(TRUTH_SOURCES)]))
     return out
+
+
+# the labels a case's truth can carry, as `evaluate._compute_case_truth` builds them (the
+# sorted, "+"-joined sources used), not as the packing's own table lists them
+TRUTH_SOURCES = tuple("+".join(sorted(used)) for used in ({"files"}, {"crops"}, {"files", "crops"}))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

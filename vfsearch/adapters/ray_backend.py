@@ -73,8 +73,6 @@ class PrewarmTorchConfig(TorchConfig):
 class TrainSession:
     """The worker loop's calls answered by Ray Train V2 (one `TorchTrainer` worker of many)."""
 
-    in_process = False
-
     def rank_world(self) -> tuple[int, int]:
         import ray.train
 
@@ -113,8 +111,6 @@ class TuneSession:
     its only worker (rank 0 of 1), on the GPU Ray gave the trial if any; the checkpoint is
     the trial's, which Tune keeps, hands back on a retry or a restored sweep, and names
     itself (``checkpoint_00000N``)."""
-
-    in_process = True
 
     def __init__(self) -> None:
         self._device: torch.device | None = None

@@ -42,6 +42,8 @@ import csv
 import json
 import os
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +112,7 @@ class CaseTruth:
     labels: np.ndarray  # VerSe ids, over box
     cells: np.ndarray  # nearest-vertebra partition of box
     outside: int  # fracture voxels outside box (counted as missed)
-    source: str  # "files" | "crops" | "files+crops"
+    source: str  # "files" | "crops" | "crops+files" (sorted, "+"-joined)
 
     @property
     def region(self) -> tuple[slice, ...]:
@@ -366,7 +368,8 @@ def _load_truth(path: Path) -> CaseTruth | None:
                 int(head["outside"]),
                 str(head["source"]),
             )
-    except (OSError, ValueError, KeyError):  # unreadable or half-written: compute again
+    # unreadable, corrupt or half-written: compute again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
 
 
@@ -1050,7 +1053,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # -- the fused validation shared by training workers ----------------------------------------
-SOURCES = ("crops", "files", "files+crops")  # CaseResult.source, coded as its index
+SOURCES = ("crops", "files", "crops+files")  # CaseResult.source, coded as its index
 
 
 def shard_cases(sizes: Sequence[int], world: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -267,6 +268,7 @@ class TrainSummary:
         return "\n".join(lines)
 
 
+@cache  # once per process: an in-process trial reuses its process for the next trial
 def git_commit() -> str:
     """The vfsearch source tree's commit (``+dirty`` when modified), or ``unknown``."""
     root = Path(__file__).resolve().parents[1]
