@@ -43,11 +43,10 @@ class SoftMarks(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.shift = torch.nn.Parameter(torch.zeros(()))  # a logit offset: weights that matter
 
-    @staticmethod
-    def _logits(x: torch.Tensor) -> torch.Tensor:
-        return 3.0 * (x - 2.5) + 2.0 * (torch.roll(x, shifts=2, dims=-1) - 1.0)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return 3.0 * (x - 2.5) + 2.0 * (torch.roll(x, shifts=2, dims=-1) - 1.0) + self.shift
 
     def encode(self, slices):
         return slices, [slices]
@@ -375,17 +374,19 @@ def test_final_evaluation_scores_the_best_weights(val_store, cache_dir):
     from vfsearch.pipelines.train.loop import all_summer
     from vfsearch.pipelines.train.worker import _final_evaluation
 
-    model = SoftMarks()
-    best = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    best_model = SoftMarks()  # the best epoch's weights: offset 0
+    best = {"model": {k: v.clone() for k, v in best_model.state_dict().items()}}
+    model = SoftMarks()  # the last epoch's weights differ: every logit far lower
+    with torch.no_grad():
+        model.shift.fill_(-6.0)
     parts = SimpleNamespace(inner=model, device=torch.device("cpu"), amp_dtype=None)
     config = _loaded(model).config
+    last = fused_validation_metrics(model, val_store["path"], config)["val_dice3d"]
     loop = {"store": str(val_store["path"])}
     all_sum = all_summer(torch.device("cpu"), 1)
     out = _final_evaluation(loop, config, parts, best, rank=0, world=1, all_sum=all_sum)
-    assert (
-        out["val_dice3d"]
-        == fused_validation_metrics(model, val_store["path"], config)["val_dice3d"]
-    )
+    expected = fused_validation_metrics(best_model, val_store["path"], config)["val_dice3d"]
+    assert out["val_dice3d"] == expected != last
     assert out["final_eval_s"] > 0 and out["latency_ms"] > 0 and out["model_params"] == 1.0
     # no best model (rank 0 has none): nothing to evaluate, on every rank
     assert _final_evaluation(loop, config, parts, None, rank=0, world=1, all_sum=all_sum) == {}
