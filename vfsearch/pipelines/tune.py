@@ -431,7 +431,7 @@ def tune(
         address,
         num_cpus_needed=workers_per_trial * cpus_per_worker + (0.0 if in_process else DRIVER_CPUS),
         num_gpus_needed=gpus_per_trial,
-        resources={driver_resource: 1.0} if driver_resource and not in_process else None,
+        resources={driver_resource: 1.0} if driver_resource else None,
         verbose=verbose,
     )
     # multi-node: a tracking server, checkpoints and a store every node reaches; checked
@@ -445,7 +445,7 @@ def tune(
     tracker = Tracker(mlflow_uri)
     parent = tracker.find_run(SWEEP_EXPERIMENT, SWEEP_TAG, sweep) if resume else None
     cluster = ray.cluster_resources()
-    if driver_resource and not in_process and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
+    if driver_resource and cluster.get(driver_resource, 0.0) < DRIVER_SHARE:
         raise UserError(
             f"--driver-resource: no node of the Ray cluster offers the resource "
             f"{driver_resource!r} (start the head with --resources "
