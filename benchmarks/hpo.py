@@ -83,12 +83,14 @@ def trial_costs(uri: str, sweep: str) -> list[dict]:
         rid, m = kid.info.run_id, kid.data.metrics
         steps = {h.step for h in client.get_metric_history(rid, "val_dice")}
         train = sum(h.value for h in client.get_metric_history(rid, "train_time"))
+        epochs_s = sum(h.value for h in client.get_metric_history(rid, "epoch_time"))
         first = client.get_metric_history(rid, "first_step_unix_s")
         rows.append(
             {
                 "epochs": len(steps),
                 "value": m.get("val_dice3d"),
                 "train_time": train,
+                "val_time": epochs_s - train,
                 "final_eval_s": m.get("final_eval_s"),
                 "startup_s": m.get("startup_s"),
                 "first_step_at": min(h.value for h in first) if first else None,
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         curves: dict[str, list[list[float]]] = {"random": [], "tpe_asha": []}
-        shares, wall, train = [], 0.0, 0.0
+        shares, wall, train, val = [], 0.0, 0.0, 0.0
         first_trials, later_trials, worker_startups, final_evals = [], [], [], []
         n_trials = 0
         try:
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall += time.perf_counter() - t0
                     rows = trial_costs(uri, sweep)
                     train += sum(r["train_time"] for r in rows)
+                    val += sum(r["val_time"] for r in rows)
                     n_trials += len(rows)
                     starts = startups(rows, t0_wall)
                     first_trials += starts[:1]
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     final_eval = statistics.mean(final_evals or [math.nan])
     print(
         f"per-seed shares: {', '.join(f'{s:.3f}' for s in shares)}; sweeps' wall time "
-        f"{wall:.0f} s for {n_trials} trials, of which training steps {train:.0f} s"
+        f"{wall:.0f} s for {n_trials} trials, of which training steps {train:.0f} s and "
+        f"per-epoch validation {val:.0f} s ({val / max(n_trials, 1):.2f} s per trial)"
     )
     print(
         f"start-up per trial: {startup:.2f} s from the previous trial's end to the first "

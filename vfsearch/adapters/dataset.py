@@ -282,6 +282,32 @@ class WindowDataset(Dataset):
             item["aug_fill"] = W.normalised_floor(self._fingerprint)
         return item
 
+    def vertebra(self, k: int) -> dict[str, Any]:
+        """Vertebra ``k``'s every window at once, as its slices (the windows are assembled
+        from them by `vfsearch.core.steps.eval_volume`): ``{"image": float32 (n, P, P)
+        normalised, "target": float32 (n, P, P) 0/1, "case": str, "vertebra": int}``, the
+        patches centred and nothing augmented, exactly as `__getitem__` cuts the slices of
+        the windows ``offsets[k] .. offsets[k + 1] - 1`` without ``augment``."""
+        vols = self._volumes(k)  # builds the index
+        if vols is not None:
+            image, fracture = vols
+        else:  # larger than the cache: read whole, keep nothing
+            store = self._open()
+            case, vid = self.items[k]
+            image = W.plane_first(store.read(case, vid, "image"), self.axis)
+            fracture = W.plane_first(store.read(case, vid, "fracture"), self.axis)
+        size = self.data.patch_size
+        start = W.patch_start(image.shape[-2:], size)
+        img = W.fit_to_patch(image, size, start, W.HU_AIR)
+        tgt = W.fit_to_patch(fracture, size, start, 0)
+        case, vid = self.items[k]
+        return {
+            "image": torch.from_numpy(W.normalise(img, self._fingerprint)),
+            "target": torch.from_numpy(np.ascontiguousarray(tgt, dtype=np.float32)),
+            "case": case,
+            "vertebra": int(vid),
+        }
+
     # -- fracture flags and oversampling --------------------------------------------------
     def slice_counts(self, k: int) -> np.ndarray:
         """Fracture voxels per slice (along the plane) of vertebra ``k``: int64 ``(n,)``.
@@ -431,7 +457,30 @@ def finish_batch(batch: Mapping[str, Any], device: torch.device) -> Mapping[str,
     return out
 
 
-__all__ = ["AUG_KEYS", "DEFAULT_CACHE_BYTES", "EpochSampler", "WindowDataset", "finish_batch"]
+class VertebraStacks(Dataset):
+    """The vertebrae ``ks`` (item numbers) of a `WindowDataset`, one item each: its slices
+    (`WindowDataset.vertebra`). For ``DataLoader(batch_size=None)``: a validation that
+    encodes each slice once reads a rank's share of the split vertebra by vertebra."""
+
+    def __init__(self, windows: WindowDataset, ks: list[int]) -> None:
+        self.windows = windows
+        self.ks = list(ks)
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.windows.vertebra(self.ks[i])
+
+
+__all__ = [
+    "AUG_KEYS",
+    "DEFAULT_CACHE_BYTES",
+    "EpochSampler",
+    "VertebraStacks",
+    "WindowDataset",
+    "finish_batch",
+]
 
 
 class EpochSampler(Sampler[int]):

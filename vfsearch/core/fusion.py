@@ -119,26 +119,41 @@ def infer_slices(
     padded, inner = pad_slices(np.asarray(slices, dtype=np.float32), ph, pw, pad_value)
     dev = torch.device(device) if device is not None else _model_device(model)
     x = torch.from_numpy(padded).to(dev)  # (n, H, W)
-    windows = torch.from_numpy(all_windows(n, seq_len)).to(dev)  # (n, T)
-    centre = seq_len // 2
-    out = np.empty((n, ph, pw), dtype=np.float32)
     with torch.inference_mode():
-        if reuse:
-            bottlenecks, skips = _encode_all(model, x, batch_size)  # (n, C, h, w), skips
-            for start in range(0, n, batch_size):
-                idx = windows[start : start + batch_size]  # (B, T)
-                # the centres are slices start..start+B-1: slice views, no gather copies
-                centre_skips = [s[start : start + len(idx)] for s in skips]
-                result = model.forward_features(
-                    bottlenecks[idx],  # (B, T, C, h, w)
-                    centre_skips,
-                )
-                out[start : start + len(idx)] = _centre_probs(result, centre)
-        else:
-            for start in range(0, n, batch_size):
-                idx = windows[start : start + batch_size]
-                out[start : start + len(idx)] = _centre_probs(model(x[idx]), centre)
+        logits = centre_logits(model, x, seq_len, reuse=reuse, batch_size=batch_size)
+        out = torch.sigmoid(logits.float()).cpu().numpy()
     return np.ascontiguousarray(out[:, inner[0], inner[1]])
+
+
+def centre_logits(
+    model: Any, x: Any, seq_len: int, *, reuse: bool = True, batch_size: int = 16
+) -> Any:
+    """Logits ``(n, H, W)`` of every slice of ``x`` (a tensor ``(n, H, W)`` of normalised
+    slices on the model's device, ``H`` and ``W`` already fit for the model), each slice as
+    the centre of its window (`all_windows`: edge-replicated). The caller chooses the grad
+    mode and any autocast.
+
+    ``reuse=True`` encodes each slice once and assembles the windows from its bottleneck and
+    skips (`infer_slices`'s seams); ``reuse=False`` runs ``model(windows)`` on each window.
+    """
+    import torch
+
+    n = x.shape[0]
+    windows = torch.from_numpy(all_windows(n, seq_len)).to(x.device)  # (n, T)
+    centre = seq_len // 2
+    parts = []
+    if reuse:
+        bottlenecks, skips = _encode_all(model, x, batch_size)  # (n, C, h, w), skips
+        for start in range(0, n, batch_size):
+            idx = windows[start : start + batch_size]  # (B, T)
+            # the centres are slices start..start+B-1: slice views, no gather copies
+            centre_skips = [s[start : start + len(idx)] for s in skips]
+            result = model.forward_features(bottlenecks[idx], centre_skips)  # (B, T, C, h, w)
+            parts.append(_centre_logits(result, centre))
+    else:
+        for start in range(0, n, batch_size):
+            parts.append(_centre_logits(model(x[windows[start : start + batch_size]]), centre))
+    return torch.cat(parts)
 
 
 def _encode_all(model: Any, x: Any, batch_size: int) -> tuple[Any, list[Any]]:
@@ -156,13 +171,17 @@ def _encode_all(model: Any, x: Any, batch_size: int) -> tuple[Any, list[Any]]:
     return bottlenecks, skips
 
 
+def _centre_logits(output: Any, centre: int) -> Any:
+    """The centre slice's logits ``(B, H, W)`` of ``(B, 1, H, W)`` or all-slice ``(B, T, H, W)``."""
+    logits = output["logits"] if isinstance(output, dict) else output
+    return logits[:, 0 if logits.shape[1] == 1 else centre]
+
+
 def _centre_probs(output: Any, centre: int) -> np.ndarray:
     """Sigmoid of the centre slice's logits: ``(B, 1, H, W)`` or all-slice ``(B, T, H, W)``."""
     import torch
 
-    logits = output["logits"] if isinstance(output, dict) else output
-    position = 0 if logits.shape[1] == 1 else centre
-    return torch.sigmoid(logits[:, position].float()).cpu().numpy()
+    return torch.sigmoid(_centre_logits(output, centre).float()).cpu().numpy()
 
 
 def _model_device(model: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from vfsearch.core.fusion import centre_logits
 from vfsearch.core.losses import slice_labels, soften_real_mask
 from vfsearch.core.metrics import confusion_counts
 
@@ -230,4 +231,33 @@ def eval_step(
     return confusion_counts(pred, target_like(logits, target)).cpu()
 
 
-__all__ = ["seg_step", "gan_step", "eval_step", "logits_of", "target_like"]
+def eval_volume(
+    model: nn.Module,
+    slices: torch.Tensor,
+    target: torch.Tensor,
+    seq_len: int,
+    threshold: float = 0.5,
+    *,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """TP, FP, FN (float64 ``(3,)``) of one vertebra's every window, the way `eval_step`
+    counts them, with each slice encoded once.
+
+    ``slices`` ``(n, P, P)``: the vertebra's normalised, patch-fit slices along the plane;
+    ``target`` ``(n, P, P)``: their masks. Window ``t`` is slices ``t - T//2 .. t + T//2``
+    edge-replicated (`vfsearch.core.windows.window_indices`), so the counts equal those of
+    `eval_step` over the ``n`` windows centred on each slice (up to float rounding), at
+    about a ``seq_len``-th of the encoder's work. For segmenters with the seams
+    ``encode``/``forward_features`` (`vfsearch.core.fusion.centre_logits`).
+    """
+    device = device or next(model.parameters()).device
+    x = slices.to(device, non_blocking=True)
+    with torch.inference_mode(), _autocast(device, amp_dtype):
+        logits = centre_logits(model, x, seq_len, reuse=True, batch_size=batch_size)
+    pred = torch.sigmoid(logits.float()) > threshold
+    return confusion_counts(pred, target.to(device, non_blocking=True)).cpu()
+
+
+__all__ = ["seg_step", "gan_step", "eval_step", "eval_volume", "logits_of", "target_like"]

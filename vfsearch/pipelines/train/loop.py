@@ -8,7 +8,8 @@
   (`EpochSampler`), from one loader whose processes persist across epochs;
 * `train_epoch`: the step loop (segmentation, or staged GAN once ``train.gan_start()`` epochs
   are done), calling the `Hooks`;
-* `validate`: this rank's TP/FP/FN over its share of the validation split; all-reduced
+* `validate`: this rank's TP/FP/FN over its share of the validation split (a segmenter's:
+  vertebra by vertebra, each slice encoded once for all the windows that hold it); all-reduced
   (`all_summer`) and divided once (`val_metrics`);
 * `TrainState`: where training stands (last epoch, best-model tracking, early stopping);
 * `run_epoch`: the above for one epoch, returning its metrics.
@@ -30,16 +31,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vfsearch.adapters.dataset import EpochSampler, WindowDataset, finish_batch
+from vfsearch.adapters.dataset import EpochSampler, VertebraStacks, WindowDataset, finish_batch
 from vfsearch.adapters.store import Store
 from vfsearch.core.config import Config, TrainConfig
 from vfsearch.core.losses import SegLoss, build_loss, gan_d_loss
 from vfsearch.core.metrics import scores
 from vfsearch.core.models import build_discriminator, build_model
-from vfsearch.core.steps import eval_step, gan_step, seg_step
+from vfsearch.core.steps import eval_step, eval_volume, gan_step, seg_step
 from vfsearch.pipelines.train.hooks import Hooks
 
 Reduce = Callable[[Sequence[float] | torch.Tensor], torch.Tensor]  # float64 sum over ranks
+VAL_BATCH = 32  # windows per forward pass when validating vertebra stacks
 
 
 # -- pure helpers ------------------------------------------------------------------------
@@ -222,7 +224,12 @@ class TrainData:
     oversampling windows with fracture, vertebrae a few at a time so the crop cache hits),
     and this rank's share of the validation split, without padding so that every window is
     counted exactly once whatever the number of workers. The training loader and its worker
-    processes persist across epochs."""
+    processes persist across epochs.
+
+    With ``val_seq_len`` set (a segmenter scored on the centre slice), the validation share
+    is whole vertebrae (`VertebraStacks`: vertebrae ``rank, rank + world, ...``), so that
+    `validate` encodes each slice once for all the windows that hold it; else windows
+    ``rank, rank + world, ...``."""
 
     train: WindowDataset
     val: Dataset
@@ -233,6 +240,8 @@ class TrainData:
     sampler: EpochSampler
     loader: DataLoader
     rank: int = 0
+    val_seq_len: int | None = None  # set: `val` holds vertebra stacks (see the docstring)
+    _val_loader: DataLoader | None = None
 
     @classmethod
     def open(
@@ -244,13 +253,20 @@ class TrainData:
         world: int,
         device: torch.device,
         cpus: float = 1.0,
+        stacks: bool = False,
     ) -> TrainData:
+        """``stacks``: validate vertebra by vertebra (see the class docstring); only for a
+        segmenter with the ``encode``/``forward_features`` seams scored on slice ``t``."""
         tc = config.train
         train_ds = WindowDataset(
             store, "train", config.data, augment=config.data.augment > 0, seed=tc.seed
         )
         val_ds = WindowDataset(store, "val", config.data, augment=False, seed=tc.seed)
-        val_part = Subset(val_ds, list(range(rank, len(val_ds), world)))
+        val_part: Dataset = (
+            VertebraStacks(val_ds, list(range(rank, len(val_ds.items), world)))
+            if stacks
+            else Subset(val_ds, list(range(rank, len(val_ds), world)))
+        )
         # what prediction needs to preprocess a new scan exactly as this store was made
         store_meta = Store(store).meta if rank == 0 else {}
         store_info = {
@@ -287,6 +303,7 @@ class TrainData:
             sampler=sampler,
             loader=loader,
             rank=rank,
+            val_seq_len=config.data.seq_len if stacks else None,
         )
 
     def train_loader(self, epoch: int) -> DataLoader:
@@ -296,7 +313,14 @@ class TrainData:
         return self.loader
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(self.val, **self.loader_kw)
+        """This rank's share of the validation split: one loader (and, with loader
+        processes, persistent ones) for every epoch; a vertebra per item with stacks."""
+        if self._val_loader is None:
+            kw = dict(self.loader_kw)
+            if self.val_seq_len is not None:
+                kw["batch_size"] = None  # a vertebra's stack per item
+            self._val_loader = DataLoader(self.val, persistent_workers=kw["num_workers"] > 0, **kw)
+        return self._val_loader
 
 
 def setup(
@@ -317,9 +341,17 @@ def setup(
     loss_fn = build_loss(
         config.loss, gan=config.model.gan, output_kind=getattr(model, "output_kind", "segmentation")
     )
+    # a segmenter scored on slice t validates vertebra by vertebra, each slice encoded once
+    stacks = (
+        hasattr(model, "forward_features")
+        and getattr(model, "output_kind", "segmentation") == "segmentation"
+        and not config.data.target_all_slices
+    )
     model = prepare(model)
     disc = prepare(disc) if disc is not None else None
-    data = TrainData.open(store, config, rank=rank, world=world, device=device, cpus=cpus)
+    data = TrainData.open(
+        store, config, rank=rank, world=world, device=device, cpus=cpus, stacks=stacks
+    )
     parts = Parts.build(
         config, model, disc, loss_fn, device=device, steps_per_epoch=data.steps_per_epoch
     )
@@ -383,16 +415,33 @@ def validate(
     batches: Iterable[Mapping[str, Any]],
     threshold: float,
     *,
+    seq_len: int | None = None,
+    batch_size: int = VAL_BATCH,
     amp_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Summed TP, FP, FN (float64 ``(3,)``) of ``sigmoid(model) > threshold`` over
     ``batches``, in eval mode: this rank's counts, to be summed across ranks before dividing
-    (`val_metrics`)."""
+    (`val_metrics`). ``batches``: windows (`eval_step`), or with ``seq_len`` vertebra stacks
+    (`vfsearch.adapters.dataset.VertebraStacks`): every window centred on a slice of each,
+    counted the same, with each slice encoded once (`eval_volume`, ``batch_size`` windows
+    at a time)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
-        counts += eval_step(model, batch, threshold, amp_dtype=amp_dtype, device=device)
+        if seq_len is None:
+            counts += eval_step(model, batch, threshold, amp_dtype=amp_dtype, device=device)
+        else:
+            counts += eval_volume(
+                model,
+                batch["image"],
+                batch["target"],
+                seq_len,
+                threshold,
+                batch_size=batch_size,
+                amp_dtype=amp_dtype,
+                device=device,
+            )
     return counts
 
 
@@ -494,6 +543,7 @@ def run_epoch(
             parts.inner,
             data.val_loader(),
             tc.val_threshold,
+            seq_len=data.val_seq_len,
             amp_dtype=parts.amp_dtype,
             device=parts.device,
         )
