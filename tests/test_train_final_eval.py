@@ -392,11 +392,11 @@ def test_final_evaluation_scores_the_best_weights(val_store, cache_dir):
     assert _final_evaluation(loop, config, parts, None, rank=0, world=1, all_sum=all_sum) == {}
 
 
-def test_final_evaluation_autocasts_to_bf16_on_cuda_only():
+def test_inference_autocasts_to_bf16_on_cuda_only():
     import contextlib
     import warnings
 
-    from vfsearch.pipelines.train.worker import _autocast
+    from vfsearch.core.steps import autocast as _autocast
 
     assert isinstance(_autocast(torch.device("cpu"), torch.bfloat16), contextlib.nullcontext)
     assert isinstance(_autocast(torch.device("cuda"), None), contextlib.nullcontext)  # amp off

@@ -36,11 +36,13 @@ def logits_of(output: Any) -> torch.Tensor:
     return cast(torch.Tensor, output)
 
 
-def _autocast(
+def autocast(
     device: torch.device, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager[object]:
-    # bf16 autocast only: it needs no loss scaling, unlike fp16
-    if dtype is None:
+    """Autocast to ``dtype`` (bf16, set by `Parts.build` with ``train.amp``) on a CUDA
+    ``device``; none on other devices or without ``dtype``. bf16 needs no loss scaling,
+    unlike fp16."""
+    if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -117,7 +119,7 @@ def seg_step(
     device = device or next(model.parameters()).device
     image, target = _to(batch, device)
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         logits = logits_of(model(image))
     total, terms = loss_fn(logits.float(), target_like(logits, target))
     norm = _apply(total, optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip)
@@ -170,7 +172,7 @@ def gan_step(
     """
     device = device or next(model.parameters()).device
     image, target = _to(batch, device)
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         logits = logits_of(model(image))
     logits = logits.float()
     fake = torch.sigmoid(logits)
@@ -178,7 +180,7 @@ def gan_step(
 
     # 2. discriminator: a real-only and a fake-only forward, one backward
     opt_d.zero_grad(set_to_none=True)
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         d_real = disc(image, real)
         d_fake = disc(image, fake.detach())
     d_loss = d_loss_fn(d_real.float(), d_fake.float())
@@ -191,7 +193,7 @@ def gan_step(
         p.requires_grad_(False)
     try:
         opt_g.zero_grad(set_to_none=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             judged = inner(image, fake)
         total, terms = loss_fn(logits, target, judged.float())
         norm = _apply(total, opt_g, model.parameters(), scaler=scaler, grad_clip=grad_clip)
@@ -225,7 +227,7 @@ def eval_step(
     """
     device = device or next(model.parameters()).device
     image, target = _to(batch, device)
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         logits = logits_of(model(image))
     pred = torch.sigmoid(logits.float()) > threshold
     return confusion_counts(pred, target_like(logits, target)).cpu()
@@ -254,10 +256,18 @@ def eval_volume(
     """
     device = device or next(model.parameters()).device
     x = slices.to(device, non_blocking=True)
-    with torch.inference_mode(), _autocast(device, amp_dtype):
+    with torch.inference_mode(), autocast(device, amp_dtype):
         logits = centre_logits(model, x, seq_len, reuse=True, batch_size=batch_size)
     pred = torch.sigmoid(logits.float()) > threshold
     return confusion_counts(pred, target.to(device, non_blocking=True)).cpu()
 
 
-__all__ = ["seg_step", "gan_step", "eval_step", "eval_volume", "logits_of", "target_like"]
+__all__ = [
+    "autocast",
+    "eval_step",
+    "eval_volume",
+    "gan_step",
+    "logits_of",
+    "seg_step",
+    "target_like",
+]

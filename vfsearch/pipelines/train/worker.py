@@ -50,6 +50,7 @@ from vfsearch.adapters.tracking.schema import (
     LAUNCH_TAG,
 )
 from vfsearch.core.config import Config
+from vfsearch.core.steps import autocast
 from vfsearch.pipelines.evaluate import fused_validation_metrics
 from vfsearch.pipelines.train.checkpoint import restore, save_checkpoint, seed_everything
 from vfsearch.pipelines.train.hooks import fault_hooks
@@ -344,7 +345,7 @@ def _final_evaluation(
     if not _best_weights_everywhere(model, best_state, rank=rank, world=world, all_sum=all_sum):
         return {}
     t0 = time.perf_counter()
-    with _autocast(parts.device, parts.amp_dtype):
+    with autocast(parts.device, parts.amp_dtype):
         out = fused_validation_metrics(
             model, loop["store"], config, split="val", rank=rank, world=world, all_sum=all_sum
         )
@@ -378,15 +379,6 @@ def _best_weights_everywhere(
             for tensor in model.state_dict().values():  # the same order on every rank
                 dist.broadcast(tensor, src=0)
     return True
-
-
-def _autocast(
-    device: torch.device, amp_dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast for inference on CUDA (``amp_dtype`` set by `Parts.build`), else none."""
-    if device.type == "cuda" and amp_dtype is not None:
-        return torch.autocast(device_type="cuda", dtype=amp_dtype)
-    return contextlib.nullcontext()
 
 
 def _latency_ms(model: nn.Module, config: Config, *, repeats: int = 5) -> float:
