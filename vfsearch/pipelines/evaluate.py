@@ -544,13 +544,15 @@ def choose_threshold(
             f"threshold on (pass --threshold)"
         )
     candidates = SWEEP_VOTE if combine == "vote" else SWEEP
-    with vertebra_bar(store, ids, f"threshold ({split})") as bar:
-        results = [
-            evaluate_case(
-                models, store, cid, candidates, combine=combine, batch_size=batch_size, bar=bar
-            )
-            for cid in ids
-        ]
+    results = shared_case_results(
+        models,
+        store,
+        ids,
+        candidates,
+        combine=combine,
+        batch_size=batch_size,
+        desc=f"threshold ({split})",
+    )
     t, d = pooled_best_threshold(results)
     return t, d, results
 
