@@ -396,13 +396,13 @@ def test_inference_autocasts_to_bf16_on_cuda_only():
     import contextlib
     import warnings
 
-    from vfsearch.core.steps import autocast as _autocast
+    from vfsearch.core.steps import autocast
 
-    assert isinstance(_autocast(torch.device("cpu"), torch.bfloat16), contextlib.nullcontext)
-    assert isinstance(_autocast(torch.device("cuda"), None), contextlib.nullcontext)  # amp off
+    assert isinstance(autocast(torch.device("cpu"), torch.bfloat16), contextlib.nullcontext)
+    assert isinstance(autocast(torch.device("cuda"), None), contextlib.nullcontext)  # amp off
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available" on a CPU machine
-        ctx = _autocast(torch.device("cuda", 0), torch.bfloat16)
+        ctx = autocast(torch.device("cuda", 0), torch.bfloat16)
     assert isinstance(ctx, torch.autocast)
     assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
 

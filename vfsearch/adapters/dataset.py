@@ -296,14 +296,14 @@ class WindowDataset(Dataset):
             case, vid = self.items[k]
             image = W.plane_first(store.read(case, vid, "image"), self.axis)
             fracture = W.plane_first(store.read(case, vid, "fracture"), self.axis)
-        size = self.data.patch_size
-        start = W.patch_start(image.shape[-2:], size)
-        img = W.fit_to_patch(image, size, start, W.HU_AIR)
-        tgt = W.fit_to_patch(fracture, size, start, 0)
+        # a window's own preparation, over all n slices at once (centred, no augmentation)
+        img, tgt = W.make_window(
+            image, fracture, self._fingerprint, patch_size=self.data.patch_size
+        )
         case, vid = self.items[k]
         return {
-            "image": torch.from_numpy(W.normalise(img, self._fingerprint)),
-            "target": torch.from_numpy(np.ascontiguousarray(tgt, dtype=np.float32)),
+            "image": img,
+            "target": tgt,
             "case": case,
             "vertebra": int(vid),
         }

@@ -241,7 +241,7 @@ class TrainData:
     loader: DataLoader
     rank: int = 0
     val_seq_len: int | None = None  # set: `val` holds vertebra stacks (see the docstring)
-    _val_loader: DataLoader | None = None
+    _val_loader: DataLoader | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(
