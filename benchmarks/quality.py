@@ -197,7 +197,8 @@ def build_data(
 
 def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["case_id", "ct", "vertebrae", "fracture", "split"])
+        columns = ["case_id", "ct", "vertebrae", "fracture", "split", "domain"]
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
 
@@ -212,7 +213,9 @@ def build_loso(work: Path, phantoms_manifest: Path, *, variants: int) -> dict[st
     from vfsearch.pipelines.ingest import ingest
 
     raw = work / "raw"
-    phantom_rows = [r for r in _read_rows(phantoms_manifest) if r["split"] != "test"]
+    phantom_rows = [
+        {**r, "domain": "phantom"} for r in _read_rows(phantoms_manifest) if r["split"] != "test"
+    ]
     bg_rows: dict[str, list[dict[str, str]]] = {}
     for scan in SCANS:
         folder = raw / f"bg_{scan}_n{variants}"
@@ -223,6 +226,7 @@ def build_loso(work: Path, phantoms_manifest: Path, *, variants: int) -> dict[st
             {
                 "case_id": f"bg_{r['case_id']}",
                 "split": "val" if i >= len(found) - n_val else "train",
+                "domain": "real",
                 **{k: f"{folder.name}/{r[k]}" for k in ("ct", "vertebrae", "fracture")},
             }
             for i, r in enumerate(found)

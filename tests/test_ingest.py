@@ -497,6 +497,49 @@ def test_manifest_subject_column_groups_cases(tmp_path):
     assert {c: store.case_attrs(c)["split"] for c in split} == split
 
 
+def test_manifest_domain_column_balances_training_windows(tmp_path):
+    """A ``domain`` column is stored on each case (and updated on a rerun);
+    ``data.balance_domains`` gives each domain the same share of the drawn windows."""
+    from vfsearch.adapters.dataset import WindowDataset
+    from vfsearch.core.config import DataConfig
+
+    paths = make_case(tmp_path / "c", fracture={11: 1})
+    ids = [f"ph{i}" for i in range(6)] + ["real0"]
+    columns = ["case_id", "ct", "vertebrae", "fracture", "split", "domain"]
+
+    def rows(real_domain: str) -> list[dict]:
+        return [
+            {
+                "case_id": c,
+                **paths,
+                "split": "train",
+                "domain": real_domain if c == "real0" else "phantom",
+            }
+            for c in ids
+        ]
+
+    manifest = write_manifest(tmp_path / "m.csv", rows("real"), columns)
+    assert {s.domain for s in read_manifest(manifest)} == {"phantom", "real"}
+    out = tmp_path / "s.zarr"
+    ingest(manifest, out, seed=0)
+    assert Store(out).case_attrs("real0")["domain"] == "real"
+
+    def real_share(balance: bool) -> float:
+        data = DataConfig(seq_len=3, patch_size=16, plane="axial", balance_domains=balance)
+        ds = WindowDataset(out, "train", data)
+        order = ds.epoch_order(4000, epoch=0)
+        cases = [ds.items[ds.locate(v % len(ds))[0]][0] for v in order]
+        return float(np.mean([c == "real0" for c in cases]))
+
+    assert abs(real_share(False) - 1 / 7) < 0.03
+    assert abs(real_share(True) - 1 / 2) < 0.03
+    # A rerun with another domain updates the complete case without re-ingesting it.
+    write_manifest(manifest, rows("phantom"), columns)
+    assert "0 case(s) ingested, 7 already complete" in ingest(manifest, out, seed=0)
+    assert Store(out).case_attrs("real0")["domain"] == "phantom"
+    assert abs(real_share(True) - 1 / 7) < 0.03  # one domain: nothing to balance
+
+
 def test_fingerprint_comes_from_train_split_only(tmp_path):
     rows = []
     for i, split in enumerate(("train", "train", "val", "test")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vfsearch.core.sampling import decode, encode, epoch_order, working_set
+from vfsearch.core.sampling import balance_groups, decode, encode, epoch_order, working_set
 
 
 def offsets_for(sizes):
@@ -60,6 +60,22 @@ def test_oversampling_draws_fracture_windows_in_proportion():
     order = epoch_order(OFFSETS, 20_000, seed=2, epoch=0, weights=weights)
     share = flags[real(order)].mean()
     assert abs(share - 0.4 / 1.3) < 0.02, share
+
+
+def test_balanced_groups_get_equal_shares_and_keep_fracture_oversampling():
+    groups = np.where(np.arange(N) < N // 10, "real", "phantom")  # 10 % real windows
+    flags = np.zeros(N, bool)
+    flags[::5] = True
+    weights = balance_groups(1.0 + 2.0 * flags, groups)
+    assert weights.sum() == pytest.approx(N + 2.0 * flags.sum())  # total kept
+    order = real(epoch_order(OFFSETS, 20_000, seed=3, epoch=0, weights=weights))
+    assert abs((groups[order] == "real").mean() - 0.5) < 0.02  # 0.1 without balancing
+    inside = order[groups[order] == "phantom"]
+    assert abs(flags[inside].mean() - 3 / 7) < 0.03  # within a group, 3:1 per window as before
+    # one group, or a group of zero weight, leaves the others as they were
+    one = balance_groups([1.0, 3.0], ["a", "a"])
+    assert one.tolist() == [1.0, 3.0]
+    assert balance_groups([0.0, 2.0, 2.0], ["a", "b", "b"]).tolist() == [0.0, 2.0, 2.0]
 
 
 def test_a_window_drawn_twice_gets_two_augmentation_keys():

@@ -44,7 +44,7 @@ from vfsearch.core import windows as W
 from vfsearch.core.augment import augment_batch, augment_on_device
 from vfsearch.core.config import DataConfig
 from vfsearch.core.errors import UserError
-from vfsearch.core.sampling import decode, epoch_order
+from vfsearch.core.sampling import balance_groups, decode, epoch_order
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 AUG_KEYS = ("aug_seed", "aug_strength", "aug_fill")  # an item's deferred augmentation
@@ -104,6 +104,7 @@ class WindowDataset(Dataset):
         self._offsets: np.ndarray | None = None  # (n_items + 1,) first index of each vertebra
         self._fingerprint: dict[str, Any] = {}
         self._counts: dict[int, np.ndarray] = {}  # item -> fracture voxels per slice
+        self._domains: list[str] = []  # item -> its case's domain ("" = none)
         # per-process state, dropped on pickling and on a change of process
         self._pid: int | None = None
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -136,6 +137,8 @@ class WindowDataset(Dataset):
         fingerprint = store.fingerprint
         W.normalised_floor(fingerprint)  # fail early on a store without a usable fingerprint
         shapes = []
+        domain_of = {c: str(store.case_attrs(c).get("domain") or "") for c in dict(items)}
+        self._domains = [domain_of[case] for case, _ in items]
         for k, (case, vid) in enumerate(items):
             attrs = store.vertebra_attrs(case, vid)
             shape = attrs.get("shape")  # ingest stores it: saves opening the array
@@ -352,14 +355,29 @@ class WindowDataset(Dataset):
         return bool(flags[t])
 
     def sample_weights(self, oversample: float | None = None) -> np.ndarray:
-        """Sampling weight per window: ``1 + oversample`` with fracture, 1 without.
+        """Sampling weight per window: ``1 + oversample`` with fracture, 1 without; with
+        ``data.balance_domains`` rescaled so that every case domain holds the same total
+        (`vfsearch.core.sampling.balance_groups`).
 
         ``oversample`` defaults to ``data.oversample_fracture``; float64 ``(len(self),)``.
         """
         extra = self.data.oversample_fracture if oversample is None else float(oversample)
         if extra < 0:
             raise UserError(f"data.oversample_fracture: must be >= 0, got {extra}")
-        return 1.0 + extra * self.fracture_flags().astype(np.float64)
+        weights = 1.0 + extra * self.fracture_flags().astype(np.float64)
+        if self.data.balance_domains:
+            weights = balance_groups(weights, self.window_domains())
+        return weights
+
+    def window_domains(self) -> np.ndarray:
+        """The domain of each window's case (str array ``(len(self),)``, "" = none)."""
+        offsets = self._offsets_array()
+        return np.repeat(np.asarray(self._domains, dtype=object), np.diff(offsets))
+
+    def _weighted(self, extra: float) -> bool:
+        """Whether the draw needs weights: fracture oversampling, or domains to balance."""
+        self._ensure_index()
+        return extra > 0 or (self.data.balance_domains and len(set(self._domains)) > 1)
 
     def sampler(
         self,
@@ -414,7 +432,7 @@ class WindowDataset(Dataset):
         need no `set_epoch`.
         """
         extra = self.data.oversample_fracture if oversample is None else float(oversample)
-        weights = self.sample_weights(extra) if extra > 0 else None
+        weights = self.sample_weights(extra) if self._weighted(extra) else None
         order = epoch_order(
             self._offsets_array(),
             int(count),

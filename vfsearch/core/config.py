@@ -85,6 +85,9 @@ class DataConfig:
     ``oversample_fracture``: windows whose target holds fracture get sampling weight
     ``1 + oversample_fracture`` (others 1). ``target_all_slices``: the target is the fracture
     mask of every slice of the window, (T, H, W), instead of slice t only, (1, H, W).
+    ``balance_domains``: every case ``domain`` of the training split (a manifest column, e.g.
+    ``phantom`` and ``real``) gets the same share of the drawn training windows, so a few
+    real scans are not drowned by many phantoms; off, windows are drawn in proportion.
     See `vfsearch.adapters.dataset.WindowDataset`.
     """
 
@@ -96,6 +99,7 @@ class DataConfig:
     #                                   a model on real-background data learned nothing in 8
     #                                   epochs (benchmarks/quality.py --real-train), at 2 it did
     target_all_slices: bool = False
+    balance_domains: bool = False
     open_vertebrae: int = 32  # vertebrae the epoch order draws from at a time: batches mix
     #                           about as well as a global shuffle, and 32 crops fit the cache
     augment_device: str = "auto"  # cpu: per window in the loader; device: batched on the

@@ -69,6 +69,17 @@ def draw_windows(
     return rng.permutation(n_windows)[:count].astype(np.int64)
 
 
+def balance_groups(weights: npt.ArrayLike, groups: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``weights`` rescaled within each group so that every group holds the same total
+    (relative weights inside a group kept); a group of zero total weight stays at zero."""
+    w = np.asarray(weights, dtype=np.float64)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    totals = np.bincount(inverse, weights=w)
+    scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
+    out: npt.NDArray[np.float64] = w * scale[inverse]
+    return out * (w.sum() / max(int(np.count_nonzero(totals > 0)), 1))
+
+
 def epoch_order(
     offsets: IntArray,
     count: int,

@@ -3,7 +3,9 @@
 Sources
     * a manifest CSV with columns ``case_id, ct, vertebrae`` and optional ``fracture``,
       ``split`` (train/val/test), ``subject`` (the person scanned; empty: the case is its own
-      subject) and ``grades`` (``11:0;12:2``: VerSe id or name, then grade).
+      subject), ``grades`` (``11:0;12:2``: VerSe id or name, then grade) and ``domain`` (where
+      the case comes from, e.g. ``phantom`` or ``real``: ``data.balance_domains`` gives every
+      domain the same share of the training windows).
       Paths are relative to the manifest's folder. ``ct`` may be NIfTI, MHA/MHD, NRRD or a
       DICOM series folder (one series per folder). ``vertebrae`` is a label map, or a CSV of
       per-vertebra bounding boxes (see below). An empty ``fracture`` cell, or no such column,
@@ -119,6 +121,7 @@ class CaseSpec:
     """One case to ingest: absolute paths, plus where it was declared (for messages).
 
     ``subject``: the person scanned (default: the case id); a subject's cases share a split.
+    ``domain``: where the case comes from (free text, "" = none); see ``data.balance_domains``.
     """
 
     case_id: str
@@ -129,6 +132,7 @@ class CaseSpec:
     grades: dict[int, int] = field(default_factory=dict)
     origin: str = ""
     subject: str = ""
+    domain: str = ""
 
     def __post_init__(self) -> None:
         if not self.subject:
@@ -240,6 +244,7 @@ def read_manifest(path: Path) -> list[CaseSpec]:
                 grades=_parse_grades(cell("grades"), where),
                 origin=where,
                 subject=subject,
+                domain=cell("domain"),
             )
         )
     if not specs:
@@ -449,6 +454,7 @@ def prepare_case(spec: CaseSpec, params: Params) -> PreparedCase:
     attrs = {
         "case_id": spec.case_id,
         "subject": spec.subject,
+        "domain": spec.domain,
         "source": {
             "ct": str(Path(spec.ct).resolve()),
             "vertebrae": str(Path(spec.vertebrae).resolve()),
@@ -703,10 +709,14 @@ def ingest(
             all_ids, {s.case_id: s.split for s in specs if s.split}, previous, split, seed, subjects
         )
         store.set_meta(splits=plan, subjects=subjects, split_fractions=list(split), split_seed=seed)
-        for cid in complete:  # a manifest split or subject overrides the stored one
+        domains = {s.case_id: s.domain for s in specs}
+        for cid in complete:  # a manifest split, subject or domain overrides the stored one
             attrs = store.case_attrs(cid)
-            for key, value in (("split", plan[cid]), ("subject", subjects[cid])):
-                if attrs.get(key) != value:
+            updates = [("split", plan[cid]), ("subject", subjects[cid])]
+            if cid in domains:
+                updates.append(("domain", domains[cid]))
+            for key, value in updates:
+                if attrs.get(key, "" if key == "domain" else None) != value:
                     store.root[f"cases/{cid}"].attrs[key] = value
         todo = [s for s in specs if s.case_id not in complete]
         done = _run_all(todo, params, str(out_path), plan, workers)
