@@ -76,8 +76,8 @@ def balance_groups(weights: npt.ArrayLike, groups: npt.ArrayLike) -> npt.NDArray
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     totals = np.bincount(inverse, weights=w)
     scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
-    out: npt.NDArray[np.float64] = w * scale[inverse]
-    return out * (w.sum() / max(int(np.count_nonzero(totals > 0)), 1))
+    per_group = float(w.sum()) / max(int(np.count_nonzero(totals > 0)), 1)
+    return np.asarray(w * scale[inverse] * per_group, dtype=np.float64)
 
 
 def epoch_order(
