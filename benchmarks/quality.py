@@ -41,7 +41,9 @@ It also prints the ceiling that the store's spacing sets: the real Dice of a per
 on the store's grid (each stored fracture crop mapped back onto its CT and scored).
 
 Usage: ``python benchmarks/quality.py`` (CPU defaults: 64 px, base 8, depth 4, 24 epochs x
-512 windows; ``--only`` runs some variants, the classifier always),
+512 windows; ``--only`` runs some variants, the classifier always unless ``--no-baselines``,
+which also drops the ensemble; ``--compare KEY=VALUE`` adds the plan's model with that
+override as a row of its own, and its gain over the plan with the interval),
 ``--device cuda --patch 128 --base 32 --epochs 30 --windows 4000 --train-cases 64`` on a GPU.
 The last line is ``RESULT phantom_dice3d=… real_dice3d=… real_vertebra_auc=… plain_dice3d=…
 temporal_gain=… classifier_pr_auc=… ensemble_gain=…`` where the first three are those of the
@@ -443,6 +445,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra config override for every model, key=value",
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"also train {PLAN} with this override (a row '{PLAN}+KEY=VALUE') and report its "
+        "gain over the plan with a paired interval; repeatable",
+    )
+    parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the resnet18 classifier and the ensemble (their RESULT keys are nan)",
+    )
     args = parser.parse_args(argv)
     if not REAL.is_dir():
         print(f"real CT samples not found at {REAL}", file=sys.stderr)
@@ -453,8 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from vfsearch.adapters.ray_runtime import start_local_ray
-    from vfsearch.core.config import parse_overrides
+    from vfsearch.core.config import Config, parse_overrides
+    from vfsearch.core.errors import UserError
 
+    # a row per --compare, named without '=' (it names folders and runs); parsed before
+    # anything is built, so a bad override stops at once
+    compared = {f"{PLAN}+{item.replace('=', '-')}": item for item in args.compare}
+    try:
+        compared_flat = {
+            name: parse_overrides([item], source="--compare") for name, item in compared.items()
+        }
+        for extra in [parse_overrides(args.set), *compared_flat.values()]:
+            Config.from_flat(extra, source="--set/--compare")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="vfsearch-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -491,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     chosen = [v for v in args.only.split(",") if v]
     todo = {k: v for k, v in variants().items() if not chosen or k in chosen}
+    for name, extra in compared_flat.items():
+        todo[name] = {**variants()[PLAN], **extra}
+    if compared and PLAN not in todo:
+        todo = {PLAN: variants()[PLAN], **todo}
     val: dict[str, dict[str, float]] = {}
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     train_s: dict[str, float] = {}
@@ -548,18 +580,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, overrides in todo.items():
             fit_and_score(name, {**base, **overrides})
-        # the earlier study's baseline: the slice classifier, vertebra score = max slice score
-        fit_and_score(cls_name, {**base, "model.family": cls_name, "model.norm": "batch"})
-        cls_ph, cls_re = reports[cls_name]["phantom"], reports[cls_name]["real"]
-        seg_names = [k for k in reports if k != cls_name]
+        seg_names = list(reports)
+        if not args.no_baselines:
+            # the earlier study's baseline: the slice classifier, vertebra score = max slice
+            fit_and_score(cls_name, {**base, "model.family": cls_name, "model.norm": "batch"})
 
         # top-3 ensemble per fold, members chosen on the fold's honest val_dice3d; threshold
         # chosen on the phantom val (first fold), phantom test by the first fold's ensemble
         ranked = sorted(seg_names, key=lambda k: -val[k].get("val_dice3d", -1.0))
-        members = ranked[:3]
+        members = ranked[:3] if not args.no_baselines else []
         parts = []
         ens_ph: dict[str, Any] = {}
+        ens_re: dict[str, Any] = {}
         for i, (fold, (_, cases)) in enumerate(folds.items()):
+            if args.no_baselines:
+                break
             fv = fold_val[fold]
             fold_members = sorted(seg_names, key=lambda k: -fv[k].get("val_dice3d", -1.0))[:3]
             paths = [str(fold_ckpts[fold][m]) for m in fold_members]
@@ -574,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             out = work / "eval" / "ensemble" / (f"real_{fold}" if fold else "real")
             re = score(paths, real, out, threshold=float(ens_ph["threshold"]), device=args.device)
             parts.append((re, out / "per_vertebra.csv", cases))
-        ens_re = pooled_report(parts) if args.real_train else parts[0][0]
+        if parts:
+            ens_re = pooled_report(parts) if args.real_train else parts[0][0]
     finally:
         ray.shutdown()
 
@@ -598,20 +634,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{val[name].get('val_dice3d', float('nan')):9.3f}  {train_s[name]:6.0f}",
             )
         )
-    print(_row("ensemble top-3", figures(ens_ph), figures(ens_re), "members " + ", ".join(members)))
     nan = {"dice3d": float("nan"), "dice3d_mean": float("nan")}
-    print(
-        _row(
-            cls_name,
-            {**nan, **figures(cls_ph)},
-            {**nan, **figures(cls_re)},
-            f"{'':9}  {train_s[cls_name]:6.0f}",
+    cls_pr_auc = float("nan")
+    if not args.no_baselines:
+        cls_ph, cls_re = reports[cls_name]["phantom"], reports[cls_name]["real"]
+        cls_pr_auc = figures(cls_re)["pr_auc"]
+        members_text = "members " + ", ".join(members)
+        print(_row("ensemble top-3", figures(ens_ph), figures(ens_re), members_text))
+        print(
+            _row(
+                cls_name,
+                {**nan, **figures(cls_ph)},
+                {**nan, **figures(cls_re)},
+                f"{'':9}  {train_s[cls_name]:6.0f}",
+            )
         )
-    )
-    print(
-        f"vertebra prevalence (PR-AUC floor): phantom "
-        f"{figures(cls_ph)['prevalence']:.3f}, real {figures(cls_re)['prevalence']:.3f}"
-    )
+        print(
+            f"vertebra prevalence (PR-AUC floor): phantom "
+            f"{figures(cls_ph)['prevalence']:.3f}, real {figures(cls_re)['prevalence']:.3f}"
+        )
 
     gains: dict[str, tuple[float, float, float]] = {}
     if PLAN in reports and "plain" in reports:
@@ -624,12 +665,17 @@ def main(argv: list[str] | None = None) -> int:
         gains["real_gan_gain"] = paired_gain(
             reports["attention+lstm+gan"]["real"], reports[PLAN]["real"]
         )
+    for name, item in compared.items():
+        gains[f"{item} gain"] = paired_gain(reports[name]["phantom"], reports[PLAN]["phantom"])
+        gains[f"{item} real_gain"] = paired_gain(reports[name]["real"], reports[PLAN]["real"])
     best_single = ranked[0]
-    gains["ensemble_gain"] = paired_gain(ens_ph, reports[best_single]["phantom"])
-    gains["real_ensemble_gain"] = paired_gain(ens_re, reports[best_single]["real"])
+    if not args.no_baselines:
+        gains["ensemble_gain"] = paired_gain(ens_ph, reports[best_single]["phantom"])
+        gains["real_ensemble_gain"] = paired_gain(ens_re, reports[best_single]["real"])
     for key, (g, lo, hi) in gains.items():
         print(f"{key:<20} {g:+.3f}  95% CI [{lo:+.3f}, {hi:+.3f}]")
-    print(f"ensemble against the best single model by val_dice3d ({best_single})")
+    if not args.no_baselines:
+        print(f"ensemble against the best single model by val_dice3d ({best_single})")
     wall = time.perf_counter() - t_start
     print(f"wall time {wall / 60:.1f} min")
     summary = {
@@ -652,8 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         if "plain" in reports
         else float("nan"),
         "temporal_gain": gains.get("temporal_gain", (float("nan"),))[0],
-        "classifier_pr_auc": figures(cls_re)["pr_auc"],
-        "ensemble_gain": gains["ensemble_gain"][0],
+        "classifier_pr_auc": cls_pr_auc,
+        "ensemble_gain": gains.get("ensemble_gain", (float("nan"),))[0],
     }
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -163,7 +163,7 @@ def ingest(
         Path,
         typer.Argument(
             help="A manifest CSV (case_id, ct, vertebrae, "
-            "fracture[, split, grades]), a synth folder or a "
+            "fracture[, split, subject, grades, domain]), a synth folder or a "
             "VerSe tree. `vertebrae` may name a label map or a "
             "CSV of boxes vertebra,x0,y0,z0,x1,y1,z1."
         ),
