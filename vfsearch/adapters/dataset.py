@@ -370,9 +370,11 @@ class WindowDataset(Dataset):
         return weights
 
     def window_domains(self) -> np.ndarray:
-        """The domain of each window's case (str array ``(len(self),)``, "" = none)."""
+        """The domain of each window's case, as a number per window (``(len(self),)`` int64;
+        one number per distinct domain of `items`, in sorted order, "" included)."""
         offsets = self._offsets_array()
-        return np.repeat(np.asarray(self._domains, dtype=object), np.diff(offsets))
+        _, codes = np.unique(np.asarray(self._domains, dtype=str), return_inverse=True)
+        return np.repeat(codes.astype(np.int64), np.diff(offsets))
 
     def _weighted(self, extra: float) -> bool:
         """Whether the draw needs weights: fracture oversampling, or domains to balance."""
