@@ -588,13 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         # top-3 ensemble per fold, members chosen on the fold's honest val_dice3d; threshold
         # chosen on the phantom val (first fold), phantom test by the first fold's ensemble
         ranked = sorted(seg_names, key=lambda k: -val[k].get("val_dice3d", -1.0))
-        members = ranked[:3] if not args.no_baselines else []
+        members = ranked[:3]
         parts = []
         ens_ph: dict[str, Any] = {}
         ens_re: dict[str, Any] = {}
-        for i, (fold, (_, cases)) in enumerate(folds.items()):
-            if args.no_baselines:
-                break
+        ensemble_folds = {} if args.no_baselines else folds
+        for i, (fold, (_, cases)) in enumerate(ensemble_folds.items()):
             fv = fold_val[fold]
             fold_members = sorted(seg_names, key=lambda k: -fv[k].get("val_dice3d", -1.0))[:3]
             paths = [str(fold_ckpts[fold][m]) for m in fold_members]
@@ -683,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         "real_train": args.real_train,
         "val": val,
         "gains": gains,
-        "ensemble_members": members,
+        "ensemble_members": members if parts else [],
         "wall_s": wall,
     }
     (work / "quality.json").write_text(json.dumps(summary, indent=2))

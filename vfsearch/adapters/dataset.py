@@ -104,7 +104,7 @@ class WindowDataset(Dataset):
         self._offsets: np.ndarray | None = None  # (n_items + 1,) first index of each vertebra
         self._fingerprint: dict[str, Any] = {}
         self._counts: dict[int, np.ndarray] = {}  # item -> fracture voxels per slice
-        self._domains: list[str] = []  # item -> its case's domain ("" = none)
+        self._domains: list[str] | None = None  # item -> its case's domain, read on demand
         # per-process state, dropped on pickling and on a change of process
         self._pid: int | None = None
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -137,8 +137,6 @@ class WindowDataset(Dataset):
         fingerprint = store.fingerprint
         W.normalised_floor(fingerprint)  # fail early on a store without a usable fingerprint
         shapes = []
-        domain_of = {c: str(store.case_attrs(c).get("domain") or "") for c in dict(items)}
-        self._domains = [domain_of[case] for case, _ in items]
         for k, (case, vid) in enumerate(items):
             attrs = store.vertebra_attrs(case, vid)
             shape = attrs.get("shape")  # ingest stores it: saves opening the array
@@ -373,13 +371,22 @@ class WindowDataset(Dataset):
         """The domain of each window's case, as a number per window (``(len(self),)`` int64;
         one number per distinct domain of `items`, in sorted order, "" included)."""
         offsets = self._offsets_array()
-        _, codes = np.unique(np.asarray(self._domains, dtype=str), return_inverse=True)
+        _, codes = np.unique(np.asarray(self._item_domains(), dtype=str), return_inverse=True)
         return np.repeat(codes.astype(np.int64), np.diff(offsets))
+
+    def _item_domains(self) -> list[str]:
+        """Each vertebra's case domain ("" = none), read from the case attributes the first
+        time domains are balanced (an index without balancing never reads them)."""
+        if self._domains is None:
+            store = self._open()
+            items = self.items
+            domain_of = {c: str(store.case_attrs(c).get("domain") or "") for c in dict(items)}
+            self._domains = [domain_of[case] for case, _ in items]
+        return self._domains
 
     def _weighted(self, extra: float) -> bool:
         """Whether the draw needs weights: fracture oversampling, or domains to balance."""
-        self._ensure_index()
-        return extra > 0 or (self.data.balance_domains and len(set(self._domains)) > 1)
+        return extra > 0 or (self.data.balance_domains and len(set(self._item_domains())) > 1)
 
     def sampler(
         self,
