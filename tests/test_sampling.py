@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vfsearch.core import sampling
 from vfsearch.core.sampling import balance_groups, decode, encode, epoch_order, working_set
 
 
@@ -109,3 +110,26 @@ def test_the_order_is_reproducible_and_changes_with_the_epoch():
 def test_bad_arguments_are_refused(rank, world, k):
     with pytest.raises(ValueError):
         epoch_order(OFFSETS, 10, seed=0, epoch=0, rank=rank, world=world, open_vertebrae=k)
+
+
+def test_val_stride_scores_all_unless_an_epoch_is_capped_or_a_cap_is_given():
+    assert sampling.val_stride(528, -1, None) == 1  # auto, the epoch is the training split
+    assert sampling.val_stride(528, -1, 48) == 6  # auto: about 2 x 48 = 96 windows
+    assert sampling.val_stride(80, -1, 48) == 1  # fewer than twice the epoch: all
+    assert sampling.val_stride(528, 0, 48) == 1  # 0: all, even for a capped epoch
+    assert sampling.val_stride(528, 100, None) == 6  # an explicit cap
+    with pytest.raises(ValueError):
+        sampling.val_stride(528, -2, None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 36, 47])
+@pytest.mark.parametrize("stride", [1, 2, 6, 11])
+def test_strided_centres_spread_evenly_and_every_vertebra_keeps_one(n, stride):
+    c = sampling.strided_centres(n, stride)
+    assert len(c) >= 1 and c.min() >= 0 and c.max() < n
+    assert np.all(np.diff(c) == stride)
+    assert len(c) == len(range(c[0], n, stride))
+    if n > stride // 2:
+        assert c[0] == stride // 2 and len(c) >= n // stride  # as many as fit
+    if stride == 1:
+        assert np.array_equal(c, np.arange(n))

@@ -126,10 +126,12 @@ def test_two_workers_mlflow_and_staged_gan(small_store, mlflow_server, ray_local
 
 def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_path):
     """lr=0 keeps the (seeded) initial weights, so both runs validate the same model: the
-    all-reduced counts and Dice must agree, and TP+FN must be every positive val pixel."""
-    from torch.utils.data import DataLoader
+    all-reduced counts and Dice must agree, and TP+FN must be every positive pixel of the
+    validation windows scored (the epoch is capped, so a strided subset of them)."""
+    from torch.utils.data import DataLoader, Subset
 
     from vfsearch.adapters.dataset import WindowDataset
+    from vfsearch.core.sampling import val_stride
 
     cfg = load_config(
         None, TINY + ["train.epochs=1", "train.lr=0", "train.max_windows_per_epoch=8"]
@@ -140,9 +142,12 @@ def test_validation_same_with_one_and_two_workers(small_store, ray_local, tmp_pa
     two = run_training(
         small_store, cfg, name="agg2", storage=tmp_path, workers=2, progress=False
     ).metrics
+    val = WindowDataset(small_store, "val", cfg.data)
+    stride = val_stride(len(val), -1, 8)
+    assert stride > 1 and one["val_windows"] == two["val_windows"] == len(val.strided(stride))
     positives = sum(
         float(b["target"].sum())
-        for b in DataLoader(WindowDataset(small_store, "val", cfg.data), batch_size=64)
+        for b in DataLoader(Subset(val, val.strided(stride)), batch_size=64)
     )
     assert positives > 0
     for m in (one, two):

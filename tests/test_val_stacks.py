@@ -124,3 +124,81 @@ def test_a_classifier_and_all_slice_targets_validate_by_window(small_store):
         cfg = load_config(None, [*TINY, "model.temporal=lstm", *overrides])
         _, data = setup(small_store, cfg, rank=0, world=1, device=CPU)
         assert data.val_seq_len is None, overrides
+
+
+# -- a strided subset per epoch (train.val_windows) ---------------------------------------
+
+
+@pytest.mark.parametrize("temporal", ["lstm", "convlstm", "none"])
+def test_centre_logits_at_chosen_centres_equal_those_rows_and_encode_only_their_windows(
+    temporal,
+):
+    model = _model(temporal)
+    slices = torch.randn(13, 32, 32)
+    centres = torch.tensor([1, 5, 9, 12])
+    encoded: list[int] = []
+    encode = model.encode
+    model.encode = lambda x: (encoded.append(x.shape[0]), encode(x))[1]  # type: ignore[method-assign]
+    with torch.inference_mode():
+        every = fusion.centre_logits(model, slices, 5, batch_size=3)
+        n_every = sum(encoded)
+        encoded.clear()
+        some = fusion.centre_logits(model, slices, 5, batch_size=3, centres=centres)
+        n_some = sum(encoded)
+        naive = fusion.centre_logits(model, slices, 5, reuse=False, centres=centres)
+    assert some.shape == (4, 32, 32)
+    torch.testing.assert_close(some, every[centres], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(naive, every[centres], atol=1e-5, rtol=1e-4)
+    # windows around 1, 5, 9, 12 hold slices 0-3, 3-7, 7-11, 10-12: all 13 with T=5 ...
+    assert n_every == 13 and n_some == 13
+    encoded.clear()
+    with torch.inference_mode():
+        fusion.centre_logits(model, slices, 5, batch_size=3, centres=torch.tensor([2, 10]))
+    assert sum(encoded) == 10  # ... but only slices 0-4 and 8-12 around 2 and 10
+
+
+def test_a_capped_epoch_validates_a_strided_subset_with_the_same_counts_per_window(
+    small_store,
+):
+    base = [*TINY, "model.temporal=lstm", "train.batch_size=4"]
+    cfg_all = load_config(None, base)
+    cfg = load_config(None, [*base, "train.max_windows_per_epoch=8"])  # auto: about 16
+    parts, full = setup(small_store, cfg_all, rank=0, world=1, device=CPU)
+    assert full.val_stride == 1 and full.val_windows == full.val_total  # an uncapped epoch
+    data = TrainData.open(small_store, cfg, rank=0, world=1, device=CPU, stacks=True)
+    stride = data.val_stride
+    assert stride == -(-data.val_total // 16) > 1
+    assert data.val_windows <= 16 + len(data.val.windows.items)  # one per vertebra at most more
+    explicit = load_config(None, [*base, "train.max_windows_per_epoch=8", "train.val_windows=0"])
+    assert TrainData.open(small_store, explicit, rank=0, world=1, device=CPU).val_stride == 1
+    model = parts.inner
+    # the reference: each chosen window through the whole model, window by window
+    windows = TrainData.open(small_store, cfg, rank=0, world=1, device=CPU, stacks=False)
+    assert len(windows.val) == data.val_windows  # the window path scores the same windows
+    centres = [windows.val.dataset.locate(i)[1] for i in windows.val.indices]
+    assert all(t % stride == stride // 2 for t in centres)  # every vertebra strided alike
+    assert len({windows.val.dataset.locate(i)[0] for i in windows.val.indices}) == len(
+        data.val.windows.items
+    )  # ... and every vertebra represented
+    with torch.inference_mode():
+        probs = torch.cat(
+            [torch.sigmoid(model(b["image"])["logits"]) for b in windows.val_loader()]
+        )
+    threshold = float(probs.quantile(0.5))
+    by_window = validate(model, windows.val_loader(), threshold, device=CPU)
+    by_stack = validate(model, data.val_loader(), threshold, seq_len=5, device=CPU)
+    every = validate(model, full.val_loader(), threshold, seq_len=5, device=CPU)
+    assert by_window[0] + by_window[2] > 0 and by_window[1] > 0
+    assert (by_stack - by_window).abs().max() <= 3
+    assert every.sum() > 2 * by_stack.sum()  # a subset, not the whole split
+    shares = [
+        validate(
+            model,
+            TrainData.open(small_store, cfg, rank=r, world=2, device=CPU, stacks=True).val_loader(),
+            threshold,
+            seq_len=5,
+            device=CPU,
+        )
+        for r in (0, 1)
+    ]
+    assert torch.equal(shares[0] + shares[1], by_stack)

@@ -44,7 +44,7 @@ from vfsearch.core import windows as W
 from vfsearch.core.augment import augment_batch, augment_on_device
 from vfsearch.core.config import DataConfig
 from vfsearch.core.errors import UserError
-from vfsearch.core.sampling import balance_groups, decode, epoch_order
+from vfsearch.core.sampling import balance_groups, decode, epoch_order, strided_centres
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 AUG_KEYS = ("aug_seed", "aug_strength", "aug_fill")  # an item's deferred augmentation
@@ -183,6 +183,16 @@ class WindowDataset(Dataset):
         offsets = cast(np.ndarray, self._offsets)  # built by len(self)
         k = int(np.searchsorted(offsets, index, side="right")) - 1
         return k, int(index - offsets[k])
+
+    def strided(self, stride: int) -> list[int]:
+        """The windows centred on every ``stride``-th slice of each vertebra
+        (`vfsearch.core.sampling.strided_centres`), in index order; all of them at 1."""
+        offsets = self._offsets_array()
+        return [
+            int(offsets[k] + t)
+            for k in range(len(offsets) - 1)
+            for t in strided_centres(int(offsets[k + 1] - offsets[k]), stride)
+        ]
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws (like `DistributedSampler.set_epoch`).
@@ -487,17 +497,23 @@ def finish_batch(batch: Mapping[str, Any], device: torch.device) -> Mapping[str,
 class VertebraStacks(Dataset):
     """The vertebrae ``ks`` (item numbers) of a `WindowDataset`, one item each: its slices
     (`WindowDataset.vertebra`). For ``DataLoader(batch_size=None)``: a validation that
-    encodes each slice once reads a rank's share of the split vertebra by vertebra."""
+    encodes each slice once reads a rank's share of the split vertebra by vertebra.
+    ``stride > 1``: each item also names the slices whose windows are scored (``centres``,
+    `vfsearch.core.sampling.strided_centres`)."""
 
-    def __init__(self, windows: WindowDataset, ks: list[int]) -> None:
+    def __init__(self, windows: WindowDataset, ks: list[int], stride: int = 1) -> None:
         self.windows = windows
         self.ks = list(ks)
+        self.stride = int(stride)
 
     def __len__(self) -> int:
         return len(self.ks)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.windows.vertebra(self.ks[i])
+        item = self.windows.vertebra(self.ks[i])
+        if self.stride > 1:
+            item["centres"] = strided_centres(len(item["image"]), self.stride)
+        return item
 
 
 __all__ = [

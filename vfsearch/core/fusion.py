@@ -126,7 +126,13 @@ def infer_slices(
 
 
 def centre_logits(
-    model: Any, x: Any, seq_len: int, *, reuse: bool = True, batch_size: int = 16
+    model: Any,
+    x: Any,
+    seq_len: int,
+    *,
+    reuse: bool = True,
+    batch_size: int = 16,
+    centres: Any = None,
 ) -> Any:
     """Logits ``(n, H, W)`` of every slice of ``x`` (a tensor ``(n, H, W)`` of normalised
     slices on the model's device, ``H`` and ``W`` already fit for the model), each slice as
@@ -135,23 +141,36 @@ def centre_logits(
 
     ``reuse=True`` encodes each slice once and assembles the windows from its bottleneck and
     skips (`infer_slices`'s seams); ``reuse=False`` runs ``model(windows)`` on each window.
+    ``centres`` (ascending slice indices): only those slices' logits ``(len(centres), H, W)``,
+    and only the slices their windows hold are encoded.
     """
     import torch
 
     n = x.shape[0]
-    windows = torch.from_numpy(all_windows(n, seq_len)).to(x.device)  # (n, T)
+    windows = torch.from_numpy(all_windows(n, seq_len, centres)).to(x.device)  # (m, T)
     centre = seq_len // 2
     parts = []
     if reuse:
-        bottlenecks, skips = _encode_all(model, x, batch_size)  # (n, C, h, w), skips
-        for start in range(0, n, batch_size):
+        if centres is None:
+            bottlenecks, skips = _encode_all(model, x, batch_size)  # (n, C, h, w), skips
+            rows = None
+        else:  # encode the slices the windows hold; windows index into those
+            held = torch.unique(windows)  # sorted
+            bottlenecks, skips = _encode_all(model, x[held], batch_size)
+            windows = torch.searchsorted(held, windows)
+            rows = windows[:, centre]  # each centre's own row among the encoded slices
+        for start in range(0, len(windows), batch_size):
             idx = windows[start : start + batch_size]  # (B, T)
-            # the centres are slices start..start+B-1: slice views, no gather copies
-            centre_skips = [s[start : start + len(idx)] for s in skips]
+            # every slice a centre: the centres are slices start..start+B-1, slice views
+            centre_skips = (
+                [s[start : start + len(idx)] for s in skips]
+                if rows is None
+                else [s[rows[start : start + len(idx)]] for s in skips]
+            )
             result = model.forward_features(bottlenecks[idx], centre_skips)  # (B, T, C, h, w)
             parts.append(_centre_logits(result, centre))
     else:
-        for start in range(0, n, batch_size):
+        for start in range(0, len(windows), batch_size):
             parts.append(_centre_logits(model(x[windows[start : start + batch_size]]), centre))
     return torch.cat(parts)
 

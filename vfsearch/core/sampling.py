@@ -18,6 +18,12 @@ A window drawn twice in an epoch gets a distinct *virtual index* for each draw (
 the epoch is part of it too: the dataset seeds its augmentation from the virtual index, so a
 repeated window is augmented afresh, and persistent loader workers need no ``set_epoch``.
 Pure numpy: every rank computes the same draw from (seed, epoch) and keeps its own shard.
+
+Per-epoch validation may score a fixed, evenly spread subset of the validation windows
+(`val_stride`, `strided_centres`): every ``stride``-th slice of every vertebra as a window's
+centre, the same slices in every epoch and every trial, so that epochs and trials are compared
+on the same windows. Neighbouring slices (1-2 mm apart) are nearly the same image, so a stride
+drops little of the signal while every vertebra keeps its share.
 """
 
 from __future__ import annotations
@@ -143,6 +149,39 @@ def _interleave(items: IntArray, groups: IntArray, k: int, rng: np.random.Genera
         else:
             pool[j] = (run, pos + 1)
     return out
+
+
+VAL_PER_TRAIN = 2  # auto: an epoch capped to N training windows validates about 2N windows
+
+
+def val_stride(n_val: int, val_windows: int, epoch_windows: int | None) -> int:
+    """Every how many slices per-epoch validation takes a window's centre, for ``n_val``
+    validation windows in all.
+
+    ``val_windows``: 0 scores them all; ``N > 0`` about ``N`` at most; -1 (auto) about
+    ``VAL_PER_TRAIN x epoch_windows`` when the epoch is capped to ``epoch_windows`` training
+    windows (``train.max_windows_per_epoch``; None: the epoch is the whole training split),
+    else all. A validation window costs about a third of a training window (no backward
+    pass), so auto keeps validation below the epoch's training time.
+    """
+    if val_windows < -1:
+        raise ValueError(f"val_windows must be >= -1, got {val_windows}")
+    cap = val_windows
+    if val_windows == -1:
+        cap = VAL_PER_TRAIN * epoch_windows if epoch_windows else 0
+    if cap <= 0 or n_val <= cap:
+        return 1
+    return -(-n_val // cap)  # ceil
+
+
+def strided_centres(n: int, stride: int) -> IntArray:
+    """The centre slices a vertebra of ``n`` slices is validated on: every ``stride``-th,
+    from the middle of the first block (slice ``stride // 2``, or the middle slice of a
+    vertebra shorter than that), so that every vertebra has at least one."""
+    if n < 1 or stride < 1:
+        raise ValueError(f"need n >= 1 and stride >= 1, got n={n}, stride={stride}")
+    first = stride // 2 if stride // 2 < n else n // 2
+    return np.arange(first, n, stride, dtype=np.int64)
 
 
 def working_set(order: IntArray, offsets: IntArray, n: int, window: int) -> float:

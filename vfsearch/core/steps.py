@@ -243,6 +243,7 @@ def eval_volume(
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    centres: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TP, FP, FN (float64 ``(3,)``) of one vertebra's every window, the way `eval_step`
     counts them, with each slice encoded once.
@@ -252,13 +253,18 @@ def eval_volume(
     edge-replicated (`vfsearch.core.windows.window_indices`), so the counts equal those of
     `eval_step` over the ``n`` windows centred on each slice (up to float rounding), at
     about a ``seq_len``-th of the encoder's work. For segmenters with the seams
-    ``encode``/``forward_features`` (`vfsearch.core.fusion.centre_logits`).
+    ``encode``/``forward_features`` (`vfsearch.core.fusion.centre_logits`). ``centres``
+    (ascending slice indices): only the windows centred there
+    (`vfsearch.core.sampling.strided_centres`).
     """
     device = device or next(model.parameters()).device
     x = slices.to(device, non_blocking=True)
     with torch.inference_mode(), autocast(device, amp_dtype):
-        logits = centre_logits(model, x, seq_len, reuse=True, batch_size=batch_size)
+        logits = centre_logits(
+            model, x, seq_len, reuse=True, batch_size=batch_size, centres=centres
+        )
     pred = torch.sigmoid(logits.float()) > threshold
+    target = target if centres is None else target[centres]
     return confusion_counts(pred, target.to(device, non_blocking=True)).cpu()
 
 

@@ -37,6 +37,7 @@ from vfsearch.core.config import Config, TrainConfig
 from vfsearch.core.losses import SegLoss, build_loss, gan_d_loss
 from vfsearch.core.metrics import scores
 from vfsearch.core.models import build_discriminator, build_model
+from vfsearch.core.sampling import val_stride
 from vfsearch.core.steps import eval_step, eval_volume, gan_step, seg_step
 from vfsearch.pipelines.train.hooks import Hooks
 
@@ -229,7 +230,13 @@ class TrainData:
     With ``val_seq_len`` set (a segmenter scored on the centre slice), the validation share
     is whole vertebrae (`VertebraStacks`: vertebrae ``rank, rank + world, ...``), so that
     `validate` encodes each slice once for all the windows that hold it; else windows
-    ``rank, rank + world, ...``."""
+    ``rank, rank + world, ...``.
+
+    Per-epoch validation scores the windows centred on every ``val_stride``-th slice of each
+    vertebra (`vfsearch.core.sampling.val_stride` from ``train.val_windows``: by default all
+    of them, unless ``train.max_windows_per_epoch`` caps the epoch), ``val_windows`` of
+    ``val_total`` in all ranks together; the same windows in every epoch. The end-of-run
+    fused validation (``val_dice3d``) always scores every slice."""
 
     train: WindowDataset
     val: Dataset
@@ -241,6 +248,9 @@ class TrainData:
     loader: DataLoader
     rank: int = 0
     val_seq_len: int | None = None  # set: `val` holds vertebra stacks (see the docstring)
+    val_stride: int = 1
+    val_windows: int = 0  # windows scored per epoch, all ranks together
+    val_total: int = 0  # windows of the validation split
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -262,10 +272,15 @@ class TrainData:
             store, "train", config.data, augment=config.data.augment > 0, seed=tc.seed
         )
         val_ds = WindowDataset(store, "val", config.data, augment=False, seed=tc.seed)
+        capped = 0 < tc.max_windows_per_epoch < len(train_ds)
+        stride = val_stride(
+            len(val_ds), tc.val_windows, tc.max_windows_per_epoch if capped else None
+        )
+        scored = val_ds.strided(stride)
         val_part: Dataset = (
-            VertebraStacks(val_ds, list(range(rank, len(val_ds.items), world)))
+            VertebraStacks(val_ds, list(range(rank, len(val_ds.items), world)), stride)
             if stacks
-            else Subset(val_ds, list(range(rank, len(val_ds), world)))
+            else Subset(val_ds, scored[rank::world])
         )
         # what prediction needs to preprocess a new scan exactly as this store was made
         store_meta = Store(store).meta if rank == 0 else {}
@@ -304,6 +319,9 @@ class TrainData:
             loader=loader,
             rank=rank,
             val_seq_len=config.data.seq_len if stacks else None,
+            val_stride=stride,
+            val_windows=len(scored),
+            val_total=len(val_ds),
         )
 
     def train_loader(self, epoch: int) -> DataLoader:
@@ -423,9 +441,9 @@ def validate(
     """Summed TP, FP, FN (float64 ``(3,)``) of ``sigmoid(model) > threshold`` over
     ``batches``, in eval mode: this rank's counts, to be summed across ranks before dividing
     (`val_metrics`). ``batches``: windows (`eval_step`), or with ``seq_len`` vertebra stacks
-    (`vfsearch.adapters.dataset.VertebraStacks`): every window centred on a slice of each,
-    counted the same, with each slice encoded once (`eval_volume`, ``batch_size`` windows
-    at a time)."""
+    (`vfsearch.adapters.dataset.VertebraStacks`): every window centred on a slice of each
+    (or on its ``centres``), counted the same, with each slice encoded once (`eval_volume`,
+    ``batch_size`` windows at a time)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
@@ -438,6 +456,7 @@ def validate(
                 batch["target"],
                 seq_len,
                 threshold,
+                centres=batch.get("centres"),
                 batch_size=batch_size,
                 amp_dtype=amp_dtype,
                 device=device,
@@ -563,6 +582,7 @@ def run_epoch(
         "epoch_time": epoch_time,
         "train_time": train_time,
         "windows_per_s": total_windows / max(train_time, 1e-9),
+        "val_windows": data.val_windows,
         "gan_active": float(gan_active),
         "epoch": epoch,
         "resumed_from_epoch": state.resumed_from,

@@ -139,6 +139,12 @@ def run_worker(loop: dict[str, Any], session: Session) -> None:
     echo = _line_sender(loop.get("lines") if rank == 0 else None)
     if state.resumed_from:
         echo(f"resumed from epoch {state.resumed_from} of run {loop.get('name')}")
+    if data.val_stride > 1:
+        echo(
+            f"per-epoch validation: {data.val_windows} of {data.val_total} windows, one slice "
+            f"in {data.val_stride} of each vertebra (train.val_windows); val_dice3d at the "
+            f"end scores every slice"
+        )
     hooks = fault_hooks(loop.get("fault"))
     clock = _StartClock(loop.get("t_launch"), t_entry, tracker)
     hooks.after_step.append(clock)
