@@ -35,6 +35,36 @@ def _windows(slices: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.stack([slices[window_indices(t, seq_len, n)] for t in range(n)])
 
 
+def _stacks_count_like_windows(model, windows, data) -> tuple[float, torch.Tensor]:
+    """Validation counts of vertebra stacks (``data``) against window by window through the
+    whole model (``windows``), at a threshold where the untrained model claims half the
+    pixels: equal up to float rounding. Returns the threshold and the stacks' counts."""
+    with torch.inference_mode():
+        probs = torch.cat(
+            [torch.sigmoid(model(b["image"])["logits"]) for b in windows.val_loader()]
+        )
+    threshold = float(probs.quantile(0.5))
+    by_window = validate(model, windows.val_loader(), threshold, device=CPU)
+    by_stack = validate(model, data.val_loader(), threshold, seq_len=5, device=CPU)
+    assert by_window[0] + by_window[2] > 0 and by_window[1] > 0  # the val case has fracture
+    assert (by_stack - by_window).abs().max() <= 3
+    return threshold, by_stack
+
+
+def _two_ranks(store, cfg, model, threshold: float) -> torch.Tensor:
+    """The sum of two ranks' validation counts, each over its own vertebra stacks."""
+    return sum(
+        validate(
+            model,
+            TrainData.open(store, cfg, rank=r, world=2, device=CPU, stacks=True).val_loader(),
+            threshold,
+            seq_len=5,
+            device=CPU,
+        )
+        for r in (0, 1)
+    )
+
+
 @pytest.mark.parametrize("temporal", ["lstm", "convlstm", "none"])
 def test_centre_logits_reuse_equals_every_window_through_the_model(temporal):
     model = _model(temporal)
@@ -85,28 +115,9 @@ def test_train_data_validates_vertebra_stacks_like_windows_on_a_real_store(small
     assert sum(s["image"].shape[0] for s in stacks) == n_windows  # every window once
     assert all(s["image"].shape[1:] == (32, 32) for s in stacks)
     model = parts.inner
-    # a low threshold: the untrained model then claims many pixels
-    with torch.inference_mode():
-        probs = torch.cat(
-            [torch.sigmoid(model(b["image"])["logits"]) for b in windows.val_loader()]
-        )
-    threshold = float(probs.quantile(0.5))
-    by_window = validate(model, windows.val_loader(), threshold, device=CPU)
-    by_stack = validate(model, data.val_loader(), threshold, seq_len=5, device=CPU)
-    assert by_window[0] + by_window[2] > 0 and by_window[1] > 0  # the val case has fracture
-    assert (by_stack - by_window).abs().max() <= 3
+    threshold, by_stack = _stacks_count_like_windows(model, windows, data)
     # two ranks' vertebra shares add up to the whole split
-    shares = [
-        validate(
-            model,
-            TrainData.open(small_store, cfg, rank=r, world=2, device=CPU, stacks=True).val_loader(),
-            threshold,
-            seq_len=5,
-            device=CPU,
-        )
-        for r in (0, 1)
-    ]
-    assert torch.equal(shares[0] + shares[1], by_stack)
+    assert torch.equal(_two_ranks(small_store, cfg, model, threshold), by_stack)
     # a crop larger than the cache is read whole, to the same stack
     uncached = WindowDataset(small_store, "val", cfg.data, cache_bytes=0)
     for k in range(len(uncached.items)):
@@ -180,25 +191,7 @@ def test_a_capped_epoch_validates_a_strided_subset_with_the_same_counts_per_wind
     assert len({windows.val.dataset.locate(i)[0] for i in windows.val.indices}) == len(
         data.val.windows.items
     )  # ... and every vertebra represented
-    with torch.inference_mode():
-        probs = torch.cat(
-            [torch.sigmoid(model(b["image"])["logits"]) for b in windows.val_loader()]
-        )
-    threshold = float(probs.quantile(0.5))
-    by_window = validate(model, windows.val_loader(), threshold, device=CPU)
-    by_stack = validate(model, data.val_loader(), threshold, seq_len=5, device=CPU)
+    threshold, by_stack = _stacks_count_like_windows(model, windows, data)
     every = validate(model, full.val_loader(), threshold, seq_len=5, device=CPU)
-    assert by_window[0] + by_window[2] > 0 and by_window[1] > 0
-    assert (by_stack - by_window).abs().max() <= 3
     assert every.sum() > 2 * by_stack.sum()  # a subset, not the whole split
-    shares = [
-        validate(
-            model,
-            TrainData.open(small_store, cfg, rank=r, world=2, device=CPU, stacks=True).val_loader(),
-            threshold,
-            seq_len=5,
-            device=CPU,
-        )
-        for r in (0, 1)
-    ]
-    assert torch.equal(shares[0] + shares[1], by_stack)
+    assert torch.equal(_two_ranks(small_store, cfg, model, threshold), by_stack)
