@@ -139,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                     loader = d.val_loader()
                     for _ in range(args.repeat + 1):
                         t = time.perf_counter()
-                        validate(parts.inner, loader, 0.5, seq_len=d.val_seq_len, device=cpu)
+                        validate(
+                            parts.inner,
+                            loader,
+                            config.train.val_threshold,
+                            seq_len=d.val_seq_len,
+                            device=cpu,
+                        )
                         times[name].append(time.perf_counter() - t)
                     times[name] = times[name][1:]  # the first pass warms the cache
                 print(

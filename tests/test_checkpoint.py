@@ -456,6 +456,7 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
         "epoch_time",
         "train_time",
         "windows_per_s",
+        "val_windows",
         "gan_active",
         "epoch",
         "resumed_from_epoch",
@@ -463,6 +464,7 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
     ]
     positives = float(sum(w["target"].sum() for w in val.items))
     assert metrics["val_tp"] + metrics["val_fn"] == positives
+    assert metrics["val_windows"] == len(val.items)  # every window of a hand-built split
     assert metrics["epoch"] == 1 and metrics["best_epoch"] == 1 and not stop
     assert kept == [1] and state.best == {"epoch": 1, "val_dice": metrics["val_dice"]}
     assert metrics["lr"] == parts.opt_g.param_groups[0]["lr"]

@@ -40,7 +40,7 @@ def test_yaml_nested_and_dotted(tmp_path):
         (["model.depth=five"], "model.depth must be int"),
         (["loss.adv_weight=0.1"], "needs model.gan=true"),
         (["data.patch_size=100", "model.depth=4"], "divisible"),
-        (["train.val_windows=-2"], "train.val_windows must be >= 0, or -1 for auto"),
+        (["train.val_windows=-2"], "train.val_windows must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):

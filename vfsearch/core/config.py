@@ -134,7 +134,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     val_threshold: float = 0.5  # probability above which a validation pixel is positive
     val_windows: int = -1  # per-epoch validation windows, evenly strided over every
-    #                        vertebra: 0 all; N about N at most; -1 auto: about twice the
+    #                        vertebra: 0 all; N about N; -1 auto: about twice the
     #                        epoch's training windows when max_windows_per_epoch caps the
     #                        epoch, else all. val_dice3d (the sweep metric) scores every slice
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
@@ -436,16 +436,12 @@ def validate_train(train: TrainConfig, *, source: str = "config") -> TrainConfig
         "num_workers",
         "max_windows_per_epoch",
         "max_failures",
+        "val_windows",
     ):
-        if getattr(train, key) < 0 and not (
-            key in ("max_failures", "num_workers") and getattr(train, key) == -1
-        ):
-            auto = " (or -1: auto)" if key in ("max_failures", "num_workers") else ""
+        with_auto = key in ("max_failures", "num_workers", "val_windows")
+        if getattr(train, key) < 0 and not (with_auto and getattr(train, key) == -1):
+            auto = " (or -1: auto)" if with_auto else ""
             raise UserError(f"{source}: train.{key} must be >= 0{auto}, got {getattr(train, key)}")
-    if train.val_windows < -1:
-        raise UserError(
-            f"{source}: train.val_windows must be >= 0, or -1 for auto; got {train.val_windows}"
-        )
     if train.gan_start_epoch < -1:
         raise UserError(
             f"{source}: train.gan_start_epoch must be >= 0, or -1 for epochs // 2; "

@@ -158,7 +158,8 @@ def val_stride(n_val: int, val_windows: int, epoch_windows: int | None) -> int:
     """Every how many slices per-epoch validation takes a window's centre, for ``n_val``
     validation windows in all.
 
-    ``val_windows``: 0 scores them all; ``N > 0`` about ``N`` at most; -1 (auto) about
+    ``val_windows``: 0 scores them all; ``N > 0`` about ``N`` (the stride rounds per
+    vertebra: up to about one more window per two vertebrae); -1 (auto) about
     ``VAL_PER_TRAIN x epoch_windows`` when the epoch is capped to ``epoch_windows`` training
     windows (``train.max_windows_per_epoch``; None: the epoch is the whole training split),
     else all. A validation window costs about a third of a training window (no backward

@@ -254,7 +254,7 @@ def eval_volume(
     `eval_step` over the ``n`` windows centred on each slice (up to float rounding), at
     about a ``seq_len``-th of the encoder's work. For segmenters with the seams
     ``encode``/``forward_features`` (`vfsearch.core.fusion.centre_logits`). ``centres``
-    (ascending slice indices): only the windows centred there
+    (ascending slice indices, a CPU array or tensor): only the windows centred there
     (`vfsearch.core.sampling.strided_centres`).
     """
     device = device or next(model.parameters()).device

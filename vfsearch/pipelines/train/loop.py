@@ -249,9 +249,16 @@ class TrainData:
     rank: int = 0
     val_seq_len: int | None = None  # set: `val` holds vertebra stacks (see the docstring)
     val_stride: int = 1
-    val_windows: int = 0  # windows scored per epoch, all ranks together
-    val_total: int = 0  # windows of the validation split
+    val_windows: int = -1  # windows scored per epoch, all ranks together (-1: len(val))
+    val_total: int = -1  # windows of the validation split (-1: len(val))
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # built by hand around a dataset of windows: every one of them is scored
+        if self.val_windows < 0:
+            self.val_windows = len(self.val)  # type: ignore[arg-type]
+        if self.val_total < 0:
+            self.val_total = self.val_windows
 
     @classmethod
     def open(
@@ -272,10 +279,14 @@ class TrainData:
             store, "train", config.data, augment=config.data.augment > 0, seed=tc.seed
         )
         val_ds = WindowDataset(store, "val", config.data, augment=False, seed=tc.seed)
-        capped = 0 < tc.max_windows_per_epoch < len(train_ds)
-        stride = val_stride(
-            len(val_ds), tc.val_windows, tc.max_windows_per_epoch if capped else None
+        n_train = (
+            len(train_ds)
+            if tc.max_windows_per_epoch <= 0
+            else min(len(train_ds), tc.max_windows_per_epoch)
         )
+        # an epoch capped below the training split validates a strided subset (auto)
+        capped = n_train if n_train < len(train_ds) else None
+        stride = val_stride(len(val_ds), tc.val_windows, capped)
         scored = val_ds.strided(stride)
         val_part: Dataset = (
             VertebraStacks(val_ds, list(range(rank, len(val_ds.items), world)), stride)
@@ -298,11 +309,6 @@ class TrainData:
         if workers > 0:
             loader_kw["multiprocessing_context"] = "spawn"  # zarr and fork do not mix
             loader_kw["prefetch_factor"] = 4 if device.type == "cuda" else 2
-        n_train = (
-            len(train_ds)
-            if tc.max_windows_per_epoch <= 0
-            else min(len(train_ds), tc.max_windows_per_epoch)
-        )
         steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / tc.batch_size))
         sampler = EpochSampler(
             train_ds, n_train, rank=rank, world=world, open_vertebrae=config.data.open_vertebrae

@@ -101,14 +101,18 @@ def tune_trial_loop(loop: dict[str, Any]) -> None:
     from vfsearch.adapters.ray_backend import TuneSession, prewarm_imports
 
     prewarm_imports()  # the first trial in a process: overlaps the model and data set-up
+    finished = False
     try:
         run_worker(loop, TuneSession())
+        finished = True
     finally:
         gc.collect()  # data loaders, models and optimisers of this trial
-        # what survives (modules, caches: ~475,000 objects with torch, Ray and MLflow
-        # imported) leaves the collector's view: a full collection cost ~0.3-0.4 s per
-        # trial, now it sees only what the next trial creates (the automatic ones too)
-        gc.freeze()
+        if finished:
+            # what survives (modules, caches: ~475,000 objects with torch, Ray and MLflow
+            # imported) leaves the collector's view: a full collection cost ~0.3-0.4 s per
+            # trial, now it sees only what the next trial creates (the automatic ones too).
+            # Not after a failure: its traceback may still hold the trial's tensors
+            gc.freeze()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
