@@ -37,8 +37,9 @@ import numpy as np
 
 
 def dice(counts: np.ndarray) -> float:
-    tp, fp, fn = (float(c) for c in counts)
-    return 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else 1.0
+    from vfsearch.core.metrics import scores
+
+    return scores(counts.tolist())["dice"]  # the product's rule, an empty split included
 
 
 def per_slice_counts(model, data, threshold: float) -> list[np.ndarray]:
@@ -47,6 +48,7 @@ def per_slice_counts(model, data, threshold: float) -> list[np.ndarray]:
     import torch
 
     from vfsearch.core.fusion import centre_logits
+    from vfsearch.core.metrics import confusion_counts
 
     out = []
     model.eval()
@@ -54,11 +56,8 @@ def per_slice_counts(model, data, threshold: float) -> list[np.ndarray]:
         item = data.val.windows.vertebra(k)
         with torch.inference_mode():
             logits = centre_logits(model, item["image"], data.val_seq_len, batch_size=32)
-        pred, target = torch.sigmoid(logits) > threshold, item["target"] > 0.5
-        tp = (pred & target).flatten(1).sum(1)
-        fp = (pred & ~target).flatten(1).sum(1)
-        fn = (~pred & target).flatten(1).sum(1)
-        out.append(torch.stack([tp, fp, fn], 1).double().numpy())
+        pred = torch.sigmoid(logits) > threshold
+        out.append(confusion_counts(pred, item["target"], dims=(1, 2)).numpy())  # (n, 3)
     return out
 
 
