@@ -142,13 +142,15 @@ def centre_logits(
     ``reuse=True`` encodes each slice once and assembles the windows from its bottleneck and
     skips (`infer_slices`'s seams); ``reuse=False`` runs ``model(windows)`` on each window.
     ``centres`` (ascending slice indices): only those slices' logits ``(len(centres), H, W)``,
-    and only the slices their windows hold are encoded.
+    and only the slices their windows hold are encoded. A model that reads the centre slice
+    alone (``model.centre_only``: ``temporal="none"``) has only the centres encoded.
     """
     import torch
 
     n = x.shape[0]
-    windows = torch.from_numpy(all_windows(n, seq_len, centres)).to(x.device)  # (m, T)
-    centre = seq_len // 2
+    span = 1 if reuse and getattr(model, "centre_only", False) else seq_len
+    windows = torch.from_numpy(all_windows(n, span, centres)).to(x.device)  # (m, T)
+    centre = span // 2
     parts = []
     if reuse:
         if centres is None:

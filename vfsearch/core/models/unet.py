@@ -163,6 +163,13 @@ class AttentionUNet25D(nn.Module):
 
     # -- seams ---------------------------------------------------------------------------
 
+    @property
+    def centre_only(self) -> bool:
+        """True when the output depends on the window's centre slice alone (``temporal="none"``
+        predicting the centre): a caller assembling windows (`forward_features`) need encode
+        no other slice."""
+        return self.temporal_kind == "none" and not self.predict_all_slices
+
     def encode(self, slices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Single slices ``(N, 1, H, W)`` -> bottleneck ``(N, C, H/2**D, W/2**D)`` and skips
         ``[(N, C_l, H/2**l, W/2**l) for l in 0..D-1]``. ``N`` is any flat batch of slices."""
@@ -210,7 +217,7 @@ class AttentionUNet25D(nn.Module):
             raise ValueError(
                 f"H and W must be divisible by 2**depth = {2**self.depth}, got {h}x{w}"
             )
-        if self.temporal_kind == "none" and not self.predict_all_slices:
+        if self.centre_only:
             window = window[:, t // 2 : t // 2 + 1]  # centre only: others cannot matter
             t = 1
         bottleneck, skips = self.encode(window.reshape(b * t, 1, h, w))
