@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 
@@ -27,3 +28,22 @@ def importer(
     load.__name__ = load.__qualname__ = f"load_{name.replace('.', '_')}"
     load.__doc__ = f"The {name} module, imported on first use."
     return load
+
+
+def import_in_background(names: Iterable[str]) -> threading.Thread:
+    """Import modules ``names`` in order in a daemon thread, and return it started: the
+    first real use then finds them loaded (or waits on the import lock for the one under
+    way). An import that fails stops the thread quietly: the real use imports it again and
+    reports the error."""
+    names = tuple(names)
+
+    def work() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - see the docstring
+                return
+
+    thread = threading.Thread(target=work, name="vfsearch-prewarm", daemon=True)
+    thread.start()
+    return thread

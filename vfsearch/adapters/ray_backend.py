@@ -18,13 +18,13 @@ a function trainable, where a one-worker trial runs the same loop in the trial's
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 from typing import Any
 
 import torch
 from ray.train.torch import TorchConfig
+
+from vfsearch.adapters.lazy import import_in_background
 
 PREWARM_MODULES: tuple[str, ...] = (
     "torch._dynamo",
@@ -38,15 +38,7 @@ PREWARM_MODULES: tuple[str, ...] = (
 
 def prewarm_imports() -> None:
     """Import `PREWARM_MODULES` in a daemon thread and return at once."""
-
-    def work() -> None:
-        for name in PREWARM_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the loop imports it again and reports errors
-                return
-
-    threading.Thread(target=work, name="vfsearch-prewarm", daemon=True).start()
+    import_in_background(PREWARM_MODULES)
 
 
 # Ray's own torch backend class, reached through the public `TorchConfig.backend_cls`

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vfsearch.adapters import progress, tracking
+from vfsearch.adapters.lazy import import_in_background
 from vfsearch.adapters.plots import plot_importances
 from vfsearch.adapters.ray_runtime import connect_ray
 from vfsearch.adapters.search_space import SearchSpace, load_space, resolve_space
@@ -87,6 +88,9 @@ class SweepContext:
     cpus_per_worker: float
     in_process: bool = False  # one-worker trials: the loop in the trial's process
     fault: dict[str, Any] | None = None  # test hook (see `run_training`)
+
+
+SUMMARY_MODULES: tuple[str, ...] = ("optuna.importance",)  # what `_importances` imports
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -608,6 +612,9 @@ def tune(
                     checkpoint_config=checkpoint_config,
                 ),
             )
+        # the sweep's summary needs Optuna's importance module, which imports scikit-learn
+        # (~1.8 s): loaded while the trials run, not after them
+        import_in_background(SUMMARY_MODULES)
         grid = tuner.fit()
     except BaseException:
         tracker.end_run(parent, "KILLED")

@@ -189,13 +189,16 @@ def run_worker(loop: dict[str, Any], session: Session) -> None:
         if not state.resumed_from:
             metrics.update(clock.metrics())
         # rank 0 logs before the report barrier, so that the other ranks wait there rather
-        # than inside the next epoch's timed training phase
+        # than inside the next epoch's timed training phase; the MLflow round trip overlaps
+        # the checkpoint write, and is waited for before the report
+        logged = None
         if tracker is not None:
-            state.run_id = tracker.log_metrics(metrics, step=epoch)
+            state.run_id = tracker.ready()
+            logged = tracker.log_metrics_soon(metrics, step=epoch)
         epoch_times.append(metrics["epoch_time"])  # this attempt's: remaining x mean is the ETA
         eta = 0.0 if stop else (tc.epochs - epoch) * sum(epoch_times) / len(epoch_times)
         echo(format_epoch(epoch, tc.epochs, metrics, eta))
-        report(metrics, f"epoch_{epoch:04d}")
+        report(metrics, f"epoch_{epoch:04d}", before_report=logged)
         hooks.epoch_end(epoch, rank)
         if stop:
             echo(
@@ -245,9 +248,11 @@ def _save_and_report(
     world: int,
     loop: Mapping[str, Any],
     tracker: _RankZeroRun | None,
+    before_report: Callable[[], Any] | None = None,
 ) -> None:
     """Every rank's share of the checkpoint (`save_checkpoint`), and one report (Ray Train's
-    ``report``, or Tune's for a trial run in-process)."""
+    ``report``, or Tune's for a trial run in-process). ``before_report``: called between
+    the two (to wait for work that overlapped the checkpoint write)."""
     with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
         save_checkpoint(
             tmp,
@@ -260,6 +265,8 @@ def _save_and_report(
             experiment_id=tracker.experiment_id if tracker else "",
             metrics=metrics,
         )
+        if before_report is not None:
+            before_report()
         # a barrier: every rank reports once; the folders merge into one
         session.report(metrics if rank == 0 else {}, tmp, dir_name)
 
@@ -607,6 +614,28 @@ class _RankZeroRun:
             metrics = {k: v for k, v in metrics.items() if (k, step) not in self.logged}
         self.tracker.log_metrics(run_id, metrics, step=step)
         return run_id
+
+    def log_metrics_soon(self, metrics: Mapping[str, Any], step: int) -> Callable[[], None]:
+        """`log_metrics` in a thread of its own, so that the round trip overlaps what the
+        caller does next; returns the function that waits for it (and re-raises its error).
+        Call `ready` first: the run must exist."""
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.log_metrics(metrics, step)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+                error.append(exc)
+
+        thread = threading.Thread(target=work, name="vfsearch-mlflow-log", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if error:
+                raise error[0]
+
+        return wait
 
     def finish(self, best_state: Mapping[str, Any] | None) -> None:
         """Config and best checkpoint as artifacts, then end the run FINISHED."""
