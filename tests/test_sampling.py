@@ -114,8 +114,9 @@ def test_bad_arguments_are_refused(rank, world, k):
 
 def test_val_stride_scores_all_unless_an_epoch_is_capped_or_a_cap_is_given():
     assert sampling.val_stride(528, -1, None) == 1  # auto, the epoch is the training split
-    assert sampling.val_stride(528, -1, 48) == 6  # auto: about 2 x 48 = 96 windows
-    assert sampling.val_stride(80, -1, 48) == 1  # fewer than twice the epoch: all
+    assert sampling.VAL_PER_TRAIN == 1
+    assert sampling.val_stride(528, -1, 48) == 11  # auto: about as many as the epoch, 48
+    assert sampling.val_stride(40, -1, 48) == 1  # fewer than the epoch trains: all
     assert sampling.val_stride(528, 0, 48) == 1  # 0: all, even for a capped epoch
     assert sampling.val_stride(528, 100, None) == 6  # an explicit cap
     with pytest.raises(ValueError):

@@ -10,6 +10,7 @@ from vfsearch.adapters.dataset import WindowDataset
 from vfsearch.core import fusion
 from vfsearch.core.config import load_config
 from vfsearch.core.models.registry import build_model
+from vfsearch.core.sampling import VAL_PER_TRAIN
 from vfsearch.core.steps import eval_step, eval_volume
 from vfsearch.core.windows import window_indices
 from vfsearch.pipelines.train.loop import TrainData, setup, validate
@@ -160,12 +161,16 @@ def test_centre_logits_at_chosen_centres_equal_those_rows_and_encode_only_their_
     assert some.shape == (4, 32, 32)
     torch.testing.assert_close(some, every[centres], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(naive, every[centres], atol=1e-5, rtol=1e-4)
-    # windows around 1, 5, 9, 12 hold slices 0-3, 3-7, 7-11, 10-12: all 13 with T=5 ...
-    assert n_every == 13 and n_some == 13
+    assert n_every == 13
     encoded.clear()
     with torch.inference_mode():
         fusion.centre_logits(model, slices, 5, batch_size=3, centres=torch.tensor([2, 10]))
-    assert sum(encoded) == 10  # ... but only slices 0-4 and 8-12 around 2 and 10
+    if temporal == "none":  # the model reads the centre alone: only the centres are encoded
+        assert model.centre_only and n_some == 4 and sum(encoded) == 2
+    else:
+        # windows around 1, 5, 9, 12 hold slices 0-3, 3-7, 7-11, 10-12: all 13 with T=5 ...
+        assert not model.centre_only and n_some == 13
+        assert sum(encoded) == 10  # ... but only slices 0-4 and 8-12 around 2 and 10
 
 
 def test_a_capped_epoch_validates_a_strided_subset_with_the_same_counts_per_window(
@@ -173,13 +178,14 @@ def test_a_capped_epoch_validates_a_strided_subset_with_the_same_counts_per_wind
 ):
     base = [*TINY, "model.temporal=lstm", "train.batch_size=4"]
     cfg_all = load_config(None, base)
-    cfg = load_config(None, [*base, "train.max_windows_per_epoch=8"])  # auto: about 16
+    cfg = load_config(None, [*base, "train.max_windows_per_epoch=8"])  # auto: about 8
     parts, full = setup(small_store, cfg_all, rank=0, world=1, device=CPU)
     assert full.val_stride == 1 and full.val_windows == full.val_total  # an uncapped epoch
     data = TrainData.open(small_store, cfg, rank=0, world=1, device=CPU, stacks=True)
     stride = data.val_stride
-    assert stride == -(-data.val_total // 16) > 1
-    assert data.val_windows <= 16 + len(data.val.windows.items)  # one per vertebra at most more
+    cap = VAL_PER_TRAIN * 8
+    assert stride == -(-data.val_total // cap) > 1
+    assert data.val_windows <= cap + len(data.val.windows.items)  # one per vertebra at most more
     explicit = load_config(None, [*base, "train.max_windows_per_epoch=8", "train.val_windows=0"])
     assert TrainData.open(small_store, explicit, rank=0, world=1, device=CPU).val_stride == 1
     model = parts.inner

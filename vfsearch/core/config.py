@@ -134,7 +134,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     val_threshold: float = 0.5  # probability above which a validation pixel is positive
     val_windows: int = -1  # per-epoch validation windows, evenly strided over every
-    #                        vertebra: 0 all; N about N; -1 auto: about twice the
+    #                        vertebra: 0 all; N about N; -1 auto: about as many as the
     #                        epoch's training windows when max_windows_per_epoch caps the
     #                        epoch, else all. val_dice3d (the sweep metric) scores every slice
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)

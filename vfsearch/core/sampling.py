@@ -151,7 +151,7 @@ def _interleave(items: IntArray, groups: IntArray, k: int, rng: np.random.Genera
     return out
 
 
-VAL_PER_TRAIN = 2  # auto: an epoch capped to N training windows validates about 2N windows
+VAL_PER_TRAIN = 1  # auto: an epoch capped to N training windows validates about N windows
 
 
 def val_stride(n_val: int, val_windows: int, epoch_windows: int | None) -> int:
@@ -163,7 +163,8 @@ def val_stride(n_val: int, val_windows: int, epoch_windows: int | None) -> int:
     ``VAL_PER_TRAIN x epoch_windows`` when the epoch is capped to ``epoch_windows`` training
     windows (``train.max_windows_per_epoch``; None: the epoch is the whole training split),
     else all. A validation window costs about a third of a training window (no backward
-    pass), so auto keeps validation below the epoch's training time.
+    pass), so auto keeps validation near a third of the epoch's training time
+    (`benchmarks/val_subset.py` measures what the subset keeps of the whole split's signal).
     """
     if val_windows < -1:
         raise ValueError(f"val_windows must be >= -1, got {val_windows}")
