@@ -130,7 +130,11 @@ def test_an_epoch_run_again_after_a_lost_checkpoint_is_logged_once(small_store, 
     again = _RankZeroRun(loop, run_id=None, resumed_from=0, digest=0.0)
     assert again.log_metrics({"val_dice": 0.15, "train/loss": 0.9}, step=1) == rid
     again.log_metrics({"val_dice": 0.25, "val_dice3d": 0.5}, step=2)
-    again.log_metrics({"val_dice": 0.3}, step=3)
+    # in the background (overlapping the checkpoint write), waited for before the report
+    again.log_metrics_soon({"val_dice": 0.3}, step=3)()
+    wait = again.log_metrics_soon({"bad key!": 1.0}, step=3)  # MLflow refuses the name
+    with pytest.raises(Exception, match="bad key!"):
+        wait()  # the background thread's error reaches the caller
     c = client(mlflow_server)
     history = {m.step: m.value for m in c.get_metric_history(rid, "val_dice")}
     assert len(c.get_metric_history(rid, "val_dice")) == 3
