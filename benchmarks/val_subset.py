@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    strides = sorted({2, 4, 8, stride, 2 * stride})
+    strides = sorted({2, 4, 6, 8, 12, stride, 2 * stride})
     print(f"\n{'stride':>8}{'spearman':>10}{'best ep':>9}{'rungs':>8}{'regret':>9}")
     figures = {}
     for s in strides:

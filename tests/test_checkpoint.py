@@ -483,3 +483,55 @@ def test_run_epoch_trains_validates_and_tracks(monkeypatch):
     )
     assert stop and metrics["early_stopped"] == 1.0 and kept == [1]
     assert state.epoch == 2 and state.since_best == 1
+
+
+def test_the_overlapped_log_is_waited_for_after_the_checkpoint_and_before_the_report(
+    monkeypatch,
+):
+    """`_save_and_report` calls ``before_report`` (the wait for rank 0's MLflow log) after
+    the checkpoint is written and before the report, which sees the checkpoint naming the
+    run; when the write fails it still waits, then raises the write's error (a retry must
+    see what that log wrote) and reports nothing."""
+    from vfsearch.pipelines.train import worker
+
+    cfg = load_config(None, TINY)
+    parts = _parts(cfg)
+    state = TrainState(epoch=1, run_id="run-1")
+    order: list[str] = []
+    real_save = worker.save_checkpoint
+
+    def spy_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        order.append("saved")
+
+    class Session:
+        def report(self, metrics, folder, dir_name) -> None:
+            order.append(f"report {dir_name}")
+            ckpt = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+            assert ckpt["mlflow_run_id"] == "run-1"
+
+    save = partial(
+        worker._save_and_report,
+        parts,
+        state,
+        {"val_dice": 0.5},
+        "epoch_0001",
+        session=Session(),
+        rank=0,
+        world=1,
+        loop={"config": cfg.flatten(), "name": "t"},
+        tracker=None,
+        before_report=lambda: order.append("waited"),
+    )
+    monkeypatch.setattr(worker, "save_checkpoint", spy_save)
+    save()
+    assert order == ["saved", "waited", "report epoch_0001"]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(worker, "save_checkpoint", broken)
+    order.clear()
+    with pytest.raises(OSError, match="disk full"):
+        save()
+    assert order == ["waited"]

@@ -34,7 +34,8 @@ def import_in_background(names: Iterable[str]) -> threading.Thread:
     """Import modules ``names`` in order in a daemon thread, and return it started: the
     first real use then finds them loaded (or waits on the import lock for the one under
     way). An import that fails stops the thread quietly: the real use imports it again and
-    reports the error."""
+    reports the error (unless the package itself records a failed optional import, as
+    Optuna's ``try_import`` does, for the feature that needs it)."""
     names = tuple(names)
 
     def work() -> None:

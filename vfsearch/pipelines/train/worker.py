@@ -254,17 +254,24 @@ def _save_and_report(
     ``report``, or Tune's for a trial run in-process). ``before_report``: called between
     the two (to wait for work that overlapped the checkpoint write)."""
     with tempfile.TemporaryDirectory(prefix="vfsearch-ckpt-") as tmp:
-        save_checkpoint(
-            tmp,
-            parts,
-            state,
-            rank=rank,
-            world=world,
-            config=loop["config"],
-            name=loop.get("name", ""),
-            experiment_id=tracker.experiment_id if tracker else "",
-            metrics=metrics,
-        )
+        try:
+            save_checkpoint(
+                tmp,
+                parts,
+                state,
+                rank=rank,
+                world=world,
+                config=loop["config"],
+                name=loop.get("name", ""),
+                experiment_id=tracker.experiment_id if tracker else "",
+                metrics=metrics,
+            )
+        except BaseException:
+            if before_report is not None:
+                # let the overlapping work end first: a retry reads what it logged
+                with contextlib.suppress(Exception):
+                    before_report()
+            raise
         if before_report is not None:
             before_report()
         # a barrier: every rank reports once; the folders merge into one
