@@ -366,3 +366,28 @@ def test_mlflow_artifact_bars_are_off_unless_the_user_asks(monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
     client.Tracker("http://127.0.0.1:9").client  # noqa: B018
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "true"
+
+
+def test_mlflow_sends_no_telemetry_unless_the_user_asks(tmp_path):
+    """Importing the tracking package turns MLflow's usage telemetry off before mlflow loads
+    (a real import, in a clean process: pytest's and CI's variables would turn it off
+    anyway); a user's explicit setting wins."""
+    code = (
+        "import vfsearch.adapters.tracking, mlflow\n"
+        "from mlflow.telemetry import get_telemetry_client\n"
+        "print(get_telemetry_client() is not None)"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+
+    def telemetry_on(**extra: str) -> bool:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            encoding="utf-8",
+            check=True,
+            env={**env, **extra},
+        )
+        return out.stdout.strip().splitlines()[-1] == "True"
+
+    assert not telemetry_on()
+    assert telemetry_on(MLFLOW_DISABLE_TELEMETRY="false")

@@ -11,9 +11,19 @@
 * `pyfunc`: the pyfunc model of an export bundle.
 
 Importing this package imports no mlflow (nor `registry` and `pyfunc`): the calls do.
+
+It does set one MLflow default for the process and the servers it starts, before anything
+here imports mlflow: no usage telemetry (``MLFLOW_DISABLE_TELEMETRY``). MLflow 3 otherwise
+sends usage records from every process that imports it (each trial's too), and writes an
+installation id under the home folder; a platform for patients' scans sends nothing
+anywhere unless asked. A user's explicit setting wins.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from vfsearch.adapters.tracking.client import Tracker
 from vfsearch.adapters.tracking.schema import ENV_URI, SHARED_VIEW_TAG
