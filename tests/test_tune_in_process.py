@@ -4,6 +4,7 @@ to Tune, and is retried by Tune from its last checkpoint."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,25 @@ from sweeps import children, write_space
 
 from vfsearch.adapters.tracking.schema import STATUS_TAG
 from vfsearch.pipelines.tune import max_concurrent_trials, trial_resources
+
+
+def test_a_process_freezes_its_imports_once_before_its_first_run(monkeypatch):
+    """`freeze_imports`: the first run in a process moves what exists to the permanent
+    generation; a later run (after a failed one, say) freezes nothing it made."""
+    from vfsearch.pipelines.train import worker
+
+    monkeypatch.setattr(worker, "_imports_frozen", False)
+    gc.unfreeze()
+    try:
+        assert worker.freeze_imports() is True
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # this process's modules, functions, classes...
+        made_by_a_run = [[i] for i in range(1000)]  # tracked containers
+        assert worker.freeze_imports() is False
+        assert gc.get_freeze_count() == frozen
+        assert gc.is_tracked(made_by_a_run[0])
+    finally:
+        gc.unfreeze()
 
 
 def test_in_process_trials_ask_for_their_worker_and_no_driver():
