@@ -810,6 +810,7 @@ def test_mlflow_dockerfile_has_auth_postgres_and_s3_support():
         assert package in install
     assert dict(steps).get("USER") not in (None, "root", "0")
     assert "entrypoint.py" in dict(steps)["ENTRYPOINT"]
+    assert dict(steps).get("ENV") == "MLFLOW_DISABLE_TELEMETRY=true"  # sends nothing anywhere
 
 
 def test_all_cluster_yaml_parses():

@@ -28,10 +28,30 @@ def test_a_process_freezes_its_imports_once_before_its_first_run(monkeypatch):
         assert frozen > 1000  # this process's modules, functions, classes...
         made_by_a_run = [[i] for i in range(1000)]  # tracked containers
         assert worker.freeze_imports() is False
-        assert gc.get_freeze_count() == frozen
-        assert gc.is_tracked(made_by_a_run[0])
+        assert gc.get_freeze_count() == frozen  # none of the run's objects frozen
+        assert len(made_by_a_run) == 1000
     finally:
         gc.unfreeze()
+
+
+def test_both_worker_loops_freeze_the_imports_before_the_run(monkeypatch):
+    """A Train worker and an in-process trial call `freeze_imports` before `run_worker`; the
+    trial also collects, then freezes, after a run that finished."""
+    from vfsearch.adapters import ray_backend
+    from vfsearch.pipelines.train import worker
+
+    calls: list[str] = []
+    monkeypatch.setattr(worker, "freeze_imports", lambda: calls.append("freeze_imports"))
+    monkeypatch.setattr(
+        worker, "run_worker", lambda loop, session: calls.append(type(session).__name__)
+    )
+    monkeypatch.setattr(ray_backend, "prewarm_imports", lambda: None)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("gc.freeze"))
+    worker.train_loop_per_worker({})
+    assert calls == ["freeze_imports", "TrainSession"]
+    calls.clear()
+    worker.tune_trial_loop({})
+    assert calls == ["freeze_imports", "TuneSession", "gc.freeze"]
 
 
 def test_in_process_trials_ask_for_their_worker_and_no_driver():
