@@ -179,8 +179,11 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(cluster, small_store, tmp
 def test_worker_node_lost_mid_sweep(cluster, small_store, mlflow_server, tmp_path):
     """The second node is killed (SIGKILL of its raylet and workers) after its trial has
     checkpointed an epoch: that trial resumes from its checkpoint on the head, the sweep
-    completes, no trial is lost and no MLflow run doubled."""
-    epochs = 4
+    completes, no trial is lost and no MLflow run doubled. Enough epochs that the trial is
+    still training when its node dies: an epoch of this problem takes about 0.5 s, and the
+    kill comes a second or two after epoch 2 is logged (with 4 epochs the trial sometimes
+    finished first, and nothing was left to resume)."""
+    epochs = 16
     proc = _sweep(
         cluster,
         small_store,
@@ -207,6 +210,9 @@ def test_worker_node_lost_mid_sweep(cluster, small_store, mlflow_server, tmp_pat
 
     moved = _wait_for(worker_trial_past_epoch_1, proc, what="the worker node's trial at epoch 2")
     cluster.kill_node(cluster.worker)
+    if c.get_run(moved).info.status == "FINISHED":  # ended on its own, before the kill
+        proc.kill()
+        pytest.fail("the worker node's trial finished before its node was killed")
     cluster.wait_dead(cluster.worker)
     _finish(proc)
     kids = _assert_complete(mlflow_server, "node-lost", epochs)
