@@ -15,12 +15,11 @@ from vfsearch.adapters.tracking.schema import STATUS_TAG
 from vfsearch.pipelines.tune import max_concurrent_trials, trial_resources
 
 
-def test_a_process_freezes_its_imports_once_before_its_first_run(monkeypatch):
+def test_a_process_freezes_its_imports_once_before_its_first_run():
     """`freeze_imports`: the first run in a process moves what exists to the permanent
     generation; a later run (after a failed one, say) freezes nothing it made."""
     from vfsearch.pipelines.train import worker
 
-    monkeypatch.setattr(worker, "_imports_frozen", False)
     gc.unfreeze()
     try:
         assert worker.freeze_imports() is True

@@ -85,22 +85,18 @@ class Session(Protocol):
     def report(self, metrics: dict[str, Any], folder: str, dir_name: str) -> None: ...
 
 
-_imports_frozen = False  # this process's first run has frozen its imports (`freeze_imports`)
-
-
 def freeze_imports() -> bool:
     """Once per process, before its first run builds anything: what the imports left (Ray,
     torch, vfsearch: ~480,000 objects) leaves the garbage collector's view, so that the
     automatic full collections during the run walk only what it creates. Measured in fresh
     one-epoch trial processes (2-CPU box, three each): full collections from the process's
     start to the trial's end took 1.14-1.66 s without, 0.86-1.09 s with (most of the rest
-    runs during Ray's and torch's imports, before any vfsearch code). A later run in the
-    same process does not freeze again here: a failed run's garbage must stay collectable
-    (`tune_trial_loop` freezes after a collection instead). True when this call froze."""
-    global _imports_frozen
-    if _imports_frozen:
+    runs during Ray's and torch's imports, before any vfsearch code). Only while nothing is
+    frozen yet: a later run in the same process finds this freeze (or `tune_trial_loop`'s
+    after a collection) and freezes nothing, so a failed run's garbage stays collectable.
+    True when this call froze."""
+    if gc.get_freeze_count():
         return False
-    _imports_frozen = True
     gc.freeze()
     return True
 
